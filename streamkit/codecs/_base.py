@@ -1,0 +1,156 @@
+"""What every codec shares: the ``Codec`` protocol and the buffered decoder.
+
+No asyncio import at module level: the codecs are sans-IO and may be used
+from sync code or another event loop. ``read_frame`` implementations import
+asyncio lazily, on their error paths only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from streamkit.errors import DecodeError, ProtocolError
+
+if TYPE_CHECKING:
+    from asyncio import StreamReader
+
+__all__ = ["Buffer", "Codec", "Decoder", "FrameT"]
+
+FrameT = TypeVar("FrameT")
+FrameT_co = TypeVar("FrameT_co", covariant=True)
+
+#: What decoders accept: anything exporting bytes without a copy.
+Buffer = bytes | bytearray | memoryview
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Codec(Protocol[FrameT]):
+    """A framing codec: configured once, immutable; state lives in its decoders.
+
+    ``encode(frame)`` returns the wire bytes of one frame; ``encode_into``
+    appends them to a buffer and ``encode_many`` returns the bytes of many
+    frames as one buffer, for one ``write``. ``decoder()`` returns a fresh
+    incremental :class:`Decoder`; ``read_frame(reader)`` reads exactly one
+    frame from an ``asyncio.StreamReader``.
+    """
+
+    @property
+    def max_frame(self) -> int: ...
+
+    def encode(self, frame: FrameT) -> bytes: ...
+
+    def encode_into(self, out: bytearray, frame: FrameT) -> None: ...
+
+    def encode_many(self, frames: Iterable[FrameT]) -> bytes: ...
+
+    def decoder(self) -> Decoder[FrameT]: ...
+
+    async def read_frame(self, reader: StreamReader) -> FrameT: ...
+
+
+class Decoder(Generic[FrameT]):
+    """Incremental decoder: bytes in, complete frames out.
+
+    ``feed(data)`` returns every frame completed by ``data`` and keeps the
+    rest buffered, so any split of the input into chunks gives the same
+    frames. A bad frame raises a :class:`~streamkit.errors.ProtocolError`:
+
+    - frames decoded before the bad bytes are never lost: if ``feed``
+      already decoded some frames in that call, it returns them and raises
+      the error from the next ``feed`` (``feed(b"")`` will do) or ``close``;
+    - a :class:`~streamkit.errors.DecodeError` (a complete frame whose
+      content is invalid) consumes only that frame: the next ``feed``
+      continues with the frames after it, none dropped or repeated;
+    - any other error (a frame over ``max_frame``, a malformed header) is
+      fatal: the buffer is freed and every later call raises it again.
+
+    ``close()`` raises :class:`~streamkit.errors.IncompleteFrame` when bytes
+    of a partial frame remain, and raises a pending error first.
+    """
+
+    __slots__ = ("_buf", "_error", "_fatal", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._error: ProtocolError | None = None
+        self._fatal = False
+
+    def feed(self, data: Buffer) -> list[FrameT]:
+        """Buffer ``data`` and return the frames it completes, in order."""
+        if self._error is not None:
+            self._raise_pending()
+        if data:
+            self._buf += data
+        frames: list[FrameT] = []
+        try:
+            self._parse(frames)
+        except ProtocolError as exc:
+            if not isinstance(exc, DecodeError):
+                self._fatal = True
+                self._buf = bytearray()
+                self._pos = 0
+                self._error = exc
+            if frames:
+                self._error = exc
+                return frames
+            raise
+        pos = self._pos
+        if pos:
+            # bytearray deletes from the front in O(1): no copy of the rest.
+            del self._buf[:pos]
+            self._pos = 0
+        return frames
+
+    def close(self) -> None:
+        """Check that the input ended on a frame boundary.
+
+        Raises a pending error, or :class:`~streamkit.errors.IncompleteFrame`
+        if bytes of a partial frame are buffered.
+        """
+        if self._error is not None:
+            self._raise_pending()
+        if len(self._buf) > self._pos:
+            raise self._incomplete()
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes are buffered that do not yet form a frame."""
+        return len(self._buf) - self._pos
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the buffered bytes of no complete frame yet.
+
+        For switching framing mid-stream: the next codec's decoder gets
+        these bytes first. Frames that ``feed`` already returned are not
+        included; a decoder with a fatal error has nothing buffered.
+        """
+        rest = bytes(self._buf[self._pos :])
+        self._buf = bytearray()
+        self._pos = 0
+        self._reset_partial()
+        return rest
+
+    def _raise_pending(self) -> None:
+        error = self._error
+        assert error is not None
+        if not self._fatal:
+            self._error = None
+        raise error
+
+    def _parse(self, frames: list[FrameT]) -> None:
+        """Append the complete frames at ``self._pos`` to ``frames``.
+
+        Advance ``self._pos`` past each consumed frame before raising.
+        """
+        raise NotImplementedError
+
+    def _incomplete(self) -> ProtocolError:
+        """The error for a stream that ended inside a frame."""
+        raise NotImplementedError
+
+    def _reset_partial(self) -> None:
+        """Forget parse state about a partial frame (see ``take_buffered``)."""

@@ -1,0 +1,354 @@
+"""Delimiter-terminated framing: raw delimited bytes, text lines, JSON lines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from streamkit.codecs._base import Buffer, Decoder, KiB, MiB
+from streamkit.errors import DecodeError, EndOfStream, FrameTooLarge, IncompleteFrame
+
+if TYPE_CHECKING:
+    from asyncio import StreamReader
+
+__all__ = ["Delimited", "JsonLines", "Lines"]
+
+FrameT = TypeVar("FrameT")
+
+# Returned by a codec's _convert for a line that is no frame (a blank JSON line).
+_SKIP: Any = object()
+
+
+def _too_large(length: int, max_frame: int) -> FrameTooLarge:
+    return FrameTooLarge(f"frame of {length} bytes exceeds max_frame={max_frame}")
+
+
+class _DelimitedBase(Generic[FrameT]):
+    """The scanning, limits and ``read_frame`` shared by the delimited codecs.
+
+    Subclasses set ``delimiter`` and ``max_frame`` and may convert each raw
+    line with ``_convert`` (``_raw`` is then False); ``_slack`` extra bytes
+    may precede the delimiter without counting towards ``max_frame`` (the
+    ``\\r`` of a ``\\r\\n`` line ending).
+    """
+
+    __slots__ = ()
+    delimiter: bytes
+    max_frame: int
+    _raw = False
+    _slack = 0
+
+    def _convert(self, line: Buffer, number: int | None) -> FrameT:
+        raise NotImplementedError
+
+    def decoder(self) -> DelimitedDecoder[FrameT]:
+        """Return a fresh incremental decoder."""
+        return DelimitedDecoder(self)
+
+    async def read_frame(self, reader: StreamReader) -> FrameT:
+        """Read one frame with ``readuntil``.
+
+        Raises :class:`EndOfStream` at a clean end of stream,
+        :class:`IncompleteFrame` when it ends inside a frame and
+        :class:`FrameTooLarge` for a frame over ``max_frame`` or over the
+        reader's ``limit`` (make that at least ``max_frame`` plus the
+        delimiter for the two to agree).
+        """
+        delimiter = self.delimiter
+        while True:
+            try:
+                line = await reader.readuntil(delimiter)
+            except EOFError as exc:  # asyncio.IncompleteReadError
+                partial = getattr(exc, "partial", b"")
+                if not partial:
+                    raise EndOfStream("end of stream") from None
+                raise IncompleteFrame(
+                    f"stream ended inside a frame: {len(partial)} bytes and no delimiter "
+                    f"{delimiter!r}"
+                ) from exc
+            except Exception as exc:
+                # asyncio.LimitOverrunError derives from Exception directly.
+                if type(exc).__name__ != "LimitOverrunError":
+                    raise
+                raise FrameTooLarge(
+                    f"no delimiter {delimiter!r} within the reader's limit "
+                    f"(max_frame={self.max_frame})"
+                ) from exc
+            content = memoryview(line)[: len(line) - len(delimiter)]
+            if self._raw:
+                if len(content) > self.max_frame:
+                    raise _too_large(len(content), self.max_frame)
+                return content.tobytes()  # type: ignore[return-value]
+            frame = self._convert(content, None)
+            if frame is not _SKIP:
+                return frame
+
+
+class DelimitedDecoder(Decoder[FrameT]):
+    """Incremental decoder of delimiter-terminated frames.
+
+    The delimiter search resumes where the last one stopped, so a frame fed
+    in many small chunks is scanned once (linear time), and at most
+    ``max_frame`` plus the delimiter are buffered before a frame without a
+    delimiter raises :class:`FrameTooLarge`.
+    """
+
+    __slots__ = ("_codec", "_count", "_scanned")
+
+    def __init__(self, codec: _DelimitedBase[FrameT]) -> None:
+        super().__init__()
+        self._codec = codec
+        self._scanned = 0  # bytes after _pos known to hold no delimiter start
+        self._count = 0  # frames (lines) consumed so far, for error messages
+
+    def _parse(self, frames: list[FrameT]) -> None:
+        codec = self._codec
+        buf = self._buf
+        pos = self._pos
+        delimiter = codec.delimiter
+        dlen = len(delimiter)
+        window = codec.max_frame + codec._slack + dlen
+        raw = codec._raw
+        append = frames.append
+        count = self._count
+        scan = pos + self._scanned
+        view = memoryview(buf)
+        try:
+            while True:
+                limit = pos + window
+                index = buf.find(delimiter, scan, limit)
+                if index < 0:
+                    end = len(buf)
+                    self._pos = pos
+                    self._count = count
+                    if end >= limit:
+                        raise FrameTooLarge(
+                            f"no delimiter {delimiter!r} within max_frame={codec.max_frame} "
+                            f"bytes of frame {count + 1}"
+                        )
+                    self._scanned = max(0, end - dlen + 1 - pos)
+                    return
+                count += 1
+                if raw:
+                    append(view[pos:index].tobytes())  # type: ignore[arg-type]
+                else:
+                    # A bytes copy: no view of the buffer may outlive this call
+                    # (an error's traceback would pin it and block resizing).
+                    line = view[pos:index].tobytes()
+                    pos = index + dlen
+                    self._pos = pos
+                    self._count = count
+                    self._scanned = 0
+                    frame = codec._convert(line, count)
+                    if frame is not _SKIP:
+                        append(frame)
+                    scan = pos
+                    continue
+                pos = scan = index + dlen
+                self._scanned = 0
+        finally:
+            view.release()
+            self._count = count
+
+    def _incomplete(self) -> IncompleteFrame:
+        return IncompleteFrame(
+            f"stream ended inside frame {self._count + 1}: {self.buffered} bytes and no "
+            f"delimiter {self._codec.delimiter!r}"
+        )
+
+    def _reset_partial(self) -> None:
+        self._scanned = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delimited(_DelimitedBase[bytes]):
+    """Frames as raw bytes followed by a delimiter (default ``b"\\n"``).
+
+    Any non-empty delimiter works; a frame never contains it (``encode``
+    raises ``ValueError`` for one that does). ``max_frame`` (default 64 KiB)
+    bounds a frame without its delimiter: a delimiter that never comes raises
+    :class:`FrameTooLarge` once ``max_frame`` plus the delimiter's length are
+    buffered.
+    """
+
+    delimiter: bytes = b"\n"
+    max_frame: int = 64 * KiB
+    _raw = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delimiter, bytes) or not self.delimiter:
+            raise ValueError(f"delimiter must be non-empty bytes, not {self.delimiter!r}")
+        if self.max_frame < 0:
+            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+
+    def _check(self, frame: Buffer) -> None:
+        if len(frame) > self.max_frame:
+            raise _too_large(len(frame), self.max_frame)
+        if isinstance(frame, memoryview):  # memoryview has no substring test
+            frame = frame.tobytes()
+        if self.delimiter in frame:
+            raise ValueError(f"frame contains the delimiter {self.delimiter!r}")
+
+    def encode(self, frame: Buffer) -> bytes:
+        """Return ``frame`` followed by the delimiter.
+
+        Raises :class:`FrameTooLarge` over ``max_frame`` and ``ValueError``
+        for a frame that contains the delimiter.
+        """
+        self._check(frame)
+        return bytes(frame) + self.delimiter
+
+    def encode_into(self, out: bytearray, frame: Buffer) -> None:
+        """Append the wire bytes of ``frame`` to ``out``."""
+        self._check(frame)
+        out += frame
+        out += self.delimiter
+
+    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
+        """Return the wire bytes of all ``frames`` as one buffer."""
+        out = bytearray()
+        for frame in frames:
+            self.encode_into(out, frame)
+        return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Lines(_DelimitedBase[str]):
+    """Text lines as ``str`` frames.
+
+    Encodes each line followed by ``newline`` (``"\\n"``, or ``"\\r\\n"`` for
+    telnet-style peers); decodes lines ending in ``\\n`` or ``\\r\\n``.
+    ``max_frame`` (default 64 KiB) bounds the encoded bytes of a line without
+    its line ending. Invalid text raises :class:`DecodeError` naming the line;
+    that line is consumed and the decoder can go on with the next one.
+    """
+
+    encoding: str = "utf-8"
+    max_frame: int = 64 * KiB
+    newline: str = "\n"
+    delimiter = b"\n"
+    _slack = 1
+
+    def __post_init__(self) -> None:
+        if self.newline not in ("\n", "\r\n"):
+            raise ValueError(f"newline must be '\\n' or '\\r\\n', not {self.newline!r}")
+        if self.max_frame < 0:
+            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        "".encode(self.encoding)  # unknown encodings fail here, not at the first frame
+
+    def _encode_line(self, frame: str) -> bytes:
+        if "\n" in frame:
+            raise ValueError("a line must not contain '\\n'")
+        if frame.endswith("\r"):
+            raise ValueError("a line must not end with '\\r' (it would read back without it)")
+        data = frame.encode(self.encoding)
+        if len(data) > self.max_frame:
+            raise _too_large(len(data), self.max_frame)
+        return data
+
+    def encode(self, frame: str) -> bytes:
+        """Return the encoded line and its line ending.
+
+        Raises ``ValueError`` for a line containing ``\\n`` or ending in
+        ``\\r``, ``UnicodeEncodeError`` for text the encoding cannot hold and
+        :class:`FrameTooLarge` over ``max_frame``.
+        """
+        return self._encode_line(frame) + self.newline.encode(self.encoding)
+
+    def encode_into(self, out: bytearray, frame: str) -> None:
+        """Append the wire bytes of ``frame`` to ``out``."""
+        out += self._encode_line(frame)
+        out += self.newline.encode(self.encoding)
+
+    def encode_many(self, frames: Iterable[str]) -> bytes:
+        """Return the wire bytes of all ``frames`` as one buffer."""
+        out = bytearray()
+        for frame in frames:
+            self.encode_into(out, frame)
+        return bytes(out)
+
+    def _convert(self, line: Buffer, number: int | None) -> str:
+        size = len(line)
+        if size and line[-1] == 13:  # b"\r"
+            size -= 1
+            line = line[:size]
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        try:
+            return str(line, self.encoding)
+        except UnicodeDecodeError as exc:
+            where = f"line {number}" if number is not None else "line"
+            raise DecodeError(
+                f"invalid {self.encoding} in {where} at byte {exc.start}: {exc.reason}",
+                frame_number=number,
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class JsonLines(_DelimitedBase[Any]):
+    """One JSON value per line (NDJSON / JSON Lines), UTF-8.
+
+    Encodes compactly (no spaces, non-ASCII kept as UTF-8) followed by
+    ``\\n``; decodes lines ending in ``\\n`` or ``\\r\\n`` and skips blank
+    lines. ``max_frame`` (default 1 MiB) bounds the bytes of a line. Invalid
+    UTF-8 or JSON raises :class:`DecodeError` naming the line number; that
+    line is consumed and the decoder can go on with the next one.
+    """
+
+    max_frame: int = 1 * MiB
+    delimiter = b"\n"
+    _slack = 1
+
+    def __post_init__(self) -> None:
+        if self.max_frame < 0:
+            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+
+    def _encode_value(self, frame: Any) -> bytes:
+        data = json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(data) > self.max_frame:
+            raise _too_large(len(data), self.max_frame)
+        return data
+
+    def encode(self, frame: Any) -> bytes:
+        """Return ``frame`` as one compact JSON line.
+
+        Raises ``TypeError``/``ValueError`` for a value JSON cannot hold and
+        :class:`FrameTooLarge` over ``max_frame``.
+        """
+        return self._encode_value(frame) + b"\n"
+
+    def encode_into(self, out: bytearray, frame: Any) -> None:
+        """Append the wire bytes of ``frame`` to ``out``."""
+        out += self._encode_value(frame)
+        out += b"\n"
+
+    def encode_many(self, frames: Iterable[Any]) -> bytes:
+        """Return the wire bytes of all ``frames`` as one buffer."""
+        out = bytearray()
+        for frame in frames:
+            self.encode_into(out, frame)
+        return bytes(out)
+
+    def _convert(self, line: Buffer, number: int | None) -> Any:
+        size = len(line)
+        if size and line[-1] == 13:  # b"\r"
+            size -= 1
+            line = line[:size]
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        where = f"line {number}" if number is not None else "line"
+        try:
+            text = str(line, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(
+                f"invalid UTF-8 in JSON {where} at byte {exc.start}: {exc.reason}",
+                frame_number=number,
+            ) from exc
+        if not text.strip():
+            return _SKIP
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise DecodeError(f"invalid JSON on {where}: {exc}", frame_number=number) from exc

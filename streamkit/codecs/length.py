@@ -1,0 +1,350 @@
+"""Length-prefixed framing: a fixed-size length header, or a varint length."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from streamkit.codecs._base import Buffer, Decoder, MiB
+from streamkit.codecs.varint import MAX_VARINT_BYTES, decode_varint, encode_varint
+from streamkit.errors import EndOfStream, FrameTooLarge, IncompleteFrame, ProtocolError
+
+if TYPE_CHECKING:
+    from asyncio import StreamReader
+
+__all__ = ["LengthPrefixed", "VarintPrefixed"]
+
+_STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _too_large(length: int, max_frame: int) -> FrameTooLarge:
+    return FrameTooLarge(f"frame of {length} bytes exceeds max_frame={max_frame}")
+
+
+async def _read_exactly(reader: StreamReader, n: int, what: str, at_boundary: bool) -> bytes:
+    """``reader.readexactly(n)`` with streamkit errors.
+
+    At a frame boundary (``at_boundary``), an end of stream before any byte
+    raises :class:`EndOfStream`; otherwise it raises :class:`IncompleteFrame`.
+    """
+    try:
+        return await reader.readexactly(n)
+    except EOFError as exc:  # asyncio.IncompleteReadError is an EOFError
+        partial = len(getattr(exc, "partial", b""))
+        if at_boundary and partial == 0:
+            raise EndOfStream("end of stream") from None
+        missing = n - partial
+        raise IncompleteFrame(
+            f"stream ended {missing} bytes short of a complete frame "
+            f"({what}: got {partial} of {n})",
+            missing=missing,
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class LengthPrefixed:
+    """Frames as an unsigned length header followed by the payload.
+
+    ``header`` is 1, 2, 3, 4 or 8 bytes, ``byteorder`` ``"big"`` (network
+    order) or ``"little"``. With the defaults this is byte for byte the format
+    of Twisted's Int32StringReceiver, Netty's LengthFieldPrepender(4),
+    Erlang's ``{packet, 4}`` and node's frame-stream.
+
+    For wire formats in Netty's length-field model:
+
+    - ``adjustment`` is added to the length value to get the payload size
+      (``-header`` when the length counts the header itself);
+    - ``offset`` leading bytes sit before the length field; they are kept
+      with the frame: a decoded frame is those bytes followed by the payload,
+      and ``encode`` takes its first ``offset`` bytes as them.
+
+    ``max_frame`` (default 16 MiB) bounds the payload; a larger length is
+    rejected with :class:`FrameTooLarge` as soon as the header is read,
+    before any payload is buffered.
+    """
+
+    header: int = 4
+    byteorder: Literal["big", "little"] = "big"
+    max_frame: int = 16 * MiB
+    adjustment: int = 0
+    offset: int = 0
+    _pack: Callable[[int], bytes] = field(init=False, repr=False, compare=False)
+    _unpack_from: Callable[[Buffer, int], tuple[int]] = field(init=False, repr=False, compare=False)
+    _max_value: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.header not in (1, 2, 3, 4, 8):
+            raise ValueError(f"header must be 1, 2, 3, 4 or 8 bytes, not {self.header!r}")
+        if self.byteorder not in ("big", "little"):
+            raise ValueError(f"byteorder must be 'big' or 'little', not {self.byteorder!r}")
+        if self.max_frame < 0:
+            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        if self.offset < 0:
+            raise ValueError(f"offset must be >= 0, not {self.offset}")
+        order = ">" if self.byteorder == "big" else "<"
+        if self.header == 3:
+            byteorder = self.byteorder
+
+            def pack(value: int) -> bytes:
+                return value.to_bytes(3, byteorder)
+
+            def unpack_from(data: Buffer, pos: int) -> tuple[int]:
+                return (int.from_bytes(data[pos : pos + 3], byteorder),)
+
+            setter: tuple[Any, Any] = (pack, unpack_from)
+        else:
+            fmt = struct.Struct(order + _STRUCT_CODES[self.header])
+            setter = (fmt.pack, fmt.unpack_from)
+        object.__setattr__(self, "_pack", setter[0])
+        object.__setattr__(self, "_unpack_from", setter[1])
+        object.__setattr__(self, "_max_value", (1 << (8 * self.header)) - 1)
+
+    def _header_for(self, size: int) -> bytes:
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        value = size - self.adjustment
+        if not 0 <= value <= self._max_value:
+            raise FrameTooLarge(
+                f"frame of {size} bytes does not fit a {self.header}-byte length header "
+                f"(length value {value}, adjustment={self.adjustment})"
+            )
+        return self._pack(value)
+
+    def encode(self, frame: Buffer) -> bytes:
+        """Return the wire bytes of ``frame``; raises :class:`FrameTooLarge` over the limit."""
+        off = self.offset
+        if off:
+            self._check_prefix(frame)
+            return bytes(frame[:off]) + self._header_for(len(frame) - off) + bytes(frame[off:])
+        return self._header_for(len(frame)) + frame
+
+    def encode_into(self, out: bytearray, frame: Buffer) -> None:
+        """Append the wire bytes of ``frame`` to ``out``."""
+        off = self.offset
+        if off:
+            self._check_prefix(frame)
+            out += frame[:off]
+            out += self._header_for(len(frame) - off)
+            out += frame[off:]
+        else:
+            out += self._header_for(len(frame))
+            out += frame
+
+    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
+        """Return the wire bytes of all ``frames`` as one buffer."""
+        out = bytearray()
+        for frame in frames:
+            self.encode_into(out, frame)
+        return bytes(out)
+
+    def _check_prefix(self, frame: Buffer) -> None:
+        if len(frame) < self.offset:
+            raise ValueError(
+                f"frame of {len(frame)} bytes is shorter than offset={self.offset} leading bytes"
+            )
+
+    def decoder(self) -> LengthPrefixedDecoder:
+        """Return a fresh incremental decoder."""
+        return LengthPrefixedDecoder(self)
+
+    def _payload_size(self, value: int) -> int:
+        size = value + self.adjustment
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        if size < 0:
+            raise ProtocolError(
+                f"length value {value} with adjustment={self.adjustment} gives a negative size"
+            )
+        return size
+
+    async def read_frame(self, reader: StreamReader) -> bytes:
+        """Read one frame with ``readexactly``.
+
+        Raises :class:`EndOfStream` at a clean end of stream (between frames),
+        :class:`IncompleteFrame` when the stream ends inside a frame and
+        :class:`FrameTooLarge` right after a header over ``max_frame``.
+        """
+        prefix_size = self.offset + self.header
+        prefix = await _read_exactly(reader, prefix_size, "length header", at_boundary=True)
+        size = self._payload_size(self._unpack_from(prefix, self.offset)[0])
+        payload = await _read_exactly(reader, size, "payload", at_boundary=False) if size else b""
+        if self.offset:
+            return prefix[: self.offset] + payload
+        return payload
+
+
+class LengthPrefixedDecoder(Decoder[bytes]):
+    """Incremental decoder of :class:`LengthPrefixed` frames."""
+
+    __slots__ = ("_codec",)
+
+    def __init__(self, codec: LengthPrefixed) -> None:
+        super().__init__()
+        self._codec = codec
+
+    def _parse(self, frames: list[bytes]) -> None:
+        codec = self._codec
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        offset = codec.offset
+        prefix = offset + codec.header
+        unpack_from = codec._unpack_from
+        adjustment = codec.adjustment
+        max_frame = codec.max_frame
+        append = frames.append
+        view = memoryview(buf)
+        try:
+            while end - pos >= prefix:
+                size = unpack_from(buf, pos + offset)[0] + adjustment
+                if size > max_frame or size < 0:
+                    self._pos = pos
+                    codec._payload_size(size - adjustment)  # raises the precise error
+                stop = pos + prefix + size
+                if stop > end:
+                    break
+                if offset:
+                    append(view[pos : pos + offset].tobytes() + view[pos + prefix : stop].tobytes())
+                else:
+                    append(view[pos + prefix : stop].tobytes())
+                pos = stop
+        finally:
+            view.release()
+        self._pos = pos
+
+    def _incomplete(self) -> IncompleteFrame:
+        codec = self._codec
+        have = self.buffered
+        prefix = codec.offset + codec.header
+        if have < prefix:
+            return IncompleteFrame(
+                f"stream ended {prefix - have} bytes short of a complete frame "
+                f"(length header: got {have} of {prefix})",
+                missing=prefix - have,
+            )
+        size = codec._unpack_from(self._buf, self._pos + codec.offset)[0] + codec.adjustment
+        missing = prefix + size - have
+        return IncompleteFrame(
+            f"stream ended {missing} bytes short of a complete frame "
+            f"(payload: got {have - prefix} of {size})",
+            missing=missing,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VarintPrefixed:
+    """Frames as an unsigned LEB128 varint length followed by the payload.
+
+    This is protobuf's delimited format (``writeDelimitedTo`` /
+    ``parseDelimitedFrom``) and it-length-prefixed's. ``max_frame`` (default
+    16 MiB) is checked as soon as the varint is complete; a varint longer than
+    10 bytes is a :class:`ProtocolError`.
+    """
+
+    max_frame: int = 16 * MiB
+
+    def __post_init__(self) -> None:
+        if self.max_frame < 0:
+            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+
+    def encode(self, frame: Buffer) -> bytes:
+        """Return the wire bytes of ``frame``; raises :class:`FrameTooLarge` over the limit."""
+        size = len(frame)
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        return encode_varint(size) + frame
+
+    def encode_into(self, out: bytearray, frame: Buffer) -> None:
+        """Append the wire bytes of ``frame`` to ``out``."""
+        size = len(frame)
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        out += encode_varint(size)
+        out += frame
+
+    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
+        """Return the wire bytes of all ``frames`` as one buffer."""
+        out = bytearray()
+        for frame in frames:
+            self.encode_into(out, frame)
+        return bytes(out)
+
+    def decoder(self) -> VarintPrefixedDecoder:
+        """Return a fresh incremental decoder."""
+        return VarintPrefixedDecoder(self.max_frame)
+
+    async def read_frame(self, reader: StreamReader) -> bytes:
+        """Read one frame: the varint a byte at a time, then ``readexactly``.
+
+        Raises :class:`EndOfStream` at a clean end of stream,
+        :class:`IncompleteFrame` inside a frame, :class:`FrameTooLarge` right
+        after a varint over ``max_frame`` and :class:`ProtocolError` for a
+        varint over 10 bytes.
+        """
+        header = bytearray()
+        while True:
+            header += await _read_exactly(reader, 1, "varint length", at_boundary=not header)
+            decoded = decode_varint(header)
+            if decoded is not None:
+                break
+        size = decoded[0]
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        return await _read_exactly(reader, size, "payload", at_boundary=False) if size else b""
+
+
+class VarintPrefixedDecoder(Decoder[bytes]):
+    """Incremental decoder of :class:`VarintPrefixed` frames."""
+
+    __slots__ = ("_max_frame",)
+
+    def __init__(self, max_frame: int) -> None:
+        super().__init__()
+        self._max_frame = max_frame
+
+    def _parse(self, frames: list[bytes]) -> None:
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        max_frame = self._max_frame
+        append = frames.append
+        view = memoryview(buf)
+        try:
+            while pos < end:
+                size = buf[pos]
+                if size < 0x80:  # one-byte varint: the common case, no call
+                    start = pos + 1
+                else:
+                    self._pos = pos
+                    decoded = decode_varint(buf, pos)
+                    if decoded is None:
+                        break
+                    size, start = decoded
+                if size > max_frame:
+                    self._pos = pos
+                    raise _too_large(size, max_frame)
+                stop = start + size
+                if stop > end:
+                    break
+                append(view[start:stop].tobytes())
+                pos = stop
+        finally:
+            view.release()
+        self._pos = pos
+
+    def _incomplete(self) -> IncompleteFrame:
+        have = self.buffered
+        decoded = decode_varint(self._buf, self._pos)
+        if decoded is None:
+            return IncompleteFrame(
+                f"stream ended inside a varint length ({have} of up to {MAX_VARINT_BYTES} bytes)"
+            )
+        size, start = decoded
+        missing = start - self._pos + size - have
+        return IncompleteFrame(
+            f"stream ended {missing} bytes short of a complete frame "
+            f"(payload: got {have - (start - self._pos)} of {size})",
+            missing=missing,
+        )

@@ -1,0 +1,31 @@
+"""Test support: run ``async def`` tests with ``asyncio.run`` under a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import pytest
+
+#: Seconds an async test may take before it fails as a hang.
+ASYNC_TEST_TIMEOUT = 30.0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run coroutine test functions in a fresh event loop, with a timeout."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    marker = pyfuncitem.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else ASYNC_TEST_TIMEOUT
+    kwargs: dict[str, Any] = {
+        name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames
+    }
+
+    async def run() -> None:
+        async with asyncio.timeout(timeout):
+            await pyfuncitem.obj(**kwargs)
+
+    asyncio.run(run())
+    return True

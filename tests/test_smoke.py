@@ -1,0 +1,39 @@
+"""The package imports, exports what it says, and the codecs never need asyncio."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import streamkit
+
+
+def test_all_names_exist() -> None:
+    for name in streamkit.__all__:
+        assert hasattr(streamkit, name), name
+    assert streamkit.__version__ == "0.1.0"
+
+
+def test_codec_modules_do_not_import_asyncio_at_module_level() -> None:
+    codec_dir = Path(streamkit.__file__).parent / "codecs"
+    modules = sorted(codec_dir.glob("*.py"))
+    assert len(modules) >= 4
+    for module in modules:
+        tree = ast.parse(module.read_text())
+        for node in tree.body:  # module level only; TYPE_CHECKING blocks are fine
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "asyncio" for n in names), (module.name, names)
+
+
+def test_demo_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamkit", "demo"], capture_output=True, text=True, check=True
+    )
+    assert "MISMATCH" not in result.stdout
+    assert result.stdout.count(": ok") >= 4
