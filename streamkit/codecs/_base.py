@@ -83,6 +83,12 @@ class Decoder(Generic[FrameT]):
         """Buffer ``data`` and return the frames it completes, in order."""
         if self._error is not None:
             self._raise_pending()
+        pos = self._pos
+        if pos:
+            # Bytes of frames returned by the last feed stay until now, for
+            # take_buffered(frames=...); bytearray drops a prefix in O(1).
+            del self._buf[:pos]
+            self._pos = 0
         if data:
             self._buf += data
         frames: list[FrameT] = []
@@ -98,11 +104,6 @@ class Decoder(Generic[FrameT]):
                 self._error = exc
                 return frames
             raise
-        pos = self._pos
-        if pos:
-            # bytearray deletes from the front in O(1): no copy of the rest.
-            del self._buf[:pos]
-            self._pos = 0
         return frames
 
     def close(self) -> None:
@@ -121,18 +122,48 @@ class Decoder(Generic[FrameT]):
         """How many bytes are buffered that do not yet form a frame."""
         return len(self._buf) - self._pos
 
-    def take_buffered(self) -> bytes:
-        """Remove and return the buffered bytes of no complete frame yet.
+    def take_buffered(self, frames: int = 0) -> bytes:
+        """Remove and return the raw bytes not yet consumed as frames.
 
-        For switching framing mid-stream: the next codec's decoder gets
-        these bytes first. Frames that ``feed`` already returned are not
-        included; a decoder with a fatal error has nothing buffered.
+        For switching framing mid-stream: the next codec's decoder gets these
+        bytes first. With ``frames=k``, the last ``k`` frames that the last
+        ``feed`` returned are given back as raw bytes too (a caller that
+        decoded ahead hands back what it did not deliver). The decoder is
+        left empty; a decoder with a fatal error has nothing buffered.
         """
-        rest = bytes(self._buf[self._pos :])
+        if frames < 0:
+            raise ValueError(f"frames must be >= 0, not {frames}")
+        start = self._pos
+        if frames:
+            start = self._end_of_frame(self._count_frames(start) - frames)
+        rest = bytes(self._buf[start:])
         self._buf = bytearray()
         self._pos = 0
         self._reset_partial()
         return rest
+
+    def _count_frames(self, size: int) -> int:
+        """How many frames a fresh decoder finds in the first ``size`` buffered bytes."""
+        try:
+            return len(self._fresh().feed(self._buf[:size]))
+        except ProtocolError:
+            return 0
+
+    def _end_of_frame(self, number: int) -> int:
+        """The buffer position just past the ``number``-th frame of the last feed."""
+        if number < 0:
+            raise ValueError("cannot give back more frames than the last feed returned")
+        # Binary search for the shortest prefix holding `number` frames: this
+        # runs only when framing is switched, so the hot path keeps no
+        # per-frame bookkeeping.
+        low, high = 0, self._pos
+        while low < high:
+            middle = (low + high) // 2
+            if self._count_frames(middle) >= number:
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     def _raise_pending(self) -> None:
         error = self._error
@@ -150,6 +181,10 @@ class Decoder(Generic[FrameT]):
 
     def _incomplete(self) -> ProtocolError:
         """The error for a stream that ended inside a frame."""
+        raise NotImplementedError
+
+    def _fresh(self) -> Decoder[FrameT]:
+        """A new decoder of the same codec."""
         raise NotImplementedError
 
     def _reset_partial(self) -> None:

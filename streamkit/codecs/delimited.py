@@ -158,6 +158,9 @@ class DelimitedDecoder(Decoder[FrameT]):
             f"delimiter {self._codec.delimiter!r}"
         )
 
+    def _fresh(self) -> DelimitedDecoder[FrameT]:
+        return DelimitedDecoder(self._codec)
+
     def _reset_partial(self) -> None:
         self._scanned = 0
 

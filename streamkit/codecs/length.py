@@ -214,6 +214,9 @@ class LengthPrefixedDecoder(Decoder[bytes]):
             view.release()
         self._pos = pos
 
+    def _fresh(self) -> LengthPrefixedDecoder:
+        return LengthPrefixedDecoder(self._codec)
+
     def _incomplete(self) -> IncompleteFrame:
         codec = self._codec
         have = self.buffered
@@ -333,6 +336,9 @@ class VarintPrefixedDecoder(Decoder[bytes]):
         finally:
             view.release()
         self._pos = pos
+
+    def _fresh(self) -> VarintPrefixedDecoder:
+        return VarintPrefixedDecoder(self._max_frame)
 
     def _incomplete(self) -> IncompleteFrame:
         have = self.buffered
