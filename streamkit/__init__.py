@@ -21,26 +21,35 @@ from streamkit.errors import (
     SessionExpired,
     StreamkitError,
 )
+from streamkit.net import Connector, Server, connect, connect_unix, serve, serve_unix
+from streamkit.stream import FramedStream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Codec",
     "ConnectionLost",
+    "Connector",
     "DecodeError",
     "Decoder",
     "Delimited",
     "EndOfStream",
     "FrameTooLarge",
+    "FramedStream",
     "IncompleteFrame",
     "JsonLines",
     "LengthPrefixed",
     "Lines",
     "ProtocolError",
     "ResumeRejected",
+    "Server",
     "SessionError",
     "SessionExpired",
     "StreamkitError",
     "VarintPrefixed",
     "__version__",
+    "connect",
+    "connect_unix",
+    "serve",
+    "serve_unix",
 ]

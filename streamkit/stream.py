@@ -1,0 +1,289 @@
+"""FramedStream: frames over an asyncio StreamReader/StreamWriter pair.
+
+The send path coalesces the frames written in one event-loop turn into one
+``write`` (a lone frame goes out at the end of the turn, so no latency is
+added) and waits on ``drain()`` only when the transport's buffer is over its
+high-water mark. The receive path reads large chunks and parses frames out
+of them with the codec's incremental decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from streamkit.codecs import Codec, Decoder
+from streamkit.errors import ConnectionLost, EndOfStream
+
+__all__ = ["FramedStream"]
+
+FrameT = TypeVar("FrameT")
+
+#: Bytes asked of the reader per read: the reader returns what it has, up to this.
+_READ_SIZE = 1 << 20
+#: Frames buffered in one turn are written at once past this many bytes.
+_FLUSH_SIZE = 64 * 1024
+
+
+class FramedStream(Generic[FrameT]):
+    """Frames in both directions over a ``StreamReader`` / ``StreamWriter`` pair.
+
+    - ``await send(frame)`` / ``await send_many(frames)``: frames from
+      concurrent senders are never interleaved. Frames sent in one event-loop
+      turn go out in one ``write``. A sender waits (``drain()``) while the
+      transport's write buffer is over ``write_buffer_high``, so a slow
+      reader makes the writer wait and memory stays bounded.
+    - ``await recv(timeout=None)`` returns the next frame; ``async for``
+      iterates until the peer ends the stream. At a clean end ``recv`` raises
+      :class:`EndOfStream`; a stream that ends inside a frame raises
+      :class:`~streamkit.errors.IncompleteFrame`; a reset connection raises
+      :class:`ConnectionLost` with the OS error as ``__cause__``; a timeout
+      raises ``TimeoutError`` and leaves the stream usable.
+    - ``write_eof()`` half-closes (the peer sees the end of stream and can
+      still send back), ``close()`` / ``await wait_closed()`` or
+      ``async with`` close it.
+
+    ``write_buffer_high`` / ``write_buffer_low`` set the transport's write
+    buffer limits (asyncio's defaults, 64 KiB / 16 KiB, when ``None``); the
+    reader's ``limit`` bounds what it buffers on the receive side.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        codec: Codec[FrameT],
+        *,
+        write_buffer_high: int | None = None,
+        write_buffer_low: int | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
+        self._codec = codec
+        self._decoder: Decoder[FrameT] = codec.decoder()
+        self._frames: deque[FrameT] = deque()
+        self._recv_lock = asyncio.Lock()
+        self._out = bytearray()
+        self._flush_handle: asyncio.Handle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._eof_received = False
+        if write_buffer_high is not None or write_buffer_low is not None:
+            self._transport.set_write_buffer_limits(write_buffer_high, write_buffer_low)
+        self._high_water = self._transport.get_write_buffer_limits()[1]
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def codec(self) -> Codec[FrameT]:
+        """The codec frames are encoded and decoded with."""
+        return self._codec
+
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        """The underlying ``StreamReader`` (bytes still buffered in the decoder are not in it)."""
+        return self._reader
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        """The underlying ``StreamWriter``."""
+        return self._writer
+
+    @property
+    def peername(self) -> Any:
+        """The remote address, as ``transport.get_extra_info("peername")``."""
+        return self._writer.get_extra_info("peername")
+
+    @property
+    def sockname(self) -> Any:
+        """The local address, as ``transport.get_extra_info("sockname")``."""
+        return self._writer.get_extra_info("sockname")
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Transport information: ``"peername"``, ``"ssl_object"``, ``"socket"``..."""
+        return self._writer.get_extra_info(name, default)
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, frame: FrameT) -> None:
+        """Send one frame.
+
+        Raises what the codec raises for a frame it cannot encode
+        (:class:`~streamkit.errors.FrameTooLarge`, ``ValueError``) before
+        anything is written, and :class:`ConnectionLost` once the connection
+        is closing or lost.
+        """
+        self._check_open()
+        self._codec.encode_into(self._out, frame)
+        self._written()
+        if self._transport.get_write_buffer_size() > self._high_water:
+            await self._drain()
+
+    async def send_many(self, frames: Iterable[FrameT]) -> None:
+        """Send several frames, written together with one ``write``.
+
+        If a frame cannot be encoded, the frames before it are sent and the
+        codec's error is raised.
+        """
+        self._check_open()
+        encode_into = self._codec.encode_into
+        out = self._out
+        try:
+            for frame in frames:
+                encode_into(out, frame)
+        finally:
+            self._flush()
+        if self._transport.get_write_buffer_size() > self._high_water:
+            await self._drain()
+
+    async def drain(self) -> None:
+        """Write the frames buffered so far and wait until the transport can take more."""
+        self._flush()
+        await self._drain()
+
+    def _check_open(self) -> None:
+        if self._transport.is_closing():
+            raise ConnectionLost("cannot send: the connection is closing or lost")
+
+    def _written(self) -> None:
+        if len(self._out) >= _FLUSH_SIZE:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._out
+        if out and not self._transport.is_closing():
+            # Hand the buffer over and start a new one: the transport may
+            # keep a reference to what it could not send yet.
+            self._out = bytearray()
+            self._transport.write(out)
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLost(f"connection lost while sending: {exc!r}") from exc
+
+    # -- receiving ----------------------------------------------------------
+
+    async def recv(self, timeout: float | None = None) -> FrameT:
+        """Return the next frame.
+
+        Raises :class:`EndOfStream` at a clean end of stream (again on every
+        later call), the codec's :class:`~streamkit.errors.ProtocolError` for
+        bad input, :class:`ConnectionLost` if the connection breaks, and
+        ``TimeoutError`` after ``timeout`` seconds (no frame is lost; the
+        stream stays usable).
+        """
+        if self._frames:
+            return self._frames.popleft()
+        if timeout is None:
+            return await self._receive()
+        async with asyncio.timeout(timeout):
+            return await self._receive()
+
+    def __aiter__(self) -> FramedStream[FrameT]:
+        return self
+
+    async def __anext__(self) -> FrameT:
+        if self._frames:
+            return self._frames.popleft()
+        try:
+            return await self._receive()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def _receive(self) -> FrameT:
+        async with self._recv_lock:
+            frames = self._frames
+            decoder = self._decoder
+            while not frames:
+                # Frames held back by a decode error, or the error itself.
+                frames.extend(decoder.feed(b""))
+                if frames:
+                    break
+                if self._eof_received:
+                    decoder.close()
+                    raise EndOfStream("end of stream")
+                try:
+                    data = await self._reader.read(_READ_SIZE)
+                except (ConnectionError, OSError) as exc:
+                    raise ConnectionLost(f"connection lost: {exc!r}") from exc
+                if not data:
+                    self._eof_received = True
+                    continue
+                frames.extend(decoder.feed(data))
+            return frames.popleft()
+
+    def switch_codec(self, codec: Codec[Any]) -> None:
+        """Decode and encode with ``codec`` from now on.
+
+        Every byte received but not yet returned by ``recv`` (including
+        frames the old codec had decoded ahead) is handed to the new codec,
+        so a protocol can switch framing after a handshake. Frames already
+        passed to ``send`` keep the old framing.
+        """
+        self._flush()
+        rest = self._decoder.take_buffered(frames=len(self._frames))
+        self._frames.clear()
+        self._codec = codec
+        self._decoder = codec.decoder()
+        if rest:
+            self._frames.extend(self._decoder.feed(rest))
+
+    # -- closing ------------------------------------------------------------
+
+    def write_eof(self) -> None:
+        """Send the frames buffered so far, then half-close the write side.
+
+        The peer's ``recv`` then sees the end of stream; this side can still
+        receive.
+        """
+        self._flush()
+        if self._writer.can_write_eof() and not self._transport.is_closing():
+            self._writer.write_eof()
+
+    def close(self) -> None:
+        """Send the frames buffered so far and close the connection."""
+        self._flush()
+        self._writer.close()
+
+    def abort(self) -> None:
+        """Close the connection at once, dropping unsent data."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._out = bytearray()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        """Whether the connection is closed or closing."""
+        return self._transport.is_closing()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed; a reset while closing is not an error."""
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+
+    async def __aenter__(self) -> FramedStream[FrameT]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<FramedStream {self._codec!r} peer={self.peername!r}>"
