@@ -123,6 +123,17 @@ class FramedStream(Generic[FrameT]):
         if self._transport.get_write_buffer_size() > self._high_water:
             await self._drain()
 
+    def send_nowait(self, frame: FrameT) -> None:
+        """Queue one frame without waiting for the write buffer to drain.
+
+        For small control messages and for callers with their own flow
+        control: frames queued this way and by ``send`` keep call order.
+        Raises like :meth:`send`.
+        """
+        self._check_open()
+        self._codec.encode_into(self._out, frame)
+        self._written()
+
     async def send_many(self, frames: Iterable[FrameT]) -> None:
         """Send several frames, written together with one ``write``.
 
