@@ -30,23 +30,33 @@ DEFAULT_LIMIT = 256 * 1024
 DEFAULT_GRACE_PERIOD = 5.0
 
 
-class Connector(Generic[FrameT]):
-    """The pending result of :func:`connect`: ``await`` it or use ``async with``.
+ConnT = TypeVar("ConnT")
 
-    ``stream = await connect(...)`` gives a :class:`FramedStream` that the
-    caller closes; ``async with connect(...) as stream:`` closes it on exit.
+
+class Connector(Generic[ConnT]):
+    """The pending result of a connect call: ``await`` it or use ``async with``.
+
+    ``conn = await connect(...)`` gives a connection that the caller closes;
+    ``async with connect(...) as conn:`` closes it on exit (``release`` is
+    called with the connection and the exception that ended the block, if
+    any).
     """
 
-    def __init__(self, opener: Callable[[], Awaitable[FramedStream[FrameT]]]) -> None:
+    def __init__(
+        self,
+        opener: Callable[[], Awaitable[ConnT]],
+        release: Callable[[ConnT, BaseException | None], Awaitable[None]],
+    ) -> None:
         self._opener = opener
-        self._stream: FramedStream[FrameT] | None = None
+        self._release = release
+        self._conn: ConnT | None = None
 
-    def __await__(self) -> Generator[Any, None, FramedStream[FrameT]]:
+    def __await__(self) -> Generator[Any, None, ConnT]:
         return self._opener().__await__()
 
-    async def __aenter__(self) -> FramedStream[FrameT]:
-        self._stream = await self._opener()
-        return self._stream
+    async def __aenter__(self) -> ConnT:
+        self._conn = await self._opener()
+        return self._conn
 
     async def __aexit__(
         self,
@@ -54,10 +64,14 @@ class Connector(Generic[FrameT]):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.close()
-            await stream.wait_closed()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._release(conn, exc)
+
+
+async def _close_stream(stream: FramedStream[Any], exc: BaseException | None) -> None:
+    stream.close()
+    await stream.wait_closed()
 
 
 async def _open(
@@ -90,7 +104,7 @@ def connect(
     write_buffer_high: int | None = None,
     write_buffer_low: int | None = None,
     **kwargs: Any,
-) -> Connector[FrameT]:
+) -> Connector[FramedStream[FrameT]]:
     """Open a TCP connection (TLS with ``ssl``) and frame it with ``codec``.
 
     Use ``stream = await connect(...)`` or ``async with connect(...) as
@@ -114,7 +128,8 @@ def connect(
             timeout,
             write_buffer_high,
             write_buffer_low,
-        )
+        ),
+        _close_stream,
     )
 
 
@@ -129,7 +144,7 @@ def connect_unix(
     write_buffer_high: int | None = None,
     write_buffer_low: int | None = None,
     **kwargs: Any,
-) -> Connector[FrameT]:
+) -> Connector[FramedStream[FrameT]]:
     """Open a Unix-socket connection at ``path``; otherwise as :func:`connect`."""
     return Connector(
         lambda: _open(
@@ -144,7 +159,8 @@ def connect_unix(
             timeout,
             write_buffer_high,
             write_buffer_low,
-        )
+        ),
+        _close_stream,
     )
 
 

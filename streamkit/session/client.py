@@ -1,0 +1,253 @@
+"""The client side of resumable sessions: connect, handshake, reconnect with resume."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import ssl as _ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from streamkit.codecs import LengthPrefixed
+from streamkit.errors import (
+    ConnectionLost,
+    EndOfStream,
+    ProtocolError,
+    ResumeRejected,
+    SessionError,
+    SessionExpired,
+    StreamkitError,
+)
+from streamkit.net import Connector, connect, connect_unix
+from streamkit.session.protocol import (
+    NONCE_SIZE,
+    PREFACE_SIZE,
+    SESSION_ID_SIZE,
+    TOKEN_SIZE,
+    VERSION,
+    HelloNew,
+    HelloResume,
+    Reject,
+    RejectReason,
+    Welcome,
+    check_preface,
+    decode_message,
+    make_preface,
+    resume_proof,
+)
+from streamkit.session.session import Session, SessionSettings
+from streamkit.stream import FramedStream
+
+__all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]
+
+Opener = Callable[[], Awaitable[FramedStream[bytes]]]
+
+
+class _Finished(SessionError):
+    """The server says the session was closed gracefully."""
+
+
+async def _read_raw(stream: FramedStream[bytes], size: int, what: str) -> bytes:
+    try:
+        return await stream.reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            check_preface(exc.partial, "server")  # names what the peer speaks instead
+        raise ConnectionLost(f"the server closed the connection during the {what}") from exc
+    except (ConnectionError, OSError) as exc:
+        raise ConnectionLost(f"connection lost during the {what}: {exc!r}") from exc
+
+
+def _rejected(reject: Reject) -> StreamkitError:
+    message = f"server rejected the session: {reject.message}"
+    if reject.reason == RejectReason.EXPIRED:
+        return SessionExpired(message)
+    if reject.reason == RejectReason.FINISHED:
+        return _Finished(message)
+    return ResumeRejected(message)
+
+
+async def _handshake(stream: FramedStream[bytes], hello: Callable[[bytes], bytes]) -> Welcome:
+    """Exchange prefaces, send ``hello(nonce)`` and return the server's welcome."""
+    stream.writer.write(make_preface())
+    version = check_preface(await _read_raw(stream, PREFACE_SIZE, "handshake"), "server")
+    if version != VERSION:
+        raise ProtocolError(
+            f"the server speaks session protocol version {version}; this client speaks {VERSION}"
+        )
+    nonce = await _read_raw(stream, NONCE_SIZE, "handshake")
+    stream.send_nowait(hello(nonce))
+    try:
+        reply = decode_message(await stream.recv())
+    except EndOfStream as exc:
+        raise ConnectionLost("the server closed the connection during the handshake") from exc
+    if isinstance(reply, Reject):
+        raise _rejected(reply)
+    if not isinstance(reply, Welcome):
+        raise ProtocolError(f"expected WELCOME or REJECT, got {type(reply).__name__}")
+    return reply
+
+
+class ClientSession(Session):
+    """A :class:`Session` that reconnects and resumes when its connection is lost.
+
+    Reconnects start at once, then back off (``reconnect_backoff``); after
+    ``max_reconnect_time`` without success the session fails with
+    :class:`ConnectionLost`, or with :class:`SessionExpired` /
+    :class:`ResumeRejected` when the server refuses the resume.
+    """
+
+    def __init__(
+        self, session_id: bytes, token: bytes, settings: SessionSettings, opener: Opener
+    ) -> None:
+        super().__init__(session_id, settings)
+        self._token = token
+        self._opener = opener
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._random = random.Random()
+
+    def _on_detached(self) -> None:
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.create_task(self._reconnect())
+
+    def _teardown(self) -> None:
+        task = self._reconnect_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        super()._teardown()
+
+    def _resume_hello(self, nonce: bytes) -> bytes:
+        received = self._recv_state.received
+        proof = resume_proof(self._token, nonce, self._id, received)
+        return HelloResume(self._id, proof, received).encode()
+
+    async def _resume_once(self) -> None:
+        async with asyncio.timeout(self.settings.handshake_timeout):
+            stream = await self._opener()
+            try:
+                welcome = await _handshake(stream, self._resume_hello)
+                if not welcome.present or welcome.session_id != self._id:
+                    raise ProtocolError("the server answered a resume with another session")
+                self._attach(stream, welcome.received)
+            except BaseException:
+                stream.abort()
+                raise
+
+    async def _reconnect(self) -> None:
+        settings = self.settings
+        backoff = settings.reconnect_backoff
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.max_reconnect_time
+        delay = backoff.initial
+        while True:
+            try:
+                await self._resume_once()
+            except _Finished:
+                # The server closed the session after we received all of it.
+                self._peer_closed = True
+                self._finish()
+                return
+            except (SessionExpired, ResumeRejected) as exc:
+                self._fail(exc)
+                self._teardown()
+                return
+            except (OSError, TimeoutError, ProtocolError, ConnectionLost) as exc:
+                last_error: BaseException = exc
+            else:
+                self.stats.reconnects += 1
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._fail(
+                    ConnectionLost(
+                        f"could not resume session {self.id} within "
+                        f"max_reconnect_time={settings.max_reconnect_time} s: {last_error!r}"
+                    )
+                )
+                self._teardown()
+                return
+            pause = self._random.uniform(delay * (1 - backoff.jitter), delay)
+            await asyncio.sleep(min(remaining, pause))
+            delay = min(delay * 2, backoff.maximum)
+
+
+async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSession:
+    async with asyncio.timeout(settings.handshake_timeout):
+        stream = await opener()
+        try:
+            welcome = await _handshake(stream, lambda nonce: HelloNew().encode())
+            if (
+                welcome.present
+                or len(welcome.session_id) != SESSION_ID_SIZE
+                or len(welcome.token) != TOKEN_SIZE
+            ):
+                raise ProtocolError("malformed WELCOME for a new session")
+        except _Finished as exc:
+            stream.abort()
+            raise SessionError(str(exc)) from None
+        except BaseException:
+            stream.abort()
+            raise
+    session = ClientSession(welcome.session_id, welcome.token, settings, opener)
+    session._attach(stream, welcome.received)
+    return session
+
+
+async def _release(session: Session, exc: BaseException | None) -> None:
+    if exc is None:
+        await session.close()
+    else:
+        session.abort()
+
+
+def _settings(settings: SessionSettings | None, options: dict[str, Any]) -> SessionSettings:
+    return dataclasses.replace(settings or SessionSettings(), **options)
+
+
+def connect_resumable(
+    host: str,
+    port: int,
+    *,
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    settings: SessionSettings | None = None,
+    **options: Any,
+) -> Connector[ClientSession]:
+    """Open a resumable session to a :func:`serve_resumable` server over TCP.
+
+    ``session = await connect_resumable(...)`` or ``async with
+    connect_resumable(...) as session:`` (closed gracefully on exit, aborted
+    on an exception). Settings come from ``settings`` with any
+    :class:`SessionSettings` field overridden by keyword, e.g.
+    ``connect_resumable(host, port, resume_timeout=5)``. The first
+    connection's errors are raised (``OSError``, ``TimeoutError``,
+    :class:`ProtocolError` for a peer that is no session server); after
+    that the session reconnects by itself.
+    """
+    resolved = _settings(settings, options)
+    codec = LengthPrefixed(max_frame=resolved.framing_limit())
+
+    def opener() -> Awaitable[FramedStream[bytes]]:
+        return connect(host, port, codec=codec, ssl=ssl, server_hostname=server_hostname)
+
+    return Connector(lambda: _open_session(opener, resolved), _release)
+
+
+def connect_resumable_unix(
+    path: str | os.PathLike[str],
+    *,
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    settings: SessionSettings | None = None,
+    **options: Any,
+) -> Connector[ClientSession]:
+    """Open a resumable session over a Unix socket; otherwise as :func:`connect_resumable`."""
+    resolved = _settings(settings, options)
+    codec = LengthPrefixed(max_frame=resolved.framing_limit())
+
+    def opener() -> Awaitable[FramedStream[bytes]]:
+        return connect_unix(path, codec=codec, ssl=ssl, server_hostname=server_hostname)
+
+    return Connector(lambda: _open_session(opener, resolved), _release)

@@ -1,0 +1,466 @@
+"""The session wire protocol, sans-IO: message layouts and per-direction state.
+
+Nothing here performs I/O or imports asyncio. ``docs/protocol.md`` is the
+specification; this module is its reference implementation.
+
+A connection opens with a preface (``MAGIC`` and a version byte) from each
+side, the server's followed by a 16-byte nonce; after that every message is
+a frame of a 4-byte big-endian length followed by a body whose first byte is
+the message type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
+
+from streamkit.errors import ProtocolError, ResumeRejected
+
+__all__ = [
+    "MAGIC",
+    "NONCE_SIZE",
+    "PREFACE_SIZE",
+    "SESSION_ID_SIZE",
+    "TOKEN_SIZE",
+    "VERSION",
+    "Ack",
+    "Close",
+    "CloseAck",
+    "Data",
+    "HelloNew",
+    "HelloResume",
+    "Message",
+    "MessageType",
+    "Ping",
+    "Pong",
+    "ReceiveState",
+    "Reject",
+    "RejectReason",
+    "SendState",
+    "Welcome",
+    "check_preface",
+    "decode_message",
+    "encode_data_header",
+    "make_preface",
+    "resume_proof",
+]
+
+MAGIC = b"SKSP"
+VERSION = 1
+PREFACE_SIZE = len(MAGIC) + 1
+NONCE_SIZE = 16
+SESSION_ID_SIZE = 16
+TOKEN_SIZE = 32
+_PROOF_SIZE = 32
+
+_U64 = struct.Struct(">Q")
+_DATA_HEADER = struct.Struct(">BQ")
+_ACK = struct.Struct(">BQQ")
+
+
+class MessageType(IntEnum):
+    """The first byte of every message body."""
+
+    HELLO_NEW = 0x01
+    HELLO_RESUME = 0x02
+    WELCOME = 0x03
+    REJECT = 0x04
+    DATA = 0x10
+    ACK = 0x11
+    PING = 0x12
+    PONG = 0x13
+    CLOSE = 0x14
+    CLOSE_ACK = 0x15
+
+
+class RejectReason(IntEnum):
+    """Why a server refused a handshake (the byte after ``REJECT``)."""
+
+    UNSUPPORTED_VERSION = 1
+    MALFORMED = 2
+    UNKNOWN_SESSION = 3
+    BAD_TOKEN = 4
+    EXPIRED = 5
+    FINISHED = 6
+    BAD_OFFSET = 7
+    BUSY = 8
+
+
+@dataclass(frozen=True, slots=True)
+class HelloNew:
+    """Client: open a new session."""
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.HELLO_NEW])
+
+
+@dataclass(frozen=True, slots=True)
+class HelloResume:
+    """Client: resume ``session_id``; ``received`` is the next offset it expects."""
+
+    session_id: bytes
+    proof: bytes
+    received: int
+
+    def encode(self) -> bytes:
+        return (
+            bytes([MessageType.HELLO_RESUME])
+            + self.session_id
+            + self.proof
+            + _U64.pack(self.received)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server: the handshake succeeded.
+
+    ``present`` tells whether an existing session was found (a resume);
+    ``received`` is the next offset the server expects; ``token`` is set for
+    a new session only.
+    """
+
+    present: bool
+    session_id: bytes
+    received: int
+    token: bytes = b""
+
+    def encode(self) -> bytes:
+        return (
+            bytes([MessageType.WELCOME, int(self.present)])
+            + self.session_id
+            + _U64.pack(self.received)
+            + self.token
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Server: the handshake failed, with a reason code and a message."""
+
+    reason: RejectReason
+    message: str
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.REJECT, self.reason]) + self.message.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """A data frame: its offset in its direction and its payload."""
+
+    offset: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Cumulative acknowledgement: frames received and frames consumed by the application."""
+
+    received: int
+    consumed: int
+
+    def encode(self) -> bytes:
+        return _ACK.pack(MessageType.ACK, self.received, self.consumed)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keepalive probe; the peer answers :class:`Pong`."""
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.PING])
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Keepalive answer."""
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.PONG])
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The sender closes the session; ``final`` is its next send offset (all acknowledged)."""
+
+    final: int
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.CLOSE]) + _U64.pack(self.final)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAck:
+    """The peer acknowledges a :class:`Close`; the session is over."""
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.CLOSE_ACK])
+
+
+Message = HelloNew | HelloResume | Welcome | Reject | Data | Ack | Ping | Pong | Close | CloseAck
+
+
+def encode_data_header(offset: int) -> bytes:
+    """The first 9 bytes of a ``DATA`` body; the payload follows."""
+    return _DATA_HEADER.pack(MessageType.DATA, offset)
+
+
+def make_preface(nonce: bytes = b"") -> bytes:
+    """The bytes that open a connection: magic, version and (server) nonce."""
+    return MAGIC + bytes([VERSION]) + nonce
+
+
+def check_preface(preface: bytes, peer: str) -> int:
+    """Check a peer's preface; return its version byte.
+
+    Raises :class:`ProtocolError` naming what the peer seems to speak
+    instead (TLS, HTTP, something else) when the magic does not match.
+    """
+    if preface[: len(MAGIC)] == MAGIC and len(preface) == PREFACE_SIZE:
+        return preface[len(MAGIC)]
+    if preface[:1] == b"\x16" and preface[1:2] == b"\x03":
+        guess = "a TLS handshake (is TLS enabled on one side only?)"
+    elif preface[:1] == b"\x15" and preface[1:2] == b"\x03":
+        guess = "a TLS alert (is TLS enabled on one side only?)"
+    elif preface[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"HTTP", b"OPTI", b"DELE"):
+        guess = "HTTP"
+    else:
+        guess = "an unknown protocol"
+    raise ProtocolError(
+        f"the {peer} is not speaking the streamkit session protocol: got {preface!r}, "
+        f"which looks like {guess}; expected {MAGIC!r} and a version byte"
+    )
+
+
+def resume_proof(token: bytes, nonce: bytes, session_id: bytes, received: int) -> bytes:
+    """HMAC-SHA256 proof that a resuming client holds the session's token.
+
+    Bound to the server's fresh ``nonce``, so a recorded handshake cannot be
+    replayed, and the token itself never crosses the wire again.
+    """
+    message = b"streamkit-resume" + nonce + session_id + _U64.pack(received)
+    return hmac.new(token, message, hashlib.sha256).digest()
+
+
+def _need(body: bytes, size: int, what: str) -> None:
+    if len(body) != size:
+        raise ProtocolError(f"malformed {what} message: {len(body)} bytes, expected {size}")
+
+
+def decode_message(body: bytes) -> Message:
+    """Parse one message body; raises :class:`ProtocolError` for anything malformed."""
+    if not body:
+        raise ProtocolError("empty session message")
+    kind = body[0]
+    if kind == MessageType.DATA:
+        if len(body) < _DATA_HEADER.size:
+            raise ProtocolError(f"malformed DATA message: {len(body)} bytes")
+        return Data(_U64.unpack_from(body, 1)[0], body[_DATA_HEADER.size :])
+    if kind == MessageType.ACK:
+        _need(body, _ACK.size, "ACK")
+        _, received, consumed = _ACK.unpack(body)
+        return Ack(received, consumed)
+    if kind == MessageType.PING:
+        _need(body, 1, "PING")
+        return Ping()
+    if kind == MessageType.PONG:
+        _need(body, 1, "PONG")
+        return Pong()
+    if kind == MessageType.CLOSE:
+        _need(body, 9, "CLOSE")
+        return Close(_U64.unpack_from(body, 1)[0])
+    if kind == MessageType.CLOSE_ACK:
+        _need(body, 1, "CLOSE_ACK")
+        return CloseAck()
+    if kind == MessageType.HELLO_NEW:
+        _need(body, 1, "HELLO_NEW")
+        return HelloNew()
+    if kind == MessageType.HELLO_RESUME:
+        _need(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE + 8, "HELLO_RESUME")
+        session_id = body[1 : 1 + SESSION_ID_SIZE]
+        proof = body[1 + SESSION_ID_SIZE : 1 + SESSION_ID_SIZE + _PROOF_SIZE]
+        return HelloResume(session_id, proof, _U64.unpack_from(body, len(body) - 8)[0])
+    if kind == MessageType.WELCOME:
+        base = 2 + SESSION_ID_SIZE + 8
+        if len(body) not in (base, base + TOKEN_SIZE) or body[1] not in (0, 1):
+            raise ProtocolError(f"malformed WELCOME message: {len(body)} bytes")
+        session_id = body[2 : 2 + SESSION_ID_SIZE]
+        return Welcome(
+            bool(body[1]), session_id, _U64.unpack_from(body, 2 + SESSION_ID_SIZE)[0], body[base:]
+        )
+    if kind == MessageType.REJECT:
+        if len(body) < 2:
+            raise ProtocolError("malformed REJECT message")
+        try:
+            reason = RejectReason(body[1])
+        except ValueError:
+            reason = RejectReason.MALFORMED
+        return Reject(reason, body[2:].decode("utf-8", "replace"))
+    raise ProtocolError(f"unknown session message type 0x{kind:02x}")
+
+
+class SendState:
+    """One direction's sending side: offsets, replay buffer and the peer's credit.
+
+    Frames stay in the replay buffer until the peer reports them received.
+    The peer's *consumed* count (frames its application has taken) grants
+    credit: at most ``max_frames`` frames and ``max_bytes`` bytes may be
+    sent and not yet consumed, so a receiver that stops reading bounds both
+    sides' memory. A single frame larger than ``max_bytes`` may still be sent
+    when nothing else is outstanding.
+    """
+
+    __slots__ = (
+        "_base",
+        "_consumed",
+        "_consumed_bytes",
+        "_replay",
+        "_replay_bytes",
+        "_sizes",
+        "_unconsumed_bytes",
+        "max_bytes",
+        "max_frames",
+        "next_offset",
+    )
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.next_offset = 0  # offset of the next frame to send
+        self._base = 0  # offset of the first frame in the replay buffer
+        self._replay: deque[bytes] = deque()
+        self._replay_bytes = 0
+        self._consumed = 0  # peer's consumed count
+        self._sizes: deque[int] = deque()  # sizes of sent, not yet consumed frames
+        self._unconsumed_bytes = 0
+        self._consumed_bytes = 0
+
+    @property
+    def acknowledged(self) -> int:
+        """Offset below which the peer has received every frame."""
+        return self._base
+
+    @property
+    def unacked(self) -> int:
+        """Frames sent and not yet reported received."""
+        return self.next_offset - self._base
+
+    @property
+    def replay_bytes(self) -> int:
+        """Payload bytes held in the replay buffer."""
+        return self._replay_bytes
+
+    def can_send(self, size: int) -> bool:
+        """Whether a frame of ``size`` bytes fits in the peer's credit now."""
+        outstanding = self.next_offset - self._consumed
+        if outstanding == 0:
+            return True
+        return outstanding < self.max_frames and self._unconsumed_bytes + size <= self.max_bytes
+
+    def push(self, payload: bytes) -> int:
+        """Add a frame to the replay buffer; return its offset."""
+        offset = self.next_offset
+        self.next_offset = offset + 1
+        self._replay.append(payload)
+        self._replay_bytes += len(payload)
+        self._sizes.append(len(payload))
+        self._unconsumed_bytes += len(payload)
+        return offset
+
+    def on_ack(self, received: int, consumed: int) -> None:
+        """Apply the peer's cumulative acknowledgement.
+
+        Raises :class:`ProtocolError` for counts that go backwards, that
+        exceed what was sent, or a consumed count above the received one.
+        """
+        if received > self.next_offset:
+            raise ProtocolError(
+                f"ack for offset {received} but only {self.next_offset} frames were sent"
+            )
+        if received < self._base or consumed < self._consumed:
+            raise ProtocolError(
+                f"ack went backwards: received {received} (was {self._base}), "
+                f"consumed {consumed} (was {self._consumed})"
+            )
+        if consumed > received:
+            raise ProtocolError(f"ack says consumed {consumed} > received {received}")
+        replay = self._replay
+        while self._base < received:
+            self._replay_bytes -= len(replay.popleft())
+            self._base += 1
+        sizes = self._sizes
+        while self._consumed < consumed:
+            self._unconsumed_bytes -= sizes.popleft()
+            self._consumed += 1
+
+    def release(self) -> None:
+        """Drop the replay buffer (the session is over)."""
+        self._replay.clear()
+        self._replay_bytes = 0
+
+    def check_replay(self, offset: int) -> None:
+        """Raise :class:`ResumeRejected` unless a peer expecting ``offset`` can be served."""
+        if offset > self.next_offset:
+            raise ResumeRejected(
+                f"peer expects offset {offset} but only {self.next_offset} frames were sent"
+            )
+        if offset < self._base:
+            raise ResumeRejected(
+                f"peer expects offset {offset} but frames below {self._base} were released "
+                "and can no longer be replayed"
+            )
+
+    def replay_from(self, offset: int) -> list[tuple[int, bytes]]:
+        """The frames from ``offset`` on, for a peer that resumed expecting ``offset``.
+
+        Frames below ``offset`` are released as received. Raises
+        :class:`ResumeRejected` for an offset never sent or no longer held.
+        """
+        self.check_replay(offset)
+        replay = self._replay
+        while self._base < offset:
+            self._replay_bytes -= len(replay.popleft())
+            self._base += 1
+        return [(self._base + index, payload) for index, payload in enumerate(replay)]
+
+
+class ReceiveState:
+    """One direction's receiving side: the next offset expected, duplicates, acks due."""
+
+    __slots__ = ("_acked_consumed", "_acked_received", "consumed", "duplicates", "received")
+
+    def __init__(self) -> None:
+        self.received = 0  # next offset expected
+        self.consumed = 0  # frames handed to the application
+        self.duplicates = 0
+        self._acked_received = 0
+        self._acked_consumed = 0
+
+    def on_data(self, offset: int) -> bool:
+        """Whether the frame at ``offset`` is new (deliver it) or a duplicate (drop it).
+
+        Raises :class:`ProtocolError` for a gap: a frame beyond the next expected.
+        """
+        expected = self.received
+        if offset == expected:
+            self.received = expected + 1
+            return True
+        if offset < expected:
+            self.duplicates += 1
+            return False
+        raise ProtocolError(f"data frame at offset {offset} but offset {expected} was expected")
+
+    def ack_lag(self) -> int:
+        """Frames received or consumed since the last ack was made."""
+        return max(self.received - self._acked_received, self.consumed - self._acked_consumed)
+
+    def make_ack(self) -> Ack:
+        """The ack to send now; marks it as sent."""
+        self._acked_received = self.received
+        self._acked_consumed = self.consumed
+        return Ack(self.received, self.consumed)

@@ -1,0 +1,387 @@
+"""The server side of resumable sessions: handshake, session registry, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import os
+import secrets
+import ssl as _ssl
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from streamkit.codecs import LengthPrefixed
+from streamkit.errors import (
+    ConnectionLost,
+    EndOfStream,
+    ProtocolError,
+    ResumeRejected,
+    SessionExpired,
+    StreamkitError,
+)
+from streamkit.net import DEFAULT_GRACE_PERIOD, Server, serve, serve_unix
+from streamkit.session.protocol import (
+    NONCE_SIZE,
+    PREFACE_SIZE,
+    SESSION_ID_SIZE,
+    TOKEN_SIZE,
+    VERSION,
+    HelloNew,
+    HelloResume,
+    Reject,
+    RejectReason,
+    Welcome,
+    check_preface,
+    decode_message,
+    make_preface,
+    resume_proof,
+)
+from streamkit.session.session import Session, SessionSettings, _Connection
+from streamkit.stream import FramedStream
+
+__all__ = ["ResumableServer", "ServerSession", "serve_resumable", "serve_resumable_unix"]
+
+logger = logging.getLogger("streamkit.session")
+
+SessionHandler = Callable[["ServerSession"], Awaitable[Any]]
+
+#: Default limit on sessions held at once (live or waiting for a resume).
+DEFAULT_MAX_SESSIONS = 10_000
+#: Ended session ids remembered, to tell a late resume why it is refused.
+_ENDED_MEMORY = 4096
+
+
+class _Refused(Exception):
+    """The handshake was refused; the REJECT is already queued."""
+
+
+class ServerSession(Session):
+    """A :class:`Session` held by a server; it waits ``resume_timeout`` for its client."""
+
+    def __init__(
+        self, session_id: bytes, token: bytes, settings: SessionSettings, server: ResumableServer
+    ) -> None:
+        super().__init__(session_id, settings)
+        self._token = token
+        self._server = server
+        self._expiry: asyncio.TimerHandle | None = None
+        self.handler_task: asyncio.Task[None] | None = None
+
+    def _check_proof(self, nonce: bytes, received: int, proof: bytes) -> bool:
+        expected = resume_proof(self._token, nonce, self._id, received)
+        return hmac.compare_digest(expected, proof)
+
+    def _attach(self, stream: FramedStream[bytes], peer_received: int) -> _Connection:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        return super()._attach(stream, peer_received)
+
+    def _on_detached(self) -> None:
+        self._expiry = self._loop.call_later(self.settings.resume_timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        if self._close_sent and self._send_state.unacked == 0:
+            # Everything sent was received and CLOSE went out; a client that
+            # saw it does not come back, so the close is complete.
+            self._finish()
+        else:
+            self._fail(
+                SessionExpired(
+                    f"session {self.id} expired: its client did not resume within "
+                    f"resume_timeout={self.settings.resume_timeout} s"
+                )
+            )
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        super()._teardown()
+
+
+class ResumableServer:
+    """A server of resumable sessions: ``handler(session)`` runs once per session.
+
+    A client that reconnects lands in the same running handler. Supports
+    ``async with``, ``serve_forever()``, ``port``, ``sockets``, ``close()``
+    and ``await wait_closed()`` (handlers get ``grace_period`` seconds, then
+    are cancelled and their sessions aborted). When a handler returns (or
+    raises, which is logged), its session is closed gracefully.
+    """
+
+    def __init__(
+        self,
+        handler: SessionHandler,
+        settings: SessionSettings,
+        *,
+        max_sessions: int,
+        grace_period: float,
+    ) -> None:
+        self._handler = handler
+        self.settings = settings
+        self._max_sessions = max_sessions
+        self._grace_period = grace_period
+        self._sessions: dict[bytes, ServerSession] = {}
+        self._ended: OrderedDict[bytes, tuple[RejectReason, str]] = OrderedDict()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: Server[bytes] | None = None
+        self._closing_since: float | None = None
+
+    # -- server lifecycle -----------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        assert self._server is not None
+        return self._server.port
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets."""
+        return self._server.sockets if self._server is not None else ()
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions are held (live, or waiting for their client)."""
+        return len(self._sessions)
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled; then close gracefully."""
+        try:
+            await asyncio.Future()
+        finally:
+            self.close()
+            await self.wait_closed()
+
+    def close(self) -> None:
+        """Stop accepting connections and new sessions."""
+        if self._closing_since is None:
+            self._closing_since = asyncio.get_running_loop().time()
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        """Wait for handlers up to the grace period from ``close()``; cancel the rest."""
+        if self._closing_since is None:
+            raise RuntimeError("wait_closed() called before close()")
+        if self._handlers:
+            deadline = self._closing_since + self._grace_period
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.wait(set(self._handlers))
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        for session in list(self._sessions.values()):
+            session.abort()
+            self._ended_session(session)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> ResumableServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # -- sessions -------------------------------------------------------------
+
+    def _ended_session(self, session: ServerSession) -> None:
+        if self._sessions.pop(session._id, None) is None:
+            return
+        if session._failure is None and session._finished.is_set():
+            ended = (RejectReason.FINISHED, f"session {session.id} was closed")
+        elif isinstance(session._failure, SessionExpired):
+            ended = (RejectReason.EXPIRED, str(session._failure))
+        else:
+            ended = (RejectReason.UNKNOWN_SESSION, f"session {session.id} was aborted")
+        self._ended[session._id] = ended
+        while len(self._ended) > _ENDED_MEMORY:
+            self._ended.popitem(last=False)
+
+    async def _run_handler(self, session: ServerSession) -> None:
+        try:
+            await self._handler(session)
+        except asyncio.CancelledError:
+            session.abort()
+            self._ended_session(session)
+            raise
+        except (SessionExpired, ConnectionLost) as exc:
+            logger.info("session %s ended: %s", session.id, exc)
+        except Exception:
+            logger.exception("handler of session %s failed; closing the session", session.id)
+        try:
+            if not session.closed:
+                await session.close()
+        except (StreamkitError, TimeoutError) as exc:
+            logger.info("closing session %s failed: %r", session.id, exc)
+            session.abort()
+        finally:
+            session._teardown()
+            self._ended_session(session)
+
+    # -- connections ----------------------------------------------------------
+
+    async def _on_connection(self, stream: FramedStream[bytes]) -> None:
+        try:
+            async with asyncio.timeout(self.settings.handshake_timeout):
+                conn = await self._handshake(stream)
+        except _Refused:
+            return
+        except (ProtocolError, ConnectionLost, EndOfStream, TimeoutError, OSError) as exc:
+            logger.warning("session handshake with %s failed: %s", stream.peername, exc)
+            return
+        await conn.closed
+
+    def _refuse(self, stream: FramedStream[bytes], reason: RejectReason, message: str) -> _Refused:
+        logger.warning("refused session handshake from %s: %s", stream.peername, message)
+        stream.send_nowait(Reject(reason, message).encode())
+        return _Refused(message)
+
+    async def _handshake(self, stream: FramedStream[bytes]) -> _Connection:
+        try:
+            preface = await stream.reader.readexactly(PREFACE_SIZE)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                check_preface(exc.partial, "client")
+            raise ConnectionLost("the client closed the connection during the handshake") from exc
+        version = check_preface(preface, "client")
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        stream.writer.write(make_preface(nonce))
+        if version != VERSION:
+            raise self._refuse(
+                stream,
+                RejectReason.UNSUPPORTED_VERSION,
+                f"client speaks session protocol version {version}; this server speaks {VERSION}",
+            )
+        hello = decode_message(await stream.recv())
+        if isinstance(hello, HelloNew):
+            return self._new_session(stream)
+        if isinstance(hello, HelloResume):
+            return self._resume_session(stream, nonce, hello)
+        raise self._refuse(
+            stream, RejectReason.MALFORMED, f"expected a HELLO, got {type(hello).__name__}"
+        )
+
+    def _new_session(self, stream: FramedStream[bytes]) -> _Connection:
+        if self._closing_since is not None:
+            raise self._refuse(stream, RejectReason.BUSY, "the server is shutting down")
+        if len(self._sessions) >= self._max_sessions:
+            raise self._refuse(
+                stream, RejectReason.BUSY, f"the server holds max_sessions={self._max_sessions}"
+            )
+        session_id = secrets.token_bytes(SESSION_ID_SIZE)
+        token = secrets.token_bytes(TOKEN_SIZE)
+        session = ServerSession(session_id, token, self.settings, self)
+        self._sessions[session_id] = session
+        stream.send_nowait(Welcome(False, session_id, 0, token).encode())
+        conn = session._attach(stream, 0)
+        task = asyncio.create_task(self._run_handler(session))
+        session.handler_task = task
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        return conn
+
+    def _resume_session(
+        self, stream: FramedStream[bytes], nonce: bytes, hello: HelloResume
+    ) -> _Connection:
+        session = self._sessions.get(hello.session_id)
+        if session is None or session.closed:
+            reason, message = self._ended.get(
+                hello.session_id,
+                (RejectReason.UNKNOWN_SESSION, f"no session {hello.session_id.hex()}"),
+            )
+            raise self._refuse(stream, reason, message)
+        if not session._check_proof(nonce, hello.received, hello.proof):
+            raise self._refuse(
+                stream, RejectReason.BAD_TOKEN, f"wrong token for session {session.id}"
+            )
+        try:
+            session._send_state.check_replay(hello.received)
+        except ResumeRejected as exc:
+            raise self._refuse(stream, RejectReason.BAD_OFFSET, str(exc)) from None
+        stream.send_nowait(Welcome(True, session._id, session._recv_state.received).encode())
+        return session._attach(stream, hello.received)
+
+
+async def _start(
+    server: ResumableServer, start: Callable[[], Awaitable[Server[bytes]]]
+) -> ResumableServer:
+    server._server = await start()
+    return server
+
+
+def _make_server(
+    handler: SessionHandler,
+    settings: SessionSettings | None,
+    options: dict[str, Any],
+    max_sessions: int,
+    grace_period: float,
+) -> ResumableServer:
+    resolved = dataclasses.replace(settings or SessionSettings(), **options)
+    return ResumableServer(handler, resolved, max_sessions=max_sessions, grace_period=grace_period)
+
+
+async def serve_resumable(
+    handler: SessionHandler,
+    host: str | None,
+    port: int,
+    *,
+    ssl: _ssl.SSLContext | None = None,
+    settings: SessionSettings | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    **options: Any,
+) -> ResumableServer:
+    """Serve resumable sessions on TCP ``host``:``port``; ``handler(session)`` once per session.
+
+    Settings come from ``settings`` with any :class:`SessionSettings` field
+    overridden by keyword. ``max_sessions`` bounds sessions held at once
+    (new ones are refused beyond it). A bad handshake or bad input from a
+    peer closes that connection and is logged on ``streamkit.session``.
+    """
+    server = _make_server(handler, settings, options, max_sessions, grace_period)
+    codec = LengthPrefixed(max_frame=server.settings.framing_limit())
+    return await _start(
+        server,
+        lambda: serve(
+            server._on_connection, host, port, codec=codec, ssl=ssl, grace_period=grace_period
+        ),
+    )
+
+
+async def serve_resumable_unix(
+    handler: SessionHandler,
+    path: str | os.PathLike[str],
+    *,
+    mode: int | None = None,
+    ssl: _ssl.SSLContext | None = None,
+    settings: SessionSettings | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    **options: Any,
+) -> ResumableServer:
+    """Serve resumable sessions on a Unix socket; otherwise as :func:`serve_resumable`."""
+    server = _make_server(handler, settings, options, max_sessions, grace_period)
+    codec = LengthPrefixed(max_frame=server.settings.framing_limit())
+    return await _start(
+        server,
+        lambda: serve_unix(
+            server._on_connection, path, codec=codec, mode=mode, ssl=ssl, grace_period=grace_period
+        ),
+    )

@@ -1,0 +1,545 @@
+"""Session: the application's side of a resumable session, shared by client and server.
+
+A session outlives connections. It owns the sans-IO send and receive state
+(:mod:`streamkit.session.protocol`); a connection is attached to it, carries
+frames while it lives, and is replaced by the next one. What happens when a
+connection is lost is the role's business: a client reconnects, a server
+waits ``resume_timeout`` for the client to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from streamkit.errors import (
+    ConnectionLost,
+    EndOfStream,
+    FrameTooLarge,
+    ProtocolError,
+    SessionError,
+    StreamkitError,
+)
+from streamkit.session.protocol import (
+    Ack,
+    Close,
+    CloseAck,
+    Data,
+    MessageType,
+    Ping,
+    Pong,
+    ReceiveState,
+    SendState,
+    decode_message,
+    encode_data_header,
+)
+from streamkit.stream import FramedStream
+
+__all__ = ["Backoff", "Session", "SessionSettings", "SessionStats"]
+
+logger = logging.getLogger("streamkit.session")
+
+_DATA = MessageType.DATA
+_OFFSET = struct.Struct(">Q")
+_DATA_HEADER_SIZE = 9
+_PING = Ping().encode()
+_PONG = Pong().encode()
+_CLOSE_ACK = CloseAck().encode()
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays: ``initial`` seconds, doubling up to ``maximum``.
+
+    Each delay is drawn from ``[delay * (1 - jitter), delay]`` so that many
+    clients cut at once do not come back in lockstep.
+    """
+
+    initial: float = 0.05
+    maximum: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError(f"need 0 < initial <= maximum, got {self.initial}, {self.maximum}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be within 0..1, not {self.jitter}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Every limit and timer of a session, with safe defaults.
+
+    - ``max_frame``: the largest payload (bytes); a larger one is refused
+      by ``send`` and, from a peer, closes the connection.
+    - ``max_unacked_frames`` / ``max_unacked_bytes``: the send window: frames
+      sent but not yet consumed by the peer's application. A full window
+      makes ``send`` wait; it bounds the replay buffer and the peer's queue.
+    - ``ack_every`` (frames) and ``ack_delay`` (seconds): acks are coalesced,
+      sent after that many frames or that long, whichever comes first.
+    - ``keepalive_interval`` / ``keepalive_timeout``: a ping every interval;
+      a connection silent for the timeout is dropped (half-open) and resumed.
+    - ``resume_timeout``: how long a server keeps a detached session.
+    - ``reconnect_backoff`` / ``max_reconnect_time``: how a client retries,
+      and for how long before it fails the session.
+    - ``handshake_timeout``: bound on connecting plus the handshake.
+    - ``close_timeout``: bound on a graceful ``close()``.
+    """
+
+    max_frame: int = 4 * MiB
+    max_unacked_frames: int = 4096
+    max_unacked_bytes: int = 8 * MiB
+    ack_every: int = 64
+    ack_delay: float = 0.01
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 15.0
+    resume_timeout: float = 60.0
+    reconnect_backoff: Backoff = field(default_factory=Backoff)
+    max_reconnect_time: float = 60.0
+    handshake_timeout: float = 10.0
+    close_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame", "max_unacked_frames", "max_unacked_bytes", "ack_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        for name in (
+            "ack_delay",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "resume_timeout",
+            "max_reconnect_time",
+            "handshake_timeout",
+            "close_timeout",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError("keepalive_timeout must be longer than keepalive_interval")
+
+    def framing_limit(self) -> int:
+        """``max_frame`` of the connection's message framing."""
+        return self.max_frame + _DATA_HEADER_SIZE
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters of one session, for monitoring and tests."""
+
+    connections: int = 0
+    reconnects: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    frames_received: int = 0
+    bytes_received: int = 0
+    frames_replayed: int = 0
+    duplicates_dropped: int = 0
+
+
+class _Connection:
+    """One attached connection: its stream and the tasks that serve it."""
+
+    __slots__ = ("alive", "closed", "keepalive", "last_seen", "reader", "stream")
+
+    def __init__(self, stream: FramedStream[bytes]) -> None:
+        self.stream = stream
+        self.alive = True  # a message arrived since the last keepalive tick
+        self.last_seen = 0.0
+        self.reader: asyncio.Task[None] | None = None
+        self.keepalive: asyncio.Task[None] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+
+class Session:
+    """A bidirectional stream of byte frames that survives dropped connections.
+
+    Every frame is delivered exactly once and in order while the session
+    lives. ``send`` waits while the send window is full (backpressure,
+    never loss); ``recv`` returns frames in order; ``flush`` waits until the
+    peer has received everything sent; ``close`` ends the session gracefully
+    and ``abort`` at once. ``id`` is the session id (hex); ``stats`` counts
+    connections, replays and duplicates.
+
+    Once a session fails (it expired, could not reconnect, was rejected),
+    every pending and later call raises that error.
+    """
+
+    def __init__(self, session_id: bytes, settings: SessionSettings) -> None:
+        self._id = session_id
+        self.settings = settings
+        self.stats = SessionStats()
+        self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
+        self._recv_state = ReceiveState()
+        self._queue: deque[bytes] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._readable = asyncio.Event()  # data, end or failure: recv may proceed
+        self._progress = asyncio.Event()  # acks, credit, end or failure: senders may proceed
+        self._conn: _Connection | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._closing = False  # close() was called: no more sends
+        self._close_sent = False
+        self._peer_closed = False  # the peer closed: recv ends after the queue
+        self._finished = asyncio.Event()  # the close handshake completed
+        self._failure: StreamkitError | None = None
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The session id, as hex."""
+        return self._id.hex()
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is attached right now."""
+        return self._conn is not None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session has ended (closed by either side, or failed)."""
+        return self._finished.is_set() or self._failure is not None
+
+    async def send(self, payload: bytes) -> None:
+        """Send one frame; it will reach the peer's ``recv`` exactly once, in order.
+
+        Waits while the send window is full. Raises :class:`FrameTooLarge`
+        over ``max_frame``, :class:`SessionError` once the session is closing
+        or closed, and the session's failure if it failed.
+        """
+        size = len(payload)
+        if size > self.settings.max_frame:
+            raise FrameTooLarge(
+                f"frame of {size} bytes exceeds max_frame={self.settings.max_frame}"
+            )
+        self._check_sendable()
+        state = self._send_state
+        while not state.can_send(size):
+            self._progress.clear()
+            await self._progress.wait()
+            self._check_sendable()
+        payload = bytes(payload)
+        offset = state.push(payload)
+        stats = self.stats
+        stats.frames_sent += 1
+        stats.bytes_sent += size
+        conn = self._conn
+        if conn is not None:
+            # Encoding happens before send() first awaits, so frames keep
+            # offset order even with concurrent senders; a lost connection
+            # is no error here: the frame stays in the replay buffer.
+            with contextlib.suppress(ConnectionLost):
+                await conn.stream.send(encode_data_header(offset) + payload)
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        """Return the next frame.
+
+        Raises :class:`EndOfStream` once the peer closed the session and
+        every frame was returned, ``TimeoutError`` after ``timeout`` seconds
+        (nothing is lost), and the session's failure if it failed.
+        """
+        queue = self._queue
+        if not queue:
+            if timeout is None:
+                await self._wait_readable()
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._wait_readable()
+        payload = queue.popleft()
+        state = self._recv_state
+        state.consumed += 1
+        self._ack_soon(state)
+        return payload
+
+    def __aiter__(self) -> Session:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def flush(self) -> None:
+        """Wait until the peer has received every frame sent so far."""
+        state = self._send_state
+        target = state.next_offset
+        while state.acknowledged < target:
+            self._check_failure()
+            if self._finished.is_set():
+                raise SessionError(
+                    f"the session ended before the peer received frames "
+                    f"{state.acknowledged}..{target - 1}"
+                )
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def close(self) -> None:
+        """End the session gracefully.
+
+        Waits until the peer has received everything sent and acknowledged
+        the close; the peer's ``recv`` then raises :class:`EndOfStream`.
+        Frames the peer sends after that are discarded. Bounded by
+        ``close_timeout`` (then ``TimeoutError``, and the session is aborted).
+        """
+        if self._finished.is_set():
+            return
+        self._check_failure()
+        self._closing = True
+        try:
+            async with asyncio.timeout(self.settings.close_timeout):
+                await self.flush()
+                if not self._finished.is_set():
+                    self._close_sent = True
+                    self._send_control(Close(self._send_state.next_offset).encode())
+                    await self._wait_finished()
+        except BaseException:
+            self.abort()
+            raise
+        self._teardown()
+
+    def abort(self) -> None:
+        """End the session at once, without telling the peer; pending calls fail."""
+        if not self.closed:
+            self._fail(SessionError("the session was aborted"))
+        self._teardown()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} connected={self.connected}>"
+
+    # -- waiting ------------------------------------------------------------
+
+    async def _wait_readable(self) -> None:
+        while not self._queue:
+            if self._peer_closed:
+                raise EndOfStream("the peer closed the session")
+            self._check_failure()
+            self._readable.clear()
+            await self._readable.wait()
+
+    async def _wait_finished(self) -> None:
+        while not self._finished.is_set():
+            self._check_failure()
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _check_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _check_sendable(self) -> None:
+        self._check_failure()
+        if self._peer_closed:
+            raise SessionError("cannot send: the peer closed the session")
+        if self._closing:
+            raise SessionError("cannot send: the session is closing")
+
+    def _wake(self) -> None:
+        self._readable.set()
+        self._progress.set()
+
+    def _fail(self, error: StreamkitError) -> None:
+        """Fail the session: every pending and later call raises ``error``; free its buffers."""
+        if self._failure is None and not self._finished.is_set():
+            self._failure = error
+            self._queue.clear()
+            self._send_state.release()
+        self._wake()
+
+    def _finish(self) -> None:
+        """The close handshake completed (either side's close)."""
+        self._finished.set()
+        self._wake()
+
+    # -- connections ----------------------------------------------------------
+
+    def _attach(self, stream: FramedStream[bytes], peer_received: int) -> _Connection:
+        """Make ``stream`` the session's connection and replay what the peer lacks.
+
+        ``peer_received`` is the next offset the peer expects. Raises
+        :class:`~streamkit.errors.ResumeRejected` if it cannot be served.
+        """
+        frames = self._send_state.replay_from(peer_received)
+        self._drop_connection()
+        conn = _Connection(stream)
+        conn.last_seen = self._loop.time()
+        self._conn = conn
+        self.stats.connections += 1
+        # Queued synchronously, before any new frame can be sent on it.
+        for offset, payload in frames:
+            stream.send_nowait(encode_data_header(offset) + payload)
+        self.stats.frames_replayed += len(frames)
+        if self._close_sent:
+            stream.send_nowait(Close(self._send_state.next_offset).encode())
+        stream.send_nowait(self._recv_state.make_ack().encode())
+        conn.reader = asyncio.create_task(self._read_loop(conn))
+        conn.keepalive = asyncio.create_task(self._keepalive_loop(conn))
+        self._progress.set()
+        return conn
+
+    def _drop_connection(self) -> None:
+        """Detach the current connection, if any, and close it."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        current = asyncio.current_task()
+        for task in (conn.reader, conn.keepalive):
+            if task is not None and task is not current:
+                task.cancel()
+        conn.stream.abort()
+        if not conn.closed.done():
+            conn.closed.set_result(None)
+
+    def _connection_lost(self, conn: _Connection, reason: BaseException | None) -> None:
+        if conn is not self._conn:
+            return
+        self._drop_connection()
+        if self._finished.is_set() or self._failure is not None:
+            return
+        logger.debug("session %s lost its connection: %r", self.id, reason)
+        self._on_detached()
+
+    def _on_detached(self) -> None:
+        """What the role does when the connection is lost (reconnect, or wait)."""
+
+    def _teardown(self) -> None:
+        """Release the connection and timers once the session is over."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(ConnectionLost):
+                conn.stream.close()
+            self._conn = None
+            for task in (conn.reader, conn.keepalive):
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()
+            if not conn.closed.done():
+                conn.closed.set_result(None)
+
+    def _send_control(self, message: bytes) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.stream.send_nowait(message)
+            except ConnectionLost as exc:
+                self._connection_lost(conn, exc)
+
+    # -- acks -----------------------------------------------------------------
+
+    def _ack_soon(self, state: ReceiveState) -> None:
+        if state.ack_lag() >= self.settings.ack_every:
+            self._send_ack()
+        elif self._ack_timer is None:
+            self._ack_timer = self._loop.call_later(self.settings.ack_delay, self._send_ack)
+
+    def _send_ack(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._recv_state.ack_lag():
+            self._send_control(self._recv_state.make_ack().encode())
+
+    # -- the connection's tasks --------------------------------------------
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        stream = conn.stream
+        state = self._recv_state
+        queue = self._queue
+        stats = self.stats
+        unpack_offset = _OFFSET.unpack_from
+        reason: BaseException | None = None
+        try:
+            while True:
+                body = await stream.recv()
+                conn.alive = True
+                if body and body[0] == _DATA and len(body) >= _DATA_HEADER_SIZE:
+                    if state.on_data(unpack_offset(body, 1)[0]):
+                        queue.append(body[_DATA_HEADER_SIZE:])
+                        stats.frames_received += 1
+                        stats.bytes_received += len(body) - _DATA_HEADER_SIZE
+                        self._readable.set()
+                    else:
+                        stats.duplicates_dropped += 1
+                    self._ack_soon(state)
+                else:
+                    self._on_control(body)
+        except EndOfStream as exc:
+            reason = exc
+        except ProtocolError as exc:
+            logger.warning("session %s: protocol error from %s: %s", self.id, stream.peername, exc)
+            reason = exc
+        except (ConnectionLost, OSError) as exc:
+            reason = exc
+        finally:
+            self._connection_lost(conn, reason)
+
+    def _on_control(self, body: bytes) -> None:
+        message = decode_message(body)
+        if isinstance(message, Ack):
+            self._send_state.on_ack(message.received, message.consumed)
+            self._progress.set()
+        elif isinstance(message, Ping):
+            self._send_control(_PONG)
+        elif isinstance(message, Pong):
+            pass
+        elif isinstance(message, Close):
+            if message.final != self._recv_state.received:
+                raise ProtocolError(
+                    f"CLOSE at offset {message.final} but {self._recv_state.received} "
+                    "frames were received"
+                )
+            self._peer_closed = True
+            self._send_control(_CLOSE_ACK)
+            self._finish()
+            conn = self._conn
+            if conn is not None:
+                conn.stream.close()
+        elif isinstance(message, CloseAck):
+            if not self._close_sent:
+                raise ProtocolError("CLOSE_ACK for a close that was never sent")
+            self._finish()
+        elif isinstance(message, Data):  # pragma: no cover - handled on the fast path
+            raise ProtocolError("malformed DATA message")
+        else:
+            raise ProtocolError(f"unexpected {type(message).__name__} message in a session")
+
+    async def _keepalive_loop(self, conn: _Connection) -> None:
+        settings = self.settings
+        while True:
+            await asyncio.sleep(settings.keepalive_interval)
+            now = self._loop.time()
+            if conn.alive:
+                conn.alive = False
+                conn.last_seen = now
+            elif now - conn.last_seen >= settings.keepalive_timeout:
+                logger.info(
+                    "session %s: no traffic for %.1f s, dropping the connection",
+                    self.id,
+                    now - conn.last_seen,
+                )
+                self._connection_lost(conn, TimeoutError("keepalive timeout"))
+                return
+            self._send_control(_PING)
