@@ -1,0 +1,477 @@
+"""Resumable sessions over real loopback and Unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from streamkit import EndOfStream, FrameTooLarge, ResumeRejected, SessionError, SessionExpired
+from streamkit.errors import ConnectionLost, ProtocolError
+from streamkit.session import (
+    ClientSession,
+    ResumableServer,
+    ServerSession,
+    connect_resumable,
+    connect_resumable_unix,
+    serve_resumable,
+    serve_resumable_unix,
+)
+from streamkit.session.protocol import (
+    MAGIC,
+    NONCE_SIZE,
+    PREFACE_SIZE,
+    HelloNew,
+    HelloResume,
+    Reject,
+    RejectReason,
+    Welcome,
+    decode_message,
+    make_preface,
+    resume_proof,
+)
+
+FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.005}
+QUICK_SHUTDOWN = {"grace_period": 0.5}
+
+
+async def echo(session: ServerSession) -> None:
+    async for payload in session:
+        await session.send(payload)
+
+
+@asynccontextmanager
+async def echo_server(**options: object) -> AsyncIterator[ResumableServer]:
+    settings = {**FAST, **QUICK_SHUTDOWN, **options}
+    async with await serve_resumable(echo, "127.0.0.1", 0, **settings) as server:
+        yield server
+
+
+def cut(session: ClientSession) -> None:
+    """Drop the session's current connection as a network failure would."""
+    conn = session._conn
+    assert conn is not None
+    conn.stream.abort()
+
+
+async def cut_and_resume(session: ClientSession) -> None:
+    """Cut the connection and wait until the session is attached to a new one."""
+    before = session.stats.connections
+    cut(session)
+    while session.stats.connections == before or not session.connected:
+        await asyncio.sleep(0.002)
+
+
+async def test_echo_round_trip_and_stats() -> None:
+    async with (
+        echo_server() as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        for n in range(100):
+            await session.send(b"frame %d" % n)
+        got = [await session.recv() for _ in range(100)]
+        assert got == [b"frame %d" % n for n in range(100)]
+        assert len(session.id) == 32
+        assert session.stats.frames_sent == 100
+        assert session.stats.frames_received == 100
+        assert session.stats.connections == 1
+        assert session.stats.reconnects == 0
+
+
+async def test_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    async with (
+        await serve_resumable_unix(echo, path, **FAST) as server,
+        connect_resumable_unix(path, **FAST) as session,
+    ):
+        await session.send(b"over unix")
+        assert await session.recv() == b"over unix"
+        assert server.sessions == 1
+
+
+async def test_survives_repeated_cuts_exactly_once_in_order() -> None:
+    total = 5000
+    async with (
+        echo_server() as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            while len(received) < total:
+                received.append(await session.recv())
+
+        task = asyncio.create_task(reader())
+        for n in range(total):
+            await session.send(struct.pack(">I", n))
+            if n % 500 == 250:
+                await cut_and_resume(session)
+        await task
+        assert [struct.unpack(">I", p)[0] for p in received] == list(range(total))
+        assert session.stats.reconnects >= 5
+        assert session.stats.frames_replayed > 0
+
+
+async def test_handler_runs_once_per_session_across_reconnects() -> None:
+    calls = 0
+    seen: list[bytes] = []
+
+    async def handler(session: ServerSession) -> None:
+        nonlocal calls
+        calls += 1
+        async for payload in session:
+            seen.append(payload)
+
+    async with (
+        await serve_resumable(handler, "127.0.0.1", 0, **FAST) as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        for n in range(10):
+            await session.send(b"%d" % n)
+            await session.flush()
+            await cut_and_resume(session)
+        await session.flush()
+    assert calls == 1
+    assert seen == [b"%d" % n for n in range(10)]
+
+
+async def test_close_is_graceful_and_peer_sees_end_of_stream() -> None:
+    done = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        frames = [payload async for payload in session]
+        done.set_result(frames)
+
+    async with await serve_resumable(handler, "127.0.0.1", 0, **FAST) as server:
+        session = await connect_resumable("127.0.0.1", server.port, **FAST)
+        for n in range(50):
+            await session.send(b"%d" % n)
+        await session.close()
+        assert session.closed
+        assert await done == [b"%d" % n for n in range(50)]
+        with pytest.raises(SessionError, match="closing|closed"):
+            await session.send(b"late")
+
+
+async def test_server_close_gives_client_end_of_stream() -> None:
+    async def handler(session: ServerSession) -> None:
+        for n in range(20):
+            await session.send(b"%d" % n)
+        # returning closes the session gracefully
+
+    async with (
+        await serve_resumable(handler, "127.0.0.1", 0, **FAST) as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        got = [payload async for payload in session]
+        assert got == [b"%d" % n for n in range(20)]
+        with pytest.raises(EndOfStream):
+            await session.recv()
+        with pytest.raises(SessionError, match="peer closed"):
+            await session.send(b"x")
+
+
+async def test_recv_timeout_leaves_session_usable() -> None:
+    async with (
+        echo_server() as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        with pytest.raises(TimeoutError):
+            await session.recv(timeout=0.05)
+        await session.send(b"after timeout")
+        assert await session.recv(timeout=5) == b"after timeout"
+
+
+async def test_send_over_max_frame_is_refused() -> None:
+    async with (
+        echo_server(max_frame=1024) as server,
+        connect_resumable("127.0.0.1", server.port, max_frame=1024, **FAST) as session,
+    ):
+        await session.send(b"x" * 1024)
+        assert await session.recv() == b"x" * 1024
+        with pytest.raises(FrameTooLarge, match="1025 bytes exceeds max_frame=1024"):
+            await session.send(b"x" * 1025)
+
+
+async def test_stalled_receiver_bounds_sender_and_blocks_send() -> None:
+    limit = 64 * 1024
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stalled(session: ServerSession) -> None:
+        started.set()
+        await release.wait()
+        async for _ in session:
+            pass
+
+    async with (
+        await serve_resumable(stalled, "127.0.0.1", 0, **FAST) as server,
+        connect_resumable(
+            "127.0.0.1", server.port, max_unacked_bytes=limit, max_unacked_frames=10_000, **FAST
+        ) as session,
+    ):
+        await started.wait()
+        payload = b"x" * 1024
+        sent = 0
+
+        async def producer() -> None:
+            nonlocal sent
+            for _ in range(1000):
+                await session.send(payload)
+                sent += 1
+
+        task = asyncio.create_task(producer())
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        assert sent <= limit // len(payload)
+        assert session._send_state.replay_bytes <= limit
+        release.set()
+        await asyncio.wait_for(task, 10)
+        await session.flush()
+
+
+async def test_keepalive_detects_half_open_connection() -> None:
+    async with (
+        echo_server() as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        await session.send(b"before")
+        assert await session.recv() == b"before"
+        conn = session._conn
+        assert conn is not None
+        # Black-hole: stop reading from the socket; the peer keeps it open.
+        conn.stream.writer.transport.pause_reading()
+        conn.stream.writer.transport.write = lambda data: None  # type: ignore[method-assign]
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if session.stats.reconnects:
+                break
+        assert session.stats.reconnects == 1
+        await session.send(b"after")
+        assert await session.recv(timeout=5) == b"after"
+
+
+# -- handshake security ------------------------------------------------------
+
+
+async def raw_handshake(port: int, hello: bytes | None = None) -> tuple[object, bytes]:
+    """Open a raw connection, exchange prefaces, send ``hello``; return the reply and nonce."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(make_preface())
+    preface = await reader.readexactly(PREFACE_SIZE)
+    assert preface == make_preface()
+    nonce = await reader.readexactly(NONCE_SIZE)
+    if hello is None:
+        writer.close()
+        return None, nonce
+    writer.write(struct.pack(">I", len(hello)) + hello)
+    size = struct.unpack(">I", await reader.readexactly(4))[0]
+    reply = decode_message(await reader.readexactly(size))
+    writer.close()
+    return reply, nonce
+
+
+async def test_wrong_token_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with (
+        echo_server() as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        forged = HelloResume(bytes.fromhex(session.id), b"\0" * 32, 0).encode()
+        reply, _ = await raw_handshake(server.port, forged)
+        assert isinstance(reply, Reject)
+        assert reply.reason == RejectReason.BAD_TOKEN
+        assert "wrong token" in caplog.text
+        await session.send(b"still fine")
+        assert await session.recv() == b"still fine"
+
+
+async def test_unknown_session_is_rejected() -> None:
+    async with echo_server() as server:
+        reply, _ = await raw_handshake(server.port, HelloResume(b"\1" * 16, b"\0" * 32, 0).encode())
+        assert isinstance(reply, Reject)
+        assert reply.reason == RejectReason.UNKNOWN_SESSION
+
+
+async def test_replayed_handshake_is_rejected() -> None:
+    async with echo_server() as server:
+        reply, nonce = await raw_handshake(server.port, HelloNew().encode())
+        assert isinstance(reply, Welcome) and not reply.present
+        proof = resume_proof(reply.token, nonce, reply.session_id, 0)
+        first = HelloResume(reply.session_id, proof, 0).encode()
+        # The proof is bound to the first connection's nonce: replaying it fails.
+        replayed, _ = await raw_handshake(server.port, first)
+        assert isinstance(replayed, Reject)
+        assert replayed.reason == RejectReason.BAD_TOKEN
+        # With this connection's nonce the same token works.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(make_preface())
+        await reader.readexactly(PREFACE_SIZE)
+        nonce = await reader.readexactly(NONCE_SIZE)
+        hello = HelloResume(
+            reply.session_id, resume_proof(reply.token, nonce, reply.session_id, 0), 0
+        ).encode()
+        writer.write(struct.pack(">I", len(hello)) + hello)
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        welcome = decode_message(await reader.readexactly(size))
+        assert isinstance(welcome, Welcome) and welcome.present
+        writer.close()
+
+
+async def test_another_sessions_token_is_rejected() -> None:
+    async with echo_server() as server:
+        first, nonce1 = await raw_handshake(server.port, HelloNew().encode())
+        second, _ = await raw_handshake(server.port, HelloNew().encode())
+        assert isinstance(first, Welcome) and isinstance(second, Welcome)
+        _, nonce = await raw_handshake(server.port)
+        # second's id with first's token (and a stale nonce): rejected.
+        hello = HelloResume(
+            second.session_id, resume_proof(first.token, nonce1, second.session_id, 0), 0
+        ).encode()
+        reply, _ = await raw_handshake(server.port, hello)
+        assert isinstance(reply, Reject) and reply.reason == RejectReason.BAD_TOKEN
+
+
+async def test_offset_never_sent_is_rejected() -> None:
+    async with echo_server() as server:
+        reply, _ = await raw_handshake(server.port, HelloNew().encode())
+        assert isinstance(reply, Welcome)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(make_preface())
+        await reader.readexactly(PREFACE_SIZE)
+        nonce = await reader.readexactly(NONCE_SIZE)
+        proof = resume_proof(reply.token, nonce, reply.session_id, 99)
+        hello = HelloResume(reply.session_id, proof, 99).encode()
+        writer.write(struct.pack(">I", len(hello)) + hello)
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        rejected = decode_message(await reader.readexactly(size))
+        assert isinstance(rejected, Reject)
+        assert rejected.reason == RejectReason.BAD_OFFSET
+        assert "99" in rejected.message
+        writer.close()
+
+
+async def test_resume_after_expiry_raises_session_expired() -> None:
+    async with echo_server(resume_timeout=0.2) as server:
+        session = await connect_resumable("127.0.0.1", server.port, max_reconnect_time=5, **FAST)
+        await session.send(b"x")
+        assert await session.recv() == b"x"
+        # Keep the client away past the server's resume_timeout.
+        session._opener = _refused_opener  # type: ignore[method-assign]
+        cut(session)
+        await asyncio.sleep(0.5)
+        assert server.sessions == 0
+        session._opener = session_opener(server.port)  # type: ignore[method-assign]
+        with pytest.raises(SessionExpired, match="resume_timeout"):
+            await session.recv(timeout=5)
+        with pytest.raises(SessionExpired):
+            await session.send(b"y")
+
+
+async def test_resume_of_finished_session_is_rejected() -> None:
+    async with echo_server() as server:
+        session = await connect_resumable("127.0.0.1", server.port, **FAST)
+        session_id, token = bytes.fromhex(session.id), session._token
+        await session.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(make_preface())
+        await reader.readexactly(PREFACE_SIZE)
+        nonce = await reader.readexactly(NONCE_SIZE)
+        hello = HelloResume(session_id, resume_proof(token, nonce, session_id, 0), 0).encode()
+        writer.write(struct.pack(">I", len(hello)) + hello)
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        rejected = decode_message(await reader.readexactly(size))
+        assert isinstance(rejected, Reject)
+        assert rejected.reason == RejectReason.FINISHED
+        assert "closed" in rejected.message
+        writer.close()
+
+
+async def test_client_that_cannot_reconnect_fails_with_connection_lost() -> None:
+    async with echo_server() as server:
+        session = await connect_resumable("127.0.0.1", server.port, max_reconnect_time=0.3, **FAST)
+        session._opener = _refused_opener  # type: ignore[method-assign]
+        cut(session)
+        with pytest.raises(ConnectionLost, match="max_reconnect_time"):
+            await session.recv(timeout=5)
+        with pytest.raises(ConnectionLost):
+            await session.send(b"x")
+
+
+async def _refused_opener() -> object:
+    raise ConnectionRefusedError("test: server unreachable")
+
+
+def session_opener(port: int) -> object:
+    from streamkit.codecs import LengthPrefixed
+    from streamkit.net import connect
+    from streamkit.session import SessionSettings
+
+    codec = LengthPrefixed(max_frame=SessionSettings().framing_limit())
+    return lambda: connect("127.0.0.1", port, codec=codec)
+
+
+# -- speaking the wrong protocol ----------------------------------------------
+
+
+async def test_http_client_gets_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await reader.read() == b""  # the server closes
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert "looks like HTTP" in caplog.text
+
+
+async def test_client_against_a_non_session_server_gets_a_clear_error() -> None:
+    async def http_like(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(http_like, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(ProtocolError, match="not speaking the streamkit session protocol"):
+            await connect_resumable("127.0.0.1", port)
+
+
+async def test_other_version_is_rejected_on_both_ends() -> None:
+    async with echo_server() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(MAGIC + bytes([9]))
+        await reader.readexactly(PREFACE_SIZE + NONCE_SIZE)
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        reply = decode_message(await reader.readexactly(size))
+        assert isinstance(reply, Reject)
+        assert reply.reason == RejectReason.UNSUPPORTED_VERSION
+        assert "version 9" in reply.message
+        writer.close()
+
+
+async def test_bad_input_closes_only_that_connection(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server, connect_resumable("127.0.0.1", server.port, **FAST) as good:
+        with pytest.raises(asyncio.IncompleteReadError):  # the server just closes
+            await raw_handshake(server.port, b"\x7f")  # an unknown message type
+        await asyncio.sleep(0.05)
+        assert "unknown session message type 0x7f" in caplog.text
+        await good.send(b"unaffected")
+        assert await good.recv() == b"unaffected"
+
+
+async def test_max_sessions_refuses_new_sessions() -> None:
+    async with (
+        echo_server(max_sessions=1) as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as first,
+    ):
+        with pytest.raises(ResumeRejected, match="max_sessions=1"):
+            await connect_resumable("127.0.0.1", server.port, **FAST)
+        await first.send(b"ok")
+        assert await first.recv() == b"ok"
