@@ -151,6 +151,12 @@ class FramedStream(Generic[FrameT]):
         if self._transport.get_write_buffer_size() > self._high_water:
             await self._drain()
 
+    @property
+    def must_drain(self) -> bool:
+        """Whether the write buffer is over its high-water mark: callers of
+        ``send_nowait`` should ``await drain()`` now."""
+        return self._transport.get_write_buffer_size() > self._high_water
+
     async def drain(self) -> None:
         """Write the frames buffered so far and wait until the transport can take more."""
         self._flush()
@@ -200,6 +206,19 @@ class FramedStream(Generic[FrameT]):
             return await self._receive()
         async with asyncio.timeout(timeout):
             return await self._receive()
+
+    async def recv_batch(self) -> list[FrameT]:
+        """Return every frame received so far, at least one (waiting for it).
+
+        For consumers that process frames in bulk: one call instead of one
+        ``recv`` per frame. Raises like :meth:`recv`.
+        """
+        frames = self._frames
+        if not frames:
+            frames.appendleft(await self._receive())
+        batch = list(frames)
+        frames.clear()
+        return batch
 
     def __aiter__(self) -> FramedStream[FrameT]:
         return self

@@ -459,6 +459,13 @@ class ReceiveState:
         """Frames received or consumed since the last ack was made."""
         return max(self.received - self._acked_received, self.consumed - self._acked_consumed)
 
+    def ack_due(self, every: int) -> bool:
+        """Whether ``every`` frames were received or consumed since the last ack."""
+        return (
+            self.received - self._acked_received >= every
+            or self.consumed - self._acked_consumed >= every
+        )
+
     def make_ack(self) -> Ack:
         """The ack to send now; marks it as sent."""
         self._acked_received = self.received

@@ -44,7 +44,7 @@ __all__ = ["Backoff", "Session", "SessionSettings", "SessionStats"]
 
 logger = logging.getLogger("streamkit.session")
 
-_DATA = MessageType.DATA
+_DATA_TYPE = bytes([MessageType.DATA])
 _OFFSET = struct.Struct(">Q")
 _DATA_HEADER_SIZE = 9
 _PING = Ping().encode()
@@ -232,11 +232,16 @@ class Session:
         stats.bytes_sent += size
         conn = self._conn
         if conn is not None:
-            # Encoding happens before send() first awaits, so frames keep
-            # offset order even with concurrent senders; a lost connection
-            # is no error here: the frame stays in the replay buffer.
-            with contextlib.suppress(ConnectionLost):
-                await conn.stream.send(encode_data_header(offset) + payload)
+            # Queued in call order, so frames keep offset order even with
+            # concurrent senders; a lost connection is no error here: the
+            # frame stays in the replay buffer.
+            stream = conn.stream
+            try:
+                stream.send_nowait(encode_data_header(offset) + payload)
+                if stream.must_drain:
+                    await stream.drain()
+            except ConnectionLost:
+                pass
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """Return the next frame.
@@ -245,27 +250,31 @@ class Session:
         every frame was returned, ``TimeoutError`` after ``timeout`` seconds
         (nothing is lost), and the session's failure if it failed.
         """
-        queue = self._queue
-        if not queue:
+        if not self._queue:
             if timeout is None:
                 await self._wait_readable()
             else:
                 async with asyncio.timeout(timeout):
                     await self._wait_readable()
-        payload = queue.popleft()
-        state = self._recv_state
-        state.consumed += 1
-        self._ack_soon(state)
-        return payload
+        return self._take()
 
     def __aiter__(self) -> Session:
         return self
 
     async def __anext__(self) -> bytes:
-        try:
-            return await self.recv()
-        except EndOfStream:
-            raise StopAsyncIteration from None
+        if not self._queue:
+            try:
+                await self._wait_readable()
+            except EndOfStream:
+                raise StopAsyncIteration from None
+        return self._take()
+
+    def _take(self) -> bytes:
+        payload = self._queue.popleft()
+        state = self._recv_state
+        state.consumed += 1
+        self._ack_soon(state)
+        return payload
 
     async def flush(self) -> None:
         """Wait until the peer has received every frame sent so far."""
@@ -450,7 +459,7 @@ class Session:
     # -- acks -----------------------------------------------------------------
 
     def _ack_soon(self, state: ReceiveState) -> None:
-        if state.ack_lag() >= self.settings.ack_every:
+        if state.ack_due(self.settings.ack_every):
             self._send_ack()
         elif self._ack_timer is None:
             self._ack_timer = self._loop.call_later(self.settings.ack_delay, self._send_ack)
@@ -473,19 +482,21 @@ class Session:
         reason: BaseException | None = None
         try:
             while True:
-                body = await stream.recv()
+                batch = await stream.recv_batch()
                 conn.alive = True
-                if body and body[0] == _DATA and len(body) >= _DATA_HEADER_SIZE:
-                    if state.on_data(unpack_offset(body, 1)[0]):
-                        queue.append(body[_DATA_HEADER_SIZE:])
-                        stats.frames_received += 1
-                        stats.bytes_received += len(body) - _DATA_HEADER_SIZE
-                        self._readable.set()
+                for body in batch:
+                    if body[:1] == _DATA_TYPE and len(body) >= _DATA_HEADER_SIZE:
+                        if state.on_data(unpack_offset(body, 1)[0]):
+                            queue.append(body[_DATA_HEADER_SIZE:])
+                            stats.frames_received += 1
+                            stats.bytes_received += len(body) - _DATA_HEADER_SIZE
+                        else:
+                            stats.duplicates_dropped += 1
                     else:
-                        stats.duplicates_dropped += 1
-                    self._ack_soon(state)
-                else:
-                    self._on_control(body)
+                        self._on_control(body)
+                if queue:
+                    self._readable.set()
+                self._ack_soon(state)
         except EndOfStream as exc:
             reason = exc
         except ProtocolError as exc:
