@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -26,6 +25,7 @@ from streamkit.errors import (
     StreamkitError,
 )
 from streamkit.session.protocol import (
+    DATA_HEADER,
     Ack,
     Close,
     CloseAck,
@@ -44,9 +44,7 @@ __all__ = ["Backoff", "Session", "SessionSettings", "SessionStats"]
 
 logger = logging.getLogger("streamkit.session")
 
-_DATA_TYPE = bytes([MessageType.DATA])
-_OFFSET = struct.Struct(">Q")
-_DATA_HEADER_SIZE = 9
+_DATA = MessageType.DATA
 _PING = Ping().encode()
 _PONG = Pong().encode()
 _CLOSE_ACK = CloseAck().encode()
@@ -127,7 +125,7 @@ class SessionSettings:
 
     def framing_limit(self) -> int:
         """``max_frame`` of the connection's message framing."""
-        return self.max_frame + _DATA_HEADER_SIZE
+        return self.max_frame + DATA_HEADER.size
 
 
 @dataclass(slots=True)
@@ -175,6 +173,7 @@ class Session:
     def __init__(self, session_id: bytes, settings: SessionSettings) -> None:
         self._id = session_id
         self.settings = settings
+        self._max_frame = settings.max_frame
         self.stats = SessionStats()
         self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
         self._recv_state = ReceiveState()
@@ -215,17 +214,17 @@ class Session:
         or closed, and the session's failure if it failed.
         """
         size = len(payload)
-        if size > self.settings.max_frame:
-            raise FrameTooLarge(
-                f"frame of {size} bytes exceeds max_frame={self.settings.max_frame}"
-            )
-        self._check_sendable()
         state = self._send_state
-        while not state.can_send(size):
-            self._progress.clear()
-            await self._progress.wait()
-            self._check_sendable()
-        payload = bytes(payload)
+        if (
+            size > self._max_frame
+            or self._failure is not None
+            or self._closing
+            or self._peer_closed
+            or not state.can_send(size)
+        ):
+            await self._wait_to_send(size)
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # the replay buffer must not change under us
         offset = state.push(payload)
         stats = self.stats
         stats.frames_sent += 1
@@ -237,11 +236,21 @@ class Session:
             # frame stays in the replay buffer.
             stream = conn.stream
             try:
-                stream.send_nowait(encode_data_header(offset) + payload)
+                stream.send_nowait(DATA_HEADER.pack(_DATA, offset) + payload)
                 if stream.must_drain:
                     await stream.drain()
             except ConnectionLost:
                 pass
+
+    async def _wait_to_send(self, size: int) -> None:
+        if size > self._max_frame:
+            raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
+        self._check_sendable()
+        state = self._send_state
+        while not state.can_send(size):
+            self._progress.clear()
+            await self._progress.wait()
+            self._check_sendable()
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """Return the next frame.
@@ -478,24 +487,21 @@ class Session:
         state = self._recv_state
         queue = self._queue
         stats = self.stats
-        unpack_offset = _OFFSET.unpack_from
         reason: BaseException | None = None
         try:
             while True:
                 batch = await stream.recv_batch()
                 conn.alive = True
-                for body in batch:
-                    if body[:1] == _DATA_TYPE and len(body) >= _DATA_HEADER_SIZE:
-                        if state.on_data(unpack_offset(body, 1)[0]):
-                            queue.append(body[_DATA_HEADER_SIZE:])
-                            stats.frames_received += 1
-                            stats.bytes_received += len(body) - _DATA_HEADER_SIZE
-                        else:
-                            stats.duplicates_dropped += 1
-                    else:
-                        self._on_control(body)
-                if queue:
-                    self._readable.set()
+                before = state.received
+                try:
+                    stats.bytes_received += state.receive_batch(
+                        batch, queue.append, self._on_control
+                    )
+                finally:
+                    stats.frames_received += state.received - before
+                    stats.duplicates_dropped = state.duplicates
+                    if queue:
+                        self._readable.set()
                 self._ack_soon(state)
         except EndOfStream as exc:
             reason = exc
