@@ -221,6 +221,8 @@ class ResumableServer:
             session.abort()
             self._ended_session(session)
             raise
+        except EndOfStream:
+            pass  # the client closed the session: a normal end
         except (SessionExpired, ConnectionLost) as exc:
             logger.info("session %s ended: %s", session.id, exc)
         except Exception:

@@ -20,6 +20,7 @@ from streamkit.errors import (
     ConnectionLost,
     EndOfStream,
     FrameTooLarge,
+    IncompleteFrame,
     ProtocolError,
     SessionError,
     StreamkitError,
@@ -503,12 +504,10 @@ class Session:
                     if queue:
                         self._readable.set()
                 self._ack_soon(state)
-        except EndOfStream as exc:
-            reason = exc
+        except (EndOfStream, IncompleteFrame, ConnectionLost, OSError) as exc:
+            reason = exc  # the connection ended or broke, possibly mid-frame
         except ProtocolError as exc:
             logger.warning("session %s: protocol error from %s: %s", self.id, stream.peername, exc)
-            reason = exc
-        except (ConnectionLost, OSError) as exc:
             reason = exc
         finally:
             self._connection_lost(conn, reason)
