@@ -37,7 +37,7 @@ from streamkit.session.protocol import (
 )
 
 FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.005}
-QUICK_SHUTDOWN = {"grace_period": 0.5}
+QUICK_SHUTDOWN = {"grace_period": 0.1}
 
 
 async def echo(session: ServerSession) -> None:
@@ -475,3 +475,98 @@ async def test_max_sessions_refuses_new_sessions() -> None:
             await connect_resumable("127.0.0.1", server.port, **FAST)
         await first.send(b"ok")
         assert await first.recv() == b"ok"
+
+
+# -- bad input after the handshake ---------------------------------------------
+
+
+async def attached_raw_client(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome]:
+    """A raw client that opened a new session and is attached to it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(make_preface())
+    await reader.readexactly(PREFACE_SIZE + NONCE_SIZE)
+    hello = HelloNew().encode()
+    writer.write(struct.pack(">I", len(hello)) + hello)
+    size = struct.unpack(">I", await reader.readexactly(4))[0]
+    welcome = decode_message(await reader.readexactly(size))
+    assert isinstance(welcome, Welcome)
+    return reader, writer, welcome
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (bytes([0x7E]), "unknown session message type 0x7e"),
+        (bytes([0x10]) + struct.pack(">Q", 5) + b"x", "offset 5 but offset 0 was expected"),
+        (bytes([0x11]) + struct.pack(">QQ", 3, 0), "ack for offset 3 but only 0 frames"),
+        (bytes([0x11]) + struct.pack(">QQ", 0, 1), "consumed 1 > received 0"),
+        (bytes([0x11, 0]), "malformed ACK"),
+        (bytes([0x15]), "CLOSE_ACK for a close that was never sent"),
+        (bytes([0x01]), "unexpected HelloNew"),
+    ],
+)
+async def test_bad_message_closes_the_connection_and_is_logged(
+    body: bytes, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server, connect_resumable("127.0.0.1", server.port, **FAST) as good:
+        reader, writer, _ = await attached_raw_client(server.port)
+        writer.write(frame(body))
+        while await reader.read(65536):  # the server closes this connection
+            pass
+        writer.close()
+        assert message in caplog.text
+        await good.send(b"others are unaffected")
+        assert await good.recv() == b"others are unaffected"
+
+
+async def test_acks_going_backwards_close_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server:
+        reader, writer, _ = await attached_raw_client(server.port)
+        writer.write(frame(bytes([0x10]) + struct.pack(">Q", 0) + b"echo me"))
+        writer.write(frame(bytes([0x11]) + struct.pack(">QQ", 0, 0)))
+        await asyncio.sleep(0.1)  # the echo arrives; ack it, then go backwards
+        writer.write(frame(bytes([0x11]) + struct.pack(">QQ", 1, 1)))
+        writer.write(frame(bytes([0x11]) + struct.pack(">QQ", 0, 0)))
+        while await reader.read(65536):
+            pass
+        writer.close()
+        assert "ack went backwards" in caplog.text
+
+
+async def test_oversized_frame_from_peer_closes_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server(max_frame=1000) as server:
+        reader, writer, _ = await attached_raw_client(server.port)
+        writer.write(struct.pack(">I", 5000) + bytes([0x10]))
+        while await reader.read(65536):
+            pass
+        writer.close()
+        assert "exceeds max_frame=1009" in caplog.text
+
+
+async def test_second_connection_replaces_the_first() -> None:
+    async with (
+        echo_server() as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        await session.send(b"one")
+        assert await session.recv() == b"one"
+        old = session._conn
+        assert old is not None
+        # Resume on a new connection while the old one is still up.
+        await session._resume_once()
+        assert session._conn is not old
+        assert old.stream.is_closing()
+        await session.send(b"two")
+        assert await session.recv() == b"two"
+        assert session.stats.connections == 2
