@@ -230,7 +230,7 @@ async def test_stalled_receiver_bounds_sender_and_blocks_send() -> None:
         await asyncio.sleep(0.3)
         assert not task.done()
         assert sent <= limit // len(payload)
-        assert session._send_state.replay_bytes <= limit
+        assert session._send_state.held_bytes <= limit
         release.set()
         await asyncio.wait_for(task, 10)
         await session.flush()

@@ -156,7 +156,6 @@ class ClientSession(Session):
             except (OSError, TimeoutError, ProtocolError, ConnectionLost) as exc:
                 last_error: BaseException = exc
             else:
-                self.stats.reconnects += 1
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:

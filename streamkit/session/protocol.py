@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -311,69 +312,64 @@ def decode_message(body: bytes) -> Message:
 class SendState:
     """One direction's sending side: offsets, replay buffer and the peer's credit.
 
-    Frames stay in the replay buffer until the peer reports them received.
-    The peer's *consumed* count (frames its application has taken) grants
-    credit: at most ``max_frames`` frames and ``max_bytes`` bytes may be
-    sent and not yet consumed, so a receiver that stops reading bounds both
-    sides' memory. A single frame larger than ``max_bytes`` may still be sent
-    when nothing else is outstanding.
+    The peer reports two counts: frames *received* (they need no replay) and
+    frames *consumed* by its application. Frames are held until consumed, so
+    the buffer is both the replay buffer and the credit window: at most
+    ``max_frames`` frames and ``max_bytes`` bytes are held, which bounds the
+    sender's memory and the peer's queue when the peer stops reading. A
+    single frame larger than ``max_bytes`` may still be sent when nothing is
+    held.
     """
 
     __slots__ = (
-        "_base",
         "_consumed",
-        "_consumed_bytes",
-        "_replay",
-        "_replay_bytes",
-        "_sizes",
-        "_unconsumed_bytes",
+        "_frames",
+        "_held_bytes",
+        "bytes_sent",
         "max_bytes",
         "max_frames",
         "next_offset",
+        "received",
     )
 
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.next_offset = 0  # offset of the next frame to send
-        self._base = 0  # offset of the first frame in the replay buffer
-        self._replay: deque[bytes] = deque()
-        self._replay_bytes = 0
-        self._consumed = 0  # peer's consumed count
-        self._sizes: deque[int] = deque()  # sizes of sent, not yet consumed frames
-        self._unconsumed_bytes = 0
-        self._consumed_bytes = 0
+        self.received = 0  # the peer has received every frame below this
+        self.bytes_sent = 0
+        self._consumed = 0  # offset of the first held frame
+        self._frames: deque[bytes] = deque()
+        self._held_bytes = 0
 
     @property
     def acknowledged(self) -> int:
         """Offset below which the peer has received every frame."""
-        return self._base
+        return self.received
 
     @property
     def unacked(self) -> int:
         """Frames sent and not yet reported received."""
-        return self.next_offset - self._base
+        return self.next_offset - self.received
 
     @property
-    def replay_bytes(self) -> int:
-        """Payload bytes held in the replay buffer."""
-        return self._replay_bytes
+    def held_bytes(self) -> int:
+        """Payload bytes held for replay (sent, not yet consumed by the peer)."""
+        return self._held_bytes
 
     def can_send(self, size: int) -> bool:
         """Whether a frame of ``size`` bytes fits in the peer's credit now."""
-        outstanding = self.next_offset - self._consumed
-        if outstanding == 0:
-            return True
-        return outstanding < self.max_frames and self._unconsumed_bytes + size <= self.max_bytes
+        held = len(self._frames)
+        return not held or (held < self.max_frames and self._held_bytes + size <= self.max_bytes)
 
     def push(self, payload: bytes) -> int:
-        """Add a frame to the replay buffer; return its offset."""
+        """Hold a new frame for replay; return its offset."""
         offset = self.next_offset
         self.next_offset = offset + 1
-        self._replay.append(payload)
-        self._replay_bytes += len(payload)
-        self._sizes.append(len(payload))
-        self._unconsumed_bytes += len(payload)
+        self._frames.append(payload)
+        size = len(payload)
+        self._held_bytes += size
+        self.bytes_sent += size
         return offset
 
     def on_ack(self, received: int, consumed: int) -> None:
@@ -386,26 +382,23 @@ class SendState:
             raise ProtocolError(
                 f"ack for offset {received} but only {self.next_offset} frames were sent"
             )
-        if received < self._base or consumed < self._consumed:
+        if received < self.received or consumed < self._consumed:
             raise ProtocolError(
-                f"ack went backwards: received {received} (was {self._base}), "
+                f"ack went backwards: received {received} (was {self.received}), "
                 f"consumed {consumed} (was {self._consumed})"
             )
         if consumed > received:
             raise ProtocolError(f"ack says consumed {consumed} > received {received}")
-        replay = self._replay
-        while self._base < received:
-            self._replay_bytes -= len(replay.popleft())
-            self._base += 1
-        sizes = self._sizes
+        self.received = received
+        frames = self._frames
         while self._consumed < consumed:
-            self._unconsumed_bytes -= sizes.popleft()
+            self._held_bytes -= len(frames.popleft())
             self._consumed += 1
 
     def release(self) -> None:
-        """Drop the replay buffer (the session is over)."""
-        self._replay.clear()
-        self._replay_bytes = 0
+        """Drop every held frame (the session is over)."""
+        self._frames.clear()
+        self._held_bytes = 0
 
     def check_replay(self, offset: int) -> None:
         """Raise :class:`ResumeRejected` unless a peer expecting ``offset`` can be served."""
@@ -413,32 +406,40 @@ class SendState:
             raise ResumeRejected(
                 f"peer expects offset {offset} but only {self.next_offset} frames were sent"
             )
-        if offset < self._base:
+        if offset < self._consumed:
             raise ResumeRejected(
-                f"peer expects offset {offset} but frames below {self._base} were released "
-                "and can no longer be replayed"
+                f"peer expects offset {offset} but frames below {self._consumed} were "
+                "consumed and are no longer held"
             )
 
     def replay_from(self, offset: int) -> list[tuple[int, bytes]]:
-        """The frames from ``offset`` on, for a peer that resumed expecting ``offset``.
+        """The held frames from ``offset`` on, for a peer that resumed expecting ``offset``.
 
-        Frames below ``offset`` are released as received. Raises
-        :class:`ResumeRejected` for an offset never sent or no longer held.
+        Raises :class:`ResumeRejected` for an offset never sent or no longer held.
         """
         self.check_replay(offset)
-        replay = self._replay
-        while self._base < offset:
-            self._replay_bytes -= len(replay.popleft())
-            self._base += 1
-        return [(self._base + index, payload) for index, payload in enumerate(replay)]
+        self.received = max(self.received, offset)
+        skip = offset - self._consumed
+        return [
+            (offset + index, payload)
+            for index, payload in enumerate(itertools.islice(self._frames, skip, None))
+        ]
 
 
 class ReceiveState:
     """One direction's receiving side: the next offset expected, duplicates, acks due."""
 
-    __slots__ = ("_acked_consumed", "_acked_received", "consumed", "duplicates", "received")
+    __slots__ = (
+        "_acked_consumed",
+        "_acked_received",
+        "bytes_received",
+        "consumed",
+        "duplicates",
+        "received",
+    )
 
     def __init__(self) -> None:
+        self.bytes_received = 0
         self.received = 0  # next offset expected
         self.consumed = 0  # frames handed to the application
         self.duplicates = 0
@@ -450,13 +451,12 @@ class ReceiveState:
         bodies: Iterable[bytes],
         deliver: Callable[[bytes], object],
         on_control: Callable[[bytes], object],
-    ) -> int:
+    ) -> None:
         """Process message bodies in order: the hot path of a receiver.
 
         New ``DATA`` payloads go to ``deliver``, duplicates are counted and
-        dropped, any other message goes to ``on_control``. Returns the
-        payload bytes delivered. Raises :class:`ProtocolError` for a gap
-        (the frames before it are delivered).
+        dropped, any other message goes to ``on_control``. Raises
+        :class:`ProtocolError` for a gap (the frames before it are delivered).
         """
         expected = self.received
         delivered = 0
@@ -481,7 +481,7 @@ class ReceiveState:
                     on_control(body)
         finally:
             self.received = expected
-        return delivered
+            self.bytes_received += delivered
 
     def ack_lag(self) -> int:
         """Frames received or consumed since the last ack was made."""

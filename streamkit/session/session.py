@@ -175,7 +175,8 @@ class Session:
         self._id = session_id
         self.settings = settings
         self._max_frame = settings.max_frame
-        self.stats = SessionStats()
+        self._connections = 0
+        self._replayed = 0
         self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
         self._recv_state = ReceiveState()
         self._queue: deque[bytes] = deque()
@@ -196,6 +197,21 @@ class Session:
     def id(self) -> str:
         """The session id, as hex."""
         return self._id.hex()
+
+    @property
+    def stats(self) -> SessionStats:
+        """A snapshot of the session's counters."""
+        sent, received = self._send_state, self._recv_state
+        return SessionStats(
+            connections=self._connections,
+            reconnects=max(0, self._connections - 1),
+            frames_sent=sent.next_offset,
+            bytes_sent=sent.bytes_sent,
+            frames_received=received.received,
+            bytes_received=received.bytes_received,
+            frames_replayed=self._replayed,
+            duplicates_dropped=received.duplicates,
+        )
 
     @property
     def connected(self) -> bool:
@@ -227,9 +243,6 @@ class Session:
         if type(payload) is not bytes:
             payload = bytes(payload)  # the replay buffer must not change under us
         offset = state.push(payload)
-        stats = self.stats
-        stats.frames_sent += 1
-        stats.bytes_sent += size
         conn = self._conn
         if conn is not None:
             # Queued in call order, so frames keep offset order even with
@@ -404,11 +417,11 @@ class Session:
         conn = _Connection(stream)
         conn.last_seen = self._loop.time()
         self._conn = conn
-        self.stats.connections += 1
+        self._connections += 1
         # Queued synchronously, before any new frame can be sent on it.
         for offset, payload in frames:
             stream.send_nowait(encode_data_header(offset) + payload)
-        self.stats.frames_replayed += len(frames)
+        self._replayed += len(frames)
         if self._close_sent:
             stream.send_nowait(Close(self._send_state.next_offset).encode())
         stream.send_nowait(self._recv_state.make_ack().encode())
@@ -487,20 +500,14 @@ class Session:
         stream = conn.stream
         state = self._recv_state
         queue = self._queue
-        stats = self.stats
         reason: BaseException | None = None
         try:
             while True:
                 batch = await stream.recv_batch()
                 conn.alive = True
-                before = state.received
                 try:
-                    stats.bytes_received += state.receive_batch(
-                        batch, queue.append, self._on_control
-                    )
+                    state.receive_batch(batch, queue.append, self._on_control)
                 finally:
-                    stats.frames_received += state.received - before
-                    stats.duplicates_dropped = state.duplicates
                     if queue:
                         self._readable.set()
                 self._ack_soon(state)
