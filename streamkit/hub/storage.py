@@ -1,0 +1,264 @@
+"""Hub storage: named append-only streams of records, in memory or in files.
+
+Sans-IO with respect to the network: the server calls these synchronously.
+``MemoryStorage`` keeps everything in memory; ``FileStorage`` keeps an
+append-only log per stream in a directory and recovers it on restart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from streamkit.errors import StreamkitError
+
+__all__ = [
+    "HubError",
+    "LimitExceeded",
+    "Limits",
+    "MemoryStorage",
+    "ProducerFenced",
+    "ProducerState",
+    "Storage",
+    "StreamExists",
+    "StreamFinished",
+    "StreamGone",
+    "StreamInfo",
+    "StreamNotFound",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class HubError(StreamkitError):
+    """A hub request failed; ``code`` names the reason on the wire."""
+
+    code = "error"
+
+
+class StreamNotFound(HubError):
+    """No stream of that name (never created, deleted, or expired)."""
+
+    code = "not_found"
+
+
+class StreamGone(StreamNotFound):
+    """The stream was deleted or expired while it was being read."""
+
+    code = "gone"
+
+
+class StreamExists(HubError):
+    """``create`` of a stream that exists (without ``exist_ok``)."""
+
+    code = "exists"
+
+
+class StreamFinished(HubError):
+    """``append`` to a stream that was finished."""
+
+    code = "finished"
+
+
+class LimitExceeded(HubError):
+    """A hub limit (streams, record size, memory) would be exceeded."""
+
+    code = "limit"
+
+
+class ProducerFenced(HubError):
+    """An idempotent producer with an older epoch than the stream has seen."""
+
+    code = "fenced"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that turn resource exhaustion into clear errors."""
+
+    max_streams: int = 10_000
+    max_record: int = 4 * MiB
+    max_total_bytes: int = 1024 * MiB
+    max_name: int = 255
+
+
+@dataclass(slots=True)
+class ProducerState:
+    """What a stream remembers of an idempotent producer, to drop retried batches."""
+
+    epoch: int
+    seq: int  # sequence number of the last batch appended
+    first_offset: int  # offset of that batch's first record
+    count: int  # records in that batch
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """A stream's metadata."""
+
+    name: str
+    content_type: str | None = None
+    ttl: float | None = None  # seconds after creation (None: no expiry)
+    created: float = field(default_factory=time.time)
+    finished: bool = False
+    next_offset: int = 0
+    size_bytes: int = 0
+
+    @property
+    def expires_at(self) -> float | None:
+        return None if self.ttl is None else self.created + self.ttl
+
+    def expired(self, now: float) -> bool:
+        return self.ttl is not None and now >= self.created + self.ttl
+
+
+class Storage(Protocol):
+    """What the hub server needs of a storage backend.
+
+    Every method is synchronous and raises a :class:`HubError` subclass for
+    a request that cannot be served. Offsets are record numbers from 0.
+    """
+
+    def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo: ...
+
+    def get(self, name: str) -> StreamInfo | None:
+        """The stream's metadata, or ``None`` if it is absent (or expired)."""
+        ...
+
+    def names(self) -> list[str]: ...
+
+    def append(
+        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None = None
+    ) -> int:
+        """Append records; return the offset of the first.
+
+        ``producer`` is ``(producer_id, epoch, seq)`` of an idempotent
+        producer's batch: its state is recorded atomically with the records
+        (in the same log entry on disk), so a retried batch is recognised
+        even after a restart.
+        """
+        ...
+
+    def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> list[bytes]:
+        """Records from ``offset`` on (at least one if any exist), bounded by both limits."""
+        ...
+
+    def finish(self, name: str) -> StreamInfo: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def producer(self, name: str, producer_id: str) -> ProducerState | None: ...
+
+    def expire(self, now: float) -> list[str]:
+        """Delete the streams whose TTL has passed; return their names."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Stream:
+    __slots__ = ("info", "producers", "records")
+
+    def __init__(self, info: StreamInfo) -> None:
+        self.info = info
+        self.records: list[bytes] = []
+        self.producers: dict[str, ProducerState] = {}
+
+
+class MemoryStorage:
+    """Streams held in memory; gone when the process ends."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._streams: dict[str, _Stream] = {}
+        self._total_bytes = 0
+
+    def _stream(self, name: str) -> _Stream:
+        stream = self._streams.get(name)
+        if stream is None:
+            raise StreamNotFound(f"no stream named {name!r}")
+        return stream
+
+    def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
+        if name in self._streams:
+            raise StreamExists(f"stream {name!r} exists")
+        if not name or len(name.encode()) > self.limits.max_name:
+            raise HubError(f"a stream name must be 1..{self.limits.max_name} bytes")
+        if len(self._streams) >= self.limits.max_streams:
+            raise LimitExceeded(f"the hub holds max_streams={self.limits.max_streams}")
+        info = StreamInfo(name, content_type=content_type, ttl=ttl)
+        self._streams[name] = _Stream(info)
+        return info
+
+    def get(self, name: str) -> StreamInfo | None:
+        stream = self._streams.get(name)
+        return None if stream is None else stream.info
+
+    def names(self) -> list[str]:
+        return list(self._streams)
+
+    def append(
+        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None = None
+    ) -> int:
+        stream = self._stream(name)
+        info = stream.info
+        if info.finished:
+            raise StreamFinished(f"stream {name!r} is finished; no more appends")
+        size = 0
+        for record in records:
+            if len(record) > self.limits.max_record:
+                raise LimitExceeded(
+                    f"record of {len(record)} bytes exceeds max_record={self.limits.max_record}"
+                )
+            size += len(record)
+        if self._total_bytes + size > self.limits.max_total_bytes:
+            raise LimitExceeded(
+                f"appending {size} bytes would exceed max_total_bytes="
+                f"{self.limits.max_total_bytes}"
+            )
+        first = info.next_offset
+        if producer is not None:
+            producer_id, epoch, seq = producer
+            stream.producers[producer_id] = ProducerState(epoch, seq, first, len(records))
+        stream.records.extend(records)
+        info.next_offset += len(records)
+        info.size_bytes += size
+        self._total_bytes += size
+        return first
+
+    def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> list[bytes]:
+        records = self._stream(name).records
+        out: list[bytes] = []
+        size = 0
+        for record in records[offset : offset + max_records]:
+            if out and size + len(record) > max_bytes:
+                break
+            out.append(record)
+            size += len(record)
+        return out
+
+    def finish(self, name: str) -> StreamInfo:
+        info = self._stream(name).info
+        info.finished = True
+        return info
+
+    def delete(self, name: str) -> None:
+        stream = self._streams.pop(name, None)
+        if stream is None:
+            raise StreamNotFound(f"no stream named {name!r}")
+        self._total_bytes -= stream.info.size_bytes
+
+    def producer(self, name: str, producer_id: str) -> ProducerState | None:
+        return self._stream(name).producers.get(producer_id)
+
+    def expire(self, now: float) -> list[str]:
+        gone = [name for name, stream in self._streams.items() if stream.info.expired(now)]
+        for name in gone:
+            self.delete(name)
+        return gone
+
+    def close(self) -> None:
+        self._streams.clear()
+        self._total_bytes = 0
