@@ -215,8 +215,7 @@ class MemoryStorage:
             size += len(record)
         if self._total_bytes + size > self.limits.max_total_bytes:
             raise LimitExceeded(
-                f"appending {size} bytes would exceed max_total_bytes="
-                f"{self.limits.max_total_bytes}"
+                f"appending {size} bytes would exceed max_total_bytes={self.limits.max_total_bytes}"
             )
         first = info.next_offset
         if producer is not None:

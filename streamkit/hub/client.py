@@ -1,0 +1,532 @@
+"""The hub client: create, append, read and tail named streams; idempotent producers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import ssl as _ssl
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
+from streamkit.hub.protocol import decode_message, decode_records, encode_message
+from streamkit.hub.storage import (
+    HubError,
+    LimitExceeded,
+    ProducerFenced,
+    StreamExists,
+    StreamFinished,
+    StreamGone,
+    StreamNotFound,
+)
+from streamkit.net import Connector
+from streamkit.session import ClientSession, connect_resumable, connect_resumable_unix
+
+__all__ = ["HubClient", "Producer", "Reader", "Record", "StreamStatus", "connect", "connect_unix"]
+
+_ERRORS: dict[str, type[HubError]] = {
+    cls.code: cls
+    for cls in (
+        HubError,
+        LimitExceeded,
+        ProducerFenced,
+        StreamExists,
+        StreamFinished,
+        StreamGone,
+        StreamNotFound,
+    )
+}
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record of a stream: its offset and its bytes."""
+
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    """A stream's state: ``"open"`` or ``"finished"``, its next offset and TTL."""
+
+    name: str
+    state: Literal["open", "finished"]
+    next_offset: int
+    ttl: float | None
+    expires_at: float | None
+    content_type: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+
+def _status(fields: dict[str, Any]) -> StreamStatus:
+    return StreamStatus(
+        name=fields["name"],
+        state=fields["state"],
+        next_offset=fields["next_offset"],
+        ttl=fields["ttl"],
+        expires_at=fields["expires_at"],
+        content_type=fields["content_type"],
+    )
+
+
+def _error(header: dict[str, Any]) -> HubError:
+    return _ERRORS.get(header.get("code", ""), HubError)(header.get("message", "hub error"))
+
+
+class Reader:
+    """Records of one stream from an offset: ``async for record in reader``.
+
+    With ``live=True`` it tails new records and stops when the stream is
+    finished; without, it stops at the current end. ``caught_up`` tells a
+    live reader is at the current end (more may come); ``finished`` that
+    the stream was finished; ``next_offset`` where it would continue.
+    Reading a stream that is deleted or expires raises
+    :class:`StreamGone`. ``close()`` (or leaving ``async with``) stops it.
+    """
+
+    def __init__(self, client: HubClient, request: int, header: dict[str, Any]) -> None:
+        self._client = client
+        self._request = request
+        self._header: dict[str, Any] | None = header
+        offset = header["offset"]
+        offset = None if offset == "now" else offset
+        self.next_offset = offset if offset is not None else 0
+        self.caught_up = False
+        self.finished = False
+        self._records: deque[Record] = deque()
+        self._ended = False
+        self._error: StreamkitError | None = None
+        self._event = asyncio.Event()
+
+    def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
+        op = header["op"]
+        if op == "records":
+            offset = header["offset"]
+            for data in decode_records(body):
+                self._records.append(Record(offset, data))
+                offset += 1
+            self.caught_up = False
+        elif op == "caught_up":
+            self.caught_up = True
+            self.next_offset = header["next_offset"]
+        elif op == "end":
+            self._ended = True
+            self.finished = bool(header.get("finished"))
+            self.next_offset = header["next_offset"]
+            self._client._reads.pop(self._request, None)
+        elif op == "error":
+            self._fail(_error(header))
+        self._event.set()
+
+    def _fail(self, error: StreamkitError) -> None:
+        self._error = error
+        self._client._reads.pop(self._request, None)
+        self._event.set()
+
+    def __aiter__(self) -> Reader:
+        return self
+
+    async def __anext__(self) -> Record:
+        if self._header is not None:
+            header, self._header = self._header, None
+            await self._client._send(header)
+        while not self._records:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+        record = self._records.popleft()
+        self.next_offset = record.offset + 1
+        return record
+
+    async def close(self) -> None:
+        """Stop reading (the server stops sending)."""
+        started = self._header is None
+        if self._client._reads.pop(self._request, None) is not None and started:
+            with contextlib.suppress(StreamkitError):
+                await self._client._send({"op": "cancel", "id": self._request})
+        self._ended = True
+        self._event.set()
+
+    async def __aenter__(self) -> Reader:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Producer:
+    """An idempotent producer: batched appends that are exactly-once across retries.
+
+    ``append_nowait(data)`` adds a record to the current batch, sent after
+    ``linger`` seconds or once ``max_batch_bytes`` are pending. Batches
+    carry (producer id, epoch, sequence): the server drops a batch it
+    already has, and fences off a producer with an older epoch
+    (:class:`ProducerFenced`). Errors go to ``on_error`` if given, and are
+    raised by the next ``flush()`` or ``close()`` otherwise.
+    """
+
+    def __init__(
+        self,
+        client: HubClient,
+        name: str,
+        producer_id: str,
+        *,
+        epoch: int,
+        linger: float,
+        max_batch_bytes: int,
+        on_error: Callable[[BaseException], object] | None,
+    ) -> None:
+        self._client = client
+        self.name = name
+        self.producer_id = producer_id
+        self.epoch = epoch
+        self.linger = linger
+        self.max_batch_bytes = max_batch_bytes
+        self._on_error = on_error
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._seq: int | None = None  # next batch's sequence, learned from the server
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()  # batches go out in sequence order
+        self._error: BaseException | None = None
+
+    def append_nowait(self, data: bytes) -> None:
+        """Add a record to the pending batch; it is sent soon (see ``linger``)."""
+        if self._error is not None and self._on_error is None:
+            raise self._error
+        self._batch.append(bytes(data))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= self.max_batch_bytes:
+            self._send_batch()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._send_batch)
+
+    def _send_batch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        task = asyncio.create_task(self._deliver(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _deliver(self, batch: list[bytes]) -> None:
+        try:
+            async with self._lock:
+                if self._seq is None:
+                    reply = await self._client._call(
+                        {"op": "producer", "name": self.name, "producer": self.producer_id}
+                    )
+                    same_epoch = reply["epoch"] == self.epoch and reply["seq"] is not None
+                    self._seq = reply["seq"] + 1 if same_epoch else 0
+                seq = self._seq
+                self._seq = seq + 1
+                await self._client._call(
+                    {
+                        "op": "produce",
+                        "name": self.name,
+                        "producer": self.producer_id,
+                        "epoch": self.epoch,
+                        "seq": seq,
+                    },
+                    batch,
+                )
+        except Exception as exc:
+            if self._on_error is not None:
+                self._on_error(exc)
+            elif self._error is None:
+                self._error = exc
+
+    async def flush(self) -> None:
+        """Send the pending batch and wait until every batch is appended."""
+        self._send_batch()
+        while self._sending:
+            await asyncio.gather(*self._sending)
+        if self._error is not None and self._on_error is None:
+            error, self._error = self._error, None
+            raise error
+
+    async def close(self) -> None:
+        """Flush, then stop."""
+        await self.flush()
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class HubClient:
+    """A connection to a hub (over a resumable session, so drops are invisible).
+
+    Use ``await streamkit.hub.connect(host, port)`` or ``async with``.
+    Requests raise :class:`HubError` subclasses: :class:`StreamNotFound`,
+    :class:`StreamExists`, :class:`StreamFinished`, :class:`StreamGone`,
+    :class:`LimitExceeded`, :class:`ProducerFenced`.
+    """
+
+    def __init__(self, session: ClientSession) -> None:
+        self._session = session
+        self._next_request = 0
+        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], memoryview]]] = {}
+        self._reads: dict[int, Reader] = {}
+        self._feeders: set[asyncio.Task[None]] = set()
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    @property
+    def session(self) -> ClientSession:
+        """The resumable session underneath."""
+        return self._session
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        error: StreamkitError
+        try:
+            async for message in self._session:
+                header, body = decode_message(message)
+                request = header.get("id")
+                reader = self._reads.get(request) if isinstance(request, int) else None
+                if reader is not None:
+                    reader._on_message(header, body)
+                    continue
+                future = self._pending.pop(request, None) if isinstance(request, int) else None
+                if future is not None and not future.done():
+                    future.set_result((header, body))
+            error = ConnectionLost("the hub closed the connection")
+        except StreamkitError as exc:
+            error = exc
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        for reader in list(self._reads.values()):
+            reader._fail(error)
+
+    def _new_request(self) -> int:
+        self._next_request += 1
+        return self._next_request
+
+    async def _send(self, header: dict[str, Any], records: list[bytes] | None = None) -> None:
+        await self._session.send(encode_message(header, records))
+
+    async def _call(
+        self, header: dict[str, Any], records: list[bytes] | None = None
+    ) -> dict[str, Any]:
+        request = self._new_request()
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request] = future
+        try:
+            await self._send({**header, "id": request}, records)
+            reply, _ = await future
+        finally:
+            self._pending.pop(request, None)
+        if reply["op"] == "error":
+            raise _error(reply)
+        return dict(reply)
+
+    # -- streams ----------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str,
+        *,
+        ttl: float | None = None,
+        content_type: str | None = None,
+        exist_ok: bool = False,
+    ) -> StreamStatus:
+        """Create a stream; raises :class:`StreamExists` unless ``exist_ok``."""
+        reply = await self._call(
+            {
+                "op": "create",
+                "name": name,
+                "ttl": ttl,
+                "content_type": content_type,
+                "exist_ok": exist_ok,
+            }
+        )
+        return _status(reply["status"])
+
+    async def append(self, name: str, data: bytes) -> int:
+        """Append one record; return its offset."""
+        reply = await self._call({"op": "append", "name": name}, [bytes(data)])
+        return int(reply["offset"])
+
+    async def append_many(self, name: str, records: list[bytes]) -> int:
+        """Append records in one request; return the first one's offset."""
+        reply = await self._call({"op": "append", "name": name}, [bytes(r) for r in records])
+        return int(reply["offset"])
+
+    async def append_json(self, name: str, value: Any) -> int:
+        """Append ``value`` as a JSON record; return its offset."""
+        return await self.append(name, json.dumps(value, separators=(",", ":")).encode())
+
+    async def status(self, name: str) -> StreamStatus | None:
+        """The stream's status, or ``None`` if it is absent."""
+        reply = await self._call({"op": "status", "name": name})
+        return None if reply["status"] is None else _status(reply["status"])
+
+    async def finish(self, name: str) -> StreamStatus:
+        """Mark the stream finished: no more appends; readers end after the last record."""
+        reply = await self._call({"op": "finish", "name": name})
+        return _status(reply["status"])
+
+    async def delete(self, name: str) -> None:
+        """Delete the stream; its readers get :class:`StreamGone`."""
+        await self._call({"op": "delete", "name": name})
+
+    def read(self, name: str, offset: int | Literal["now"] = 0, *, live: bool = False) -> Reader:
+        """Records of ``name`` from ``offset`` (``0`` the start, ``"now"`` only new ones)."""
+        request = self._new_request()
+        header = {"op": "read", "id": request, "name": name, "offset": offset, "live": live}
+        reader = Reader(self, request, header)
+        self._reads[request] = reader
+        return reader
+
+    async def read_json(
+        self, name: str, offset: int | Literal["now"] = 0, *, live: bool = False
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """``(offset, value)`` for each JSON record of ``name``."""
+        async with self.read(name, offset, live=live) as reader:
+            async for record in reader:
+                yield record.offset, json.loads(record.data)
+
+    def producer(
+        self,
+        name: str,
+        producer_id: str,
+        *,
+        epoch: int = 0,
+        linger: float = 0.005,
+        max_batch_bytes: int = 1 * MiB,
+        on_error: Callable[[BaseException], object] | None = None,
+    ) -> Producer:
+        """An idempotent, batching producer for ``name`` (see :class:`Producer`)."""
+        return Producer(
+            self,
+            name,
+            producer_id,
+            epoch=epoch,
+            linger=linger,
+            max_batch_bytes=max_batch_bytes,
+            on_error=on_error,
+        )
+
+    async def resumable(
+        self, name: str, source: AsyncIterable[bytes], offset: int = 0
+    ) -> AsyncIterator[Record]:
+        """Read ``name`` from ``offset``, starting ``source`` to feed it if it is new.
+
+        If the stream does not exist, it is created and a task of this client
+        appends every item of ``source`` and then finishes the stream; the
+        task runs to the end even when the reader stops early. If it exists,
+        this only attaches to it. Either way, yields records until the stream
+        is finished.
+        """
+        status = await self.create(name, exist_ok=True)
+        if status.next_offset == 0 and not status.finished and not await self._claimed(name):
+            task = asyncio.create_task(self._feed(name, source))
+            self._feeders.add(task)
+            task.add_done_callback(self._feeders.discard)
+        async with self.read(name, offset, live=True) as reader:
+            async for record in reader:
+                yield record
+
+    async def _claimed(self, name: str) -> bool:
+        reply = await self._call({"op": "producer", "name": name, "producer": "resumable"})
+        if reply["epoch"] is not None:
+            return True
+        # Claim the stream with an empty first batch: a second caller sees it taken.
+        reply = await self._call(
+            {"op": "produce", "name": name, "producer": "resumable", "epoch": 0, "seq": 0}, []
+        )
+        return bool(reply["duplicate"])
+
+    async def _feed(self, name: str, source: AsyncIterable[bytes]) -> None:
+        producer = self.producer(name, "resumable")
+        producer._seq = 1  # batch 0 was the claim
+        async with producer:
+            async for item in source:
+                producer.append_nowait(item)
+        await self.finish(name)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Wait for resumable sources to finish, then close the session."""
+        if self._feeders:
+            await asyncio.gather(*self._feeders, return_exceptions=True)
+        for reader in list(self._reads.values()):
+            await reader.close()
+        with contextlib.suppress(StreamkitError, TimeoutError):
+            await self._session.close()
+        self._dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EndOfStream, ProtocolError):
+            await self._dispatcher
+
+    async def __aenter__(self) -> HubClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _open(connector: Connector[ClientSession]) -> HubClient:
+    return HubClient(await connector)
+
+
+async def _release(client: HubClient, exc: BaseException | None) -> None:
+    await client.close()
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    ssl: _ssl.SSLContext | bool | None = None,
+    **options: Any,
+) -> Connector[HubClient]:
+    """Connect to a hub: ``await connect(...)`` or ``async with connect(...)``.
+
+    Other keywords are session settings (see ``connect_resumable``).
+    """
+    return Connector(lambda: _open(connect_resumable(host, port, ssl=ssl, **options)), _release)
+
+
+def connect_unix(path: str | os.PathLike[str], **options: Any) -> Connector[HubClient]:
+    """Connect to a hub on a Unix socket; otherwise as :func:`connect`."""
+    return Connector(lambda: _open(connect_resumable_unix(path, **options)), _release)

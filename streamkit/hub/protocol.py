@@ -1,0 +1,61 @@
+"""The hub's messages, sans-IO: a JSON header and a body of records.
+
+Each hub message travels as one frame of a resumable session:
+
+    u32 header length | header (a JSON object, UTF-8) | body
+
+The body, when present, is a run of records, each an unsigned LEB128
+varint length followed by the record's bytes (``VarintPrefixed``). See
+``docs/protocol.md`` for every operation.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from streamkit.codecs import VarintPrefixed
+from streamkit.errors import ProtocolError
+
+__all__ = ["decode_message", "decode_records", "encode_message"]
+
+_HEADER_SIZE = struct.Struct(">I")
+_RECORDS = VarintPrefixed(max_frame=(1 << 32) - 1)
+
+
+def encode_message(header: dict[str, Any], records: list[bytes] | None = None) -> bytes:
+    """One hub message: ``header`` and optional ``records``."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    message = _HEADER_SIZE.pack(len(head)) + head
+    if records:
+        message += _RECORDS.encode_many(records)
+    return message
+
+
+def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
+    """Split a hub message into its header and its (undecoded) body.
+
+    Raises :class:`ProtocolError` for a malformed message.
+    """
+    if len(message) < _HEADER_SIZE.size:
+        raise ProtocolError(f"hub message of {len(message)} bytes is too short")
+    size = _HEADER_SIZE.unpack_from(message)[0]
+    end = _HEADER_SIZE.size + size
+    if end > len(message):
+        raise ProtocolError(f"hub header of {size} bytes runs past its message")
+    try:
+        header = json.loads(message[_HEADER_SIZE.size : end])
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"hub header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise ProtocolError("hub header must be a JSON object with an 'op'")
+    return header, memoryview(message)[end:]
+
+
+def decode_records(body: memoryview | bytes) -> list[bytes]:
+    """The records of a message body; raises :class:`ProtocolError` if truncated."""
+    decoder = _RECORDS.decoder()
+    records = decoder.feed(body)
+    decoder.close()
+    return records

@@ -1,0 +1,336 @@
+"""The hub server: named append-only streams served over resumable sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from streamkit.errors import EndOfStream, ProtocolError, SessionError, StreamkitError
+from streamkit.hub.protocol import decode_message, decode_records, encode_message
+from streamkit.hub.storage import (
+    HubError,
+    Limits,
+    MemoryStorage,
+    ProducerFenced,
+    Storage,
+    StreamExists,
+    StreamGone,
+    StreamInfo,
+    StreamNotFound,
+)
+from streamkit.session import ResumableServer, ServerSession, serve_resumable, serve_resumable_unix
+
+__all__ = ["HubServer", "serve_hub", "serve_hub_unix"]
+
+logger = logging.getLogger("streamkit.hub")
+
+#: Records and bytes sent to a reader per message.
+_READ_BATCH = 1024
+_READ_BYTES = 256 * 1024
+#: Seconds between TTL sweeps.
+_EXPIRY_INTERVAL = 1.0
+
+
+def status_of(info: StreamInfo) -> dict[str, Any]:
+    """A stream's status as sent on the wire."""
+    return {
+        "name": info.name,
+        "state": "finished" if info.finished else "open",
+        "next_offset": info.next_offset,
+        "ttl": info.ttl,
+        "expires_at": info.expires_at,
+        "content_type": info.content_type,
+    }
+
+
+class HubServer:
+    """Serves named streams; ``async with``, ``serve_forever()``, ``port``, ``close()``.
+
+    Every client session gets its own handler; requests are answered in
+    order, reads run as tasks of that session and end with it.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._changed: dict[str, asyncio.Event] = {}
+        self._server: ResumableServer | None = None
+        self._expiry: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        assert self._server is not None
+        return self._server.port
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets."""
+        return self._server.sockets if self._server is not None else ()
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled; then close."""
+        try:
+            await asyncio.Future()
+        finally:
+            self.close()
+            await self.wait_closed()
+
+    def close(self) -> None:
+        """Stop accepting clients."""
+        if self._server is not None:
+            self._server.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until every session handler has ended, then close the storage."""
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._expiry is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+        self.storage.close()
+
+    async def __aenter__(self) -> HubServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # -- change notification --------------------------------------------------
+
+    def _notify(self, name: str) -> None:
+        event = self._changed.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_change(self, name: str) -> None:
+        event = self._changed.get(name)
+        if event is None:
+            event = self._changed[name] = asyncio.Event()
+        await event.wait()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_EXPIRY_INTERVAL)
+            for name in self.storage.expire(time.time()):
+                logger.info("stream %r expired", name)
+                self._notify(name)
+
+    # -- sessions -------------------------------------------------------------
+
+    async def _serve_session(self, session: ServerSession) -> None:
+        reads: dict[int, asyncio.Task[None]] = {}
+        try:
+            async for message in session:
+                header, body = decode_message(message)
+                op = header["op"]
+                request = header.get("id")
+                if not isinstance(request, int):
+                    raise ProtocolError(f"hub request {op!r} without an integer 'id'")
+                if op == "read":
+                    task = asyncio.create_task(self._read(session, request, header))
+                    reads[request] = task
+                    task.add_done_callback(functools.partial(_forget, reads, request))
+                    continue
+                if op == "cancel":
+                    running = reads.get(request)
+                    if running is not None:
+                        running.cancel()
+                    continue
+                try:
+                    reply = {"op": "ok", "id": request, **self._handle(op, header, body)}
+                except HubError as exc:
+                    reply = {"op": "error", "id": request, "code": exc.code, "message": str(exc)}
+                await session.send(encode_message(reply))
+        except EndOfStream:
+            pass
+        except ProtocolError as exc:
+            logger.warning("hub session %s sent a bad request: %s", session.id, exc)
+        finally:
+            for task in reads.values():
+                task.cancel()
+            await asyncio.gather(*reads.values(), return_exceptions=True)
+
+    def _handle(self, op: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
+        storage = self.storage
+        name = header.get("name")
+        if not isinstance(name, str):
+            raise HubError(f"request {op!r} needs a stream 'name'")
+        if op == "append":
+            first = storage.append(name, decode_records(body))
+            self._notify(name)
+            return {"offset": first}
+        if op == "produce":
+            return self._produce(name, header, body)
+        if op == "create":
+            return self._create(name, header)
+        if op == "status":
+            info = storage.get(name)
+            return {"status": None if info is None else status_of(info)}
+        if op == "finish":
+            info = storage.finish(name)
+            self._notify(name)
+            return {"status": status_of(info)}
+        if op == "delete":
+            storage.delete(name)
+            self._notify(name)
+            return {}
+        if op == "producer":
+            state = storage.producer(name, str(header.get("producer")))
+            return {
+                "epoch": None if state is None else state.epoch,
+                "seq": None if state is None else state.seq,
+            }
+        raise HubError(f"unknown hub request {op!r}")
+
+    def _create(self, name: str, header: dict[str, Any]) -> dict[str, Any]:
+        ttl = header.get("ttl")
+        content_type = header.get("content_type")
+        try:
+            info = self.storage.create(name, ttl=ttl, content_type=content_type)
+        except StreamExists:
+            existing = self.storage.get(name)
+            if not header.get("exist_ok") or existing is None:
+                raise
+            return {"status": status_of(existing), "created": False}
+        return {"status": status_of(info), "created": True}
+
+    def _produce(self, name: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
+        producer, epoch, seq = str(header["producer"]), int(header["epoch"]), int(header["seq"])
+        state = self.storage.producer(name, producer)
+        if state is not None:
+            if epoch < state.epoch:
+                raise ProducerFenced(
+                    f"producer {producer!r} epoch {epoch} is fenced off by epoch {state.epoch}"
+                )
+            if epoch == state.epoch and seq <= state.seq:
+                # A retry of a batch already appended: exactly once.
+                offset = state.first_offset if seq == state.seq else None
+                return {"offset": offset, "duplicate": True}
+            if epoch == state.epoch and seq != state.seq + 1:
+                raise HubError(
+                    f"producer {producer!r} sent batch {seq} after batch {state.seq}: a gap"
+                )
+        elif seq != 0:
+            raise HubError(f"producer {producer!r} epoch {epoch} must start at batch 0, not {seq}")
+        first = self.storage.append(name, decode_records(body), (producer, epoch, seq))
+        self._notify(name)
+        return {"offset": first, "duplicate": False}
+
+    async def _read(self, session: ServerSession, request: int, header: dict[str, Any]) -> None:
+        storage = self.storage
+        name = str(header.get("name"))
+        live = bool(header.get("live"))
+        try:
+            info = storage.get(name)
+            if info is None:
+                raise StreamNotFound(f"no stream named {name!r}")
+            offset = header.get("offset", 0)
+            offset = info.next_offset if offset == "now" else int(offset)
+            if offset < 0:
+                raise HubError(f"offset must be >= 0 or 'now', not {offset}")
+            caught_up_sent = False
+            while True:
+                info = storage.get(name)
+                if info is None:
+                    raise StreamGone(f"stream {name!r} was deleted or expired")
+                if offset < info.next_offset:
+                    records = storage.read(name, offset, _READ_BATCH, _READ_BYTES)
+                    await session.send(
+                        encode_message({"op": "records", "id": request, "offset": offset}, records)
+                    )
+                    offset += len(records)
+                    caught_up_sent = False
+                    continue
+                if info.finished or not live:
+                    await session.send(
+                        encode_message(
+                            {
+                                "op": "end",
+                                "id": request,
+                                "next_offset": offset,
+                                "finished": info.finished,
+                            }
+                        )
+                    )
+                    return
+                if not caught_up_sent:
+                    await session.send(
+                        encode_message({"op": "caught_up", "id": request, "next_offset": offset})
+                    )
+                    caught_up_sent = True
+                await self._wait_change(name)
+        except HubError as exc:
+            with contextlib.suppress(SessionError):
+                await session.send(
+                    encode_message(
+                        {"op": "error", "id": request, "code": exc.code, "message": str(exc)}
+                    )
+                )
+        except (SessionError, StreamkitError):
+            pass  # the session ended; its client resumes reads on a new one
+
+
+def _forget(reads: dict[int, asyncio.Task[None]], request: int, task: object) -> None:
+    reads.pop(request, None)
+
+
+def _storage(data_dir: str | os.PathLike[str] | None, limits: Limits | None) -> Storage:
+    if data_dir is None:
+        return MemoryStorage(limits)
+    from streamkit.hub.filelog import FileStorage
+
+    storage: Storage = FileStorage(data_dir, limits=limits)
+    return storage
+
+
+async def _start(hub: HubServer, start: Callable[[], Awaitable[ResumableServer]]) -> HubServer:
+    hub._server = await start()
+    hub._expiry = asyncio.create_task(hub._expire_loop())
+    return hub
+
+
+async def serve_hub(
+    host: str | None,
+    port: int,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    limits: Limits | None = None,
+    storage: Storage | None = None,
+    **options: Any,
+) -> HubServer:
+    """Serve a hub of named streams on TCP ``host``:``port``.
+
+    Streams live in memory, or in an append-only log per stream under
+    ``data_dir`` (recovered on restart). ``limits`` bounds streams, record
+    size and memory; other keywords go to :func:`serve_resumable`.
+    """
+    hub = HubServer(storage or _storage(data_dir, limits))
+    return await _start(hub, lambda: serve_resumable(hub._serve_session, host, port, **options))
+
+
+async def serve_hub_unix(
+    path: str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    limits: Limits | None = None,
+    storage: Storage | None = None,
+    **options: Any,
+) -> HubServer:
+    """Serve a hub on a Unix socket; otherwise as :func:`serve_hub`."""
+    hub = HubServer(storage or _storage(data_dir, limits))
+    return await _start(hub, lambda: serve_resumable_unix(hub._serve_session, path, **options))
