@@ -1,0 +1,247 @@
+"""The hub over real loopback sockets: streams, reads, live tail, producers, cuts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from streamkit import hub
+from streamkit.hub import HubClient, HubServer, Limits
+
+FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
+
+
+@asynccontextmanager
+async def hub_and_client(**options: object) -> AsyncIterator[tuple[HubServer, HubClient]]:
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **{**FAST, **options}) as server,
+        hub.connect("127.0.0.1", server.port, **FAST) as client,
+    ):
+        yield server, client
+
+
+async def read_all(client: HubClient, name: str, offset: int = 0) -> list[bytes]:
+    async with client.read(name, offset) as reader:
+        return [record.data async for record in reader]
+
+
+async def test_create_status_append_read_finish_delete() -> None:
+    async with hub_and_client() as (_, client):
+        assert await client.status("s") is None
+        status = await client.create("s", content_type="text/plain")
+        assert (status.state, status.next_offset, status.content_type) == ("open", 0, "text/plain")
+        with pytest.raises(hub.StreamExists, match="exists"):
+            await client.create("s")
+        assert (await client.create("s", exist_ok=True)).name == "s"
+        assert [await client.append("s", b"r%d" % n) for n in range(3)] == [0, 1, 2]
+        assert await client.append_many("s", [b"r3", b"r4"]) == 3
+        assert await read_all(client, "s") == [b"r%d" % n for n in range(5)]
+        assert await read_all(client, "s", 3) == [b"r3", b"r4"]
+        assert await read_all(client, "s", 99) == []  # past the end, not live: ends
+        finished = await client.finish("s")
+        assert finished.finished and finished.next_offset == 5
+        with pytest.raises(hub.StreamFinished, match="finished"):
+            await client.append("s", b"late")
+        await client.delete("s")
+        assert await client.status("s") is None
+        with pytest.raises(hub.StreamNotFound, match="no stream named 's'"):
+            await client.append("s", b"x")
+        with pytest.raises(hub.StreamNotFound):
+            await read_all(client, "s")
+
+
+async def test_live_reader_tails_and_tells_caught_up_from_finished() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("live")
+        await client.append("live", b"old")
+        reader = client.read("live", 0, live=True)
+        first = await anext(reader)
+        assert (first.offset, first.data) == (0, b"old")
+        waiting = asyncio.create_task(anext(reader))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # past the live end: it waits
+        assert reader.caught_up and not reader.finished
+        await client.append("live", b"new")
+        assert (await waiting).data == b"new"
+        await client.finish("live")
+        with pytest.raises(StopAsyncIteration):
+            await anext(reader)
+        assert reader.finished and reader.next_offset == 2
+
+
+async def test_read_from_now_sees_only_new_records() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        await client.append("s", b"before")
+        async with client.read("s", "now", live=True) as reader:
+            pending = asyncio.create_task(anext(reader))
+            await asyncio.sleep(0.05)
+            await client.append("s", b"after")
+            record = await pending
+        assert (record.offset, record.data) == (1, b"after")
+
+
+async def test_deleted_stream_raises_gone_for_a_live_reader() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("doomed")
+        reader = client.read("doomed", 0, live=True)
+        pending = asyncio.create_task(anext(reader))
+        await asyncio.sleep(0.05)
+        await client.delete("doomed")
+        with pytest.raises(hub.StreamGone, match="deleted or expired"):
+            await pending
+
+
+async def test_stream_expires_after_its_ttl() -> None:
+    async with hub_and_client() as (_, client):
+        status = await client.create("short", ttl=0.5)
+        assert status.ttl == 0.5 and status.expires_at is not None
+        await client.append("short", b"x")
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if await client.status("short") is None:
+                break
+        assert await client.status("short") is None
+
+
+async def test_json_helpers() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("j", content_type="application/json")
+        await client.append_json("j", {"a": 1})
+        await client.append_json("j", [1, "two"])
+        got = [item async for item in client.read_json("j")]
+        assert got == [(0, {"a": 1}), (1, [1, "two"])]
+
+
+async def test_producer_batches_and_retries_are_exactly_once() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("p")
+        async with client.producer("p", "writer-1", linger=0.001) as producer:
+            for n in range(1000):
+                producer.append_nowait(b"%d" % n)
+        assert await read_all(client, "p") == [b"%d" % n for n in range(1000)]
+        # A retried batch (same producer, epoch and sequence) is dropped.
+        state = await client._call({"op": "producer", "name": "p", "producer": "writer-1"})
+        retry = {"op": "produce", "name": "p", "producer": "writer-1", "epoch": 0}
+        reply = await client._call({**retry, "seq": state["seq"]}, [b"dup"])
+        assert reply["duplicate"] is True
+        assert (await client.status("p")).next_offset == 1000  # type: ignore[union-attr]
+        # The next sequence is appended.
+        reply = await client._call({**retry, "seq": state["seq"] + 1}, [b"next"])
+        assert reply["duplicate"] is False and reply["offset"] == 1000
+
+
+async def test_producer_with_older_epoch_is_fenced() -> None:
+    errors: list[BaseException] = []
+    async with hub_and_client() as (_, client):
+        await client.create("f")
+        async with client.producer("f", "w", epoch=2) as new:
+            new.append_nowait(b"from epoch 2")
+        old = client.producer("f", "w", epoch=1)
+        old.append_nowait(b"from epoch 1")
+        with pytest.raises(hub.ProducerFenced, match="epoch 1 is fenced off by epoch 2"):
+            await old.flush()
+        quiet = client.producer("f", "w", epoch=1, on_error=errors.append)
+        quiet.append_nowait(b"again")
+        await quiet.flush()
+        assert isinstance(errors[0], hub.ProducerFenced)
+        assert await read_all(client, "f") == [b"from epoch 2"]
+
+
+async def test_record_over_the_limit_is_a_clear_error() -> None:
+    async with hub_and_client(limits=Limits(max_record=100, max_streams=2)) as (_, client):
+        await client.create("small")
+        with pytest.raises(hub.LimitExceeded, match="exceeds max_record=100"):
+            await client.append("small", b"x" * 101)
+        await client.create("second")
+        with pytest.raises(hub.LimitExceeded, match="max_streams=2"):
+            await client.create("third")
+
+
+async def test_resumable_starts_the_source_once_and_it_runs_to_the_end() -> None:
+    started = 0
+
+    async def source() -> AsyncIterator[bytes]:
+        nonlocal started
+        started += 1
+        for n in range(50):
+            yield b"chunk %d" % n
+            await asyncio.sleep(0.001)
+
+    async with hub_and_client() as (_, client):
+        first = client.resumable("gen", source())
+        got = [(await anext(first)).data for _ in range(5)]
+        await first.aclose()  # the reader goes away early
+        # A second reader attaches (the source is not started again) from its offset.
+        rest = [record.data async for record in client.resumable("gen", source(), offset=5)]
+        assert started == 1
+        assert got + rest == [b"chunk %d" % n for n in range(50)]
+        status = await client.status("gen")
+        assert status is not None and status.finished
+
+
+async def test_many_producers_and_readers_with_connection_cuts() -> None:
+    rng = random.Random(7)
+    async with hub_and_client() as (server, client):
+        await client.create("busy")
+        async with (
+            hub.connect("127.0.0.1", server.port, **FAST) as writer_a,
+            hub.connect("127.0.0.1", server.port, **FAST) as writer_b,
+        ):
+            late_reader_offsets = [0, 150, 10_000]
+
+            async def produce(writer: HubClient, tag: bytes) -> None:
+                async with writer.producer("busy", tag.decode(), linger=0.001) as producer:
+                    for n in range(500):
+                        producer.append_nowait(tag + b"%d" % n)
+                        if n % 10 == 0:
+                            await asyncio.sleep(0.001)  # a steady flow, cut now and then
+
+            async def cut_now_and_then() -> None:
+                for _ in range(20):
+                    await asyncio.sleep(rng.uniform(0.001, 0.01))
+                    for victim in (writer_a, writer_b, client):
+                        conn = victim.session._conn
+                        if conn is not None and rng.random() < 0.5:
+                            conn.stream.abort()
+
+            readers = [client.read("busy", offset, live=True) for offset in late_reader_offsets[:2]]
+
+            async def collect(reader: hub.Reader, count: int) -> list[bytes]:
+                return [(await anext(reader)).data for _ in range(count)]
+
+            collecting = [
+                asyncio.create_task(collect(readers[0], 1000)),
+                asyncio.create_task(collect(readers[1], 850)),
+            ]
+            await asyncio.gather(
+                produce(writer_a, b"a"), produce(writer_b, b"b"), cut_now_and_then()
+            )
+            first, second = await asyncio.gather(*collecting)
+            cuts = sum(c.session.stats.reconnects for c in (writer_a, writer_b, client))
+            assert cuts >= 3
+        everything = await read_all(client, "busy")
+        assert len(everything) == 1000  # no producer retry duplicated a record
+        expected = [b"a%d" % n for n in range(500)] + [b"b%d" % n for n in range(500)]
+        assert sorted(everything) == sorted(expected)
+        for tag in (b"a", b"b"):  # each producer's records in its order
+            mine = [record for record in everything if record.startswith(tag)]
+            assert mine == [tag + b"%d" % n for n in range(500)]
+        assert first == everything
+        assert second == everything[150:]
+
+
+async def test_unix_socket_hub(tmp_path: Path) -> None:
+    path = tmp_path / "hub.sock"
+    async with (
+        await hub.serve_hub_unix(path, grace_period=0.2) as _,
+        hub.connect_unix(path) as client,
+    ):
+        await client.create("u")
+        assert await client.append("u", b"over unix") == 0
+        assert await read_all(client, "u") == [b"over unix"]
