@@ -206,9 +206,8 @@ async def test_many_producers_and_readers_with_connection_cuts() -> None:
                 for _ in range(20):
                     await asyncio.sleep(rng.uniform(0.001, 0.01))
                     for victim in (writer_a, writer_b, client):
-                        conn = victim.session._conn
-                        if conn is not None and rng.random() < 0.5:
-                            conn.stream.abort()
+                        if rng.random() < 0.5:
+                            victim.session.reconnect()
 
             readers = [client.read("busy", offset, live=True) for offset in late_reader_offsets[:2]]
 

@@ -54,9 +54,8 @@ async def echo_server(**options: object) -> AsyncIterator[ResumableServer]:
 
 def cut(session: ClientSession) -> None:
     """Drop the session's current connection as a network failure would."""
-    conn = session._conn
-    assert conn is not None
-    conn.stream.abort()
+    assert session.connected
+    session.reconnect()
 
 
 async def cut_and_resume(session: ClientSession) -> None:

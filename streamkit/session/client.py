@@ -108,6 +108,15 @@ class ClientSession(Session):
         self._reconnect_task: asyncio.Task[None] | None = None
         self._random = random.Random()
 
+    def reconnect(self) -> None:
+        """Drop the current connection and resume on a new one; nothing is lost.
+
+        For a client that knows its network changed, and for tests.
+        """
+        conn = self._conn
+        if conn is not None:
+            conn.stream.abort()  # the read loop sees the loss and resumes
+
     def _on_detached(self) -> None:
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.create_task(self._reconnect())
