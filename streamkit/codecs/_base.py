@@ -82,6 +82,9 @@ class Decoder(Generic[FrameT]):
     def feed(self, data: Buffer) -> list[FrameT]:
         """Buffer ``data`` and return the frames it completes, in order."""
         if self._error is not None:
+            if data and not self._fatal:
+                # A pending DecodeError skips one frame only: keep what follows.
+                self._buf += data
             self._raise_pending()
         pos = self._pos
         if pos:
@@ -170,7 +173,9 @@ class Decoder(Generic[FrameT]):
         assert error is not None
         if not self._fatal:
             self._error = None
-        raise error
+        # A fresh traceback: re-raising one exception object chains every
+        # earlier raise's frames, and with them every chunk fed since.
+        raise error.with_traceback(None)
 
     def _parse(self, frames: list[FrameT]) -> None:
         """Append the complete frames at ``self._pos`` to ``frames``.

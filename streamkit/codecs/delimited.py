@@ -64,6 +64,11 @@ class _DelimitedBase(Generic[FrameT]):
                 partial = getattr(exc, "partial", b"")
                 if not partial:
                     raise EndOfStream("end of stream") from None
+                if len(partial) >= self.max_frame + self._slack + len(delimiter):
+                    # Too long already, as the incremental decoder would say.
+                    raise FrameTooLarge(
+                        f"no delimiter {delimiter!r} within max_frame={self.max_frame} bytes"
+                    ) from exc
                 raise IncompleteFrame(
                     f"stream ended inside a frame: {len(partial)} bytes and no delimiter "
                     f"{delimiter!r}"
@@ -169,11 +174,12 @@ class DelimitedDecoder(Decoder[FrameT]):
 class Delimited(_DelimitedBase[bytes]):
     """Frames as raw bytes followed by a delimiter (default ``b"\\n"``).
 
-    Any non-empty delimiter works; a frame never contains it (``encode``
-    raises ``ValueError`` for one that does). ``max_frame`` (default 64 KiB)
-    bounds a frame without its delimiter: a delimiter that never comes raises
-    :class:`FrameTooLarge` once ``max_frame`` plus the delimiter's length are
-    buffered.
+    Any non-empty delimiter works; a frame never contains it, nor ends with
+    bytes that make one with the delimiter's start, as ``b"a-"`` does with
+    ``b"--"`` (``encode`` raises ``ValueError`` for such a frame).
+    ``max_frame`` (default 64 KiB) bounds a frame without its delimiter:
+    a delimiter that never comes raises :class:`FrameTooLarge` once
+    ``max_frame`` plus the delimiter's length are buffered.
     """
 
     delimiter: bytes = b"\n"
@@ -191,8 +197,17 @@ class Delimited(_DelimitedBase[bytes]):
             raise _too_large(len(frame), self.max_frame)
         if isinstance(frame, memoryview):  # memoryview has no substring test
             frame = frame.tobytes()
-        if self.delimiter in frame:
-            raise ValueError(f"frame contains the delimiter {self.delimiter!r}")
+        delimiter = self.delimiter
+        if delimiter in frame:
+            raise ValueError(f"frame contains the delimiter {delimiter!r}")
+        # b"a-" before b"--" reads back as b"a": the end of the frame and the
+        # start of the delimiter would make a delimiter too early.
+        tail = frame[1 - len(delimiter) :] if len(delimiter) > 1 else b""
+        if delimiter in tail + delimiter[:-1]:
+            raise ValueError(
+                f"frame ends with {bytes(tail)!r}, which would end it early before the "
+                f"delimiter {delimiter!r}"
+            )
 
     def encode(self, frame: Buffer) -> bytes:
         """Return ``frame`` followed by the delimiter.

@@ -125,8 +125,9 @@ class LengthPrefixed:
         off = self.offset
         if off:
             self._check_prefix(frame)
+            header = self._header_for(len(frame) - off)  # may raise: leave out as it was
             out += frame[:off]
-            out += self._header_for(len(frame) - off)
+            out += header
             out += frame[off:]
         else:
             out += self._header_for(len(frame))
