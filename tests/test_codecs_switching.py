@@ -123,10 +123,6 @@ def test_a_decoder_with_a_fatal_error_has_nothing_to_give_back() -> None:
     assert decoder.take_buffered() == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design question: bytes the old codec could not decode ahead are lost on a switch",
-)
 @pytest.mark.parametrize(
     "payload",
     [b"\xff\n", b"z" * 70_000],  # invalid UTF-8 as a line; a line over max_frame

@@ -65,19 +65,25 @@ class Decoder(Generic[FrameT]):
       content is invalid) consumes only that frame: the next ``feed``
       continues with the frames after it, none dropped or repeated;
     - any other error (a frame over ``max_frame``, a malformed header) is
-      fatal: the buffer is freed and every later call raises it again.
+      fatal: once raised, the buffer is freed and every later call raises
+      it again.
+
+    While an error is pending (frames were returned before it), every byte
+    from the bad frame on is kept, so ``take_buffered`` can still hand it
+    to another codec.
 
     ``close()`` raises :class:`~streamkit.errors.IncompleteFrame` when bytes
     of a partial frame remain, and raises a pending error first.
     """
 
-    __slots__ = ("_buf", "_error", "_fatal", "_pos")
+    __slots__ = ("_buf", "_error", "_failed_at", "_fatal", "_pos")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._error: ProtocolError | None = None
         self._fatal = False
+        self._failed_at = 0  # where the frame of a pending error starts
 
     def feed(self, data: Buffer) -> list[FrameT]:
         """Buffer ``data`` and return the frames it completes, in order."""
@@ -98,16 +104,24 @@ class Decoder(Generic[FrameT]):
         try:
             self._parse(frames)
         except ProtocolError as exc:
-            if not isinstance(exc, DecodeError):
-                self._fatal = True
-                self._buf = bytearray()
-                self._pos = 0
-                self._error = exc
+            fatal = not isinstance(exc, DecodeError)
             if frames:
+                # Deferred: keep the bytes from the bad frame on, for take_buffered.
+                self._failed_at = self._pos if fatal else self._failed_at
                 self._error = exc
+                self._fatal = fatal
                 return frames
+            if fatal:
+                self._error = exc
+                self._fatal = True
+                self._free()
             raise
         return frames
+
+    def _free(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._failed_at = 0
 
     def close(self) -> None:
         """Check that the input ended on a frame boundary.
@@ -137,11 +151,15 @@ class Decoder(Generic[FrameT]):
         if frames < 0:
             raise ValueError(f"frames must be >= 0, not {frames}")
         start = self._pos
+        if self._error is not None:
+            # The error was never raised: its frame goes to the next codec.
+            start = self._failed_at
+            self._error = None
+            self._fatal = False
         if frames:
-            start = self._end_of_frame(self._count_frames(start) - frames)
+            start = self._end_of_frame(self._count_frames(start) - frames, start)
         rest = bytes(self._buf[start:])
-        self._buf = bytearray()
-        self._pos = 0
+        self._free()
         self._reset_partial()
         return rest
 
@@ -152,14 +170,14 @@ class Decoder(Generic[FrameT]):
         except ProtocolError:
             return 0
 
-    def _end_of_frame(self, number: int) -> int:
-        """The buffer position just past the ``number``-th frame of the last feed."""
+    def _end_of_frame(self, number: int, high: int) -> int:
+        """The buffer position just past the ``number``-th frame, at most ``high``."""
         if number < 0:
             raise ValueError("cannot give back more frames than the last feed returned")
         # Binary search for the shortest prefix holding `number` frames: this
         # runs only when framing is switched, so the hot path keeps no
         # per-frame bookkeeping.
-        low, high = 0, self._pos
+        low = 0
         while low < high:
             middle = (low + high) // 2
             if self._count_frames(middle) >= number:
@@ -171,7 +189,9 @@ class Decoder(Generic[FrameT]):
     def _raise_pending(self) -> None:
         error = self._error
         assert error is not None
-        if not self._fatal:
+        if self._fatal:
+            self._free()  # raised now: nothing of this input is served any more
+        else:
             self._error = None
         # A fresh traceback: re-raising one exception object chains every
         # earlier raise's frames, and with them every chunk fed since.

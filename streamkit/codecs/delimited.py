@@ -142,11 +142,15 @@ class DelimitedDecoder(Decoder[FrameT]):
                     # A bytes copy: no view of the buffer may outlive this call
                     # (an error's traceback would pin it and block resizing).
                     line = view[pos:index].tobytes()
-                    pos = index + dlen
+                    line_start, pos = pos, index + dlen
                     self._pos = pos
                     self._count = count
                     self._scanned = 0
-                    frame = codec._convert(line, count)
+                    try:
+                        frame = codec._convert(line, count)
+                    except DecodeError:
+                        self._failed_at = line_start
+                        raise
                     if frame is not _SKIP:
                         append(frame)
                     scan = pos
