@@ -449,3 +449,13 @@ async def test_read_frame_agrees_with_the_decoder_on_an_overlong_cut_frame() -> 
         await codec.read_frame(reader_with(b"x" * 6))
     with pytest.raises(IncompleteFrame):
         await codec.read_frame(reader_with(b"x" * 5))
+
+
+def test_lines_refuses_an_encoding_that_is_not_ascii_compatible() -> None:
+    with pytest.raises(ValueError, match="'utf-16' is not ASCII-compatible"):
+        Lines(encoding="utf-16")
+
+
+def test_json_lines_refuses_nan_which_is_not_json() -> None:
+    with pytest.raises(ValueError, match="Out of range float"):
+        JsonLines().encode(float("nan"))

@@ -258,7 +258,10 @@ class Lines(_DelimitedBase[str]):
             raise ValueError(f"newline must be '\\n' or '\\r\\n', not {self.newline!r}")
         if self.max_frame < 0:
             raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
-        "".encode(self.encoding)  # unknown encodings fail here, not at the first frame
+        # Unknown encodings fail here, not at the first frame; lines are split
+        # on the byte 0x0a, so the encoding must write "\r\n" as ASCII does.
+        if "\r\n".encode(self.encoding) != b"\r\n":
+            raise ValueError(f"encoding {self.encoding!r} is not ASCII-compatible")
 
     def _encode_line(self, frame: str) -> bytes:
         if "\n" in frame:
@@ -328,7 +331,9 @@ class JsonLines(_DelimitedBase[Any]):
             raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
 
     def _encode_value(self, frame: Any) -> bytes:
-        data = json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+        data = json.dumps(
+            frame, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
         if len(data) > self.max_frame:
             raise _too_large(len(data), self.max_frame)
         return data
