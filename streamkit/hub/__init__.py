@@ -13,6 +13,7 @@ from streamkit.hub.client import (
     connect,
     connect_unix,
 )
+from streamkit.hub.filelog import FileStorage
 from streamkit.hub.server import HubServer, serve_hub, serve_hub_unix
 from streamkit.hub.storage import (
     HubError,
@@ -28,6 +29,7 @@ from streamkit.hub.storage import (
 )
 
 __all__ = [
+    "FileStorage",
     "HubClient",
     "HubError",
     "HubServer",

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from streamkit.errors import EndOfStream, ProtocolError, SessionError, StreamkitError
+from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import decode_message, decode_records, encode_message
 from streamkit.hub.storage import (
     HubError,
@@ -289,13 +290,12 @@ def _forget(reads: dict[int, asyncio.Task[None]], request: int, task: object) ->
     reads.pop(request, None)
 
 
-def _storage(data_dir: str | os.PathLike[str] | None, limits: Limits | None) -> Storage:
+def _storage(
+    data_dir: str | os.PathLike[str] | None, limits: Limits | None, fsync: bool
+) -> Storage:
     if data_dir is None:
         return MemoryStorage(limits)
-    from streamkit.hub.filelog import FileStorage
-
-    storage: Storage = FileStorage(data_dir, limits=limits)
-    return storage
+    return FileStorage(data_dir, limits=limits, fsync=fsync)
 
 
 async def _start(hub: HubServer, start: Callable[[], Awaitable[ResumableServer]]) -> HubServer:
@@ -310,16 +310,19 @@ async def serve_hub(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
+    fsync: bool = False,
     storage: Storage | None = None,
     **options: Any,
 ) -> HubServer:
     """Serve a hub of named streams on TCP ``host``:``port``.
 
     Streams live in memory, or in an append-only log per stream under
-    ``data_dir`` (recovered on restart). ``limits`` bounds streams, record
-    size and memory; other keywords go to :func:`serve_resumable`.
+    ``data_dir`` (recovered on restart; ``fsync=True`` flushes each append
+    to disk before acknowledging it, see :class:`FileStorage`). ``limits``
+    bounds streams, record size and memory; ``storage`` replaces the
+    storage backend; other keywords go to :func:`serve_resumable`.
     """
-    hub = HubServer(storage or _storage(data_dir, limits))
+    hub = HubServer(storage or _storage(data_dir, limits, fsync))
     return await _start(hub, lambda: serve_resumable(hub._serve_session, host, port, **options))
 
 
@@ -328,9 +331,10 @@ async def serve_hub_unix(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
+    fsync: bool = False,
     storage: Storage | None = None,
     **options: Any,
 ) -> HubServer:
     """Serve a hub on a Unix socket; otherwise as :func:`serve_hub`."""
-    hub = HubServer(storage or _storage(data_dir, limits))
+    hub = HubServer(storage or _storage(data_dir, limits, fsync))
     return await _start(hub, lambda: serve_resumable_unix(hub._serve_session, path, **options))

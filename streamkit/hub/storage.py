@@ -8,6 +8,7 @@ append-only log per stream in a directory and recovers it on restart.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,7 @@ __all__ = [
     "StreamGone",
     "StreamInfo",
     "StreamNotFound",
+    "StreamTable",
 ]
 
 KiB = 1024
@@ -159,16 +161,20 @@ class Storage(Protocol):
 
 
 class _Stream:
-    __slots__ = ("info", "producers", "records")
+    __slots__ = ("info", "producers")
 
     def __init__(self, info: StreamInfo) -> None:
         self.info = info
-        self.records: list[bytes] = []
         self.producers: dict[str, ProducerState] = {}
 
 
-class MemoryStorage:
-    """Streams held in memory; gone when the process ends."""
+class StreamTable:
+    """The bookkeeping every storage shares: names, limits, metadata, producers.
+
+    A backend subclasses it and keeps the records: ``_store_*`` hooks run
+    after a request is validated and before the table changes, so a hook
+    that raises leaves the table as it was.
+    """
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
@@ -181,6 +187,12 @@ class MemoryStorage:
             raise StreamNotFound(f"no stream named {name!r}")
         return stream
 
+    def _add(self, info: StreamInfo) -> _Stream:
+        """Put a stream (new or recovered) in the table."""
+        stream = self._streams[info.name] = _Stream(info)
+        self._total_bytes += info.size_bytes
+        return stream
+
     def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
         if name in self._streams:
             raise StreamExists(f"stream {name!r} exists")
@@ -189,8 +201,8 @@ class MemoryStorage:
         if len(self._streams) >= self.limits.max_streams:
             raise LimitExceeded(f"the hub holds max_streams={self.limits.max_streams}")
         info = StreamInfo(name, content_type=content_type, ttl=ttl)
-        self._streams[name] = _Stream(info)
-        return info
+        self._store_create(info)
+        return self._add(info).info
 
     def get(self, name: str) -> StreamInfo | None:
         stream = self._streams.get(name)
@@ -218,35 +230,46 @@ class MemoryStorage:
                 f"appending {size} bytes would exceed max_total_bytes={self.limits.max_total_bytes}"
             )
         first = info.next_offset
+        self._store_append(name, records, producer)
+        self._appended(stream, records, size, producer)
+        return first
+
+    def _appended(
+        self,
+        stream: _Stream,
+        records: list[bytes],
+        size: int,
+        producer: tuple[str, int, int] | None,
+    ) -> None:
+        """Account for records appended (or recovered) at the stream's end."""
+        info = stream.info
         if producer is not None:
             producer_id, epoch, seq = producer
-            stream.producers[producer_id] = ProducerState(epoch, seq, first, len(records))
-        stream.records.extend(records)
+            stream.producers[producer_id] = ProducerState(
+                epoch, seq, info.next_offset, len(records)
+            )
         info.next_offset += len(records)
         info.size_bytes += size
         self._total_bytes += size
-        return first
 
     def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> list[bytes]:
-        records = self._stream(name).records
-        out: list[bytes] = []
-        size = 0
-        for record in records[offset : offset + max_records]:
-            if out and size + len(record) > max_bytes:
-                break
-            out.append(record)
-            size += len(record)
-        return out
+        info = self._stream(name).info
+        stop = min(info.next_offset, offset + max_records)
+        if offset >= stop:
+            return []
+        return self._store_read(name, offset, stop, max_bytes)
 
     def finish(self, name: str) -> StreamInfo:
         info = self._stream(name).info
-        info.finished = True
+        if not info.finished:
+            self._store_finish(name)
+            info.finished = True
         return info
 
     def delete(self, name: str) -> None:
-        stream = self._streams.pop(name, None)
-        if stream is None:
-            raise StreamNotFound(f"no stream named {name!r}")
+        stream = self._stream(name)
+        self._store_delete(name)
+        del self._streams[name]
         self._total_bytes -= stream.info.size_bytes
 
     def producer(self, name: str, producer_id: str) -> ProducerState | None:
@@ -261,3 +284,64 @@ class MemoryStorage:
     def close(self) -> None:
         self._streams.clear()
         self._total_bytes = 0
+
+    # -- what a backend provides -------------------------------------------
+
+    def _store_create(self, info: StreamInfo) -> None:
+        raise NotImplementedError
+
+    def _store_append(
+        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None
+    ) -> None:
+        raise NotImplementedError
+
+    def _store_read(self, name: str, start: int, stop: int, max_bytes: int) -> list[bytes]:
+        """Records ``start`` up to ``stop`` (at least one), within ``max_bytes``."""
+        raise NotImplementedError
+
+    def _store_finish(self, name: str) -> None:
+        raise NotImplementedError
+
+    def _store_delete(self, name: str) -> None:
+        raise NotImplementedError
+
+
+def take_within(sizes: Iterable[int], max_bytes: int) -> int:
+    """How many of the leading ``sizes`` fit in ``max_bytes`` (at least one)."""
+    count = total = 0
+    for size in sizes:
+        total += size
+        if count and total > max_bytes:
+            break
+        count += 1
+    return count
+
+
+class MemoryStorage(StreamTable):
+    """Streams held in memory; gone when the process ends."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(limits)
+        self._records: dict[str, list[bytes]] = {}
+
+    def _store_create(self, info: StreamInfo) -> None:
+        self._records[info.name] = []
+
+    def _store_append(
+        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None
+    ) -> None:
+        self._records[name].extend(records)
+
+    def _store_read(self, name: str, start: int, stop: int, max_bytes: int) -> list[bytes]:
+        records = self._records[name][start:stop]
+        return records[: take_within(map(len, records), max_bytes)]
+
+    def _store_finish(self, name: str) -> None:
+        pass
+
+    def _store_delete(self, name: str) -> None:
+        del self._records[name]
+
+    def close(self) -> None:
+        super().close()
+        self._records.clear()

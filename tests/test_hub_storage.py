@@ -1,0 +1,230 @@
+"""Hub storage backends: the same contract in memory and on disk, and log recovery."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamkit.hub import (
+    HubError,
+    LimitExceeded,
+    Limits,
+    MemoryStorage,
+    StreamExists,
+    StreamFinished,
+    StreamNotFound,
+)
+from streamkit.hub.filelog import FileStorage
+from streamkit.hub.storage import StreamTable
+
+
+@pytest.fixture(params=["memory", "file"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StreamTable]:
+    limits = Limits(max_streams=3, max_record=100, max_total_bytes=1000, max_name=10)
+    store: StreamTable
+    if request.param == "memory":
+        store = MemoryStorage(limits)
+    else:
+        store = FileStorage(tmp_path / "data", limits=limits)
+    yield store
+    store.close()
+
+
+def test_append_and_read_back(storage: StreamTable) -> None:
+    storage.create("s", ttl=None, content_type="text/plain")
+    assert storage.append("s", [b"a", b"bb"]) == 0
+    assert storage.append("s", [b"", b"dddd"]) == 2
+    assert storage.read("s", 0, 10, 1 << 20) == [b"a", b"bb", b"", b"dddd"]
+    assert storage.read("s", 1, 2, 1 << 20) == [b"bb", b""]
+    assert storage.read("s", 4, 10, 1 << 20) == []
+    assert storage.read("s", 99, 10, 1 << 20) == []
+    info = storage.get("s")
+    assert info is not None
+    assert (info.next_offset, info.size_bytes, info.content_type) == (4, 7, "text/plain")
+
+
+def test_read_is_bounded_by_bytes_but_returns_at_least_one_record(storage: StreamTable) -> None:
+    storage.create("s", ttl=None, content_type=None)
+    storage.append("s", [b"x" * 40, b"y" * 40, b"z" * 40])
+    assert storage.read("s", 0, 10, 80) == [b"x" * 40, b"y" * 40]
+    assert storage.read("s", 0, 10, 10) == [b"x" * 40]
+
+
+def test_limits_give_clear_errors(storage: StreamTable) -> None:
+    with pytest.raises(HubError, match=r"1\.\.10 bytes"):
+        storage.create("a-very-long-name", ttl=None, content_type=None)
+    for name in "abc":
+        storage.create(name, ttl=None, content_type=None)
+    with pytest.raises(StreamExists, match="'a' exists"):
+        storage.create("a", ttl=None, content_type=None)
+    with pytest.raises(LimitExceeded, match="max_streams=3"):
+        storage.create("d", ttl=None, content_type=None)
+    with pytest.raises(LimitExceeded, match="101 bytes exceeds max_record=100"):
+        storage.append("a", [b"x" * 101])
+    storage.append("a", [b"x" * 100] * 9)
+    with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
+        storage.append("b", [b"x" * 60, b"y" * 50])
+    assert storage.read("b", 0, 10, 1 << 20) == []  # nothing of a refused batch is kept
+    storage.delete("a")
+    storage.append("b", [b"x" * 60, b"y" * 50])  # deleting gave the bytes back
+
+
+def test_finish_delete_and_unknown_streams(storage: StreamTable) -> None:
+    storage.create("s", ttl=None, content_type=None)
+    storage.append("s", [b"1"])
+    assert storage.finish("s").finished
+    assert storage.finish("s").finished  # idempotent
+    with pytest.raises(StreamFinished, match="'s' is finished"):
+        storage.append("s", [b"2"])
+    assert storage.read("s", 0, 10, 100) == [b"1"]
+    storage.delete("s")
+    assert storage.get("s") is None
+    for call in (
+        lambda: storage.append("s", [b"x"]),
+        lambda: storage.read("s", 0, 1, 1),
+        lambda: storage.finish("s"),
+        lambda: storage.delete("s"),
+    ):
+        with pytest.raises(StreamNotFound, match="no stream named 's'"):
+            call()
+
+
+def test_expire_deletes_streams_past_their_ttl(storage: StreamTable) -> None:
+    short = storage.create("short", ttl=10, content_type=None)
+    storage.create("forever", ttl=None, content_type=None)
+    assert storage.expire(short.created + 9.9) == []
+    assert storage.expire(short.created + 10) == ["short"]
+    assert storage.names() == ["forever"]
+
+
+def test_producer_state_is_recorded_with_its_batch(storage: StreamTable) -> None:
+    storage.create("s", ttl=None, content_type=None)
+    storage.append("s", [b"a"])
+    storage.append("s", [b"b", b"c"], ("p1", 2, 7))
+    state = storage.producer("s", "p1")
+    assert state is not None
+    assert (state.epoch, state.seq, state.first_offset, state.count) == (2, 7, 1, 2)
+    assert storage.producer("s", "other") is None
+
+
+# -- the log on disk ----------------------------------------------------------
+
+
+def fill(data_dir: Path) -> list[bytes]:
+    store = FileStorage(data_dir)
+    store.create("log", ttl=3600, content_type="application/json")
+    records = []
+    for n in range(20):
+        batch = [b"record %d.%d " % (n, i) + b"x" * (n * 13 % 50) for i in range(n % 3 + 1)]
+        store.append("log", batch, ("producer-é", 1, n) if n % 2 else None)
+        records += batch
+    store.close()
+    return records
+
+
+def test_reopened_storage_has_every_stream_record_and_producer(tmp_path: Path) -> None:
+    records = fill(tmp_path)
+    store = FileStorage(tmp_path)
+    store.create("other", ttl=None, content_type=None)
+    store.finish("other")
+    store.close()
+
+    store = FileStorage(tmp_path)
+    try:
+        info = store.get("log")
+        assert info is not None
+        assert (info.ttl, info.content_type, info.finished) == (3600, "application/json", False)
+        assert info.next_offset == len(records)
+        assert info.size_bytes == sum(map(len, records))
+        assert store.read("log", 0, 1000, 1 << 20) == records
+        state = store.producer("log", "producer-é")
+        assert state is not None
+        assert (state.epoch, state.seq) == (1, 19)
+        other = store.get("other")
+        assert other is not None and other.finished
+        store.append("log", [b"after restart"])
+        assert store.read("log", len(records), 10, 100) == [b"after restart"]
+    finally:
+        store.close()
+
+
+def test_a_second_hub_cannot_open_the_same_data_dir(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path)
+    try:
+        with pytest.raises(HubError, match="in use by another hub"):
+            FileStorage(tmp_path)
+    finally:
+        store.close()
+    FileStorage(tmp_path).close()  # released on close
+
+
+def test_deleted_stream_leaves_no_file_and_fsync_mode_works(tmp_path: Path) -> None:
+    store = FileStorage(tmp_path, fsync=True)
+    store.create("s", ttl=None, content_type=None)
+    store.append("s", [b"durable"])
+    assert len(list(tmp_path.glob("*.log"))) == 1
+    store.delete("s")
+    assert list(tmp_path.glob("*.log")) == []
+    store.close()
+
+
+def log_file(data_dir: Path) -> Path:
+    (path,) = data_dir.glob("*.log")
+    return path
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_a_torn_or_corrupt_tail_is_cut_never_served(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    data_dir = tmp_path_factory.mktemp("log")
+    records = fill(data_dir)
+    path = log_file(data_dir)
+    size = path.stat().st_size
+    # Positions are drawn as fractions: the log's size varies with its timestamp.
+    scale = 10_000
+    cut = data.draw(st.integers(0, scale), label="cut") * size // scale
+    flip_at = data.draw(st.none() | st.integers(0, scale - 1), label="flip")
+    flip = None if flip_at is None else flip_at * size // scale
+    content = bytearray(path.read_bytes()[:cut])
+    if flip is not None and flip < cut:
+        content[flip] ^= 0x20
+    path.write_bytes(content)
+
+    store = FileStorage(data_dir)
+    try:
+        info = store.get("log")
+        if info is None:  # the CREATE entry itself was lost: the file is gone
+            assert not path.exists()
+            return
+        got = store.read("log", 0, 1000, 1 << 20)
+        assert got == records[: len(got)]  # a prefix: nothing corrupt, nothing reordered
+        assert info.next_offset == len(got)
+        if flip is None and cut == size:
+            assert got == records
+        assert path.stat().st_size <= cut  # the bad tail is cut from the file
+        store.append("log", [b"next"])  # and later appends land after the good part
+    finally:
+        store.close()
+    store = FileStorage(data_dir)
+    try:
+        assert store.read("log", 0, 1000, 1 << 20) == [*got, b"next"]
+    finally:
+        store.close()
+
+
+def test_garbage_files_do_not_stop_recovery(tmp_path: Path) -> None:
+    fill(tmp_path)
+    (tmp_path / ("0" * 64 + ".log")).write_bytes(os.urandom(100))
+    (tmp_path / "notes.txt").write_text("not a log")
+    store = FileStorage(tmp_path)
+    try:
+        assert store.names() == ["log"]
+    finally:
+        store.close()
