@@ -4,24 +4,25 @@ Each hub message travels as one frame of a resumable session:
 
     u32 header length | header (a JSON object, UTF-8) | body
 
-The body, when present, is a run of records, each an unsigned LEB128
-varint length followed by the record's bytes (``VarintPrefixed``). See
-``docs/protocol.md`` for every operation.
+The body, when present, is a batch of records: ``count u32``, the
+``count`` record lengths (u32 each), then the records back to back, so a
+batch is packed and unpacked with one ``struct`` call rather than a loop
+over varints. See ``docs/protocol.md`` for every operation.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from itertools import accumulate, pairwise
 from typing import Any
 
-from streamkit.codecs import VarintPrefixed
 from streamkit.errors import ProtocolError
 
 __all__ = ["decode_message", "decode_records", "encode_message"]
 
 _HEADER_SIZE = struct.Struct(">I")
-_RECORDS = VarintPrefixed(max_frame=(1 << 32) - 1)
+_COUNT = struct.Struct(">I")
 
 
 def encode_message(header: dict[str, Any], records: list[bytes] | None = None) -> bytes:
@@ -29,7 +30,10 @@ def encode_message(header: dict[str, Any], records: list[bytes] | None = None) -
     head = json.dumps(header, separators=(",", ":")).encode()
     message = _HEADER_SIZE.pack(len(head)) + head
     if records:
-        message += _RECORDS.encode_many(records)
+        count = len(records)
+        message = b"".join(
+            (message, _COUNT.pack(count), struct.pack(f">{count}I", *map(len, records)), *records)
+        )
     return message
 
 
@@ -54,8 +58,21 @@ def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
 
 
 def decode_records(body: memoryview | bytes) -> list[bytes]:
-    """The records of a message body; raises :class:`ProtocolError` if truncated."""
-    decoder = _RECORDS.decoder()
-    records = decoder.feed(body)
-    decoder.close()
-    return records
+    """The records of a message body; raises :class:`ProtocolError` if malformed."""
+    size = len(body)
+    if size == 0:
+        return []  # a message without records has no body
+    if size < _COUNT.size:
+        raise ProtocolError(f"hub records body of {size} bytes is too short")
+    (count,) = _COUNT.unpack_from(body)
+    start = _COUNT.size + 4 * count
+    if start > size:
+        raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
+    lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
+    ends = list(accumulate(lengths, initial=start))
+    if ends[-1] != size:
+        raise ProtocolError(
+            f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
+        )
+    data = bytes(body)
+    return [data[begin:end] for begin, end in pairwise(ends)]
