@@ -10,8 +10,9 @@ import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
+from itertools import count
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
 from streamkit.hub.protocol import decode_message, decode_records, encode_message
@@ -46,8 +47,7 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One record of a stream: its offset and its bytes."""
 
     offset: int
@@ -113,10 +113,7 @@ class Reader:
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
         op = header["op"]
         if op == "records":
-            offset = header["offset"]
-            for data in decode_records(body):
-                self._records.append(Record(offset, data))
-                offset += 1
+            self._records.extend(map(Record, count(header["offset"]), decode_records(body)))
             self.caught_up = False
         elif op == "caught_up":
             self.caught_up = True
