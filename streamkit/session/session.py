@@ -330,6 +330,9 @@ class Session:
                 await self.flush()
                 if not self._finished.is_set():
                     self._close_sent = True
+                    # Acknowledge what we received first: the peer may be
+                    # flushing frames we already consumed.
+                    self._send_ack()
                     self._send_control(Close(self._send_state.next_offset).encode())
                     await self._wait_finished()
         except BaseException:
@@ -422,9 +425,9 @@ class Session:
         for offset, payload in frames:
             stream.send_nowait(encode_data_header(offset) + payload)
         self._replayed += len(frames)
+        stream.send_nowait(self._recv_state.make_ack().encode())
         if self._close_sent:
             stream.send_nowait(Close(self._send_state.next_offset).encode())
-        stream.send_nowait(self._recv_state.make_ack().encode())
         conn.reader = asyncio.create_task(self._read_loop(conn))
         conn.keepalive = asyncio.create_task(self._keepalive_loop(conn))
         self._progress.set()
