@@ -1,8 +1,8 @@
 """FramedStream: frames over an asyncio StreamReader/StreamWriter pair.
 
-The send path coalesces the frames written in one event-loop turn into one
-``write`` (a lone frame goes out at the end of the turn, so no latency is
-added) and waits on ``drain()`` only when the transport's buffer is over its
+The send path writes the first frame of an event-loop turn at once (no
+latency added), coalesces the rest of the turn's frames into one ``write``,
+and waits on ``drain()`` only when the transport's buffer is over its
 high-water mark. The receive path reads large chunks and parses frames out
 of them with the codec's incremental decoder.
 """
@@ -167,15 +167,22 @@ class FramedStream(Generic[FrameT]):
             raise ConnectionLost("cannot send: the connection is closing or lost")
 
     def _written(self) -> None:
-        if len(self._out) >= _FLUSH_SIZE:
-            self._flush()
-        elif self._flush_handle is None:
+        if self._flush_handle is None:
+            # The first frame of an event-loop turn goes out at once (no
+            # added latency); the rest of the turn's frames are gathered
+            # and written together when the turn ends.
+            self._write_out()
             self._flush_handle = self._loop.call_soon(self._flush)
+        elif len(self._out) >= _FLUSH_SIZE:
+            self._write_out()
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._write_out()
+
+    def _write_out(self) -> None:
         out = self._out
         if out and not self._transport.is_closing():
             # Hand the buffer over and start a new one: the transport may
