@@ -20,17 +20,13 @@ so a failing run can be repeated with its seed::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
 import random
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["FaultProxy", "ProxyStats", "main"]
+__all__ = ["FaultProxy", "ProxyStats"]
 
 logger = logging.getLogger("streamkit.testing")
 
@@ -245,6 +241,9 @@ class FaultProxy:
         task.add_done_callback(self._tasks.discard)
         try:
             target_reader, target_writer = await self._connect_target()
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            return  # close() cancelled us: end quietly, as below
         except OSError as exc:
             logger.warning("proxy could not reach its target: %s", exc)
             writer.transport.abort()
@@ -256,8 +255,12 @@ class FaultProxy:
                 self._pump(link, reader, target_writer, _UP),
                 self._pump(link, target_reader, writer, _DOWN),
             )
-        except (OSError, asyncio.IncompleteReadError):
+        except OSError:
             pass  # one side went away; the finally cuts the other
+        except asyncio.CancelledError:
+            # close() cancelled us. End quietly: asyncio's server logs a
+            # connection task that ends cancelled as an error.
+            pass
         finally:
             self._links.discard(link)
             link.abort()
@@ -289,65 +292,3 @@ class FaultProxy:
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()  # pass the half-close on
-
-
-# -- command line -------------------------------------------------------------
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
-    return host.strip("[]") or "127.0.0.1", number
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m streamkit proxy",
-        description="A fault-injecting TCP proxy: forwards to a target and cuts, delays "
-        "or black-holes the traffic.",
-    )
-    parser.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="[HOST:]PORT")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target", type=_address, metavar="HOST:PORT")
-    target.add_argument("--target-unix", metavar="PATH", help="a Unix socket target")
-    parser.add_argument("--cut-every", type=float, metavar="SECONDS", help="cut connections")
-    parser.add_argument("--jitter", type=float, default=0.5, help="cut time spread (0..1)")
-    parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="latency")
-    parser.add_argument("--seed", type=int, help="random seed, to repeat a run")
-    return parser
-
-
-async def _run_proxy(args: argparse.Namespace) -> None:
-    host, port = args.target or (None, None)
-    proxy = FaultProxy(host, port, target_unix=args.target_unix, seed=args.seed, delay=args.delay)
-    await proxy.start(*args.listen)
-    target = args.target_unix or "{}:{}".format(*args.target)
-    print(f"proxy on {proxy.address[0]}:{proxy.port} -> {target}", flush=True)
-    if args.cut_every:
-        proxy.cut_every(args.cut_every, jitter=args.jitter)
-    await proxy.serve_forever()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streamkit proxy``: run a :class:`FaultProxy` until Ctrl-C."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.cut_every is not None and args.cut_every <= 0:
-        parser.error("--cut-every must be > 0")
-    if not 0 <= args.jitter <= 1:
-        parser.error("--jitter must be between 0 and 1")
-    if args.delay < 0:
-        parser.error("--delay must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        try:
-            asyncio.run(_run_proxy(args))
-        except OSError as exc:
-            print(f"proxy: {exc}", file=sys.stderr)
-            return 1
-    return 0
