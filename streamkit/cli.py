@@ -1,46 +1,91 @@
-"""The ``python -m streamkit`` command line: demo and tools."""
+"""The ``python -m streamkit`` command line.
+
+- ``demo``: a resumable echo session through a proxy that keeps cutting it;
+- ``serve --echo``: a framed echo server (TCP, Unix socket, TLS);
+- ``send`` / ``recv``: a framed netcat (stdin and stdout through frames);
+- ``proxy``: the fault-injecting proxy of :mod:`streamkit.testing`;
+- ``hub``: a hub of named streams;
+- ``bench``: the framed-stream benchmark, quickly.
+
+Bad arguments print a one-line error and exit with status 2; a runtime
+failure (say, a refused connection) prints one line and exits with 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-import random
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from streamkit.codecs import Codec, JsonLines, LengthPrefixed, Lines, VarintPrefixed
+from streamkit.errors import StreamkitError
+from streamkit.net import Server, connect, connect_unix, serve, serve_unix
+from streamkit.stream import FramedStream
 
 __all__ = ["main"]
 
+logger = logging.getLogger("streamkit")
 
-def _demo_codecs(seed: int) -> int:
-    """Encode frames with each codec, feed them back in random chunks, check them."""
-    rng = random.Random(seed)
-    cases: list[tuple[str, Codec[Any], list[Any]]] = [
-        ("LengthPrefixed(4)", LengthPrefixed(), [b"hello", b"", bytes(range(256)) * 40]),
-        ("VarintPrefixed", VarintPrefixed(), [b"x" * 300, b"protobuf-style"]),
-        ("Lines", Lines(), ["first line", "zweite Zeile ü", ""]),
-        ("JsonLines", JsonLines(), [{"id": 1, "text": "hi"}, [1, 2, 3], None]),
-    ]
-    for name, codec, frames in cases:
-        wire = codec.encode_many(frames)
-        decoder = codec.decoder()
-        decoded: list[Any] = []
-        pos = chunks = 0
-        while pos < len(wire):
-            step = rng.randint(1, 64)
-            decoded += decoder.feed(wire[pos : pos + step])
-            pos += step
-            chunks += 1
-        decoder.close()
-        status = "ok" if decoded == frames else "MISMATCH"
-        print(
-            f"{name:<18} {len(frames)} frames, {len(wire):>6} bytes on the wire, "
-            f"fed in {chunks:>4} random chunks -> {len(decoded)} frames decoded: {status}"
-        )
-        if decoded != frames:
-            return 1
-    return 0
+_CODECS: dict[str, Callable[[], Codec[Any]]] = {
+    "length4": LengthPrefixed,
+    "varint": VarintPrefixed,
+    "lines": Lines,
+    "jsonl": JsonLines,
+}
+
+
+class _Failed(Exception):
+    """A runtime failure to report in one line (exit status 1)."""
+
+
+# -- argument types -------------------------------------------------------------
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``PORT`` (on 127.0.0.1); ``[::1]:PORT`` for IPv6."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port", type=_port, default=port, help=f"TCP port ({port}; 0: any)")
+    where.add_argument("--unix", metavar="PATH", help="a Unix socket instead of TCP")
+
+
+def _add_codec(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--codec",
+        choices=sorted(_CODECS),
+        default="length4",
+        help="framing: 4-byte length prefix, varint prefix, text lines, JSON lines (length4)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -50,18 +95,279 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    demo = commands.add_parser("demo", help="a self-contained demonstration")
-    demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+
+    demo = commands.add_parser(
+        "demo", help="a resumable echo session through a proxy that keeps cutting it"
+    )
+    demo.add_argument("--frames", type=int, default=20_000, help="frames to echo (20000)")
+    demo.add_argument("--cut-every", type=_positive, default=0.03, metavar="SECONDS")
+    demo.add_argument("--seed", type=int, default=1, help="the proxy's random seed (1)")
+
+    server = commands.add_parser("serve", help="run a framed echo server")
+    server.add_argument("--echo", action="store_true", required=True, help="echo every frame")
+    _add_listen(server, 8765)
+    _add_codec(server)
+    server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+    server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+
+    send = commands.add_parser(
+        "send",
+        help="send stdin as frames, print the frames that come back",
+        description="Send stdin as frames and print every frame received until the server "
+        "ends the stream. Each input line is one frame (without its newline); JSON lines are "
+        "parsed; with --raw all of stdin is one frame.",
+    )
+    where = send.add_mutually_exclusive_group(required=True)
+    where.add_argument("address", nargs="?", type=_address, help="HOST:PORT")
+    where.add_argument("--unix", metavar="PATH", help="a Unix socket instead of TCP")
+    _add_codec(send)
+    send.add_argument("--raw", action="store_true", help="all of stdin as one frame")
+    send.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA certificate")
+    send.add_argument("--timeout", type=_positive, default=10.0, help="connect timeout (10 s)")
+
+    recv = commands.add_parser(
+        "recv", help="accept one connection and print its frames, one per line"
+    )
+    _add_listen(recv, 8765)
+    _add_codec(recv)
+
+    proxy = commands.add_parser("proxy", help="a fault-injecting TCP proxy")
+    proxy.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="[HOST:]PORT")
+    target = proxy.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", type=_address, metavar="HOST:PORT")
+    target.add_argument("--target-unix", metavar="PATH", help="a Unix socket target")
+    proxy.add_argument("--cut-every", type=_positive, metavar="SECONDS", help="cut connections")
+    proxy.add_argument("--jitter", type=float, default=0.5, help="spread of cut times, 0..1")
+    proxy.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="latency")
+    proxy.add_argument("--seed", type=int, help="random seed, to repeat a run")
+
+    hub = commands.add_parser("hub", help="run a hub of named append-only streams")
+    _add_listen(hub, 8766)
+    hub.add_argument("--data-dir", metavar="DIR", help="keep streams in logs under DIR")
+    hub.add_argument("--fsync", action="store_true", help="fsync each append (with --data-dir)")
+
+    bench = commands.add_parser("bench", help="the framed-stream benchmark, quickly")
+    bench.add_argument("--full", action="store_true", help="longer runs, every payload size")
+    bench.add_argument("--transport", choices=("tcp", "unix", "both"), default="tcp")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser
+
+
+# -- running until stopped --------------------------------------------------------
+
+
+async def _until_stopped(closer: Callable[[], Awaitable[None]]) -> None:
+    """Wait for SIGINT or SIGTERM, then run ``closer``."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    await closer()
+
+
+def _print_frame(codec_name: str, frame: Any) -> None:
+    if codec_name == "jsonl":
+        print(json.dumps(frame), flush=True)
+    elif codec_name == "lines":
+        print(frame, flush=True)
+    else:
+        sys.stdout.buffer.write(bytes(frame) + b"\n")
+        sys.stdout.buffer.flush()
+
+
+# -- commands -------------------------------------------------------------------
+
+
+async def _serve_echo(args: argparse.Namespace) -> None:
+    codec = _CODECS[args.codec]()
+    context = None
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+
+    async def echo(stream: FramedStream[Any]) -> None:
+        logger.info("connection from %s", stream.peername)
+        async for frame in stream:
+            await stream.send(frame)
+        stream.write_eof()
+
+    server: Server[Any]
+    if args.unix:
+        server = await serve_unix(echo, args.unix, codec=codec, ssl=context)
+        where = args.unix
+    else:
+        server = await serve(echo, args.host, args.port, codec=codec, ssl=context)
+        where = f"{args.host}:{server.port}"
+    print(f"echo server on {where} ({args.codec}{', TLS' if context else ''})", flush=True)
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    await _until_stopped(close)
+
+
+def _read_frames(args: argparse.Namespace) -> list[Any]:
+    """One batch of frames from stdin: a line (or all of it with ``--raw``); [] at EOF."""
+    stdin = sys.stdin.buffer
+    if args.raw:
+        data = stdin.read()
+        return [data] if data else []
+    line = stdin.readline()
+    if not line:
+        return []
+    line = line.removesuffix(b"\n").removesuffix(b"\r")
+    if args.codec == "lines":
+        return [line.decode()]
+    if args.codec == "jsonl":
+        try:
+            return [json.loads(line)]
+        except ValueError as exc:
+            raise _Failed(f"stdin is not JSON lines: {exc}") from exc
+    return [line]
+
+
+async def _send(args: argparse.Namespace) -> None:
+    codec = _CODECS[args.codec]()
+    context = None
+    if args.tls_ca:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+    if args.unix:
+        opening = connect_unix(args.unix, codec=codec, ssl=context, timeout=args.timeout)
+    else:
+        opening = connect(*args.address, codec=codec, ssl=context, timeout=args.timeout)
+    async with opening as stream:
+
+        async def send_stdin() -> None:
+            while frames := await asyncio.to_thread(_read_frames, args):
+                await stream.send_many(frames)
+            await stream.drain()
+            stream.write_eof()
+
+        async def print_received() -> None:
+            async for frame in stream:
+                _print_frame(args.codec, frame)
+
+        try:
+            async with asyncio.TaskGroup() as tasks:  # either failing stops both
+                tasks.create_task(send_stdin())
+                tasks.create_task(print_received())
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+
+async def _recv(args: argparse.Namespace) -> None:
+    codec = _CODECS[args.codec]()
+    done = asyncio.get_running_loop().create_future()
+
+    async def receive(stream: FramedStream[Any]) -> None:
+        if done.done():
+            return  # only the first connection
+        try:
+            async for frame in stream:
+                _print_frame(args.codec, frame)
+        except StreamkitError as exc:
+            done.set_exception(_Failed(str(exc)))
+        else:
+            done.set_result(None)
+
+    if args.unix:
+        server: Server[Any] = await serve_unix(receive, args.unix, codec=codec)
+        where = args.unix
+    else:
+        server = await serve(receive, args.host, args.port, codec=codec)
+        where = f"{args.host}:{server.port}"
+    print(f"receiving on {where} ({args.codec})", file=sys.stderr, flush=True)
+    async with server:
+        await done
+
+
+async def _proxy(args: argparse.Namespace) -> None:
+    from streamkit.testing import FaultProxy
+
+    host, port = args.target or (None, None)
+    proxy = FaultProxy(host, port, target_unix=args.target_unix, seed=args.seed, delay=args.delay)
+    await proxy.start(*args.listen)
+    target = args.target_unix or "{}:{}".format(*args.target)
+    print(f"proxy on {proxy.address[0]}:{proxy.port} -> {target}", flush=True)
+    if args.cut_every:
+        proxy.cut_every(args.cut_every, jitter=args.jitter)
+
+    async def close() -> None:
+        proxy.close()
+        await proxy.wait_closed()
+
+    await _until_stopped(close)
+
+
+async def _hub(args: argparse.Namespace) -> None:
+    from streamkit import hub
+
+    options = {"data_dir": args.data_dir, "fsync": args.fsync}
+    if args.unix:
+        server = await hub.serve_hub_unix(args.unix, **options)
+        where = args.unix
+    else:
+        server = await hub.serve_hub(args.host, args.port, **options)
+        where = f"{args.host}:{server.port}"
+    storage = f"logs in {args.data_dir}" if args.data_dir else "in memory"
+    print(f"hub on {where} ({storage})", flush=True)
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    await _until_stopped(close)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Argument rules argparse cannot express; each failure exits with status 2."""
+    if args.command == "demo" and args.frames < 1:
+        parser.error("--frames must be >= 1")
+    if args.command == "serve" and bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.command == "proxy":
+        if not 0 <= args.jitter <= 1:
+            parser.error("--jitter must be between 0 and 1")
+        if args.delay < 0:
+            parser.error("--delay must be >= 0")
+    if args.command == "hub" and args.fsync and not args.data_dir:
+        parser.error("--fsync needs --data-dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for bad arguments)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    _check(parser, args)
     if args.command == "demo":
-        return _demo_codecs(args.seed)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+        from streamkit.demo import run
+
+        return run(args.frames, args.cut_every, args.seed)
+    if args.command == "bench":
+        from streamkit.bench import run as run_bench
+
+        return run_bench(quick=not args.full, transport=args.transport, json_path=args.json)
+    commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
+        "serve": _serve_echo,
+        "send": _send,
+        "recv": _recv,
+        "proxy": _proxy,
+        "hub": _hub,
+    }
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(commands[args.command](args))
+    except (OSError, StreamkitError, _Failed, ssl.SSLError) as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

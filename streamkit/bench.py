@@ -1,0 +1,361 @@
+"""Framed-stream benchmark: streamkit against naive asyncio, side by side in one run.
+
+One-way throughput, client to server, in two processes over loopback TCP
+and a Unix socket, for payloads of 16 B to 1 MiB:
+
+- ``length4``: streamkit ``FramedStream`` with ``LengthPrefixed(4)``
+  (``await send(frame)`` per frame, ``async for`` on the receiver) against
+  the naive baseline: ``write(header + payload)`` and ``await drain()`` per
+  frame, ``readexactly(4)`` + ``readexactly(n)`` on the receiver (default
+  ``limit``);
+- ``lines``: streamkit with ``Lines`` against ``write(line + b"\\n")`` /
+  ``readline()``;
+
+and the echo round-trip latency of 64 B frames, one in flight. The time of
+a throughput run is from the first frame sent until the receiver reports it
+has every frame. ``python -m streamkit bench`` runs a quick version;
+``benchmarks/bench_streams.py`` the full one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from streamkit.codecs import LengthPrefixed, Lines
+from streamkit.net import connect, connect_unix, serve, serve_unix
+from streamkit.stream import FramedStream
+
+__all__ = ["run"]
+
+PAYLOADS = (16, 256, 4096, 64 * 1024, 1024 * 1024)
+_MAX_FRAME = 2 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+_LATENCY_PAYLOAD = 64
+_KINDS = ("naive", "naive-lines", "streamkit", "streamkit-lines", "echo-naive", "echo-streamkit")
+
+Address = tuple[str, Any]  # ("tcp", (host, port)) or ("unix", path)
+
+
+def _length_codec() -> LengthPrefixed:
+    return LengthPrefixed(max_frame=_MAX_FRAME)
+
+
+def _lines_codec() -> Lines:
+    return Lines(max_frame=_MAX_FRAME)
+
+
+# -- the receiving process --------------------------------------------------------
+
+
+async def _naive_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    frames = 0
+    unpack = _HEADER.unpack
+    while header := await _read_or_eof(reader, 4):
+        (size,) = unpack(header)
+        await reader.readexactly(size)
+        frames += 1
+    writer.write(b"%d\n" % frames)
+    await writer.drain()
+    writer.close()
+
+
+async def _read_or_eof(reader: asyncio.StreamReader, size: int) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return b""
+
+
+async def _naive_lines_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    frames = 0
+    while await reader.readline():
+        frames += 1
+    writer.write(b"%d\n" % frames)
+    await writer.drain()
+    writer.close()
+
+
+async def _naive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while header := await _read_or_eof(reader, 4):
+        writer.write(header + await reader.readexactly(_HEADER.unpack(header)[0]))
+        await writer.drain()
+    writer.close()
+
+
+async def _streamkit_receiver(stream: FramedStream[Any]) -> None:
+    frames = 0
+    async for _ in stream:
+        frames += 1
+    await stream.send(b"%d" % frames if isinstance(stream.codec, LengthPrefixed) else str(frames))
+
+
+async def _streamkit_echo(stream: FramedStream[bytes]) -> None:
+    async for frame in stream:
+        await stream.send(frame)
+
+
+async def _start_receivers(directory: str) -> tuple[list[Any], dict[str, Address]]:
+    """Every kind of receiver on TCP and on a Unix socket."""
+    naive: dict[str, Callable[..., Awaitable[None]]] = {
+        "naive": _naive_receiver,
+        "echo-naive": _naive_echo,
+        "naive-lines": _naive_lines_receiver,
+    }
+    streamkit: dict[str, tuple[Callable[..., Awaitable[None]], Any]] = {
+        "streamkit": (_streamkit_receiver, _length_codec()),
+        "streamkit-lines": (_streamkit_receiver, _lines_codec()),
+        "echo-streamkit": (_streamkit_echo, _length_codec()),
+    }
+    servers: list[Any] = []
+    addresses: dict[str, Address] = {}
+    for kind, handler in naive.items():
+        # readline needs a limit above the largest line; readexactly keeps the default.
+        limit = {"limit": _MAX_FRAME * 2} if kind == "naive-lines" else {}
+        tcp = await asyncio.start_server(handler, "127.0.0.1", 0, **limit)
+        path = os.path.join(directory, f"{kind}.sock")
+        unix = await asyncio.start_unix_server(handler, path, **limit)
+        servers += (tcp, unix)
+        addresses[f"tcp {kind}"] = ("tcp", tcp.sockets[0].getsockname()[:2])
+        addresses[f"unix {kind}"] = ("unix", path)
+    for kind, (handler, codec) in streamkit.items():
+        tcp_server = await serve(handler, "127.0.0.1", 0, codec=codec)
+        path = os.path.join(directory, f"{kind}.sock")
+        unix_server = await serve_unix(handler, path, codec=codec)
+        servers += (tcp_server, unix_server)
+        addresses[f"tcp {kind}"] = ("tcp", ("127.0.0.1", tcp_server.port))
+        addresses[f"unix {kind}"] = ("unix", path)
+    return servers, addresses
+
+
+def _receiver_process(pipe: Connection, use_uvloop: bool) -> None:
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            servers, addresses = await _start_receivers(directory)
+            pipe.send(addresses)
+            await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # until told
+            for server in servers:
+                server.close()
+
+    _run_loop(main(), use_uvloop)
+
+
+def _run_loop(coro: Any, use_uvloop: bool) -> Any:
+    if use_uvloop:
+        import uvloop  # type: ignore[import-not-found]  # optional
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+# -- the sending side -------------------------------------------------------------
+
+
+async def _open(address: Address, **options: Any) -> tuple[asyncio.StreamReader, Any]:
+    if address[0] == "unix":
+        return await asyncio.open_unix_connection(address[1], **options)
+    return await asyncio.open_connection(*address[1], **options)
+
+
+def _connect(address: Address, codec: Any) -> Any:
+    if address[0] == "unix":
+        return connect_unix(address[1], codec=codec)
+    return connect(*address[1], codec=codec)
+
+
+async def _naive_send(address: Address, payload: bytes, count: int, lines: bool) -> float:
+    reader, writer = await _open(address)
+    pack = _HEADER.pack
+    start = time.perf_counter()
+    for _ in range(count):
+        writer.write(payload + b"\n" if lines else pack(len(payload)) + payload)
+        await writer.drain()
+    writer.write_eof()
+    received = int(await reader.readline())
+    seconds = time.perf_counter() - start
+    writer.close()
+    assert received == count, (received, count)
+    return seconds
+
+
+async def _streamkit_send(address: Address, payload: bytes, count: int, lines: bool) -> float:
+    frame: Any = payload.decode() if lines else payload
+    async with _connect(address, _lines_codec() if lines else _length_codec()) as stream:
+        start = time.perf_counter()
+        for _ in range(count):
+            await stream.send(frame)
+        stream.write_eof()
+        received = int(await stream.recv())
+        seconds = time.perf_counter() - start
+    assert received == count, (received, count)
+    return seconds
+
+
+async def _naive_latency(address: Address, count: int) -> list[float]:
+    reader, writer = await _open(address)
+    payload = b"p" * _LATENCY_PAYLOAD
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        writer.write(_HEADER.pack(len(payload)) + payload)
+        await writer.drain()
+        (size,) = _HEADER.unpack(await reader.readexactly(4))
+        await reader.readexactly(size)
+        times.append(time.perf_counter() - start)
+    writer.close()
+    return times
+
+
+async def _streamkit_latency(address: Address, count: int) -> list[float]:
+    payload = b"p" * _LATENCY_PAYLOAD
+    times = []
+    async with _connect(address, _length_codec()) as stream:
+        for _ in range(count):
+            start = time.perf_counter()
+            await stream.send(payload)
+            await stream.recv()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _frames_for(size: int, quick: bool) -> int:
+    volume, most, least = (24 << 20, 100_000, 40) if quick else (256 << 20, 500_000, 200)
+    return max(least, min(most, volume // size))
+
+
+async def _measure(
+    addresses: dict[str, Address], transports: list[str], quick: bool, loop_name: str
+) -> list[dict[str, Any]]:
+    repeats = 1 if quick else 3
+    rows: list[dict[str, Any]] = []
+    for transport in transports:
+        for framing, lines in (("length4", False), ("lines", True)):
+            for size in PAYLOADS:
+                count = _frames_for(size, quick)
+                payload = b"x" * size
+                best: dict[str, float] = {}
+                for _ in range(repeats):  # alternate, so both see the same noise
+                    for name, send in (("naive", _naive_send), ("streamkit", _streamkit_send)):
+                        kind = f"{name}-lines" if lines else name
+                        seconds = await send(
+                            addresses[f"{transport} {kind}"], payload, count, lines
+                        )
+                        best[name] = min(best.get(name, seconds), seconds)
+                rows.append(
+                    {
+                        "loop": loop_name,
+                        "transport": transport,
+                        "framing": framing,
+                        "payload": size,
+                        "frames": count,
+                        "naive_frames_per_s": count / best["naive"],
+                        "streamkit_frames_per_s": count / best["streamkit"],
+                        "streamkit_mb_per_s": count * size / best["streamkit"] / 1e6,
+                        "ratio": best["naive"] / best["streamkit"],
+                    }
+                )
+                _print_row(rows[-1])
+        count = 2_000 if quick else 20_000
+        naive = await _naive_latency(addresses[f"{transport} echo-naive"], count)
+        ours = await _streamkit_latency(addresses[f"{transport} echo-streamkit"], count)
+        row = {
+            "loop": loop_name,
+            "transport": transport,
+            "latency_payload": _LATENCY_PAYLOAD,
+            "round_trips": count,
+            "naive_p50_us": statistics.median(naive) * 1e6,
+            "naive_p99_us": statistics.quantiles(naive, n=100)[98] * 1e6,
+            "streamkit_p50_us": statistics.median(ours) * 1e6,
+            "streamkit_p99_us": statistics.quantiles(ours, n=100)[98] * 1e6,
+        }
+        rows.append(row)
+        _print_latency(row)
+    return rows
+
+
+def _size(size: int) -> str:
+    return (
+        f"{size // 1024 // 1024} MiB"
+        if size >= 1 << 20
+        else (f"{size // 1024} KiB" if size >= 1024 else f"{size} B")
+    )
+
+
+_HEAD = (
+    f"{'loop':<8}{'transport':<10}{'framing':<9}{'payload':>8}{'frames':>9}"
+    f"{'naive fr/s':>13}{'streamkit fr/s':>16}{'MB/s':>9}{'ratio':>8}"
+)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(
+        f"{row['loop']:<8}{row['transport']:<10}{row['framing']:<9}{_size(row['payload']):>8}"
+        f"{row['frames']:>9}{row['naive_frames_per_s']:>13,.0f}"
+        f"{row['streamkit_frames_per_s']:>16,.0f}{row['streamkit_mb_per_s']:>9.1f}"
+        f"{row['ratio']:>7.2f}x",
+        flush=True,
+    )
+
+
+def _print_latency(row: dict[str, Any]) -> None:
+    print(
+        f"{row['loop']:<8}{row['transport']:<10}echo {row['latency_payload']} B, one in flight: "
+        f"p50 {row['naive_p50_us']:.0f} us naive, {row['streamkit_p50_us']:.0f} us streamkit "
+        f"({row['naive_p50_us'] / row['streamkit_p50_us']:.2f}x); "
+        f"p99 {row['naive_p99_us']:.0f} / {row['streamkit_p99_us']:.0f} us",
+        flush=True,
+    )
+
+
+def run(quick: bool = True, transport: str = "both", json_path: str | None = None) -> int:
+    """Run the benchmark and print its table; ``ratio`` is streamkit's speed over naive.
+
+    ``transport`` is ``"tcp"``, ``"unix"`` or ``"both"``; with ``json_path``
+    the rows are also written there as JSON. The benchmark also runs on
+    ``uvloop`` when it is installed.
+    """
+    transports = ["tcp", "unix"] if transport == "both" else [transport]
+    loops = ["asyncio"]
+    try:
+        import uvloop  # noqa: F401
+
+        loops.append("uvloop")
+    except ImportError:
+        pass
+    print(
+        f"framed streams, one way, client -> server in two processes (loopback); "
+        f"ratio = streamkit / naive; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+    )
+    print(_HEAD)
+    rows: list[dict[str, Any]] = []
+    context = multiprocessing.get_context("spawn")
+    for loop_name in loops:
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_receiver_process, args=(theirs, loop_name == "uvloop"))
+        process.start()
+        try:
+            addresses = ours.recv()
+            rows += _run_loop(
+                _measure(addresses, transports, quick, loop_name), loop_name == "uvloop"
+            )
+        finally:
+            ours.send("stop")
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump({"python": sys.version, "quick": quick, "rows": rows}, out, indent=2)
+    return 0

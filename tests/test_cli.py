@@ -1,0 +1,247 @@
+"""``python -m streamkit``: every command over real sockets, and bad arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from streamkit import LengthPrefixed, connect, hub
+from streamkit.cli import main
+
+CLI = [sys.executable, "-m", "streamkit"]
+
+
+@contextmanager
+def running(*args: str, address_on: str = "stdout") -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Start ``python -m streamkit *args``; yield it and its first line (the address)."""
+    process = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stream = process.stdout if address_on == "stdout" else process.stderr
+        assert stream is not None
+        yield process, stream.readline().strip()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:
+    """Signal the command and check it ends cleanly, without a traceback."""
+    process.send_signal(signum)
+    assert process.wait(timeout=10) == 0
+    assert process.stderr is not None
+    assert "Traceback" not in process.stderr.read()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nonsense"],
+        ["serve"],  # --echo is the only mode, and required
+        ["serve", "--echo", "--codec", "protobuf"],
+        ["serve", "--echo", "--port", "99999"],
+        ["serve", "--echo", "--port", "80", "--unix", "/tmp/x.sock"],
+        ["serve", "--echo", "--tls-cert", "cert.pem"],
+        ["send"],
+        ["send", "localhost"],
+        ["send", "host:port"],
+        ["send", "127.0.0.1:1", "--unix", "/tmp/x.sock"],
+        ["recv", "--port", "-1"],
+        ["proxy"],
+        ["proxy", "--target", "nowhere"],
+        ["proxy", "--target", "127.0.0.1:1", "--cut-every", "0"],
+        ["proxy", "--target", "127.0.0.1:1", "--jitter", "2"],
+        ["proxy", "--target", "127.0.0.1:1", "--listen", "x:y"],
+        ["hub", "--fsync"],
+        ["demo", "--frames", "0"],
+        ["demo", "--cut-every", "fast"],
+        ["bench", "--transport", "carrier-pigeon"],
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m streamkit") and "error:" in error
+
+
+def test_bad_arguments_in_a_real_process_give_no_traceback() -> None:
+    result = subprocess.run([*CLI, "send", "nowhere"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "'nowhere' is not [HOST:]PORT" in result.stderr
+
+
+def test_every_command_has_help() -> None:
+    for command in ("demo", "serve", "send", "recv", "proxy", "hub", "bench"):
+        result = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: python -m streamkit" in result.stdout
+
+
+def test_refused_connection_is_one_line_and_exit_1() -> None:
+    with running("recv", "--port", "0", address_on="stderr") as (_, line):
+        port = line.split()[2].rsplit(":", 1)[1]
+    # The receiver is gone: its port now refuses connections.
+    result = subprocess.run(
+        [*CLI, "send", f"127.0.0.1:{port}"], input="x\n", capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("send: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("codec", "text", "expected"),
+    [
+        ("length4", "first\nsecond\n\nlast", "first\nsecond\n\nlast\n"),
+        ("varint", "one\ntwo\n", "one\ntwo\n"),
+        ("lines", "zeile ü\r\nzwei\n", "zeile ü\nzwei\n"),
+        ("jsonl", '{"a": 1}\n[1, 2]\n', '{"a": 1}\n[1, 2]\n'),
+    ],
+)
+def test_send_through_serve_echo(codec: str, text: str, expected: str) -> None:
+    with running("serve", "--echo", "--port", "0", "--codec", codec) as (server, line):
+        assert line.startswith("echo server on 127.0.0.1:")
+        port = line.split()[3].rsplit(":", 1)[1]
+        result = subprocess.run(
+            [*CLI, "send", f"127.0.0.1:{port}", "--codec", codec],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected
+        stop(server)
+
+
+def test_send_raw_over_a_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    with running("serve", "--echo", "--unix", path) as (server, line):
+        assert line == f"echo server on {path} (length4)"
+        payload = "line one\nline two\n" * 1000
+        result = subprocess.run(
+            [*CLI, "send", "--unix", path, "--raw"],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == payload + "\n"  # one frame, printed with a newline
+        stop(server, signal.SIGINT)
+    assert not Path(path).exists()  # the server removed its socket file
+
+
+def test_send_rejects_stdin_that_is_not_json() -> None:
+    with running("serve", "--echo", "--port", "0", "--codec", "jsonl") as (server, line):
+        port = line.split()[3].rsplit(":", 1)[1]
+        result = subprocess.run(
+            [*CLI, "send", f"127.0.0.1:{port}", "--codec", "jsonl"],
+            input="{not json\n",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith("send: stdin is not JSON lines")
+        stop(server)
+
+
+def test_recv_prints_the_frames_of_one_connection() -> None:
+    with running("recv", "--port", "0", address_on="stderr") as (receiver, line):
+        port = int(line.split()[2].rsplit(":", 1)[1])
+
+        async def send() -> None:
+            async with connect("127.0.0.1", port, codec=LengthPrefixed()) as stream:
+                await stream.send_many([b"alpha", b"", b"gamma"])
+
+        asyncio.run(send())
+        assert receiver.wait(timeout=10) == 0
+        assert receiver.stdout is not None
+        assert receiver.stdout.read() == "alpha\n\ngamma\n"
+
+
+def test_hub_command_serves_a_hub_with_a_data_dir(tmp_path: Path) -> None:
+    with running("hub", "--port", "0", "--data-dir", str(tmp_path)) as (server, line):
+        assert line.startswith("hub on 127.0.0.1:") and line.endswith(f"(logs in {tmp_path})")
+        port = int(line.split()[2].rsplit(":", 1)[1])
+
+        async def use() -> list[bytes]:
+            async with hub.connect("127.0.0.1", port) as client:
+                await client.create("cli")
+                await client.append("cli", b"record")
+                await client.finish("cli")
+                return [record.data async for record in client.read("cli")]
+
+        assert asyncio.run(use()) == [b"record"]
+        stop(server)
+    assert list(tmp_path.glob("*.log"))  # the stream is on disk
+
+
+def test_proxy_command_forwards_until_interrupted() -> None:
+    with running("serve", "--echo", "--port", "0") as (server, line):
+        port = line.split()[3].rsplit(":", 1)[1]
+        with running("proxy", "--target", f"127.0.0.1:{port}", "--seed", "1") as (proxy, line):
+            assert line.startswith("proxy on 127.0.0.1:")
+            assert line.endswith(f"-> 127.0.0.1:{port}")
+            proxy_port = line.split()[2].rsplit(":", 1)[1]
+            result = subprocess.run(
+                [*CLI, "send", f"127.0.0.1:{proxy_port}"],
+                input="via the proxy\n",
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert result.stdout == "via the proxy\n", result.stderr
+            stop(proxy, signal.SIGINT)
+        stop(server)
+
+
+def test_demo_verifies_every_echo() -> None:
+    result = subprocess.run(
+        [*CLI, "demo", "--frames", "3000", "--cut-every", "0.01", "--seed", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = {
+        key.strip(): value
+        for key, value in (line.rsplit(None, 1) for line in result.stdout.splitlines())
+    }
+    assert summary["lost"] == "0"
+    assert summary["in order, exactly once"] == "yes"
+    assert summary["echoes received"] == "3000"
+    assert int(summary["connections cut"]) >= 1
+
+
+def test_bench_writes_json(tmp_path: Path) -> None:
+    """The quick benchmark runs end to end (its numbers are not checked: timings vary)."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [*CLI, "bench", "--transport", "unix", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    throughput = [row for row in rows if "ratio" in row]
+    assert {row["payload"] for row in throughput} == {16, 256, 4096, 65536, 1048576}
+    assert {row["framing"] for row in throughput} == {"length4", "lines"}
+    assert all(row["ratio"] > 0 for row in throughput)
+    assert "ratio" in result.stdout and "p50" in result.stdout
