@@ -1,6 +1,6 @@
 """Send a few frames to the echo server and print what comes back.
 
-    python examples/echo_client.py [PORT]
+python examples/echo_client.py [PORT]
 """
 
 import asyncio

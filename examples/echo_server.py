@@ -1,6 +1,6 @@
 """A framed echo server: every frame that comes in goes back out.
 
-    python examples/echo_server.py [PORT]
+python examples/echo_server.py [PORT]
 """
 
 import asyncio

@@ -131,9 +131,11 @@ async def _start_receivers(directory: str) -> tuple[list[Any], dict[str, Address
         addresses[f"tcp {kind}"] = ("tcp", tcp.sockets[0].getsockname()[:2])
         addresses[f"unix {kind}"] = ("unix", path)
     for kind, (handler, codec) in streamkit.items():
-        tcp_server = await serve(handler, "127.0.0.1", 0, codec=codec)
+        # The same reader limit as the naive side of each comparison.
+        limit = _MAX_FRAME * 2 if kind == "streamkit-lines" else 64 * 1024
+        tcp_server = await serve(handler, "127.0.0.1", 0, codec=codec, limit=limit)
         path = os.path.join(directory, f"{kind}.sock")
-        unix_server = await serve_unix(handler, path, codec=codec)
+        unix_server = await serve_unix(handler, path, codec=codec, limit=limit)
         servers += (tcp_server, unix_server)
         addresses[f"tcp {kind}"] = ("tcp", ("127.0.0.1", tcp_server.port))
         addresses[f"unix {kind}"] = ("unix", path)

@@ -349,3 +349,20 @@ async def test_read_frame_ignores_the_reader_limit() -> None:
     codec = LengthPrefixed(max_frame=10_000)
     reader = reader_with(codec.encode(b"y" * 10_000), limit=16)
     assert await codec.read_frame(reader) == b"y" * 10_000
+
+
+def test_missing_and_complete_hand_over_the_rest_of_a_frame() -> None:
+    codec = LengthPrefixed(offset=2)
+    decoder = codec.decoder()
+    assert decoder.missing() == 0  # no header yet
+    assert decoder.feed(b"ab\x00\x00\x00\x05he") == []
+    assert decoder.missing() == 3
+    with pytest.raises(ValueError, match="exactly the 3 missing bytes"):
+        decoder.complete(b"l")
+    assert decoder.complete(b"llo") == b"abhello"  # offset bytes kept, as feed does
+    assert decoder.missing() == 0 and decoder.buffered == 0
+    assert decoder.feed(codec.encode(b"ab" + b"next")) == [b"abnext"]
+    payload = b"p" * 1000
+    plain = LengthPrefixed().decoder()
+    plain.feed(b"\x00\x00\x03\xe8")
+    assert plain.complete(payload) is payload  # nothing buffered: no copy at all

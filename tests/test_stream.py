@@ -235,3 +235,16 @@ async def test_async_with_closes_and_wait_closed_returns() -> None:
         assert [frame async for frame in server] == [b"last"]
         with pytest.raises(ConnectionLost, match="closing"):
             await client.send(b"too late")
+
+
+async def test_large_frames_and_a_large_frame_cut_short() -> None:
+    big = bytes(range(256)) * 8192  # 2 MiB: read in one piece past its header
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        sending = asyncio.create_task(server.send_many([big, b"small", big]))
+        assert [await client.recv() for _ in range(3)] == [big, b"small", big]
+        await sending
+        server.writer.write(struct.pack(">I", len(big)) + big[:100_000])
+        server.writer.close()
+        with pytest.raises(IncompleteFrame) as info:
+            await client.recv()
+        assert info.value.missing == len(big) - 100_000

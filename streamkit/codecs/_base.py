@@ -134,6 +134,23 @@ class Decoder(Generic[FrameT]):
         if len(self._buf) > self._pos:
             raise self._incomplete()
 
+    def missing(self) -> int:
+        """Bytes still needed to complete the frame being decoded, if known; else 0.
+
+        A length-prefixed decoder knows once it has the header; the caller
+        can then read exactly that many bytes and hand them to
+        :meth:`complete`, which saves copying a large frame through the
+        buffer.
+        """
+        return 0
+
+    def complete(self, data: bytes) -> FrameT:
+        """Return the pending frame, completed by ``data`` (exactly ``missing()`` bytes).
+
+        Only for decoders whose :meth:`missing` can be non-zero.
+        """
+        raise NotImplementedError
+
     @property
     def buffered(self) -> int:
         """How many bytes are buffered that do not yet form a frame."""

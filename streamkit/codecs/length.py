@@ -215,6 +215,30 @@ class LengthPrefixedDecoder(Decoder[bytes]):
             view.release()
         self._pos = pos
 
+    def missing(self) -> int:
+        codec = self._codec
+        prefix = codec.offset + codec.header
+        have = len(self._buf) - self._pos
+        if self._error is not None or have < prefix:
+            return 0
+        size = codec._unpack_from(self._buf, self._pos + codec.offset)[0] + codec.adjustment
+        if size > codec.max_frame or size < 0:
+            return 0  # feed raises the error
+        return max(0, prefix + size - have)
+
+    def complete(self, data: bytes) -> bytes:
+        missing = self.missing()
+        if not missing or len(data) != missing:
+            raise ValueError(f"complete() needs exactly the {missing} missing bytes")
+        codec = self._codec
+        start = self._pos
+        head = self._buf[start : start + codec.offset]
+        partial = self._buf[start + codec.offset + codec.header :]
+        self._free()
+        if head or partial:
+            return b"".join((head, partial, data))
+        return data  # the payload as read: no copy
+
     def _fresh(self) -> LengthPrefixedDecoder:
         return LengthPrefixedDecoder(self._codec)
 
