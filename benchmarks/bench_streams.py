@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamkit.bench import run
+from streamkit.bench import PAYLOADS, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs")
     parser.add_argument("--transport", choices=("tcp", "unix", "both"), default="both")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--payloads", type=int, nargs="+", default=PAYLOADS, metavar="BYTES", help="sizes"
+    )
     args = parser.parse_args(argv)
-    return run(quick=args.quick, transport=args.transport, json_path=args.json)
+    return run(
+        quick=args.quick, transport=args.transport, json_path=args.json, payloads=args.payloads
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from streamkit.codecs import LengthPrefixed, Lines
-from streamkit.net import connect, connect_unix, serve, serve_unix
+from streamkit.net import DEFAULT_LIMIT, connect, connect_unix, serve, serve_unix
 from streamkit.stream import FramedStream
 
 __all__ = ["run"]
@@ -123,16 +123,16 @@ async def _start_receivers(directory: str) -> tuple[list[Any], dict[str, Address
     addresses: dict[str, Address] = {}
     for kind, handler in naive.items():
         # readline needs a limit above the largest line; readexactly keeps the default.
-        limit = {"limit": _MAX_FRAME * 2} if kind == "naive-lines" else {}
-        tcp = await asyncio.start_server(handler, "127.0.0.1", 0, **limit)
+        limit = _MAX_FRAME * 2 if kind == "naive-lines" else 64 * 1024
+        tcp = await asyncio.start_server(handler, "127.0.0.1", 0, limit=limit)
         path = os.path.join(directory, f"{kind}.sock")
-        unix = await asyncio.start_unix_server(handler, path, **limit)
+        unix = await asyncio.start_unix_server(handler, path, limit=limit)
         servers += (tcp, unix)
         addresses[f"tcp {kind}"] = ("tcp", tcp.sockets[0].getsockname()[:2])
         addresses[f"unix {kind}"] = ("unix", path)
     for kind, (handler, codec) in streamkit.items():
-        # The same reader limit as the naive side of each comparison.
-        limit = _MAX_FRAME * 2 if kind == "streamkit-lines" else 64 * 1024
+        # streamkit's default limit, but for lines the naive side's raised one.
+        limit = _MAX_FRAME * 2 if kind == "streamkit-lines" else DEFAULT_LIMIT
         tcp_server = await serve(handler, "127.0.0.1", 0, codec=codec, limit=limit)
         path = os.path.join(directory, f"{kind}.sock")
         unix_server = await serve_unix(handler, path, codec=codec, limit=limit)
@@ -238,13 +238,17 @@ def _frames_for(size: int, quick: bool) -> int:
 
 
 async def _measure(
-    addresses: dict[str, Address], transports: list[str], quick: bool, loop_name: str
+    addresses: dict[str, Address],
+    transports: list[str],
+    payloads: tuple[int, ...],
+    quick: bool,
+    loop_name: str,
 ) -> list[dict[str, Any]]:
     repeats = 1 if quick else 3
     rows: list[dict[str, Any]] = []
     for transport in transports:
         for framing, lines in (("length4", False), ("lines", True)):
-            for size in PAYLOADS:
+            for size in payloads:
                 count = _frames_for(size, quick)
                 payload = b"x" * size
                 best: dict[str, float] = {}
@@ -321,11 +325,17 @@ def _print_latency(row: dict[str, Any]) -> None:
     )
 
 
-def run(quick: bool = True, transport: str = "both", json_path: str | None = None) -> int:
+def run(
+    quick: bool = True,
+    transport: str = "both",
+    json_path: str | None = None,
+    payloads: tuple[int, ...] = PAYLOADS,
+) -> int:
     """Run the benchmark and print its table; ``ratio`` is streamkit's speed over naive.
 
-    ``transport`` is ``"tcp"``, ``"unix"`` or ``"both"``; with ``json_path``
-    the rows are also written there as JSON. The benchmark also runs on
+    ``transport`` is ``"tcp"``, ``"unix"`` or ``"both"``; ``payloads`` the
+    payload sizes in bytes; with ``json_path`` the rows are also written
+    there as JSON. The benchmark also runs on
     ``uvloop`` when it is installed.
     """
     transports = ["tcp", "unix"] if transport == "both" else [transport]
@@ -350,7 +360,7 @@ def run(quick: bool = True, transport: str = "both", json_path: str | None = Non
         try:
             addresses = ours.recv()
             rows += _run_loop(
-                _measure(addresses, transports, quick, loop_name), loop_name == "uvloop"
+                _measure(addresses, transports, payloads, quick, loop_name), loop_name == "uvloop"
             )
         finally:
             ours.send("stop")
