@@ -344,6 +344,9 @@ class VarintPrefixedDecoder(Decoder[bytes]):
                 size = buf[pos]
                 if size < 0x80:  # one-byte varint: the common case, no call
                     start = pos + 1
+                elif pos + 1 < end and buf[pos + 1] < 0x80:  # two bytes: frames up to 16 KiB
+                    size = (size & 0x7F) | (buf[pos + 1] << 7)
+                    start = pos + 2
                 else:
                     self._pos = pos
                     decoded = decode_varint(buf, pos)
