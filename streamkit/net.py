@@ -221,6 +221,11 @@ class Server(Generic[FrameT]):
             else:
                 stream.close()
             await stream.wait_closed()
+        except asyncio.CancelledError:
+            # Cancelled after the grace period or at loop shutdown: end
+            # normally, since asyncio's stream server (3.11) logs a
+            # connection task that ends cancelled as an error.
+            pass
         finally:
             self._tasks.discard(task)
             if not self._tasks:

@@ -127,7 +127,9 @@ async def test_handler_return_closes_the_connection() -> None:
         assert [line async for line in stream] == ["hello and goodbye"]
 
 
-async def test_graceful_close_waits_for_handlers_then_cancels_them() -> None:
+async def test_graceful_close_waits_for_handlers_then_cancels_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     finished: list[str] = []
     started = asyncio.Event()
 
@@ -157,6 +159,8 @@ async def test_graceful_close_waits_for_handlers_then_cancels_them() -> None:
             assert loop.time() - start >= 0.2
     assert sorted(finished) == ["cancelled", "done in time"]
     assert server.handlers == 0
+    await asyncio.sleep(0.01)  # asyncio's done-callbacks of the connection tasks have run
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_serve_forever_runs_until_cancelled() -> None:
