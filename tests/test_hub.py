@@ -244,3 +244,48 @@ async def test_unix_socket_hub(tmp_path: Path) -> None:
         await client.create("u")
         assert await client.append("u", b"over unix") == 0
         assert await read_all(client, "u") == [b"over unix"]
+
+
+async def test_producers_and_readers_through_a_cutting_proxy() -> None:
+    """Every connection goes through a FaultProxy that tears frames at random."""
+    from streamkit.session import Backoff
+    from streamkit.testing import FaultProxy
+
+    through_proxy = {
+        **FAST,
+        "handshake_timeout": 1.0,
+        "reconnect_backoff": Backoff(initial=0.002, maximum=0.02),
+    }
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **FAST) as server,
+        FaultProxy("127.0.0.1", server.port, seed=42) as proxy,
+        hub.connect("127.0.0.1", proxy.port, **through_proxy) as producer_a,
+        hub.connect("127.0.0.1", proxy.port, **through_proxy) as producer_b,
+        hub.connect("127.0.0.1", proxy.port, **through_proxy) as reader_client,
+    ):
+        await producer_a.create("torn")
+        early = reader_client.read("torn", 0, live=True)
+
+        async def produce(client: HubClient, tag: bytes) -> None:
+            async with client.producer("torn", tag.decode(), linger=0.001) as producer:
+                for n in range(600):
+                    producer.append_nowait(tag + b"%d" % n)
+                    if n % 20 == 0:
+                        await asyncio.sleep(0.002)
+
+        async def collect(reader: hub.Reader, count: int) -> list[bytes]:
+            return [(await anext(reader)).data for _ in range(count)]
+
+        proxy.cut_every(0.02)
+        collecting = asyncio.create_task(collect(early, 1200))
+        await asyncio.gather(produce(producer_a, b"a"), produce(producer_b, b"b"))
+        late = reader_client.read("torn", 300, live=True)  # joins behind the live end
+        first, second = await asyncio.gather(collecting, collect(late, 900))
+        proxy.stop_cutting()
+        everything = await read_all(reader_client, "torn")
+    assert proxy.stats.cuts >= 5
+    assert len(everything) == 1200  # no retried batch appended twice
+    for tag in (b"a", b"b"):
+        assert [r for r in everything if r.startswith(tag)] == [tag + b"%d" % n for n in range(600)]
+    assert first == everything
+    assert second == everything[300:]
