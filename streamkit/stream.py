@@ -120,10 +120,10 @@ class FramedStream(Generic[FrameT]):
         anything is written, and :class:`ConnectionLost` once the connection
         is closing or lost.
         """
-        self._check_open()
+        if self._transport.is_closing():
+            raise ConnectionLost("cannot send: the connection is closing or lost")
         self._codec.encode_into(self._out, frame)
-        self._written()
-        if self._transport.get_write_buffer_size() > self._high_water:
+        if self._written():
             await self._drain()
 
     def send_nowait(self, frame: FrameT) -> None:
@@ -136,6 +136,20 @@ class FramedStream(Generic[FrameT]):
         self._check_open()
         self._codec.encode_into(self._out, frame)
         self._written()
+
+    def send_encoded_nowait(self, data: bytes) -> bool:
+        """Queue bytes already framed with this stream's codec, as they are.
+
+        For a layer that frames its own messages on its hot path, or one
+        encoding sent to many streams. Nothing checks the framing. Returns
+        whether the write buffer is over its high-water mark (the caller
+        should ``await drain()``). Raises :class:`ConnectionLost` once the
+        connection is closing or lost.
+        """
+        if self._transport.is_closing():
+            raise ConnectionLost("cannot send: the connection is closing or lost")
+        self._out += data
+        return self._written()
 
     async def send_many(self, frames: Iterable[FrameT]) -> None:
         """Send several frames, written together with one ``write``.
@@ -169,7 +183,12 @@ class FramedStream(Generic[FrameT]):
         if self._transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
 
-    def _written(self) -> None:
+    def _written(self) -> bool:
+        """Frames were added to the buffer: write them if due.
+
+        Returns whether the transport's buffer is over its high-water mark.
+        It only grows when we write to it, so it is checked only then.
+        """
         if self._flush_handle is None:
             # The first frame of an event-loop turn goes out at once (no
             # added latency); the rest of the turn's frames are gathered
@@ -178,6 +197,9 @@ class FramedStream(Generic[FrameT]):
             self._flush_handle = self._loop.call_soon(self._flush)
         elif len(self._out) >= _FLUSH_SIZE:
             self._write_out()
+        else:
+            return False
+        return self._transport.get_write_buffer_size() > self._high_water
 
     def _flush(self) -> None:
         if self._flush_handle is not None:

@@ -24,6 +24,7 @@ from streamkit.errors import ProtocolError, ResumeRejected
 
 __all__ = [
     "DATA_HEADER",
+    "FRAMED_DATA_HEADER",
     "MAGIC",
     "NONCE_SIZE",
     "PREFACE_SIZE",
@@ -63,8 +64,12 @@ _PROOF_SIZE = 32
 _U64 = struct.Struct(">Q")
 #: The first bytes of a DATA body: type, then the offset (the payload follows).
 DATA_HEADER = struct.Struct(">BQ")
+#: A DATA message's frame header on the wire: the ``LengthPrefixed(4)``
+#: length (9 + payload size), the type byte and the offset. The sender's hot
+#: path packs all three in one call.
+FRAMED_DATA_HEADER = struct.Struct(">IBQ")
 _ACK = struct.Struct(">BQQ")
-_DATA_TYPE = bytes([0x10])
+_DATA_BYTE = 0x10
 
 
 class MessageType(IntEnum):
@@ -325,7 +330,7 @@ class SendState:
         "_consumed",
         "_frames",
         "_held_bytes",
-        "bytes_sent",
+        "_released_bytes",
         "max_bytes",
         "max_frames",
         "next_offset",
@@ -337,7 +342,7 @@ class SendState:
         self.max_bytes = max_bytes
         self.next_offset = 0  # offset of the next frame to send
         self.received = 0  # the peer has received every frame below this
-        self.bytes_sent = 0
+        self._released_bytes = 0  # payload bytes consumed by the peer and let go
         self._consumed = 0  # offset of the first held frame
         self._frames: deque[bytes] = deque()
         self._held_bytes = 0
@@ -353,6 +358,11 @@ class SendState:
         return self.next_offset - self.received
 
     @property
+    def bytes_sent(self) -> int:
+        """Payload bytes of every frame sent so far."""
+        return self._released_bytes + self._held_bytes
+
+    @property
     def held_bytes(self) -> int:
         """Payload bytes held for replay (sent, not yet consumed by the peer)."""
         return self._held_bytes
@@ -363,13 +373,16 @@ class SendState:
         return not held or (held < self.max_frames and self._held_bytes + size <= self.max_bytes)
 
     def push(self, payload: bytes) -> int:
-        """Hold a new frame for replay; return its offset."""
+        """Hold a new frame for replay if the window has room: its offset, else -1."""
+        frames = self._frames
+        size = len(payload)
+        held_bytes = self._held_bytes + size
+        if frames and (held_bytes > self.max_bytes or len(frames) >= self.max_frames):
+            return -1
         offset = self.next_offset
         self.next_offset = offset + 1
-        self._frames.append(payload)
-        size = len(payload)
-        self._held_bytes += size
-        self.bytes_sent += size
+        frames.append(payload)
+        self._held_bytes = held_bytes
         return offset
 
     def on_ack(self, received: int, consumed: int) -> None:
@@ -390,14 +403,18 @@ class SendState:
         if consumed > received:
             raise ProtocolError(f"ack says consumed {consumed} > received {received}")
         self.received = received
-        frames = self._frames
-        while self._consumed < consumed:
-            self._held_bytes -= len(frames.popleft())
-            self._consumed += 1
+        popleft = self._frames.popleft
+        released = 0
+        for _ in range(consumed - self._consumed):
+            released += len(popleft())
+        self._held_bytes -= released
+        self._released_bytes += released
+        self._consumed = consumed
 
     def release(self) -> None:
         """Drop every held frame (the session is over)."""
         self._frames.clear()
+        self._released_bytes += self._held_bytes
         self._held_bytes = 0
 
     def check_replay(self, offset: int) -> None:
@@ -430,8 +447,8 @@ class ReceiveState:
     """One direction's receiving side: the next offset expected, duplicates, acks due."""
 
     __slots__ = (
-        "_acked_consumed",
         "_acked_received",
+        "acked_consumed",
         "bytes_received",
         "consumed",
         "duplicates",
@@ -444,7 +461,7 @@ class ReceiveState:
         self.consumed = 0  # frames handed to the application
         self.duplicates = 0
         self._acked_received = 0
-        self._acked_consumed = 0
+        self.acked_consumed = 0  # consumed count in the last ack made
 
     def receive_batch(
         self,
@@ -464,7 +481,7 @@ class ReceiveState:
         header = DATA_HEADER.size
         try:
             for body in bodies:
-                if body[:1] == _DATA_TYPE and len(body) >= header:
+                if len(body) >= header and body[0] == _DATA_BYTE:
                     offset = unpack_offset(body, 1)[0]
                     if offset == expected:
                         expected += 1
@@ -485,17 +502,17 @@ class ReceiveState:
 
     def ack_lag(self) -> int:
         """Frames received or consumed since the last ack was made."""
-        return max(self.received - self._acked_received, self.consumed - self._acked_consumed)
+        return max(self.received - self._acked_received, self.consumed - self.acked_consumed)
 
     def ack_due(self, every: int) -> bool:
         """Whether ``every`` frames were received or consumed since the last ack."""
         return (
             self.received - self._acked_received >= every
-            or self.consumed - self._acked_consumed >= every
+            or self.consumed - self.acked_consumed >= every
         )
 
     def make_ack(self) -> Ack:
         """The ack to send now; marks it as sent."""
         self._acked_received = self.received
-        self._acked_consumed = self.consumed
+        self.acked_consumed = self.consumed
         return Ack(self.received, self.consumed)

@@ -27,6 +27,7 @@ from streamkit.errors import (
 )
 from streamkit.session.protocol import (
     DATA_HEADER,
+    FRAMED_DATA_HEADER,
     Ack,
     Close,
     CloseAck,
@@ -45,7 +46,9 @@ __all__ = ["Backoff", "Session", "SessionSettings", "SessionStats"]
 
 logger = logging.getLogger("streamkit.session")
 
-_DATA = MessageType.DATA
+_DATA = int(MessageType.DATA)
+_DATA_SIZE = DATA_HEADER.size
+_FRAMED_DATA = FRAMED_DATA_HEADER
 _PING = Ping().encode()
 _PONG = Pong().encode()
 _CLOSE_ACK = CloseAck().encode()
@@ -175,6 +178,7 @@ class Session:
         self._id = session_id
         self.settings = settings
         self._max_frame = settings.max_frame
+        self._ack_every = settings.ack_every
         self._connections = 0
         self._replayed = 0
         self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
@@ -186,6 +190,7 @@ class Session:
         self._conn: _Connection | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._closing = False  # close() was called: no more sends
+        self._send_blocked = False  # closing, closed or failed: send() takes the slow path
         self._close_sent = False
         self._peer_closed = False  # the peer closed: recv ends after the queue
         self._finished = asyncio.Event()  # the close handshake completed
@@ -231,18 +236,13 @@ class Session:
         or closed, and the session's failure if it failed.
         """
         size = len(payload)
-        state = self._send_state
-        if (
-            size > self._max_frame
-            or self._failure is not None
-            or self._closing
-            or self._peer_closed
-            or not state.can_send(size)
-        ):
-            await self._wait_to_send(size)
         if type(payload) is not bytes:
             payload = bytes(payload)  # the replay buffer must not change under us
-        offset = state.push(payload)
+        state = self._send_state
+        offset = -1 if self._send_blocked or size > self._max_frame else state.push(payload)
+        while offset < 0:
+            await self._wait_to_send(size)
+            offset = state.push(payload)
         conn = self._conn
         if conn is not None:
             # Queued in call order, so frames keep offset order even with
@@ -250,8 +250,9 @@ class Session:
             # frame stays in the replay buffer.
             stream = conn.stream
             try:
-                stream.send_nowait(DATA_HEADER.pack(_DATA, offset) + payload)
-                if stream.must_drain:
+                if stream.send_encoded_nowait(
+                    _FRAMED_DATA.pack(size + _DATA_SIZE, _DATA, offset) + payload
+                ):
                     await stream.drain()
             except ConnectionLost:
                 pass
@@ -295,8 +296,10 @@ class Session:
     def _take(self) -> bytes:
         payload = self._queue.popleft()
         state = self._recv_state
-        state.consumed += 1
-        self._ack_soon(state)
+        state.consumed = consumed = state.consumed + 1
+        # Per frame, only see whether an ack is due or its timer must start.
+        if self._ack_timer is None or consumed - state.acked_consumed >= self._ack_every:
+            self._ack_soon(state)
         return payload
 
     async def flush(self) -> None:
@@ -324,7 +327,7 @@ class Session:
         if self._finished.is_set():
             return
         self._check_failure()
-        self._closing = True
+        self._closing = self._send_blocked = True
         try:
             async with asyncio.timeout(self.settings.close_timeout):
                 await self.flush()
@@ -398,12 +401,14 @@ class Session:
         """Fail the session: every pending and later call raises ``error``; free its buffers."""
         if self._failure is None and not self._finished.is_set():
             self._failure = error
+            self._send_blocked = True
             self._queue.clear()
             self._send_state.release()
         self._wake()
 
     def _finish(self) -> None:
         """The close handshake completed (either side's close)."""
+        self._send_blocked = True
         self._finished.set()
         self._wake()
 
