@@ -5,8 +5,10 @@
 The receiver runs in a second process on loopback TCP; the client sends N
 frames one way and the receiver answers once it has them all. Rows compare
 a session with a plain ``FramedStream`` (``LengthPrefixed(4)``) for the
-same payloads, then a session whose connection is cut every 100 ms (by
-aborting the client's socket) and which must still deliver every frame.
+same payloads. Then a session streams numbered frames for a few seconds
+through a ``FaultProxy`` (in the client's process) that cuts the connection
+every 100 ms, often in the middle of a frame; the receiver checks that
+every number arrives once and in order.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import time
 from typing import Any
 
 from streamkit import FramedStream, LengthPrefixed, connect, serve
-from streamkit.session import ServerSession, connect_resumable, serve_resumable
+from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
+from streamkit.testing import FaultProxy
 
 SIZES = [16, 256, 4096, 65536]
 DONE = b"done"
@@ -77,39 +80,88 @@ async def _run_plain(port: int, payload: bytes, count: int) -> float:
         return time.perf_counter() - start
 
 
-async def _run_session(
-    port: int, payload: bytes, count: int, cut_every: float | None
-) -> dict[str, Any]:
+async def _run_session(port: int, payload: bytes, count: int) -> dict[str, Any]:
     async with connect_resumable("127.0.0.1", port) as session:
-
-        async def cutter() -> None:
-            assert cut_every is not None
-            while True:
-                await asyncio.sleep(cut_every)
-                conn = session._conn
-                if conn is not None:
-                    conn.stream.abort()
-
-        cuts = asyncio.create_task(cutter()) if cut_every else None
         start = time.perf_counter()
         for _ in range(count):
             await session.send(payload)
         assert await session.recv() == DONE
+        return {"seconds": time.perf_counter() - start}
+
+
+async def _verifying_sink(port_out: Any) -> None:
+    """Receive numbered frames until DONE; answer how many, or what went wrong."""
+
+    async def handler(session: ServerSession) -> None:
+        expected = 0
+        async for payload in session:
+            if payload == DONE:
+                break
+            number = int.from_bytes(payload[:8], "big")
+            if number != expected:
+                await session.send(b"frame %d where %d was expected" % (number, expected))
+                return
+            expected += 1
+        await session.send(b"%d" % expected)
+        await session.recv()
+
+    server = await serve_resumable(handler, "127.0.0.1", 0, resume_timeout=10)
+    port_out.send(server.port)
+    await server.serve_forever()
+
+
+def _verifying_sink_main(port_out: Any) -> None:
+    asyncio.run(_verifying_sink(port_out))
+
+
+async def _run_with_cuts(port: int, size: int, seconds: float, cut_every: float) -> dict[str, Any]:
+    settings = {"reconnect_backoff": Backoff(initial=0.002, maximum=0.05)}
+    async with (
+        FaultProxy("127.0.0.1", port, seed=1) as proxy,
+        connect_resumable("127.0.0.1", proxy.port, **settings) as session,  # type: ignore[arg-type]
+    ):
+        proxy.cut_every(cut_every)
+        padding = b"x" * (size - 8)
+        sent = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            await session.send(sent.to_bytes(8, "big") + padding)
+            sent += 1
+        await session.send(DONE)
+        answer = await session.recv(timeout=60)
         elapsed = time.perf_counter() - start
-        if cuts is not None:
-            cuts.cancel()
+        proxy.stop_cutting()
         stats = session.stats
-    return {"seconds": elapsed, "reconnects": stats.reconnects, "replayed": stats.frames_replayed}
+    assert answer == b"%d" % sent, answer
+    return {
+        "seconds": elapsed,
+        "frames": sent,
+        "frames_per_s": sent / elapsed,
+        "cuts": proxy.stats.cuts,
+        "reconnects": stats.reconnects,
+        "replayed": stats.frames_replayed,
+    }
 
 
-def _measure(kind: str, size: int, count: int, cut_every: float | None = None) -> dict[str, Any]:
+def _measure_with_cuts(size: int, seconds: float, cut_every: float) -> dict[str, Any]:
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    process = multiprocessing.Process(target=_verifying_sink_main, args=(writer,), daemon=True)
+    process.start()
+    try:
+        return asyncio.run(_run_with_cuts(int(reader.recv()), size, seconds, cut_every))
+    finally:
+        process.terminate()
+        process.join()
+
+
+def _measure(kind: str, size: int, count: int) -> dict[str, Any]:
     process, port = _start_sink(kind, count)
     try:
         payload = b"x" * size
         if kind == "plain":
             result = {"seconds": asyncio.run(_run_plain(port, payload, count))}
         else:
-            result = asyncio.run(_run_session(port, payload, count, cut_every))
+            result = asyncio.run(_run_session(port, payload, count))
     finally:
         process.terminate()
         process.join()
@@ -150,17 +202,21 @@ def main(argv: list[str] | None = None) -> int:
             {"payload": size, "frames": count, "plain": plain, "session": session, "ratio": ratio}
         )
     print()
-    print("session with the connection cut every 100 ms (every frame still delivered)")
-    print(f"{'payload':>8} {'frames':>8} {'session f/s':>12} {'reconnects':>10} {'replayed':>9}")
+    seconds = 2.0 if args.quick else 5.0
+    print(f"session through a proxy cutting the connection every 100 ms, for {seconds:.0f} s")
+    print(
+        f"{'payload':>8} {'frames':>8} {'session f/s':>12} {'cuts':>6} {'reconnects':>10} "
+        f"{'replayed':>9}  delivered"
+    )
     cut_rows = []
     for size in (256, 4096):
-        count = _frames_for(size, args.quick)
-        result = _best("session", size, count, 1, cut_every=0.1)
+        result = _measure_with_cuts(size, seconds, 0.1)
         print(
-            f"{size:>8} {count:>8} {result['frames_per_s']:>12,.0f} "
-            f"{result['reconnects']:>10} {result['replayed']:>9}"
+            f"{size:>8} {result['frames']:>8} {result['frames_per_s']:>12,.0f} "
+            f"{result['cuts']:>6} {result['reconnects']:>10} {result['replayed']:>9}  "
+            "all, once, in order"
         )
-        cut_rows.append({"payload": size, "frames": count, **result})
+        cut_rows.append({"payload": size, **result})
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"python": sys.version, "rows": rows, "cut_rows": cut_rows}, out, indent=2)
