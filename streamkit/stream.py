@@ -24,10 +24,11 @@ __all__ = ["FramedStream"]
 FrameT = TypeVar("FrameT")
 
 #: Bytes asked of the reader per read: the reader returns what it has, up to
-#: this. A frame still missing at least this much is read in one piece with
-#: ``readexactly`` instead (copied once, not through the decoder's buffer).
-#: 64 KiB measured best of 64 KiB..1 MiB (benchmarks/bench_streams.py).
+#: this; 64 KiB measured best of 64 KiB..1 MiB (benchmarks/bench_streams.py).
 _READ_SIZE = 64 * 1024
+#: A frame whose known rest is at least this long is completed with one
+#: ``readexactly`` (two copies in all, instead of three through the buffer).
+_LARGE_REST = 16 * 1024
 #: Frames buffered in one turn are written at once past this many bytes.
 _FLUSH_SIZE = 64 * 1024
 
@@ -277,7 +278,7 @@ class FramedStream(Generic[FrameT]):
                     raise EndOfStream("end of stream")
                 missing = decoder.missing()
                 try:
-                    if missing >= _READ_SIZE:
+                    if missing >= _LARGE_REST:
                         # A large frame: read the rest of it in one piece,
                         # copied once, as readexactly-per-frame code would.
                         return decoder.complete(await self._reader.readexactly(missing))
