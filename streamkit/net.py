@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from streamkit._lifecycle import Closable
 from streamkit.codecs import Codec
 from streamkit.stream import FramedStream
 
@@ -164,7 +165,7 @@ def connect_unix(
     )
 
 
-class Server(Generic[FrameT]):
+class Server(Closable, Generic[FrameT]):
     """A listening server that calls a handler with a framed stream per connection.
 
     ``async with`` closes it on exit; ``serve_forever()`` runs until
@@ -294,15 +295,6 @@ class Server(Generic[FrameT]):
 
     async def __aenter__(self) -> Server[FrameT]:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
 
     def _remove_unix_socket(self) -> None:
         path, self._unix_path = self._unix_path, None

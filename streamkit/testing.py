@@ -24,7 +24,8 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from types import TracebackType
+
+from streamkit._lifecycle import Closable
 
 __all__ = ["FaultProxy", "ProxyStats"]
 
@@ -62,7 +63,7 @@ class _Link:
         self.server.transport.abort()
 
 
-class FaultProxy:
+class FaultProxy(Closable):
     """A proxy that forwards to ``target_host:target_port`` (or ``target_unix``) with faults.
 
     - ``cut()`` aborts every live connection now; ``cut_every(interval)``
@@ -153,23 +154,6 @@ class FaultProxy:
         if self._server is None:
             await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
-
-    async def serve_forever(self) -> None:
-        """Proxy until cancelled; then close."""
-        try:
-            await asyncio.Future()
-        finally:
-            self.close()
-            await self.wait_closed()
 
     # -- faults -------------------------------------------------------------
 

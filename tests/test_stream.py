@@ -51,17 +51,23 @@ async def test_round_trip_both_ways(
         assert [await client.recv() for _ in frames] == frames
 
 
+def count_writes(stream: Any) -> list[int]:
+    """Record the size of every write on the stream's (real) transport."""
+    transport = stream.writer.transport
+    writes: list[int] = []
+    real_write = transport.write
+
+    def counting_write(data: Any) -> None:
+        writes.append(len(data))
+        real_write(data)
+
+    transport.write = counting_write
+    return writes
+
+
 async def test_send_many_is_one_write() -> None:
     async with stream_pair(LengthPrefixed()) as (client, server):
-        transport = client.writer.transport
-        writes: list[int] = []
-        real_write = transport.write
-
-        def counting_write(data: Any) -> None:
-            writes.append(len(data))
-            real_write(data)
-
-        transport.write = counting_write  # type: ignore[method-assign]
+        writes = count_writes(client)
         await client.send_many([b"a" * 100] * 50)
         assert writes == [50 * 104]
         assert [await server.recv() for _ in range(50)] == [b"a" * 100] * 50
@@ -69,15 +75,7 @@ async def test_send_many_is_one_write() -> None:
 
 async def test_frames_sent_in_one_turn_are_coalesced() -> None:
     async with stream_pair(LengthPrefixed()) as (client, server):
-        transport = client.writer.transport
-        writes: list[int] = []
-        real_write = transport.write
-
-        def counting_write(data: Any) -> None:
-            writes.append(len(data))
-            real_write(data)
-
-        transport.write = counting_write  # type: ignore[method-assign]
+        writes = count_writes(client)
         for n in range(100):
             await client.send(b"%03d" % n)
         await asyncio.sleep(0)  # the turn ends

@@ -9,9 +9,9 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any
 
+from streamkit._lifecycle import Closable
 from streamkit.errors import EndOfStream, ProtocolError, SessionError, StreamkitError
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import decode_message, decode_records, encode_message
@@ -51,7 +51,7 @@ def status_of(info: StreamInfo) -> dict[str, Any]:
     }
 
 
-class HubServer:
+class HubServer(Closable):
     """Serves named streams; ``async with``, ``serve_forever()``, ``port``, ``close()``.
 
     Every client session gets its own handler; requests are answered in
@@ -75,14 +75,6 @@ class HubServer:
         """The listening sockets."""
         return self._server.sockets if self._server is not None else ()
 
-    async def serve_forever(self) -> None:
-        """Serve until cancelled; then close."""
-        try:
-            await asyncio.Future()
-        finally:
-            self.close()
-            await self.wait_closed()
-
     def close(self) -> None:
         """Stop accepting clients."""
         if self._server is not None:
@@ -101,15 +93,6 @@ class HubServer:
 
     async def __aenter__(self) -> HubServer:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
 
     # -- change notification --------------------------------------------------
 

@@ -12,9 +12,9 @@ import secrets
 import ssl as _ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any
 
+from streamkit._lifecycle import Closable
 from streamkit.codecs import LengthPrefixed
 from streamkit.errors import (
     ConnectionLost,
@@ -107,7 +107,7 @@ class ServerSession(Session):
         super()._teardown()
 
 
-class ResumableServer:
+class ResumableServer(Closable):
     """A server of resumable sessions: ``handler(session)`` runs once per session.
 
     A client that reconnects lands in the same running handler. Supports
@@ -153,14 +153,6 @@ class ResumableServer:
         """How many sessions are held (live, or waiting for their client)."""
         return len(self._sessions)
 
-    async def serve_forever(self) -> None:
-        """Serve until cancelled; then close gracefully."""
-        try:
-            await asyncio.Future()
-        finally:
-            self.close()
-            await self.wait_closed()
-
     def close(self) -> None:
         """Stop accepting connections and new sessions."""
         if self._closing_since is None:
@@ -189,15 +181,6 @@ class ResumableServer:
 
     async def __aenter__(self) -> ResumableServer:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
 
     # -- sessions -------------------------------------------------------------
 
