@@ -37,3 +37,49 @@ def test_echo_client_gets_every_frame_back_from_echo_server() -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def start(*argv: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a long-running process and return it with its first line of output."""
+    process = subprocess.Popen(
+        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
+def test_resume_client_survives_the_cutting_proxy_of_its_docstring() -> None:
+    """resume_server + ``python -m streamkit proxy --cut-every`` + resume_client, as documented."""
+    processes = []
+    try:
+        server, line = start(str(EXAMPLES / "resume_server.py"), "0")
+        processes.append(server)
+        port = line.rsplit(":", 1)[1]
+        proxy, line = start(
+            "-m", "streamkit", "proxy", "--target", f"127.0.0.1:{port}", "--cut-every", "0.1"
+        )
+        processes.append(proxy)
+        proxy_port = line.split()[2].rsplit(":", 1)[1]
+        client = subprocess.run(
+            [sys.executable, str(EXAMPLES / "resume_client.py"), proxy_port, "1500"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert client.returncode == 0, client.stdout + client.stderr
+        assert "all 1500 messages answered in order" in client.stdout
+        reconnects = int(client.stdout.split("reconnects=")[1].split(",")[0])
+        assert reconnects >= 1
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def test_hub_chat_prints_every_message_once_in_order() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hub_chat.py")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for user, text in [("alice", "hi bob"), ("bob", "bye")]:
+        assert result.stdout.count(f"{user}: {text}") == 1, result.stdout
