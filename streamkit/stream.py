@@ -76,6 +76,7 @@ class FramedStream(Generic[FrameT]):
         self._flush_handle: asyncio.Handle | None = None
         self._loop = asyncio.get_running_loop()
         self._eof_received = False
+        self._large_frames = False  # the last frame was read in one piece
         if write_buffer_high is not None or write_buffer_low is not None:
             self._transport.set_write_buffer_limits(write_buffer_high, write_buffer_low)
         self._high_water = self._transport.get_write_buffer_limits()[1]
@@ -281,8 +282,16 @@ class FramedStream(Generic[FrameT]):
                     if missing >= _LARGE_REST:
                         # A large frame: read the rest of it in one piece,
                         # copied once, as readexactly-per-frame code would.
+                        self._large_frames = True
                         return decoder.complete(await self._reader.readexactly(missing))
-                    data = await self._reader.read(_READ_SIZE)
+                    header = decoder.header_missing() if self._large_frames else 0
+                    if header:
+                        # After a large frame, read just the next header, so
+                        # a large payload after it comes in one piece, uncopied.
+                        data = await self._reader.readexactly(header)
+                    else:
+                        self._large_frames = False
+                        data = await self._reader.read(_READ_SIZE)
                 except asyncio.IncompleteReadError as exc:
                     data = exc.partial  # the stream ended inside the frame
                 except (ConnectionError, OSError) as exc:

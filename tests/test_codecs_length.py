@@ -355,7 +355,11 @@ def test_missing_and_complete_hand_over_the_rest_of_a_frame() -> None:
     codec = LengthPrefixed(offset=2)
     decoder = codec.decoder()
     assert decoder.missing() == 0  # no header yet
-    assert decoder.feed(b"ab\x00\x00\x00\x05he") == []
+    assert decoder.header_missing() == 6  # the offset bytes and the length
+    assert decoder.feed(b"ab\x00") == []
+    assert decoder.header_missing() == 3
+    assert decoder.feed(b"\x00\x00\x05he") == []
+    assert decoder.header_missing() == 0
     assert decoder.missing() == 3
     with pytest.raises(ValueError, match="exactly the 3 missing bytes"):
         decoder.complete(b"l")

@@ -144,6 +144,14 @@ class Decoder(Generic[FrameT]):
         """
         return 0
 
+    def header_missing(self) -> int:
+        """Bytes still needed to complete the next frame's header, if known; else 0.
+
+        With :meth:`missing`, lets a caller that expects large frames read
+        each header, then each payload, in one piece.
+        """
+        return 0
+
     def complete(self, data: bytes) -> FrameT:
         """Return the pending frame, completed by ``data`` (exactly ``missing()`` bytes).
 

@@ -226,6 +226,11 @@ class LengthPrefixedDecoder(Decoder[bytes]):
             return 0  # feed raises the error
         return max(0, prefix + size - have)
 
+    def header_missing(self) -> int:
+        if self._error is not None:
+            return 0
+        return max(0, self._codec.offset + self._codec.header - (len(self._buf) - self._pos))
+
     def complete(self, data: bytes) -> bytes:
         missing = self.missing()
         if not missing or len(data) != missing:
