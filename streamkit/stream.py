@@ -139,8 +139,11 @@ class FramedStream(Generic[FrameT]):
         self._codec.encode_into(self._out, frame)
         self._written()
 
-    def send_encoded_nowait(self, data: bytes) -> bool:
+    def send_encoded_nowait(self, data: bytes, payload: bytes = b"") -> bool:
         """Queue bytes already framed with this stream's codec, as they are.
+
+        ``payload``, if given, follows ``data`` (a header and its payload
+        need not be joined first).
 
         For a layer that frames its own messages on its hot path, or one
         encoding sent to many streams. Nothing checks the framing. Returns
@@ -151,6 +154,8 @@ class FramedStream(Generic[FrameT]):
         if self._transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
         self._out += data
+        if payload:
+            self._out += payload
         return self._written()
 
     async def send_many(self, frames: Iterable[FrameT]) -> None:

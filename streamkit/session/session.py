@@ -251,7 +251,7 @@ class Session:
             stream = conn.stream
             try:
                 if stream.send_encoded_nowait(
-                    _FRAMED_DATA.pack(size + _DATA_SIZE, _DATA, offset) + payload
+                    _FRAMED_DATA.pack(size + _DATA_SIZE, _DATA, offset), payload
                 ):
                     await stream.drain()
             except ConnectionLost:
