@@ -370,3 +370,30 @@ def test_missing_and_complete_hand_over_the_rest_of_a_frame() -> None:
     plain = LengthPrefixed().decoder()
     plain.feed(b"\x00\x00\x03\xe8")
     assert plain.complete(payload) is payload  # nothing buffered: no copy at all
+
+
+@pytest.mark.parametrize(
+    ("codec", "frame"),
+    [
+        (LengthPrefixed(header=1), b"x" * 256),  # over the header's range
+        (LengthPrefixed(max_frame=10), b"x" * 11),  # over max_frame
+        (LengthPrefixed(header=1, adjustment=-1), b"x" * 255),  # counts itself: 256 > 255
+    ],
+)
+def test_encode_into_checks_every_limit(codec: LengthPrefixed, frame: bytes) -> None:
+    out = bytearray(b"before")
+    with pytest.raises(FrameTooLarge):
+        codec.encode_into(out, frame)
+    assert out == b"before"  # nothing appended
+
+
+def test_encode_into_with_adjustment_and_offset_matches_encode() -> None:
+    for codec in (
+        LengthPrefixed(header=2, adjustment=-2),
+        LengthPrefixed(header=1, adjustment=3),
+        LengthPrefixed(offset=2),
+    ):
+        out = bytearray()
+        codec.encode_into(out, b"ab" + b"payload")
+        assert bytes(out) == codec.encode(b"ab" + b"payload")
+        assert codec.decoder().feed(bytes(out)) == [b"ab" + b"payload"]

@@ -73,6 +73,8 @@ class LengthPrefixed:
     _pack: Callable[[int], bytes] = field(init=False, repr=False, compare=False)
     _unpack_from: Callable[[Buffer, int], tuple[int]] = field(init=False, repr=False, compare=False)
     _max_value: int = field(init=False, repr=False, compare=False)
+    # Frames up to this size encode without checks; -1 turns the fast path off.
+    _fast_limit: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.header not in (1, 2, 3, 4, 8):
@@ -100,6 +102,8 @@ class LengthPrefixed:
         object.__setattr__(self, "_pack", setter[0])
         object.__setattr__(self, "_unpack_from", setter[1])
         object.__setattr__(self, "_max_value", (1 << (8 * self.header)) - 1)
+        fast = -1 if self.offset or self.adjustment > 0 else self._max_value + self.adjustment
+        object.__setattr__(self, "_fast_limit", min(self.max_frame, fast))
 
     def _header_for(self, size: int) -> bytes:
         if size > self.max_frame:
@@ -122,6 +126,11 @@ class LengthPrefixed:
 
     def encode_into(self, out: bytearray, frame: Buffer) -> None:
         """Append the wire bytes of ``frame`` to ``out``."""
+        size = len(frame)
+        if size <= self._fast_limit:  # the hot path: no offset, fits, in range
+            out += self._pack(size - self.adjustment)
+            out += frame
+            return
         off = self.offset
         if off:
             self._check_prefix(frame)
