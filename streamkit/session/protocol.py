@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -329,6 +327,7 @@ class SendState:
     __slots__ = (
         "_consumed",
         "_frames",
+        "_head",
         "_held_bytes",
         "_released_bytes",
         "max_bytes",
@@ -344,7 +343,11 @@ class SendState:
         self.received = 0  # the peer has received every frame below this
         self._released_bytes = 0  # payload bytes consumed by the peer and let go
         self._consumed = 0  # offset of the first held frame
-        self._frames: deque[bytes] = deque()
+        # Held frames are _frames[_head:]: an ack releases any number of
+        # them by moving _head; the list is compacted when half of it is
+        # released, so each frame is moved at most once, in C.
+        self._frames: list[bytes] = []
+        self._head = 0
         self._held_bytes = 0
 
     @property
@@ -369,15 +372,15 @@ class SendState:
 
     def can_send(self, size: int) -> bool:
         """Whether a frame of ``size`` bytes fits in the peer's credit now."""
-        held = len(self._frames)
+        held = len(self._frames) - self._head
         return not held or (held < self.max_frames and self._held_bytes + size <= self.max_bytes)
 
     def push(self, payload: bytes) -> int:
         """Hold a new frame for replay if the window has room: its offset, else -1."""
         frames = self._frames
-        size = len(payload)
-        held_bytes = self._held_bytes + size
-        if frames and (held_bytes > self.max_bytes or len(frames) >= self.max_frames):
+        held = len(frames) - self._head
+        held_bytes = self._held_bytes + len(payload)
+        if held and (held_bytes > self.max_bytes or held >= self.max_frames):
             return -1
         offset = self.next_offset
         self.next_offset = offset + 1
@@ -403,10 +406,15 @@ class SendState:
         if consumed > received:
             raise ProtocolError(f"ack says consumed {consumed} > received {received}")
         self.received = received
-        popleft = self._frames.popleft
-        released = 0
-        for _ in range(consumed - self._consumed):
-            released += len(popleft())
+        if consumed == self._consumed:
+            return
+        frames, head = self._frames, self._head
+        stop = head + consumed - self._consumed
+        released = sum(map(len, frames[head:stop]))
+        if stop * 2 >= len(frames):
+            del frames[:stop]
+            stop = 0
+        self._head = stop
         self._held_bytes -= released
         self._released_bytes += released
         self._consumed = consumed
@@ -414,6 +422,7 @@ class SendState:
     def release(self) -> None:
         """Drop every held frame (the session is over)."""
         self._frames.clear()
+        self._head = 0
         self._released_bytes += self._held_bytes
         self._held_bytes = 0
 
@@ -436,11 +445,8 @@ class SendState:
         """
         self.check_replay(offset)
         self.received = max(self.received, offset)
-        skip = offset - self._consumed
-        return [
-            (offset + index, payload)
-            for index, payload in enumerate(itertools.islice(self._frames, skip, None))
-        ]
+        start = self._head + offset - self._consumed
+        return list(enumerate(self._frames[start:], offset))
 
 
 class ReceiveState:
