@@ -14,11 +14,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from streamkit.errors import ProtocolError, ResumeRejected
+from streamkit.codecs import Buffer, Decoder, LengthPrefixed
+from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
+
+if TYPE_CHECKING:
+    from asyncio import StreamReader
 
 __all__ = [
     "DATA_HEADER",
@@ -36,6 +41,7 @@ __all__ = [
     "HelloNew",
     "HelloResume",
     "Message",
+    "MessageDecoder",
     "MessageType",
     "Ping",
     "Pong",
@@ -43,6 +49,7 @@ __all__ = [
     "Reject",
     "RejectReason",
     "SendState",
+    "SessionCodec",
     "Welcome",
     "check_preface",
     "decode_message",
@@ -67,7 +74,10 @@ DATA_HEADER = struct.Struct(">BQ")
 #: path packs all three in one call.
 FRAMED_DATA_HEADER = struct.Struct(">IBQ")
 _ACK = struct.Struct(">BQQ")
+_LENGTH = struct.Struct(">I")
 _DATA_BYTE = 0x10
+#: Wire bytes of a DATA message before its payload: length, type, offset.
+_DATA_PREFIX = FRAMED_DATA_HEADER.size
 
 
 class MessageType(IntEnum):
@@ -450,7 +460,12 @@ class SendState:
 
 
 class ReceiveState:
-    """One direction's receiving side: the next offset expected, duplicates, acks due."""
+    """One direction's receiving side: frames received and consumed, duplicates, acks due.
+
+    A :class:`MessageDecoder` checks offsets on the hot path; the session
+    adds what it delivered to ``received`` and ``bytes_received``, and sets
+    ``consumed`` before asking about acks.
+    """
 
     __slots__ = (
         "_acked_received",
@@ -469,43 +484,6 @@ class ReceiveState:
         self._acked_received = 0
         self.acked_consumed = 0  # consumed count in the last ack made
 
-    def receive_batch(
-        self,
-        bodies: Iterable[bytes],
-        deliver: Callable[[bytes], object],
-        on_control: Callable[[bytes], object],
-    ) -> None:
-        """Process message bodies in order: the hot path of a receiver.
-
-        New ``DATA`` payloads go to ``deliver``, duplicates are counted and
-        dropped, any other message goes to ``on_control``. Raises
-        :class:`ProtocolError` for a gap (the frames before it are delivered).
-        """
-        expected = self.received
-        delivered = 0
-        unpack_offset = _U64.unpack_from
-        header = DATA_HEADER.size
-        try:
-            for body in bodies:
-                if len(body) >= header and body[0] == _DATA_BYTE:
-                    offset = unpack_offset(body, 1)[0]
-                    if offset == expected:
-                        expected += 1
-                        delivered += len(body) - header
-                        deliver(body[header:])
-                    elif offset < expected:
-                        self.duplicates += 1
-                    else:
-                        raise ProtocolError(
-                            f"data frame at offset {offset} but offset {expected} was expected"
-                        )
-                else:
-                    self.received = expected
-                    on_control(body)
-        finally:
-            self.received = expected
-            self.bytes_received += delivered
-
     def ack_lag(self) -> int:
         """Frames received or consumed since the last ack was made."""
         return max(self.received - self._acked_received, self.consumed - self.acked_consumed)
@@ -522,3 +500,199 @@ class ReceiveState:
         self._acked_received = self.received
         self.acked_consumed = self.consumed
         return Ack(self.received, self.consumed)
+
+
+class MessageDecoder(Decoder["bytes | Message"]):
+    """Incremental decoder of a session connection's messages after the handshake.
+
+    The receiver's hot path: a new ``DATA`` message (its offset is
+    ``expected``) comes out as its payload, ``bytes``, copied once out of
+    the buffer, and ``expected`` moves on. Anything else comes out as its
+    :class:`Message`, a duplicate ``DATA`` (an offset below ``expected``) as
+    :class:`Data`. ``messages`` counts those, so a caller that sees it
+    unchanged after a feed knows it got payloads only; ``payload_bytes``
+    counts the payload bytes returned.
+
+    A ``DATA`` offset above ``expected`` (a gap), a body over ``max_body``
+    bytes (:class:`FrameTooLarge`) or a malformed message raises
+    :class:`ProtocolError` after the messages before it are returned (see
+    :class:`~streamkit.codecs.Decoder`); such errors are fatal.
+
+    With :meth:`missing`, :meth:`header_missing` and :meth:`complete`, a
+    caller reading a large ``DATA`` message reads the 13 bytes before its
+    payload, then the payload in one piece, which comes out as read.
+    """
+
+    __slots__ = ("_max_body", "_start_offset", "expected", "messages", "payload_bytes")
+
+    def __init__(self, expected: int, max_body: int) -> None:
+        super().__init__()
+        self._max_body = max_body
+        self.expected = expected
+        self._start_offset = expected  # ``expected`` when the first buffered byte was fed
+        self.messages = 0
+        self.payload_bytes = 0
+
+    def _parse(self, frames: list[bytes | Message]) -> None:
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        start, expected = pos, self.expected
+        self._start_offset = expected
+        other_bytes = 0  # wire bytes of everything but new DATA
+        max_body = self._max_body
+        append = frames.append
+        unpack_data = FRAMED_DATA_HEADER.unpack_from
+        view = memoryview(buf)
+        try:
+            while True:
+                have = end - pos
+                if have >= _DATA_PREFIX:
+                    size, kind, offset = unpack_data(buf, pos)
+                elif have >= 4:
+                    # Too short for a DATA message: a control message (or junk).
+                    size, kind, offset = _LENGTH.unpack_from(buf, pos)[0], -1, -1
+                else:
+                    break
+                if size > max_body:
+                    raise _too_large(size, max_body)
+                stop = pos + 4 + size
+                if stop > end:
+                    break
+                if kind == _DATA_BYTE and offset == expected and size >= DATA_HEADER.size:
+                    append(view[pos + _DATA_PREFIX : stop].tobytes())
+                    expected += 1
+                else:
+                    append(self._message(view[pos + 4 : stop].tobytes(), expected))
+                    self.messages += 1
+                    other_bytes += stop - pos
+                pos = stop
+        finally:
+            view.release()
+            self._pos = pos
+            self.payload_bytes += (
+                pos - start - other_bytes - _DATA_PREFIX * (expected - self.expected)
+            )
+            self.expected = expected
+
+    @staticmethod
+    def _message(body: bytes, expected: int) -> Message:
+        message = decode_message(body)
+        if isinstance(message, Data) and message.offset > expected:
+            raise ProtocolError(
+                f"data frame at offset {message.offset} but offset {expected} was expected"
+            )
+        return message
+
+    def _size(self) -> int:
+        """Body size of the message at the read position (4 length bytes buffered)."""
+        size: int = _LENGTH.unpack_from(self._buf, self._pos)[0]
+        return size
+
+    def missing(self) -> int:
+        have = len(self._buf) - self._pos
+        if self._error is not None or have < 4:
+            return 0
+        size = self._size()
+        if size > self._max_body or (have < _DATA_PREFIX and size >= DATA_HEADER.size):
+            return 0  # feed raises the error; or the DATA header is not buffered yet
+        return max(0, 4 + size - have)
+
+    def header_missing(self) -> int:
+        have = len(self._buf) - self._pos
+        if self._error is not None:
+            return 0
+        if have < 4:
+            return 4 - have
+        if self._size() >= DATA_HEADER.size:
+            # At least 13 bytes on the wire whatever the type: safe to wait for.
+            return max(0, _DATA_PREFIX - have)
+        return 0
+
+    def complete(self, data: bytes) -> bytes | Message:
+        missing = self.missing()
+        if not missing or len(data) != missing:
+            raise ValueError(f"complete() needs exactly the {missing} missing bytes")
+        buf, start = self._buf, self._pos
+        size = self._size()
+        try:
+            if len(buf) - start >= _DATA_PREFIX and buf[start + 4] == _DATA_BYTE:
+                offset: int = _U64.unpack_from(buf, start + 5)[0]
+                if offset == self.expected:
+                    partial = buf[start + _DATA_PREFIX :]
+                    self._free()
+                    self.expected += 1
+                    self.payload_bytes += size - DATA_HEADER.size
+                    return bytes(partial) + data if partial else data  # as read: no copy
+            body = bytes(buf[start + 4 :]) + data
+            self._free()
+            self.messages += 1
+            return self._message(body, self.expected)
+        except ProtocolError as exc:
+            self._error = exc
+            self._fatal = True
+            self._free()
+            raise
+
+    def _incomplete(self) -> IncompleteFrame:
+        have = self.buffered
+        if have < 4:
+            return IncompleteFrame(
+                f"stream ended {4 - have} bytes short of a complete message "
+                f"(length header: got {have} of 4)",
+                missing=4 - have,
+            )
+        size = self._size()
+        missing = 4 + size - have
+        return IncompleteFrame(
+            f"stream ended {missing} bytes short of a complete message "
+            f"(body: got {have - 4} of {size})",
+            missing=missing,
+        )
+
+    def _fresh(self) -> MessageDecoder:
+        return MessageDecoder(self._start_offset, self._max_body)
+
+
+def _too_large(size: int, max_body: int) -> FrameTooLarge:
+    return FrameTooLarge(f"frame of {size} bytes exceeds max_frame={max_body}")
+
+
+class SessionCodec:
+    """The framing of one session connection after the handshake.
+
+    Encodes like ``LengthPrefixed(4)`` (a ``u32`` length, then the message
+    body); decodes with its one :class:`MessageDecoder`, which
+    :meth:`decoder` returns, so the session can watch its counters.
+    """
+
+    __slots__ = ("_decoder", "_framing")
+
+    def __init__(self, decoder: MessageDecoder, max_body: int) -> None:
+        self._decoder = decoder
+        self._framing = LengthPrefixed(max_frame=max_body)
+
+    @property
+    def max_frame(self) -> int:
+        """The largest message body."""
+        return self._framing.max_frame
+
+    def encode(self, frame: Buffer) -> bytes:
+        """The wire bytes of one message body."""
+        return self._framing.encode(frame)
+
+    def encode_into(self, out: bytearray, frame: Buffer) -> None:
+        """Append the wire bytes of one message body to ``out``."""
+        self._framing.encode_into(out, frame)
+
+    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
+        """The wire bytes of several message bodies."""
+        return self._framing.encode_many(frames)
+
+    def decoder(self) -> MessageDecoder:
+        """This connection's decoder (the same one on every call)."""
+        return self._decoder
+
+    async def read_frame(self, reader: StreamReader) -> bytes:
+        """Read one message body (as ``LengthPrefixed(4)`` does; not decoded)."""
+        return await self._framing.read_frame(reader)

@@ -15,6 +15,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, cast
 
 from streamkit.errors import (
     ConnectionLost,
@@ -32,12 +33,14 @@ from streamkit.session.protocol import (
     Close,
     CloseAck,
     Data,
+    Message,
+    MessageDecoder,
     MessageType,
     Ping,
     Pong,
     ReceiveState,
     SendState,
-    decode_message,
+    SessionCodec,
     encode_data_header,
 )
 from streamkit.stream import FramedStream
@@ -147,12 +150,13 @@ class SessionStats:
 
 
 class _Connection:
-    """One attached connection: its stream and the tasks that serve it."""
+    """One attached connection: its stream, its decoder and the tasks that serve it."""
 
-    __slots__ = ("alive", "closed", "keepalive", "last_seen", "reader", "stream")
+    __slots__ = ("alive", "closed", "decoder", "keepalive", "last_seen", "reader", "stream")
 
-    def __init__(self, stream: FramedStream[bytes]) -> None:
+    def __init__(self, stream: FramedStream[Any], decoder: MessageDecoder) -> None:
         self.stream = stream
+        self.decoder = decoder
         self.alive = True  # a message arrived since the last keepalive tick
         self.last_seen = 0.0
         self.reader: asyncio.Task[None] | None = None
@@ -184,6 +188,8 @@ class Session:
         self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
         self._recv_state = ReceiveState()
         self._queue: deque[bytes] = deque()
+        # recv() looks at acks only once the queue is this short (see _ack_check).
+        self._ack_low_water = -1
         self._loop = asyncio.get_running_loop()
         self._readable = asyncio.Event()  # data, end or failure: recv may proceed
         self._progress = asyncio.Event()  # acks, credit, end or failure: senders may proceed
@@ -274,32 +280,31 @@ class Session:
         every frame was returned, ``TimeoutError`` after ``timeout`` seconds
         (nothing is lost), and the session's failure if it failed.
         """
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             if timeout is None:
                 await self._wait_readable()
             else:
                 async with asyncio.timeout(timeout):
                     await self._wait_readable()
-        return self._take()
+        payload = queue.popleft()
+        if len(queue) <= self._ack_low_water:
+            self._ack_check()
+        return payload
 
     def __aiter__(self) -> Session:
         return self
 
     async def __anext__(self) -> bytes:
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             try:
                 await self._wait_readable()
             except EndOfStream:
                 raise StopAsyncIteration from None
-        return self._take()
-
-    def _take(self) -> bytes:
-        payload = self._queue.popleft()
-        state = self._recv_state
-        state.consumed = consumed = state.consumed + 1
-        # Per frame, only see whether an ack is due or its timer must start.
-        if self._ack_timer is None or consumed - state.acked_consumed >= self._ack_every:
-            self._ack_soon(state)
+        payload = queue.popleft()
+        if len(queue) <= self._ack_low_water:
+            self._ack_check()
         return payload
 
     async def flush(self) -> None:
@@ -421,8 +426,15 @@ class Session:
         :class:`~streamkit.errors.ResumeRejected` if it cannot be served.
         """
         frames = self._send_state.replay_from(peer_received)
+        limit = self.settings.framing_limit()
+        decoder = MessageDecoder(self._recv_state.received, limit)
+        with contextlib.suppress(ProtocolError):
+            # What the peer sent after its handshake is decoded now; if it
+            # is bad, the read loop meets the error at once and drops the
+            # connection.
+            stream.switch_codec(SessionCodec(decoder, limit))
         self._drop_connection()
-        conn = _Connection(stream)
+        conn = _Connection(stream, decoder)
         conn.last_seen = self._loop.time()
         self._conn = conn
         self._connections += 1
@@ -430,7 +442,10 @@ class Session:
         for offset, payload in frames:
             stream.send_nowait(encode_data_header(offset) + payload)
         self._replayed += len(frames)
-        stream.send_nowait(self._recv_state.make_ack().encode())
+        state = self._recv_state
+        state.consumed = state.received - len(self._queue)
+        stream.send_nowait(state.make_ack().encode())
+        self._set_ack_low_water()
         if self._close_sent:
             stream.send_nowait(Close(self._send_state.next_offset).encode())
         conn.reader = asyncio.create_task(self._read_loop(conn))
@@ -489,36 +504,69 @@ class Session:
 
     # -- acks -----------------------------------------------------------------
 
-    def _ack_soon(self, state: ReceiveState) -> None:
-        if state.ack_due(self.settings.ack_every):
+    # Frames in the queue are received, not consumed: consumed is always
+    # received - len(queue), so recv() counts nothing per frame. It calls
+    # _ack_check only once the queue is down to _ack_low_water.
+
+    def _ack_check(self) -> None:
+        """Frames were received or consumed: ack if ``ack_every`` are due, else start the timer."""
+        state = self._recv_state
+        state.consumed = state.received - len(self._queue)
+        if state.ack_due(self._ack_every):
             self._send_ack()
-        elif self._ack_timer is None:
+            return
+        if self._ack_timer is None and state.ack_lag():
             self._ack_timer = self._loop.call_later(self.settings.ack_delay, self._send_ack)
+        self._set_ack_low_water()
+
+    def _set_ack_low_water(self) -> None:
+        # While the ack timer runs, consumption matters once ack_every frames
+        # are consumed since the last ack; otherwise the first frame
+        # consumed starts the timer.
+        state = self._recv_state
+        step = self._ack_every if self._ack_timer is not None else 1
+        self._ack_low_water = state.received - state.acked_consumed - step
 
     def _send_ack(self) -> None:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        if self._recv_state.ack_lag():
-            self._send_control(self._recv_state.make_ack().encode())
+        state = self._recv_state
+        state.consumed = state.received - len(self._queue)
+        if state.ack_lag():
+            self._send_control(state.make_ack().encode())
+        self._set_ack_low_water()
 
     # -- the connection's tasks --------------------------------------------
 
     async def _read_loop(self, conn: _Connection) -> None:
         stream = conn.stream
+        decoder = conn.decoder
         state = self._recv_state
         queue = self._queue
+        messages = 0  # decoder.messages as of the last batch
+        payload_bytes = 0  # decoder.payload_bytes as of the last batch
         reason: BaseException | None = None
         try:
             while True:
-                batch = await stream.recv_batch()
+                batch: list[bytes | Message] = await stream.recv_batch()
                 conn.alive = True
-                try:
-                    state.receive_batch(batch, queue.append, self._on_control)
-                finally:
-                    if queue:
-                        self._readable.set()
-                self._ack_soon(state)
+                if decoder.messages == messages:
+                    # Payloads only, all new and in order: the hot path.
+                    queue.extend(cast("list[bytes]", batch))
+                    state.received += len(batch)
+                    state.bytes_received += decoder.payload_bytes - payload_bytes
+                else:
+                    messages = decoder.messages
+                    try:
+                        self._receive_mixed(batch)
+                    finally:
+                        if queue:
+                            self._readable.set()
+                payload_bytes = decoder.payload_bytes
+                if queue:
+                    self._readable.set()
+                self._ack_check()
         except (EndOfStream, IncompleteFrame, ConnectionLost, OSError) as exc:
             reason = exc  # the connection ended or broke, possibly mid-frame
         except ProtocolError as exc:
@@ -527,11 +575,31 @@ class Session:
         finally:
             self._connection_lost(conn, reason)
 
-    def _on_control(self, body: bytes) -> None:
-        message = decode_message(body)
+    def _receive_mixed(self, batch: list[bytes | Message]) -> None:
+        """Deliver payloads and handle messages in order (``received`` exact for each)."""
+        state = self._recv_state
+        append = self._queue.append
+        received = state.received
+        delivered = 0
+        try:
+            for item in batch:
+                if type(item) is bytes:
+                    append(item)
+                    received += 1
+                    delivered += len(item)
+                else:
+                    state.received = received
+                    self._on_message(cast(Message, item))
+        finally:
+            state.received = received
+            state.bytes_received += delivered
+
+    def _on_message(self, message: Message) -> None:
         if isinstance(message, Ack):
             self._send_state.on_ack(message.received, message.consumed)
             self._progress.set()
+        elif isinstance(message, Data):
+            self._recv_state.duplicates += 1  # an offset already received
         elif isinstance(message, Ping):
             self._send_control(_PONG)
         elif isinstance(message, Pong):
@@ -552,8 +620,6 @@ class Session:
             if not self._close_sent:
                 raise ProtocolError("CLOSE_ACK for a close that was never sent")
             self._finish()
-        elif isinstance(message, Data):  # pragma: no cover - handled on the fast path
-            raise ProtocolError("malformed DATA message")
         else:
             raise ProtocolError(f"unexpected {type(message).__name__} message in a session")
 
