@@ -194,7 +194,8 @@ class Session:
         self._readable = asyncio.Event()  # data, end or failure: recv may proceed
         self._progress = asyncio.Event()  # acks, credit, end or failure: senders may proceed
         self._conn: _Connection | None = None
-        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None  # ack_delay after a frame
+        self._ack_handle: asyncio.Handle | None = None  # an ack due, sent as this turn ends
         self._closing = False  # close() was called: no more sends
         self._send_blocked = False  # closing, closed or failed: send() takes the slow path
         self._close_sent = False
@@ -480,9 +481,10 @@ class Session:
 
     def _teardown(self) -> None:
         """Release the connection and timers once the session is over."""
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        for handle in (self._ack_timer, self._ack_handle):
+            if handle is not None:
+                handle.cancel()
+        self._ack_timer = self._ack_handle = None
         conn = self._conn
         if conn is not None:
             with contextlib.suppress(ConnectionLost):
@@ -509,15 +511,24 @@ class Session:
     # _ack_check only once the queue is down to _ack_low_water.
 
     def _ack_check(self) -> None:
-        """Frames were received or consumed: ack if ``ack_every`` are due, else start the timer."""
+        """Frames were received or consumed: ack if ``ack_every`` are due, else start the timer.
+
+        A due ack goes out when the event loop's turn ends, so the frames
+        the application consumes in this turn (it runs after the read loop)
+        are acknowledged with the ones received: one ack, one write, per
+        batch rather than one per ``ack_every`` frames.
+        """
+        if self._ack_handle is not None:
+            return
         state = self._recv_state
         state.consumed = state.received - len(self._queue)
         if state.ack_due(self._ack_every):
-            self._send_ack()
-            return
-        if self._ack_timer is None and state.ack_lag():
-            self._ack_timer = self._loop.call_later(self.settings.ack_delay, self._send_ack)
-        self._set_ack_low_water()
+            self._ack_handle = self._loop.call_soon(self._on_ack_due)
+            self._ack_low_water = -1  # nothing more to check until it is sent
+        else:
+            if self._ack_timer is None and state.ack_lag():
+                self._ack_timer = self._loop.call_later(self.settings.ack_delay, self._on_ack_timer)
+            self._set_ack_low_water()
 
     def _set_ack_low_water(self) -> None:
         # While the ack timer runs, consumption matters once ack_every frames
@@ -527,10 +538,22 @@ class Session:
         step = self._ack_every if self._ack_timer is not None else 1
         self._ack_low_water = state.received - state.acked_consumed - step
 
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self._send_ack()
+
+    def _on_ack_due(self) -> None:
+        self._ack_handle = None
+        self._send_ack()
+
     def _send_ack(self) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        """Send an ack now if anything was received or consumed since the last one."""
+        # A running ack timer is left to fire (it acks whatever came since,
+        # if anything): stopping and starting one per ack costs more than
+        # the ack.
+        if self._ack_handle is not None:
+            self._ack_handle.cancel()
+            self._ack_handle = None
         state = self._recv_state
         state.consumed = state.received - len(self._queue)
         if state.ack_lag():
