@@ -448,15 +448,19 @@ class SendState:
                 "consumed and are no longer held"
             )
 
-    def replay_from(self, offset: int) -> list[tuple[int, bytes]]:
-        """The held frames from ``offset`` on, for a peer that resumed expecting ``offset``.
+    def resume(self, offset: int) -> int:
+        """A peer resumed expecting ``offset``: how many held frames it needs again.
 
-        Raises :class:`ResumeRejected` for an offset never sent or no longer held.
+        Those are ``frames_from(offset)``. Raises :class:`ResumeRejected`
+        for an offset never sent or no longer held.
         """
         self.check_replay(offset)
         self.received = max(self.received, offset)
-        start = self._head + offset - self._consumed
-        return list(enumerate(self._frames[start:], offset))
+        return self.next_offset - offset
+
+    def frames_from(self, offset: int) -> list[bytes]:
+        """The held frames from ``offset`` on (``offset`` is held: sent, not consumed)."""
+        return self._frames[self._head + offset - self._consumed :]
 
 
 class ReceiveState:

@@ -41,7 +41,6 @@ from streamkit.session.protocol import (
     ReceiveState,
     SendState,
     SessionCodec,
-    encode_data_header,
 )
 from streamkit.stream import FramedStream
 
@@ -55,6 +54,8 @@ _FRAMED_DATA = FRAMED_DATA_HEADER
 _PING = Ping().encode()
 _PONG = Pong().encode()
 _CLOSE_ACK = CloseAck().encode()
+#: New frames written to the connection at once past this many bytes.
+_WRITE_SIZE = 64 * 1024
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -194,6 +195,10 @@ class Session:
         self._readable = asyncio.Event()  # data, end or failure: recv may proceed
         self._progress = asyncio.Event()  # acks, credit, end or failure: senders may proceed
         self._conn: _Connection | None = None
+        self._written = 0  # frames below this offset are written to the connection
+        self._unwritten_bytes = 0  # payload bytes of frames not yet written
+        self._write_handle: asyncio.Handle | None = None  # writes the frames of this turn
+        self._must_drain = False  # the connection's write buffer is over its high-water mark
         self._ack_timer: asyncio.TimerHandle | None = None  # ack_delay after a frame
         self._ack_handle: asyncio.Handle | None = None  # an ack due, sent as this turn ends
         self._closing = False  # close() was called: no more sends
@@ -238,7 +243,11 @@ class Session:
     async def send(self, payload: bytes) -> None:
         """Send one frame; it will reach the peer's ``recv`` exactly once, in order.
 
-        Waits while the send window is full. Raises :class:`FrameTooLarge`
+        The first frame of an event-loop turn is written at once; the
+        turn's later frames are written together, in one piece, when the
+        turn ends (or every 64 KiB). Waits while the send window is full,
+        and while the connection's write buffer is over its high-water
+        mark. Raises :class:`FrameTooLarge`
         over ``max_frame``, :class:`SessionError` once the session is closing
         or closed, and the session's failure if it failed.
         """
@@ -250,19 +259,54 @@ class Session:
         while offset < 0:
             await self._wait_to_send(size)
             offset = state.push(payload)
+        if self._write_handle is None:
+            self._write_frames()
+            self._write_handle = self._loop.call_soon(self._on_write_due)
+        else:
+            self._unwritten_bytes += size
+            if self._unwritten_bytes >= _WRITE_SIZE:
+                self._write_frames()
+        if self._must_drain:
+            await self._drain()
+
+    def _write_frames(self) -> None:
+        """Write the frames sent since the last write to the connection, in one piece."""
+        state = self._send_state
+        start, stop = self._written, state.next_offset
+        if start == stop:
+            return
+        self._unwritten_bytes = 0
+        conn = self._conn
+        if conn is None:
+            return  # they stay in the replay buffer for the next connection
+        self._written = stop
+        pack = _FRAMED_DATA.pack
+        frames = state.frames_from(start)
+        if len(frames) == 1:
+            payload = frames[0]  # a large frame, or one written at once: not joined
+            header = pack(len(payload) + _DATA_SIZE, _DATA, start)
+        else:
+            parts: list[bytes] = []
+            for offset, payload in enumerate(frames, start):
+                parts += (pack(len(payload) + _DATA_SIZE, _DATA, offset), payload)
+            header, payload = b"".join(parts), b""
+        try:
+            if conn.stream.send_encoded_nowait(header, payload):
+                self._must_drain = True
+        except ConnectionLost:
+            pass  # the read loop sees the loss; the frames stay in the replay buffer
+
+    def _on_write_due(self) -> None:
+        self._write_handle = None
+        self._write_frames()
+
+    async def _drain(self) -> None:
+        self._must_drain = False
+        self._write_frames()
         conn = self._conn
         if conn is not None:
-            # Queued in call order, so frames keep offset order even with
-            # concurrent senders; a lost connection is no error here: the
-            # frame stays in the replay buffer.
-            stream = conn.stream
-            try:
-                if stream.send_encoded_nowait(
-                    _FRAMED_DATA.pack(size + _DATA_SIZE, _DATA, offset), payload
-                ):
-                    await stream.drain()
-            except ConnectionLost:
-                pass
+            with contextlib.suppress(ConnectionLost):
+                await conn.stream.drain()
 
     async def _wait_to_send(self, size: int) -> None:
         if size > self._max_frame:
@@ -426,7 +470,7 @@ class Session:
         ``peer_received`` is the next offset the peer expects. Raises
         :class:`~streamkit.errors.ResumeRejected` if it cannot be served.
         """
-        frames = self._send_state.replay_from(peer_received)
+        replayed = self._send_state.resume(peer_received)
         limit = self.settings.framing_limit()
         decoder = MessageDecoder(self._recv_state.received, limit)
         with contextlib.suppress(ProtocolError):
@@ -440,9 +484,10 @@ class Session:
         self._conn = conn
         self._connections += 1
         # Queued synchronously, before any new frame can be sent on it.
-        for offset, payload in frames:
-            stream.send_nowait(encode_data_header(offset) + payload)
-        self._replayed += len(frames)
+        self._written = peer_received
+        self._must_drain = False
+        self._write_frames()
+        self._replayed += replayed
         state = self._recv_state
         state.consumed = state.received - len(self._queue)
         stream.send_nowait(state.make_ack().encode())
@@ -481,10 +526,10 @@ class Session:
 
     def _teardown(self) -> None:
         """Release the connection and timers once the session is over."""
-        for handle in (self._ack_timer, self._ack_handle):
+        for handle in (self._ack_timer, self._ack_handle, self._write_handle):
             if handle is not None:
                 handle.cancel()
-        self._ack_timer = self._ack_handle = None
+        self._ack_timer = self._ack_handle = self._write_handle = None
         conn = self._conn
         if conn is not None:
             with contextlib.suppress(ConnectionLost):
@@ -499,6 +544,8 @@ class Session:
     def _send_control(self, message: bytes) -> None:
         conn = self._conn
         if conn is not None:
+            if self._written != self._send_state.next_offset:
+                self._write_frames()  # messages keep their order with frames
             try:
                 conn.stream.send_nowait(message)
             except ConnectionLost as exc:
