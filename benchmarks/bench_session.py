@@ -2,19 +2,25 @@
 
     python benchmarks/bench_session.py [--quick] [--json PATH]
 
-The receiver runs in a second process on loopback TCP; the client sends N
-frames one way and the receiver answers once it has them all. Rows compare
-a session with a plain ``FramedStream`` (``LengthPrefixed(4)``) for the
-same payloads. Then a session streams numbered frames for a few seconds
-through a ``FaultProxy`` (in the client's process) that cuts the connection
-every 100 ms, often in the middle of a frame; the receiver checks that
-every number arrives once and in order.
+Each measurement runs the sender and the receiver in two fresh processes
+(spawned, so no run inherits another's heap: large frames swing 3x with
+the allocator's state) on loopback TCP; the sender sends N frames one way
+and the receiver answers once it has them all. Rows compare a session with
+a plain ``FramedStream`` (``LengthPrefixed(4)``) for the same payloads,
+run alternately, best of the repeats.
+
+Then a session streams numbered frames for a fixed time through a
+``FaultProxy`` (in the sender's process) that cuts the connection every
+100 ms, often in the middle of a frame, beside the same run through the
+proxy without cuts. The receiver checks that every number arrives once and
+in order, and reports how many duplicates it dropped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import statistics
@@ -22,17 +28,22 @@ import sys
 import time
 from typing import Any
 
-from streamkit import FramedStream, LengthPrefixed, connect, serve
+from streamkit import EndOfStream, FramedStream, LengthPrefixed, connect, serve
 from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
 from streamkit.testing import FaultProxy
 
 SIZES = [16, 256, 4096, 65536]
 DONE = b"done"
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 def _frames_for(size: int, quick: bool) -> int:
-    budget = (8 if quick else 48) * 1024 * 1024  # bytes per run
-    return max(200, min(100_000 if quick else 300_000, budget // max(size, 1)))
+    # Runs of a fraction of a second: shorter ones mostly measure warm-up.
+    budget = (64 if quick else 256) * 1024 * 1024  # bytes per run
+    return max(200, min(150_000 if quick else 600_000, budget // max(size, 1)))
+
+
+# -- the receiving process ------------------------------------------------------
 
 
 async def _plain_sink(count: int, port_out: Any) -> None:
@@ -40,7 +51,8 @@ async def _plain_sink(count: int, port_out: Any) -> None:
         for _ in range(count):
             await stream.recv()
         await stream.send(DONE)
-        await stream.recv()  # until the client closes
+        with contextlib.suppress(EndOfStream):
+            await stream.recv()  # until the client closes
 
     server = await serve(handler, "127.0.0.1", 0, codec=LengthPrefixed())
     port_out.send(server.port)
@@ -59,38 +71,8 @@ async def _session_sink(count: int, port_out: Any) -> None:
     await server.serve_forever()
 
 
-def _sink_main(kind: str, count: int, port_out: Any) -> None:
-    sink = _plain_sink if kind == "plain" else _session_sink
-    asyncio.run(sink(count, port_out))
-
-
-def _start_sink(kind: str, count: int) -> tuple[multiprocessing.Process, int]:
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_sink_main, args=(kind, count, writer), daemon=True)
-    process.start()
-    return process, int(reader.recv())
-
-
-async def _run_plain(port: int, payload: bytes, count: int) -> float:
-    async with connect("127.0.0.1", port, codec=LengthPrefixed()) as stream:
-        start = time.perf_counter()
-        for _ in range(count):
-            await stream.send(payload)
-        assert await stream.recv() == DONE
-        return time.perf_counter() - start
-
-
-async def _run_session(port: int, payload: bytes, count: int) -> dict[str, Any]:
-    async with connect_resumable("127.0.0.1", port) as session:
-        start = time.perf_counter()
-        for _ in range(count):
-            await session.send(payload)
-        assert await session.recv() == DONE
-        return {"seconds": time.perf_counter() - start}
-
-
 async def _verifying_sink(port_out: Any) -> None:
-    """Receive numbered frames until DONE; answer how many, or what went wrong."""
+    """Receive numbered frames until DONE; answer with a summary, or what went wrong."""
 
     async def handler(session: ServerSession) -> None:
         expected = 0
@@ -102,7 +84,8 @@ async def _verifying_sink(port_out: Any) -> None:
                 await session.send(b"frame %d where %d was expected" % (number, expected))
                 return
             expected += 1
-        await session.send(b"%d" % expected)
+        summary = {"received": expected, "duplicates": session.stats.duplicates_dropped}
+        await session.send(json.dumps(summary).encode())
         await session.recv()
 
     server = await serve_resumable(handler, "127.0.0.1", 0, resume_timeout=10)
@@ -110,17 +93,46 @@ async def _verifying_sink(port_out: Any) -> None:
     await server.serve_forever()
 
 
-def _verifying_sink_main(port_out: Any) -> None:
-    asyncio.run(_verifying_sink(port_out))
+def _sink_main(kind: str, count: int, port_out: Any) -> None:
+    if kind == "plain":
+        asyncio.run(_plain_sink(count, port_out))
+    elif kind == "session":
+        asyncio.run(_session_sink(count, port_out))
+    else:
+        asyncio.run(_verifying_sink(port_out))
 
 
-async def _run_with_cuts(port: int, size: int, seconds: float, cut_every: float) -> dict[str, Any]:
+# -- the sending process --------------------------------------------------------
+
+
+async def _run_plain(port: int, payload: bytes, count: int) -> dict[str, Any]:
+    async with connect("127.0.0.1", port, codec=LengthPrefixed()) as stream:
+        start = time.perf_counter()
+        for _ in range(count):
+            await stream.send(payload)
+        assert await stream.recv() == DONE
+        return {"seconds": time.perf_counter() - start}
+
+
+async def _run_session(port: int, payload: bytes, count: int) -> dict[str, Any]:
+    async with connect_resumable("127.0.0.1", port) as session:
+        start = time.perf_counter()
+        for _ in range(count):
+            await session.send(payload)
+        assert await session.recv() == DONE
+        return {"seconds": time.perf_counter() - start}
+
+
+async def _run_through_proxy(
+    port: int, size: int, seconds: float, cut_every: float | None
+) -> dict[str, Any]:
     settings = {"reconnect_backoff": Backoff(initial=0.002, maximum=0.05)}
     async with (
         FaultProxy("127.0.0.1", port, seed=1) as proxy,
         connect_resumable("127.0.0.1", proxy.port, **settings) as session,  # type: ignore[arg-type]
     ):
-        proxy.cut_every(cut_every)
+        if cut_every is not None:
+            proxy.cut_every(cut_every)
         padding = b"x" * (size - 8)
         sent = 0
         start = time.perf_counter()
@@ -132,7 +144,11 @@ async def _run_with_cuts(port: int, size: int, seconds: float, cut_every: float)
         elapsed = time.perf_counter() - start
         proxy.stop_cutting()
         stats = session.stats
-    assert answer == b"%d" % sent, answer
+    try:
+        summary = json.loads(answer)
+    except ValueError:
+        raise AssertionError(answer.decode(errors="replace")) from None
+    assert summary["received"] == sent, (summary, sent)
     return {
         "seconds": elapsed,
         "frames": sent,
@@ -140,39 +156,61 @@ async def _run_with_cuts(port: int, size: int, seconds: float, cut_every: float)
         "cuts": proxy.stats.cuts,
         "reconnects": stats.reconnects,
         "replayed": stats.frames_replayed,
+        "duplicates": summary["duplicates"],
     }
 
 
-def _measure_with_cuts(size: int, seconds: float, cut_every: float) -> dict[str, Any]:
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_verifying_sink_main, args=(writer,), daemon=True)
-    process.start()
+def _sender_main(port: int, kind: str, size: int, count: int, out: Any) -> None:
+    if kind == "plain":
+        out.send(asyncio.run(_run_plain(port, b"x" * size, count)))
+    else:
+        out.send(asyncio.run(_run_session(port, b"x" * size, count)))
+
+
+def _proxy_sender_main(
+    port: int, size: int, seconds: float, cut_every: float | None, out: Any
+) -> None:
+    out.send(asyncio.run(_run_through_proxy(port, size, seconds, cut_every)))
+
+
+# -- orchestration --------------------------------------------------------------
+
+
+def _in_processes(sink: tuple[Any, ...], sender: Any, args: tuple[Any, ...]) -> dict[str, Any]:
+    """Start a sink process, then a sender process given its port; return the sender's result."""
+    port_in, port_out = _SPAWN.Pipe(duplex=False)
+    sink_process = _SPAWN.Process(target=_sink_main, args=(*sink, port_out), daemon=True)
+    sink_process.start()
     try:
-        return asyncio.run(_run_with_cuts(int(reader.recv()), size, seconds, cut_every))
+        port = int(port_in.recv())
+        result_in, result_out = _SPAWN.Pipe(duplex=False)
+        sender_process = _SPAWN.Process(target=sender, args=(port, *args, result_out))
+        sender_process.start()
+        try:
+            result: dict[str, Any] = result_in.recv()
+        except EOFError:
+            raise RuntimeError("the sending process failed (see its traceback above)") from None
+        finally:
+            sender_process.join()
+        return result
     finally:
-        process.terminate()
-        process.join()
+        sink_process.terminate()
+        sink_process.join()
 
 
 def _measure(kind: str, size: int, count: int) -> dict[str, Any]:
-    process, port = _start_sink(kind, count)
-    try:
-        payload = b"x" * size
-        if kind == "plain":
-            result = {"seconds": asyncio.run(_run_plain(port, payload, count))}
-        else:
-            result = asyncio.run(_run_session(port, payload, count))
-    finally:
-        process.terminate()
-        process.join()
+    result = _in_processes((kind, count), _sender_main, (kind, size, count))
     result["frames_per_s"] = count / result["seconds"]
     result["mb_per_s"] = count * size / result["seconds"] / 1e6
     return result
 
 
-def _best(kind: str, size: int, count: int, repeat: int, **options: Any) -> dict[str, Any]:
-    runs = [_measure(kind, size, count, **options) for _ in range(repeat)]
-    best = min(runs, key=lambda run: run["seconds"])
+def _measure_through_proxy(size: int, seconds: float, cut_every: float | None) -> dict[str, Any]:
+    return _in_processes(("verify", 0), _proxy_sender_main, (size, seconds, cut_every))
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    best = dict(min(runs, key=lambda run: run["seconds"]))
     best["median_frames_per_s"] = statistics.median(run["frames_per_s"] for run in runs)
     return best
 
@@ -191,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for size in SIZES:
         count = _frames_for(size, args.quick)
-        plain = _best("plain", size, count, repeat)
-        session = _best("session", size, count, repeat)
+        plain_runs, session_runs = [], []
+        for _ in range(repeat):  # alternately, so both see the same machine
+            plain_runs.append(_measure("plain", size, count))
+            session_runs.append(_measure("session", size, count))
+        plain, session = _best(plain_runs), _best(session_runs)
         ratio = session["frames_per_s"] / plain["frames_per_s"]
         print(
             f"{size:>8} {count:>8} {plain['frames_per_s']:>12,.0f} "
@@ -203,20 +244,26 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     seconds = 2.0 if args.quick else 5.0
-    print(f"session through a proxy cutting the connection every 100 ms, for {seconds:.0f} s")
     print(
-        f"{'payload':>8} {'frames':>8} {'session f/s':>12} {'cuts':>6} {'reconnects':>10} "
-        f"{'replayed':>9}  delivered"
+        f"session through a proxy for {seconds:.0f} s: without cuts, then cut every 100 ms; "
+        "every frame checked by number"
+    )
+    print(
+        f"{'payload':>8} {'uncut f/s':>10} {'frames':>8} {'cut f/s':>10} {'ratio':>6} "
+        f"{'cuts':>5} {'reconnects':>10} {'replayed':>9} {'dups':>5}  delivered"
     )
     cut_rows = []
     for size in (256, 4096):
-        result = _measure_with_cuts(size, seconds, 0.1)
+        uncut = _measure_through_proxy(size, seconds, None)
+        result = _measure_through_proxy(size, seconds, 0.1)
+        ratio = result["frames_per_s"] / uncut["frames_per_s"]
         print(
-            f"{size:>8} {result['frames']:>8} {result['frames_per_s']:>12,.0f} "
-            f"{result['cuts']:>6} {result['reconnects']:>10} {result['replayed']:>9}  "
+            f"{size:>8} {uncut['frames_per_s']:>10,.0f} {result['frames']:>8} "
+            f"{result['frames_per_s']:>10,.0f} {ratio:>6.2f} {result['cuts']:>5} "
+            f"{result['reconnects']:>10} {result['replayed']:>9} {result['duplicates']:>5}  "
             "all, once, in order"
         )
-        cut_rows.append({"payload": size, **result})
+        cut_rows.append({"payload": size, "uncut": uncut, **result, "ratio": ratio})
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"python": sys.version, "rows": rows, "cut_rows": cut_rows}, out, indent=2)
