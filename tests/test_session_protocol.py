@@ -1,0 +1,249 @@
+"""The session's sans-IO parts: MessageDecoder, the replay buffer, and how acks go out."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
+from streamkit.session import ServerSession, serve_resumable
+from streamkit.session.protocol import (
+    Ack,
+    Data,
+    HelloNew,
+    Message,
+    MessageDecoder,
+    Ping,
+    SendState,
+    Welcome,
+    decode_message,
+    encode_data_header,
+    make_preface,
+)
+
+LIMIT = 1 << 20
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def data(offset: int, payload: bytes) -> bytes:
+    return frame(encode_data_header(offset) + payload)
+
+
+def feed_all(decoder: MessageDecoder, chunks: list[bytes]) -> list[bytes | Message]:
+    out: list[bytes | Message] = []
+    for chunk in chunks:
+        out += decoder.feed(chunk)
+    return out
+
+
+# -- MessageDecoder -------------------------------------------------------------
+
+
+@given(
+    st.lists(st.binary(max_size=200), max_size=30),
+    st.lists(st.integers(1, 64), min_size=1, max_size=20),
+    st.integers(0, 2**40),
+)
+def test_payloads_and_messages_come_out_in_order_under_any_chunking(
+    payloads: list[bytes], cuts: list[int], first: int
+) -> None:
+    wire = bytearray()
+    expected: list[bytes | Message] = []
+    for number, payload in enumerate(payloads):
+        wire += data(first + number, payload)
+        expected.append(payload)
+        if number % 7 == 3:
+            wire += frame(Ack(first, 0).encode())
+            expected.append(Ack(first, 0))
+        if number % 5 == 4:  # a duplicate, as a replay may bring
+            wire += data(first + number, payload)
+            expected.append(Data(first + number, payload))
+    chunks, position = [], 0
+    for size in cuts * (len(wire) // sum(cuts) + 1):
+        chunks.append(bytes(wire[position : position + size]))
+        position += size
+    decoder = MessageDecoder(first, LIMIT)
+    assert feed_all(decoder, chunks) == expected
+    decoder.close()
+    assert decoder.expected == first + len(payloads)
+    assert decoder.payload_bytes == sum(map(len, payloads))
+    assert decoder.messages == sum(not isinstance(item, bytes) for item in expected)
+
+
+def test_a_gap_is_raised_after_the_frames_before_it() -> None:
+    decoder = MessageDecoder(0, LIMIT)
+    assert decoder.feed(data(0, b"a") + data(2, b"c")) == [b"a"]
+    with pytest.raises(ProtocolError, match="offset 2 but offset 1 was expected"):
+        decoder.feed(b"")
+
+
+def test_an_oversized_body_is_refused_at_its_length() -> None:
+    decoder = MessageDecoder(0, 100)
+    with pytest.raises(FrameTooLarge, match="frame of 5000 bytes exceeds max_frame=100"):
+        decoder.feed(struct.pack(">I", 5000))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "empty session message"),
+        (bytes([0x10]) + b"\0\0\0", "malformed DATA message"),
+        (bytes([0x11, 0]), "malformed ACK"),
+        (bytes([0x7E]), "unknown session message type 0x7e"),
+    ],
+)
+def test_malformed_messages_are_protocol_errors(body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        MessageDecoder(0, LIMIT).feed(frame(body))
+
+
+def test_a_stream_ending_inside_a_message_is_incomplete() -> None:
+    decoder = MessageDecoder(0, LIMIT)
+    decoder.feed(data(0, b"payload")[:-3])
+    with pytest.raises(IncompleteFrame, match=r"3 bytes short .* \(body: got 13 of 16\)") as info:
+        decoder.close()
+    assert info.value.missing == 3
+    decoder = MessageDecoder(0, LIMIT)
+    decoder.feed(b"\0\0")
+    with pytest.raises(IncompleteFrame, match="length header: got 2 of 4"):
+        decoder.close()
+
+
+def test_a_large_payload_is_read_in_one_piece_and_kept_as_read() -> None:
+    payload = bytes(100_000)
+    wire = data(7, payload)
+    decoder = MessageDecoder(7, LIMIT)
+    assert decoder.header_missing() == 4
+    assert decoder.feed(wire[:4]) == []
+    assert decoder.missing() == 0  # the offset is not buffered yet
+    assert decoder.header_missing() == 9
+    assert decoder.feed(wire[4:13]) == []
+    assert decoder.missing() == len(payload)
+    assert decoder.complete(payload) is payload
+    assert decoder.expected == 8
+    assert decoder.payload_bytes == len(payload)
+    assert decoder.buffered == 0
+
+
+def test_a_short_message_needs_no_more_than_its_own_bytes() -> None:
+    decoder = MessageDecoder(0, LIMIT)
+    assert decoder.feed(frame(Ping().encode())[:4]) == []
+    assert decoder.header_missing() == 0  # a 1-byte body: do not wait for 9 more
+    assert decoder.feed(frame(Ping().encode())[4:]) == [Ping()]
+
+
+def test_complete_gives_duplicates_as_data_and_raises_gaps_for_good() -> None:
+    payload = bytes(50_000)
+    decoder = MessageDecoder(3, LIMIT)
+    decoder.feed(data(1, payload)[:13])
+    assert decoder.complete(payload) == Data(1, payload)
+    assert decoder.expected == 3
+    decoder.feed(data(9, payload)[:13])
+    with pytest.raises(ProtocolError, match="offset 9 but offset 3 was expected"):
+        decoder.complete(payload)
+    with pytest.raises(ProtocolError, match="offset 9"):
+        decoder.feed(b"")
+
+
+def test_complete_needs_exactly_the_missing_bytes() -> None:
+    decoder = MessageDecoder(0, LIMIT)
+    decoder.feed(data(0, bytes(100))[:13])
+    with pytest.raises(ValueError, match="exactly the 100 missing bytes"):
+        decoder.complete(bytes(99))
+
+
+# -- the replay buffer ----------------------------------------------------------
+
+
+def test_acks_release_held_frames_and_their_bytes() -> None:
+    state = SendState(max_frames=1000, max_bytes=10_000)
+    for number in range(300):
+        assert state.push(bytes([number % 256]) * 10) == number
+    assert state.held_bytes == 3000
+    state.on_ack(received=250, consumed=100)
+    assert state.held_bytes == 2000
+    assert state.unacked == 50
+    state.on_ack(received=260, consumed=251)  # releases past the list's middle: compacted
+    assert state.held_bytes == 490
+    assert state.resume(255) == 45
+    assert state.frames_from(299) == [bytes([299 % 256]) * 10]
+    assert state.frames_from(251)[0] == bytes([251]) * 10
+    with pytest.raises(ResumeRejected, match="frames below 251 were consumed"):
+        state.resume(250)
+    assert state.bytes_sent == 3000
+
+
+def test_the_window_bounds_frames_and_bytes_but_one_frame_always_fits() -> None:
+    state = SendState(max_frames=2, max_bytes=100)
+    assert state.push(bytes(500)) == 0  # nothing held: any size goes
+    assert state.push(b"x") == -1
+    state.on_ack(1, 1)
+    assert state.push(bytes(60)) == 1
+    assert state.push(bytes(40)) == 2
+    assert state.push(b"") == -1  # two frames held
+    assert not state.can_send(0)
+
+
+# -- acks on the wire -----------------------------------------------------------
+
+
+async def attached_raw_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(make_preface() + frame(HelloNew().encode()))
+    await reader.readexactly(len(make_preface()) + 16)
+    size = struct.unpack(">I", await reader.readexactly(4))[0]
+    assert isinstance(decode_message(await reader.readexactly(size)), Welcome)
+    return reader, writer
+
+
+async def acks_until(reader: asyncio.StreamReader, consumed: int) -> list[Ack]:
+    acks: list[Ack] = []
+    while not acks or acks[-1].consumed < consumed:
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        message = decode_message(await reader.readexactly(size))
+        if isinstance(message, Ack) and message.received:
+            acks.append(message)
+    return acks
+
+
+async def test_a_batch_consumed_in_one_turn_is_acked_once() -> None:
+    async def consume(session: ServerSession) -> None:
+        async for _ in session:
+            pass
+
+    async with await serve_resumable(
+        consume, "127.0.0.1", 0, ack_every=64, ack_delay=5.0, grace_period=0.1
+    ) as server:
+        reader, writer = await attached_raw_client(server.port)
+        writer.write(b"".join(data(n, bytes(100)) for n in range(200)))
+        async with asyncio.timeout(2):  # well before ack_delay
+            acks = await acks_until(reader, 200)
+        # One ack per read batch (loopback may split the 22 KB write), each
+        # covering what was received and consumed, not one per 64 frames.
+        assert len(acks) <= 2
+        assert acks[-1] == Ack(200, 200)
+        writer.close()
+
+
+async def test_frames_consumed_slowly_are_all_acked_after_ack_delay() -> None:
+    async def consume_slowly(session: ServerSession) -> None:
+        async for _ in session:
+            await asyncio.sleep(0.02)
+
+    async with await serve_resumable(
+        consume_slowly, "127.0.0.1", 0, ack_every=64, ack_delay=0.01, grace_period=0.1
+    ) as server:
+        reader, writer = await attached_raw_client(server.port)
+        writer.write(b"".join(data(n, b"x") for n in range(10)))
+        async with asyncio.timeout(5):
+            acks = await acks_until(reader, 10)
+        assert acks[0].received == 10
+        assert acks[-1] == Ack(10, 10)
+        writer.close()
