@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,17 +16,23 @@ from pathlib import Path
 
 import pytest
 
-from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
-from streamkit.testing import FaultProxy
+from streamkit.session import (
+    Backoff,
+    ServerSession,
+    SessionSettings,
+    connect_resumable,
+    serve_resumable,
+)
+from streamkit.testing import FaultProxy, main
 
-FAST = {
-    "keepalive_interval": 0.1,
-    "keepalive_timeout": 0.3,
-    "ack_delay": 0.002,
-    "ack_every": 8,
-    "reconnect_backoff": Backoff(initial=0.002, maximum=0.02),
-    "handshake_timeout": 0.5,
-}
+FAST = SessionSettings(
+    keepalive_interval=0.1,
+    keepalive_timeout=0.3,
+    ack_delay=0.002,
+    ack_every=8,
+    reconnect_backoff=Backoff(initial=0.002, maximum=0.02),
+    handshake_timeout=0.5,
+)
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -49,6 +60,44 @@ async def echo_behind_proxy(**options: object) -> AsyncIterator[FaultProxy]:
         await server.wait_closed()
 
 
+class Collector:
+    """A server that records what each connection received and how it ended."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.chunks = asyncio.Queue[bytes]()  # as they arrive, from every connection
+        self.ended = asyncio.Queue[bytes]()  # all a connection received, when it ends
+        self.writers: list[asyncio.StreamWriter] = []
+        self.send_on_connect = b""
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        data = bytearray()
+        try:
+            if self.send_on_connect:
+                writer.write(self.send_on_connect)
+                await writer.drain()
+            while chunk := await reader.read(65536):
+                self.chunks.put_nowait(chunk)
+                data += chunk
+        except OSError:
+            pass
+        self.received.append(bytes(data))
+        writer.close()
+        self.ended.put_nowait(bytes(data))
+
+
+async def read_until_dead(reader: asyncio.StreamReader) -> bytes:
+    """Everything the connection delivers until it ends, by a reset or a FIN."""
+    data = bytearray()
+    try:
+        while chunk := await reader.read(65536):
+            data += chunk
+    except OSError:
+        pass
+    return bytes(data)
+
+
 async def test_forwards_bytes_exactly_both_ways_and_passes_the_half_close_on() -> None:
     data = random.Random(1).randbytes(3 * 1024 * 1024 + 17)
     async with echo_behind_proxy() as proxy:
@@ -71,47 +120,96 @@ async def test_forwards_bytes_exactly_both_ways_and_passes_the_half_close_on() -
         assert proxy.stats.cuts == 0
 
 
+async def test_a_slow_reader_stops_the_proxy_reading_from_the_writer() -> None:
+    """Flow control: the proxy buffers a bounded amount for a client that does not read."""
+    collector = Collector()
+    collector.send_on_connect = b"x" * (64 * 1024 * 1024)  # far more than any buffer
+    server = await asyncio.start_server(collector, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        previous = -1
+        while proxy.stats.bytes_down != previous:  # until the proxy stops forwarding
+            previous = proxy.stats.bytes_down
+            await asyncio.sleep(0.05)
+        # Kernel socket buffers and the proxy's own chunks, not the 64 MiB.
+        assert proxy.stats.bytes_down < 32 * 1024 * 1024
+        assert len(await reader.readexactly(1024 * 1024)) == 1024 * 1024
+        writer.close()
+
+
 async def test_cut_aborts_every_connection_and_new_ones_still_work() -> None:
     async with echo_behind_proxy() as proxy:
         pairs = [await asyncio.open_connection(*proxy.address) for _ in range(3)]
         for reader, writer in pairs:  # every link is up
             writer.write(b"ping")
             assert await reader.readexactly(4) == b"ping"
+        assert proxy.open_connections == 3
         assert proxy.cut() == 3
         for reader, writer in pairs:
             with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
                 await reader.readexactly(1)
             writer.close()
-        assert (proxy.stats.cuts, proxy.connections) == (3, 0)
+        assert (proxy.stats.cuts, proxy.open_connections) == (3, 0)
         reader, writer = await asyncio.open_connection(*proxy.address)
         writer.write(b"again")
         assert await reader.readexactly(5) == b"again"
         writer.close()
+        assert proxy.stats.connections == 4
+
+
+async def test_cut_after_tears_a_frame_going_up() -> None:
+    collector = Collector()
+    server = await asyncio.start_server(collector, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"a" * 10)
+        assert await collector.chunks.get() == b"a" * 10  # through whole, before the cut
+        assert proxy.cut_after(35, "up") == 1
+        writer.write(b"b" * 20)  # forwarded whole: 15 to go
+        await asyncio.sleep(0.01)
+        writer.write(b"c" * 100)  # a frame the cut tears after 15 bytes
+        assert await collector.ended.get() == b"a" * 10 + b"b" * 20 + b"c" * 15
+        assert await read_until_dead(reader) == b""
+        writer.close()
+        assert (proxy.stats.cuts, proxy.stats.bytes_up) == (1, 45)
+
+
+async def test_cut_after_tears_a_frame_going_down() -> None:
+    collector = Collector()
+    server = await asyncio.start_server(collector, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"hi")
+        assert await collector.chunks.get() == b"hi"  # the link is up
+        assert proxy.cut_after(123, "down") == 1
+        collector.writers[0].write(b"d" * 1000)
+        assert await read_until_dead(reader) == b"d" * 123
+        assert await collector.ended.get() == b"hi"
+        writer.close()
+        assert proxy.stats.cuts == 1
+
+
+def test_cut_after_checks_its_arguments() -> None:
+    proxy = FaultProxy("127.0.0.1", 1)
+    with pytest.raises(ValueError, match="nbytes=0 must be >= 1"):
+        proxy.cut_after(0, "up")
+    with pytest.raises(ValueError, match="direction='sideways' must be 'up' or 'down'"):
+        proxy.cut_after(1, "sideways")  # type: ignore[arg-type]
 
 
 async def test_random_cuts_tear_frames_in_the_middle() -> None:
-    """With cut_every, some connections die with half a frame delivered."""
-    received: list[int] = []
-    ended = asyncio.Queue[None]()
-
-    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        total = 0
-        try:
-            while data := await reader.read(65536):
-                total += len(data)
-        except OSError:
-            pass
-        received.append(total)
-        writer.close()
-        ended.put_nowait(None)
-
-    server = await asyncio.start_server(count, "127.0.0.1", 0)
+    """With cut_every, some connections die with part of a frame delivered."""
+    collector = Collector()
+    server = await asyncio.start_server(collector, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     frame = b"f" * 100
     async with server, FaultProxy("127.0.0.1", port, seed=3) as proxy:
         proxy.cut_every(0.005, jitter=0.5)
         for _ in range(200):
-            if any(total % len(frame) for total in received):
+            if any(len(data) % len(frame) for data in collector.received):
                 break
             reader, writer = await asyncio.open_connection(*proxy.address)
             try:
@@ -122,38 +220,80 @@ async def test_random_cuts_tear_frames_in_the_middle() -> None:
             except OSError:
                 pass
             writer.close()
-            await ended.get()
+            await collector.ended.get()
         assert proxy.stats.cuts > 0
-        assert any(total % len(frame) for total in received), received
+        assert any(len(data) % len(frame) for data in collector.received)
 
 
-async def test_blackhole_swallows_traffic_but_keeps_the_connection_open() -> None:
+async def test_cut_every_checks_its_arguments() -> None:
+    async with echo_behind_proxy() as proxy:
+        with pytest.raises(ValueError, match=r"interval > 0 and 0 <= jitter <= 1, not 0, 0\.5"):
+            proxy.cut_every(0)
+        with pytest.raises(ValueError, match=r"not 1, 1\.5"):
+            proxy.cut_every(1, jitter=1.5)
+
+
+async def test_blackhole_holds_traffic_with_the_connection_open_and_restore_delivers_it() -> None:
     async with echo_behind_proxy() as proxy:
         reader, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"before")
+        assert await reader.readexactly(6) == b"before"
         proxy.blackhole()
-        writer.write(b"lost")
+        assert proxy.blackholed
+        writer.write(b"held")
         await writer.drain()
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(reader.readexactly(1), 0.2)
-        assert not reader.at_eof() and proxy.connections == 1
+            await asyncio.wait_for(reader.readexactly(1), 0.1)
+        assert not reader.at_eof() and proxy.open_connections == 1
+        assert proxy.stats.bytes_up == 6  # nothing went through
         proxy.restore()
-        writer.write(b"found")
-        assert await reader.readexactly(5) == b"found"
-        assert proxy.stats.bytes_dropped == len(b"lost")
+        writer.write(b" then after")
+        # Nothing was lost: the byte stream is the one a real TCP link carries.
+        assert await reader.readexactly(15) == b"held then after"
+        writer.close()
+
+
+async def test_blackhole_holds_the_end_of_stream_too() -> None:
+    async with echo_behind_proxy() as proxy:
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        writer.write(b"up")
+        assert await reader.readexactly(2) == b"up"
+        proxy.blackhole()
+        writer.write_eof()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(), 0.1)
+        proxy.restore()
+        assert await reader.read() == b"<eof>"
         writer.close()
 
 
 async def test_delay_holds_each_chunk() -> None:
-    async with echo_behind_proxy(delay=0.05) as proxy:
+    async with echo_behind_proxy(delay=0.1) as proxy:
         reader, writer = await asyncio.open_connection(*proxy.address)
         start = time.monotonic()
         writer.write(b"x")
         assert await reader.readexactly(1) == b"x"
-        assert time.monotonic() - start >= 0.09  # held once each way
+        assert time.monotonic() - start >= 0.19  # held once each way
+        proxy.delay = 0
+        start = time.monotonic()
+        writer.write(b"y")
+        assert await reader.readexactly(1) == b"y"
+        assert time.monotonic() - start < 0.1
         writer.close()
 
 
-async def test_unix_socket_target(tmp_path: Path) -> None:
+def test_constructor_needs_one_target_and_a_sane_delay() -> None:
+    with pytest.raises(ValueError, match="target_host and target_port, or target_unix"):
+        FaultProxy()
+    with pytest.raises(ValueError, match="target_host and target_port, or target_unix"):
+        FaultProxy("127.0.0.1", 1, target_unix="/tmp/x")
+    with pytest.raises(ValueError, match="delay=-1 must be >= 0"):
+        FaultProxy("127.0.0.1", 1, delay=-1)
+    with pytest.raises(RuntimeError, match="not started"):
+        FaultProxy("127.0.0.1", 1).port  # noqa: B018
+
+
+async def test_unix_socket_target_and_listener(tmp_path: Path) -> None:
     path = str(tmp_path / "echo.sock")
     server = await asyncio.start_unix_server(echo, path)
     async with server, FaultProxy(target_unix=path) as proxy:
@@ -161,9 +301,22 @@ async def test_unix_socket_target(tmp_path: Path) -> None:
         writer.write(b"over unix")
         assert await reader.readexactly(9) == b"over unix"
         writer.close()
+    proxy_path = str(tmp_path / "proxy.sock")
+    server = await asyncio.start_unix_server(echo, path)
+    async with server, await FaultProxy(target_unix=path).start_unix(proxy_path) as proxy:
+        with pytest.raises(RuntimeError, match="Unix socket"):
+            proxy.port  # noqa: B018
+        reader, writer = await asyncio.open_unix_connection(proxy_path)
+        writer.write(b"unix to unix")
+        assert await reader.readexactly(12) == b"unix to unix"
+        assert proxy.cut() == 1
+        assert await read_until_dead(reader) == b""
+        writer.close()
 
 
-async def test_unreachable_target_closes_the_client_connection() -> None:
+async def test_unreachable_target_closes_the_client_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     probe = await asyncio.start_server(echo, "127.0.0.1", 0)
     port = probe.sockets[0].getsockname()[1]
     probe.close()
@@ -173,6 +326,7 @@ async def test_unreachable_target_closes_the_client_connection() -> None:
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
             await reader.readexactly(1)
         writer.close()
+    assert "proxy could not reach its target" in caplog.text
 
 
 def proxy_tasks() -> list[asyncio.Task[object]]:
@@ -188,21 +342,21 @@ async def test_close_stops_listening_and_every_task() -> None:
         reader, writer = await asyncio.open_connection(*proxy.address)
         writer.write(b"up")
         assert await reader.readexactly(2) == b"up"
+        idle_reader, idle_writer = await asyncio.open_connection(*proxy.address)
+        proxy.blackhole()  # a connection waiting on the black hole ends too
+        writer.write(b"held")
         proxy.cut_every(10)
-        assert proxy_tasks()  # the connection's and the cutter's
+        proxy.stop_cutting()
+        proxy.cut_every(10)
+        assert proxy_tasks()  # the connections' and the cutters'
         address = proxy.address
     assert proxy_tasks() == []
-    assert await reader.read() == b""
-    writer.close()
+    assert proxy.stats.cuts == 0  # closing is not a cut
+    for conn_reader, conn_writer in ((reader, writer), (idle_reader, idle_writer)):
+        assert await read_until_dead(conn_reader) == b""
+        conn_writer.close()
     with pytest.raises(OSError):
         await asyncio.open_connection(*address)
-
-
-def test_constructor_needs_one_target() -> None:
-    with pytest.raises(ValueError, match="target_host and target_port, or target_unix"):
-        FaultProxy()
-    with pytest.raises(ValueError, match="target_host and target_port, or target_unix"):
-        FaultProxy("127.0.0.1", 1, target_unix="/tmp/x")
 
 
 # -- sessions through the proxy -------------------------------------------------
@@ -219,9 +373,11 @@ async def test_session_is_exactly_once_through_random_mid_frame_cuts() -> None:
             await session.send(payload)
 
     async with (
-        await serve_resumable(echo_session, "127.0.0.1", 0, **FAST) as server,
+        await serve_resumable(echo_session, "127.0.0.1", 0, settings=FAST) as server,
         FaultProxy("127.0.0.1", server.port, seed=11) as proxy,
-        connect_resumable("127.0.0.1", proxy.port, max_unacked_frames=128, **FAST) as session,
+        connect_resumable(
+            "127.0.0.1", proxy.port, settings=FAST, max_unacked_frames=128
+        ) as session,
     ):
         proxy.cut_every(0.01)
         sent: list[bytes] = []
@@ -233,7 +389,7 @@ async def test_session_is_exactly_once_through_random_mid_frame_cuts() -> None:
                 await session.send(payload)
 
         sending = asyncio.create_task(send_until_cut_enough())
-        echoed = []
+        echoed: list[bytes] = []
         while not sending.done() or len(echoed) < len(sent):
             echoed.append(await session.recv())
         await sending
@@ -243,21 +399,82 @@ async def test_session_is_exactly_once_through_random_mid_frame_cuts() -> None:
     assert session.stats.reconnects >= 20
 
 
-async def test_keepalive_recovers_a_session_from_a_blackhole() -> None:
-    async def echo_session(session: ServerSession) -> None:
-        async for payload in session:
-            await session.send(payload)
+# -- the command line -------------------------------------------------------------
 
-    async with (
-        await serve_resumable(echo_session, "127.0.0.1", 0, **FAST) as server,
-        FaultProxy("127.0.0.1", server.port) as proxy,
-        connect_resumable("127.0.0.1", proxy.port, **FAST) as session,
-    ):
-        await session.send(b"before")
-        assert await session.recv() == b"before"
-        proxy.blackhole()
-        await session.send(b"during")
-        await asyncio.sleep(0.5)  # past keepalive_timeout: the client gives up the link
-        proxy.restore()
-        assert await session.recv(timeout=5) == b"during"
-        assert session.stats.reconnects >= 1
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "one of the arguments --target --target-unix is required"),
+        (["--target", "nowhere"], "'nowhere' is not [HOST:]PORT"),
+        (["--target", "127.0.0.1:70000"], "'127.0.0.1:70000' is not [HOST:]PORT"),
+        (["--target", "127.0.0.1:1", "--target-unix", "/tmp/x"], "not allowed with"),
+        (["--target", "127.0.0.1:1", "--listen", "x:y"], "'x:y' is not [HOST:]PORT"),
+        (["--target", "127.0.0.1:1", "--cut-every", "0"], "--cut-every must be > 0"),
+        (["--target", "127.0.0.1:1", "--cut-every", "often"], "'often' is not a number"),
+        (["--target", "127.0.0.1:1", "--jitter", "2"], "--jitter must be between 0 and 1"),
+        (["--target", "127.0.0.1:1", "--delay", "-1"], "'-1' is not a number of seconds"),
+        (["--target", "127.0.0.1:1", "--duration", "0"], "--duration must be > 0"),
+        (["--target", "127.0.0.1:1", "--seed", "x"], "invalid int value: 'x'"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m streamkit proxy: error: ")
+    assert message in error
+
+
+def test_cli_runs_for_a_duration_and_reports_a_port_in_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--target", "127.0.0.1:1", "--duration", "0.05"]) == 0
+    assert capsys.readouterr().out.startswith("proxy on 127.0.0.1:")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--listen", str(port), "--target", "127.0.0.1:1"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("proxy: ") and "\n" not in error
+
+
+def test_cli_forwards_and_logs_cuts_until_interrupted() -> None:
+    async def serve_and_use() -> None:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        code = "import sys; from streamkit.testing import main; sys.exit(main(sys.argv[1:]))"
+        process = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-c", code, "--target", f"127.0.0.1:{port}"],
+            *["--cut-every", "0.05", "--seed", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        async with server:
+            line = (await process.stdout.readline()).decode()
+            assert line.startswith("proxy on 127.0.0.1:")
+            assert line.endswith(f"-> 127.0.0.1:{port}\n")
+            proxy_port = int(line.split()[2].rsplit(":", 1)[1])
+            while True:  # until an echo beats the next cut
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+                writer.write(b"through the cli")
+                echoed = await read_until_dead(reader)  # the proxy cuts it soon
+                writer.close()
+                assert b"through the cli".startswith(echoed)
+                if echoed:
+                    break
+            process.send_signal(signal.SIGINT)
+            stderr = (await process.stderr.read()).decode()
+            assert await process.wait() == 0
+        assert "cut a connection" in stderr
+        stopped = re.search(r"proxy stopped: (\d+) connections, (\d+) cuts", stderr)
+        assert stopped is not None, stderr
+        assert int(stopped[1]) == int(stopped[2]) >= 1
+        assert "Traceback" not in stderr
+
+    asyncio.run(asyncio.wait_for(serve_and_use(), 30))
