@@ -80,6 +80,9 @@ class FramedStream(Generic[FrameT]):
         if write_buffer_high is not None or write_buffer_low is not None:
             self._transport.set_write_buffer_limits(write_buffer_high, write_buffer_low)
         self._high_water = self._transport.get_write_buffer_limits()[1]
+        #: Gathered bytes are written once they reach this: at most _FLUSH_SIZE,
+        #: and no more than the room left under the high-water mark.
+        self._flush_at = _FLUSH_SIZE
 
     # -- properties ---------------------------------------------------------
 
@@ -202,11 +205,15 @@ class FramedStream(Generic[FrameT]):
             # and written together when the turn ends.
             self._write_out()
             self._flush_handle = self._loop.call_soon(self._flush)
-        elif len(self._out) >= _FLUSH_SIZE:
+        elif len(self._out) >= self._flush_at:
             self._write_out()
         else:
             return False
-        return self._transport.get_write_buffer_size() > self._high_water
+        buffered = self._transport.get_write_buffer_size()
+        # The buffer only shrinks until our next write, so gathering no more
+        # than the room left keeps it within the high-water mark plus a frame.
+        self._flush_at = min(_FLUSH_SIZE, self._high_water - buffered)
+        return buffered > self._high_water
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
