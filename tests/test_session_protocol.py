@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 
 import pytest
@@ -247,3 +248,48 @@ async def test_frames_consumed_slowly_are_all_acked_after_ack_delay() -> None:
         assert acks[0].received == 10
         assert acks[-1] == Ack(10, 10)
         writer.close()
+
+
+async def test_frames_pipelined_behind_the_hello_are_delivered() -> None:
+    async def echo(session: ServerSession) -> None:
+        async for payload in session:
+            await session.send(payload)
+
+    async with await serve_resumable(echo, "127.0.0.1", 0, grace_period=0.1) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        # Everything in one write: the server reads the HELLO with its
+        # handshake framing and must hand the DATA behind it to the session.
+        writer.write(
+            make_preface()
+            + frame(HelloNew().encode())
+            + b"".join(data(n, b"%d" % n) for n in range(3))
+        )
+        await reader.readexactly(len(make_preface()) + 16)
+        echoed: list[bytes] = []
+        async with asyncio.timeout(2):
+            while len(echoed) < 3:
+                size = struct.unpack(">I", await reader.readexactly(4))[0]
+                message = decode_message(await reader.readexactly(size))
+                if isinstance(message, Data):
+                    echoed.append(message.payload)
+        assert echoed == [b"0", b"1", b"2"]
+        writer.close()
+
+
+async def test_bad_frames_pipelined_behind_the_hello_drop_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+
+    async def consume(session: ServerSession) -> None:
+        async for _ in session:
+            pass
+
+    async with await serve_resumable(consume, "127.0.0.1", 0, grace_period=0.1) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(make_preface() + frame(HelloNew().encode()) + data(5, b"gap"))
+        async with asyncio.timeout(2):
+            while await reader.read(65536):  # the server closes the connection
+                pass
+        writer.close()
+        assert "offset 5 but offset 0 was expected" in caplog.text
