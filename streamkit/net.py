@@ -354,13 +354,19 @@ def _bind_unix(path: str) -> socket.socket:
                 raise FileExistsError(
                     errno.EEXIST, f"{path} exists and is not a socket; not replacing it"
                 ) from exc
+            live = OSError(errno.EADDRINUSE, f"a server is already listening on {path}")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # Non-blocking: a connect to a live server with a full backlog
+            # would otherwise block the event loop until that server accepts.
+            probe.setblocking(False)
             try:
                 probe.connect(path)
             except ConnectionRefusedError:
                 os.unlink(path)  # stale: nothing listens on it
+            except BlockingIOError:
+                raise live from exc  # live, with its backlog full
             else:
-                raise OSError(errno.EADDRINUSE, f"a server is already listening on {path}") from exc
+                raise live from exc
             finally:
                 probe.close()
             sock.bind(path)
