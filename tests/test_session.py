@@ -35,6 +35,7 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
+from streamkit.testing import FaultProxy
 
 FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.005}
 QUICK_SHUTDOWN = {"grace_period": 0.1}
@@ -238,22 +239,24 @@ async def test_stalled_receiver_bounds_sender_and_blocks_send() -> None:
 async def test_keepalive_detects_half_open_connection() -> None:
     async with (
         echo_server() as server,
-        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+        connect_resumable("127.0.0.1", proxy.port, **FAST) as session,
     ):
         await session.send(b"before")
         assert await session.recv() == b"before"
-        conn = session._conn
-        assert conn is not None
-        # Black-hole: stop reading from the socket; the peer keeps it open.
-        conn.stream.writer.transport.pause_reading()
-        conn.stream.writer.transport.write = lambda data: None  # type: ignore[method-assign]
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            if session.stats.reconnects:
+        # Half-open: nothing gets through, yet no end of stream or reset arrives.
+        proxy.blackhole()
+        await session.send(b"during")
+        with pytest.raises(TimeoutError):
+            await session.recv(timeout=0.2)
+        for _ in range(250):  # keepalive_timeout (0.6 s) lets go of the silent link
+            if not session.connected:
                 break
+            await asyncio.sleep(0.02)
+        assert not session.connected and session.stats.reconnects == 0
+        proxy.restore()
+        assert await session.recv(timeout=5) == b"during"
         assert session.stats.reconnects == 1
-        await session.send(b"after")
-        assert await session.recv(timeout=5) == b"after"
 
 
 # -- handshake security ------------------------------------------------------
