@@ -46,11 +46,17 @@ def _frames_for(size: int, quick: bool) -> int:
 # -- the receiving process ------------------------------------------------------
 
 
+def _done(cpu_start: float) -> bytes:
+    """The sink's answer once it has every frame: its CPU seconds for them."""
+    return b"%r" % (time.process_time() - cpu_start)
+
+
 async def _plain_sink(count: int, port_out: Any) -> None:
     async def handler(stream: FramedStream[bytes]) -> None:
+        cpu_start = time.process_time()
         for _ in range(count):
             await stream.recv()
-        await stream.send(DONE)
+        await stream.send(_done(cpu_start))
         with contextlib.suppress(EndOfStream):
             await stream.recv()  # until the client closes
 
@@ -61,9 +67,10 @@ async def _plain_sink(count: int, port_out: Any) -> None:
 
 async def _session_sink(count: int, port_out: Any) -> None:
     async def handler(session: ServerSession) -> None:
+        cpu_start = time.process_time()
         for _ in range(count):
             await session.recv()
-        await session.send(DONE)
+        await session.send(_done(cpu_start))
         await session.recv()
 
     server = await serve_resumable(handler, "127.0.0.1", 0, resume_timeout=10)
@@ -107,20 +114,28 @@ def _sink_main(kind: str, count: int, port_out: Any) -> None:
 
 async def _run_plain(port: int, payload: bytes, count: int) -> dict[str, Any]:
     async with connect("127.0.0.1", port, codec=LengthPrefixed()) as stream:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(count):
             await stream.send(payload)
-        assert await stream.recv() == DONE
-        return {"seconds": time.perf_counter() - start}
+        sink_cpu = float(await stream.recv())
+        return _timings(start, cpu_start, sink_cpu, count)
 
 
 async def _run_session(port: int, payload: bytes, count: int) -> dict[str, Any]:
     async with connect_resumable("127.0.0.1", port) as session:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(count):
             await session.send(payload)
-        assert await session.recv() == DONE
-        return {"seconds": time.perf_counter() - start}
+        sink_cpu = float(await session.recv())
+        return _timings(start, cpu_start, sink_cpu, count)
+
+
+def _timings(start: float, cpu_start: float, sink_cpu: float, count: int) -> dict[str, Any]:
+    return {
+        "seconds": time.perf_counter() - start,
+        "sender_cpu_ns": (time.process_time() - cpu_start) / count * 1e9,
+        "receiver_cpu_ns": sink_cpu / count * 1e9,
+    }
 
 
 async def _run_through_proxy(
@@ -212,7 +227,13 @@ def _measure_through_proxy(size: int, seconds: float, cut_every: float | None) -
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best = dict(min(runs, key=lambda run: run["seconds"]))
     best["median_frames_per_s"] = statistics.median(run["frames_per_s"] for run in runs)
+    for side in ("sender_cpu_ns", "receiver_cpu_ns"):
+        best[side] = min(run[side] for run in runs)
     return best
+
+
+def _cpu(run: dict[str, Any]) -> str:
+    return f"{run['sender_cpu_ns']:,.0f}/{run['receiver_cpu_ns']:,.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"session vs plain FramedStream, one way over loopback TCP, best of {repeat}")
     print(
+        "CPU: ns per frame, sender/receiver; its ratio (plain/session, busier side) holds "
+        "steadier than wall time on a busy machine"
+    )
+    print(
         f"{'payload':>8} {'frames':>8} {'plain f/s':>12} {'session f/s':>12} "
-        f"{'session MB/s':>12} {'ratio':>6}"
+        f"{'session MB/s':>12} {'ratio':>6} {'plain CPU':>14} {'session CPU':>14} {'ratio':>6}"
     )
     for size in SIZES:
         count = _frames_for(size, args.quick)
@@ -235,12 +260,23 @@ def main(argv: list[str] | None = None) -> int:
             session_runs.append(_measure("session", size, count))
         plain, session = _best(plain_runs), _best(session_runs)
         ratio = session["frames_per_s"] / plain["frames_per_s"]
+        cpu_ratio = max(plain["sender_cpu_ns"], plain["receiver_cpu_ns"]) / max(
+            session["sender_cpu_ns"], session["receiver_cpu_ns"]
+        )
         print(
             f"{size:>8} {count:>8} {plain['frames_per_s']:>12,.0f} "
-            f"{session['frames_per_s']:>12,.0f} {session['mb_per_s']:>12,.1f} {ratio:>6.2f}"
+            f"{session['frames_per_s']:>12,.0f} {session['mb_per_s']:>12,.1f} {ratio:>6.2f} "
+            f"{_cpu(plain):>14} {_cpu(session):>14} {cpu_ratio:>6.2f}"
         )
         rows.append(
-            {"payload": size, "frames": count, "plain": plain, "session": session, "ratio": ratio}
+            {
+                "payload": size,
+                "frames": count,
+                "plain": plain,
+                "session": session,
+                "ratio": ratio,
+                "cpu_ratio": cpu_ratio,
+            }
         )
     print()
     seconds = 2.0 if args.quick else 5.0
