@@ -357,6 +357,11 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _host_port(host: str, port: int) -> str:
+    """The address as ``_address`` reads it back: ``[::1]:9000`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -408,8 +413,8 @@ async def _run_proxy(args: argparse.Namespace) -> None:
         where = args.listen_unix
     else:
         await proxy.start(*args.listen)
-        where = "{}:{}".format(*proxy.address)
-    target = args.target_unix or "{}:{}".format(*args.target)
+        where = _host_port(*proxy.address)
+    target = args.target_unix or _host_port(*args.target)
     print(f"proxy on {where} -> {target}", flush=True)
     if args.cut_every:
         proxy.cut_every(args.cut_every, jitter=args.jitter)

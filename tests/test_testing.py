@@ -24,6 +24,7 @@ from streamkit.session import (
     serve_resumable,
 )
 from streamkit.testing import FaultProxy, main
+from tests._pairs import HAS_IPV6
 
 FAST = SessionSettings(
     keepalive_interval=0.1,
@@ -441,6 +442,13 @@ def test_cli_runs_for_a_duration_and_reports_a_port_in_use(
         assert main(["--listen", str(port), "--target", "127.0.0.1:1"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("proxy: ") and "\n" not in error
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
+def test_cli_writes_ipv6_addresses_as_it_reads_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--listen", "[::1]:0", "--target", "[::1]:9", "--duration", "0.05"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("proxy on [::1]:") and line.endswith(" -> [::1]:9\n")
 
 
 def test_cli_forwards_and_logs_cuts_until_interrupted() -> None:
