@@ -76,7 +76,7 @@ class Decoder(Generic[FrameT]):
     of a partial frame remain, and raises a pending error first.
     """
 
-    __slots__ = ("_buf", "_error", "_failed_at", "_fatal", "_pos")
+    __slots__ = ("_buf", "_error", "_failed_at", "_fatal", "_need", "_pos")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -84,6 +84,10 @@ class Decoder(Generic[FrameT]):
         self._error: ProtocolError | None = None
         self._fatal = False
         self._failed_at = 0  # where the frame of a pending error starts
+        # No frame can come out before this many bytes are buffered from
+        # _pos: every complete frame was returned (0: parse at the next feed).
+        # _parse sets it when it knows the size of the frame it waits for.
+        self._need = 0
 
     def feed(self, data: Buffer) -> list[FrameT]:
         """Buffer ``data`` and return the frames it completes, in order."""
@@ -92,15 +96,22 @@ class Decoder(Generic[FrameT]):
                 # A pending DecodeError skips one frame only: keep what follows.
                 self._buf += data
             self._raise_pending()
+        buf = self._buf
         pos = self._pos
+        if len(buf) - pos + len(data) < self._need:
+            # Nothing to parse yet (a large frame arriving in small pieces,
+            # or a feed(b"") after a clean parse): keep the bytes only.
+            buf += data
+            return []
         if pos:
             # Bytes of frames returned by the last feed stay until now, for
             # take_buffered(frames=...); bytearray drops a prefix in O(1).
-            del self._buf[:pos]
+            del buf[:pos]
             self._pos = 0
         if data:
-            self._buf += data
+            buf += data
         frames: list[FrameT] = []
+        self._need = 0
         try:
             self._parse(frames)
         except ProtocolError as exc:
@@ -116,12 +127,15 @@ class Decoder(Generic[FrameT]):
                 self._fatal = True
                 self._free()
             raise
+        if not self._need:
+            self._need = len(self._buf) - self._pos + 1
         return frames
 
     def _free(self) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._failed_at = 0
+        self._need = 0
 
     def close(self) -> None:
         """Check that the input ended on a frame boundary.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from streamkit.codecs._base import Buffer, Decoder, KiB, MiB
@@ -19,6 +20,16 @@ FrameT = TypeVar("FrameT")
 
 # Returned by a codec's _convert for a line that is no frame (a blank JSON line).
 _SKIP: Any = object()
+
+#: When a feed's first frame is shorter than this, the complete frames after
+#: it are converted in bulk (one decode, one split) instead of one by one.
+_BULK_LINE = 1024
+#: Encodings in which decoding text lines together gives the same lines as
+#: decoding them one by one (stateless, and no byte 0x0a inside a character).
+_BULK_ENCODINGS = frozenset({"utf-8", "ascii", "iso8859-1"})
+# json.loads(text) is this decoder's decode(): raw_decode() without the
+# whitespace scans, for lines that need none.
+_json_raw_decode = json.JSONDecoder().raw_decode
 
 
 def _too_large(length: int, max_frame: int) -> FrameTooLarge:
@@ -42,6 +53,16 @@ class _DelimitedBase(Generic[FrameT]):
 
     def _convert(self, line: Buffer, number: int | None) -> FrameT:
         raise NotImplementedError
+
+    def _convert_many(self, data: memoryview) -> list[FrameT] | None:
+        """Convert several complete frames at once, or return None.
+
+        ``data`` holds frames, each followed by the (one-byte) delimiter.
+        None means the result might differ from converting the frames one
+        by one (an error or a limit to report, a blank line to skip): the
+        decoder then does that.
+        """
+        return None
 
     def decoder(self) -> DelimitedDecoder[FrameT]:
         """Return a fresh incremental decoder."""
@@ -119,6 +140,7 @@ class DelimitedDecoder(Decoder[FrameT]):
         append = frames.append
         count = self._count
         scan = pos + self._scanned
+        bulk = dlen == 1
         view = memoryview(buf)
         try:
             while True:
@@ -135,19 +157,33 @@ class DelimitedDecoder(Decoder[FrameT]):
                         )
                     self._scanned = max(0, end - dlen + 1 - pos)
                     return
+                if bulk and index - pos < _BULK_LINE:
+                    bulk = False  # once per feed: small frames, many of them
+                    last = buf.rfind(delimiter, index + 1)
+                    if last > 0:
+                        with view[pos : last + 1] as data:
+                            converted = codec._convert_many(data)
+                        if converted is not None:
+                            frames.extend(converted)
+                            count += len(converted)
+                            pos = scan = self._pos = last + 1
+                            self._count = count
+                            self._scanned = 0
+                            continue
                 count += 1
                 if raw:
                     append(view[pos:index].tobytes())  # type: ignore[arg-type]
                 else:
-                    # A bytes copy: no view of the buffer may outlive this call
-                    # (an error's traceback would pin it and block resizing).
-                    line = view[pos:index].tobytes()
                     line_start, pos = pos, index + dlen
                     self._pos = pos
                     self._count = count
                     self._scanned = 0
                     try:
-                        frame = codec._convert(line, count)
+                        # Converted from a view, not a copy; released on the
+                        # way out, so an error's traceback cannot pin the
+                        # buffer (and block resizing it).
+                        with view[line_start:index] as line:
+                            frame = codec._convert(line, count)
                     except DecodeError:
                         self._failed_at = line_start
                         raise
@@ -235,6 +271,43 @@ class Delimited(_DelimitedBase[bytes]):
             self.encode_into(out, frame)
         return bytes(out)
 
+    def _convert_many(self, data: memoryview) -> list[bytes] | None:
+        frames = data.tobytes().split(self.delimiter)
+        frames.pop()  # the empty piece after the last delimiter
+        if len(data) > self.max_frame + 1 and max(map(len, frames)) > self.max_frame:
+            return None
+        return frames
+
+
+def _decode(line: Buffer, size: int, encoding: str) -> str:
+    """``str(line[:size], encoding)``, releasing a view it makes even on error."""
+    if size == len(line):
+        return str(line, encoding)
+    if isinstance(line, memoryview):
+        with line[:size] as part:
+            return str(part, encoding)
+    return str(line[:size], encoding)
+
+
+def _split_lines(data: memoryview, encoding: str, max_frame: int) -> list[str] | None:
+    """Decode text lines (each ending in ``\n`` or ``\r\n``) at once, or return None.
+
+    None if the bytes are not valid text or a line may be over ``max_frame``
+    bytes: decoding line by line then finds and reports it.
+    """
+    try:
+        text = str(data, encoding)
+    except UnicodeDecodeError:
+        return None
+    if "\r" in text:
+        # Every "\r\n" ends a line: this drops exactly one "\r" before each "\n".
+        text = text.replace("\r\n", "\n")
+    lines = text.split("\n")
+    lines.pop()  # the empty piece after the last "\n"
+    if len(data) > max_frame + 1 and not (text.isascii() and max(map(len, lines)) <= max_frame):
+        return None  # some line may be too long (or non-ASCII: its length in bytes unknown)
+    return lines
+
 
 @dataclass(frozen=True, slots=True)
 class Lines(_DelimitedBase[str]):
@@ -252,6 +325,7 @@ class Lines(_DelimitedBase[str]):
     newline: str = "\n"
     delimiter = b"\n"
     _slack = 1
+    _bulk: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.newline not in ("\n", "\r\n"):
@@ -262,6 +336,8 @@ class Lines(_DelimitedBase[str]):
         # on the byte 0x0a, so the encoding must write "\r\n" as ASCII does.
         if "\r\n".encode(self.encoding) != b"\r\n":
             raise ValueError(f"encoding {self.encoding!r} is not ASCII-compatible")
+        bulk = codecs.lookup(self.encoding).name in _BULK_ENCODINGS
+        object.__setattr__(self, "_bulk", bulk)
 
     def _encode_line(self, frame: str) -> bytes:
         if "\n" in frame:
@@ -294,15 +370,17 @@ class Lines(_DelimitedBase[str]):
             self.encode_into(out, frame)
         return bytes(out)
 
+    def _convert_many(self, data: memoryview) -> list[str] | None:
+        return _split_lines(data, self.encoding, self.max_frame) if self._bulk else None
+
     def _convert(self, line: Buffer, number: int | None) -> str:
         size = len(line)
         if size and line[-1] == 13:  # b"\r"
             size -= 1
-            line = line[:size]
         if size > self.max_frame:
             raise _too_large(size, self.max_frame)
         try:
-            return str(line, self.encoding)
+            return _decode(line, size, self.encoding)
         except UnicodeDecodeError as exc:
             where = f"line {number}" if number is not None else "line"
             raise DecodeError(
@@ -358,16 +436,33 @@ class JsonLines(_DelimitedBase[Any]):
             self.encode_into(out, frame)
         return bytes(out)
 
+    def _convert_many(self, data: memoryview) -> list[Any] | None:
+        lines = _split_lines(data, "utf-8", self.max_frame)
+        if lines is None:
+            return None
+        values: list[Any] = []
+        append = values.append
+        for line in lines:
+            # What json.loads(line) returns, for a line without surrounding
+            # whitespace (else, and for errors, line by line decides).
+            try:
+                value, end = _json_raw_decode(line)
+            except (ValueError, RecursionError):
+                return None
+            if end != len(line):
+                return None
+            append(value)
+        return values
+
     def _convert(self, line: Buffer, number: int | None) -> Any:
         size = len(line)
         if size and line[-1] == 13:  # b"\r"
             size -= 1
-            line = line[:size]
         if size > self.max_frame:
             raise _too_large(size, self.max_frame)
         where = f"line {number}" if number is not None else "line"
         try:
-            text = str(line, "utf-8")
+            text = _decode(line, size, "utf-8")
         except UnicodeDecodeError as exc:
             raise DecodeError(
                 f"invalid UTF-8 in JSON {where} at byte {exc.start}: {exc.reason}",

@@ -214,6 +214,7 @@ class LengthPrefixedDecoder(Decoder[bytes]):
                     codec._payload_size(size - adjustment)  # raises the precise error
                 stop = pos + prefix + size
                 if stop > end:
+                    self._need = stop - pos
                     break
                 if offset:
                     append(view[pos : pos + offset].tobytes() + view[pos + prefix : stop].tobytes())
@@ -372,6 +373,7 @@ class VarintPrefixedDecoder(Decoder[bytes]):
                     raise _too_large(size, max_frame)
                 stop = start + size
                 if stop > end:
+                    self._need = stop - pos
                     break
                 append(view[start:stop].tobytes())
                 pos = stop
