@@ -1,10 +1,12 @@
 """FramedStream: frames over an asyncio StreamReader/StreamWriter pair.
 
-The send path writes the first frame of an event-loop turn at once (no
-latency added), coalesces the rest of the turn's frames into one ``write``,
-and waits on ``drain()`` only when the transport's buffer is over its
-high-water mark. The receive path reads large chunks and parses frames out
-of them with the codec's incremental decoder.
+The send path writes a lone frame at once (no latency added, no callback),
+coalesces the frames that follow it in the same event-loop turn into one
+``write``, hands a large frame's payload to the transport as it is (no copy
+into the send buffer), and waits on ``drain()`` only when the transport's
+buffer is over its high-water mark. The receive path reads large chunks and
+parses frames out of them with the codec's incremental decoder, and reads a
+large frame's payload in one piece.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from streamkit.codecs import Codec, Decoder
+from streamkit.codecs import Buffer, Codec, Decoder
 from streamkit.errors import ConnectionLost, EndOfStream
 
 __all__ = ["FramedStream"]
@@ -31,6 +33,10 @@ _READ_SIZE = 64 * 1024
 _LARGE_REST = 16 * 1024
 #: Frames buffered in one turn are written at once past this many bytes.
 _FLUSH_SIZE = 64 * 1024
+#: A frame at least this long is not copied into the send buffer: its payload
+#: goes to the transport as it is, which copies only what the socket does not
+#: take at once (benchmarks/bench_streams.py, 64 KiB and 1 MiB rows).
+_LARGE_SEND = 16 * 1024
 
 
 class FramedStream(Generic[FrameT]):
@@ -69,11 +75,16 @@ class FramedStream(Generic[FrameT]):
         self._writer = writer
         self._transport = writer.transport
         self._codec = codec
+        self._encode_into = codec.encode_into
+        self._encode_parts = _parts_encoder(codec)
         self._decoder: Decoder[FrameT] = codec.decoder()
         self._frames: deque[FrameT] = deque()
         self._recv_lock = asyncio.Lock()
         self._out = bytearray()
         self._flush_handle: asyncio.Handle | None = None
+        # A frame went out at once and no end of turn was seen since: the
+        # next frame starts gathering (see _written).
+        self._wrote_at_once = False
         self._loop = asyncio.get_running_loop()
         self._eof_received = False
         self._large_frames = False  # the last frame was read in one piece
@@ -83,6 +94,7 @@ class FramedStream(Generic[FrameT]):
         #: Gathered bytes are written once they reach this: at most _FLUSH_SIZE,
         #: and no more than the room left under the high-water mark.
         self._flush_at = _FLUSH_SIZE
+        self._flush_most = min(_FLUSH_SIZE, self._high_water)  # _flush_at when nothing is buffered
 
     # -- properties ---------------------------------------------------------
 
@@ -127,8 +139,15 @@ class FramedStream(Generic[FrameT]):
         """
         if self._transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
-        self._codec.encode_into(self._out, frame)
-        if self._written():
+        if self._encode_parts is not None and len(frame) >= _LARGE_SEND:  # type: ignore[arg-type]
+            over = self._write_parts(self._encode_parts(frame))
+        else:
+            out = self._out
+            self._encode_into(out, frame)
+            if self._flush_handle is not None and len(out) < self._flush_at:
+                return  # goes out with the rest of this turn's frames
+            over = self._written()
+        if over:
             await self._drain()
 
     def send_nowait(self, frame: FrameT) -> None:
@@ -156,6 +175,8 @@ class FramedStream(Generic[FrameT]):
         """
         if self._transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
+        if len(payload) >= _LARGE_SEND and type(payload) is bytes:
+            return self._write_parts((data, payload))
         self._out += data
         if payload:
             self._out += payload
@@ -199,17 +220,49 @@ class FramedStream(Generic[FrameT]):
         Returns whether the transport's buffer is over its high-water mark.
         It only grows when we write to it, so it is checked only then.
         """
-        if self._flush_handle is None:
-            # The first frame of an event-loop turn goes out at once (no
-            # added latency); the rest of the turn's frames are gathered
-            # and written together when the turn ends.
-            self._write_out()
-            self._flush_handle = self._loop.call_soon(self._flush)
-        elif len(self._out) >= self._flush_at:
-            self._write_out()
+        if self._flush_handle is not None:
+            if len(self._out) < self._flush_at:
+                return False
+        elif self._wrote_at_once:
+            # A second frame before the turn ended: gather it and the rest
+            # of the turn's frames, and write them together when it ends.
+            self._flush_handle = self._loop.call_soon(self._end_turn)
+            if len(self._out) < self._flush_at:
+                return False
         else:
-            return False
+            # A lone frame goes out at once: no latency added, and no
+            # callback (an extra loop iteration) unless more follow it.
+            self._wrote_at_once = True
+        self._write_out()
+        return self._check_buffer()
+
+    def _write_parts(self, parts: tuple[Buffer, ...]) -> bool:
+        """Write one large frame now, its large parts as they are.
+
+        Joining them would copy the whole payload into the send buffer
+        first; the transport copies only what the socket does not take at
+        once (nothing at all on Python 3.12+). The parts must not change
+        later (``encode_parts`` guarantees it). Returns like ``_written``.
+        """
+        transport = self._transport
+        for part in parts:
+            if len(part) < _LARGE_SEND:
+                self._out += part
+            else:
+                self._write_out()  # the frames queued before it, and its header
+                if not transport.is_closing():
+                    # A view: Python 3.11's transport would copy a slice of
+                    # bytes before buffering the unsent rest.
+                    transport.write(memoryview(part))
+        self._write_out()
+        return self._check_buffer()
+
+    def _check_buffer(self) -> bool:
+        """After a write: whether the transport's buffer is over its high-water mark."""
         buffered = self._transport.get_write_buffer_size()
+        if not buffered:  # all sent: the common case of a lone frame
+            self._flush_at = self._flush_most
+            return False
         # The buffer only shrinks until our next write, so gathering no more
         # than the room left keeps it within the high-water mark plus a frame.
         self._flush_at = min(_FLUSH_SIZE, self._high_water - buffered)
@@ -219,6 +272,11 @@ class FramedStream(Generic[FrameT]):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._write_out()
+
+    def _end_turn(self) -> None:
+        self._flush_handle = None
+        self._wrote_at_once = False
         self._write_out()
 
     def _write_out(self) -> None:
@@ -281,15 +339,16 @@ class FramedStream(Generic[FrameT]):
         async with self._recv_lock:
             frames = self._frames
             decoder = self._decoder
+            # Frames held back by a decode error, or the error itself.
+            frames.extend(decoder.feed(b""))
             while not frames:
-                # Frames held back by a decode error, or the error itself.
-                frames.extend(decoder.feed(b""))
-                if frames:
-                    break
                 if self._eof_received:
                     decoder.close()
                     raise EndOfStream("end of stream")
                 missing = decoder.missing()
+                # Waiting for the peer ends the turn: a frame sent after it
+                # is a lone frame again, written at once.
+                self._wrote_at_once = False
                 try:
                     if missing >= _LARGE_REST:
                         # A large frame: read the rest of it in one piece,
@@ -326,6 +385,8 @@ class FramedStream(Generic[FrameT]):
         rest = self._decoder.take_buffered(frames=len(self._frames))
         self._frames.clear()
         self._codec = codec
+        self._encode_into = codec.encode_into
+        self._encode_parts = _parts_encoder(codec)
         self._decoder = codec.decoder()
         if rest:
             self._frames.extend(self._decoder.feed(rest))
@@ -378,3 +439,9 @@ class FramedStream(Generic[FrameT]):
 
     def __repr__(self) -> str:
         return f"<FramedStream {self._codec!r} peer={self.peername!r}>"
+
+
+def _parts_encoder(codec: Codec[Any]) -> Callable[[Any], tuple[Buffer, ...]] | None:
+    """The codec's ``encode_parts``, if it has one (it is optional)."""
+    parts: Callable[[Any], tuple[Buffer, ...]] | None = getattr(codec, "encode_parts", None)
+    return parts

@@ -35,6 +35,12 @@ class Codec(Protocol[FrameT]):
     frames as one buffer, for one ``write``. ``decoder()`` returns a fresh
     incremental :class:`Decoder`; ``read_frame(reader)`` reads exactly one
     frame from an ``asyncio.StreamReader``.
+
+    Optionally, a codec whose frames have a ``len()`` also offers
+    ``encode_parts(frame) -> tuple[Buffer, ...]``: the wire bytes as pieces
+    to write in order (header, payload, delimiter), the payload not copied,
+    for ``writelines``-style output of large frames; the pieces never change
+    later (a mutable payload is copied). ``FramedStream`` uses it when present.
     """
 
     @property

@@ -271,6 +271,12 @@ class Delimited(_DelimitedBase[bytes]):
             self.encode_into(out, frame)
         return bytes(out)
 
+    def encode_parts(self, frame: Buffer) -> tuple[Buffer, ...]:
+        """Return the frame (uncopied if ``bytes``) and the delimiter; raises as :meth:`encode`."""
+        payload = frame if type(frame) is bytes else bytes(frame)
+        self._check(payload)
+        return payload, self.delimiter
+
     def _convert_many(self, data: memoryview) -> list[bytes] | None:
         frames = data.tobytes().split(self.delimiter)
         frames.pop()  # the empty piece after the last delimiter
@@ -325,6 +331,7 @@ class Lines(_DelimitedBase[str]):
     newline: str = "\n"
     delimiter = b"\n"
     _slack = 1
+    _newline_bytes: bytes = field(init=False, repr=False, compare=False)
     _bulk: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -336,6 +343,7 @@ class Lines(_DelimitedBase[str]):
         # on the byte 0x0a, so the encoding must write "\r\n" as ASCII does.
         if "\r\n".encode(self.encoding) != b"\r\n":
             raise ValueError(f"encoding {self.encoding!r} is not ASCII-compatible")
+        object.__setattr__(self, "_newline_bytes", self.newline.encode(self.encoding))
         bulk = codecs.lookup(self.encoding).name in _BULK_ENCODINGS
         object.__setattr__(self, "_bulk", bulk)
 
@@ -356,12 +364,16 @@ class Lines(_DelimitedBase[str]):
         ``\\r``, ``UnicodeEncodeError`` for text the encoding cannot hold and
         :class:`FrameTooLarge` over ``max_frame``.
         """
-        return self._encode_line(frame) + self.newline.encode(self.encoding)
+        return self._encode_line(frame) + self._newline_bytes
 
     def encode_into(self, out: bytearray, frame: str) -> None:
         """Append the wire bytes of ``frame`` to ``out``."""
         out += self._encode_line(frame)
-        out += self.newline.encode(self.encoding)
+        out += self._newline_bytes
+
+    def encode_parts(self, frame: str) -> tuple[Buffer, ...]:
+        """Return the encoded line and its line ending; raises like :meth:`encode`."""
+        return self._encode_line(frame), self._newline_bytes
 
     def encode_many(self, frames: Iterable[str]) -> bytes:
         """Return the wire bytes of all ``frames`` as one buffer."""

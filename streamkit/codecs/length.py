@@ -149,6 +149,20 @@ class LengthPrefixed:
             self.encode_into(out, frame)
         return bytes(out)
 
+    def encode_parts(self, frame: Buffer) -> tuple[Buffer, ...]:
+        """Return the wire bytes of ``frame`` as pieces to write in order, the payload uncopied.
+
+        A ``bytes`` frame is used as it is; a mutable one is copied first, so
+        the pieces never change. Raises like :meth:`encode`.
+        """
+        payload = frame if type(frame) is bytes else bytes(frame)
+        off = self.offset
+        if off:
+            self._check_prefix(payload)
+            header = self._header_for(len(payload) - off)
+            return payload[:off], header, memoryview(payload)[off:]
+        return self._header_for(len(payload)), payload
+
     def _check_prefix(self, frame: Buffer) -> None:
         if len(frame) < self.offset:
             raise ValueError(
@@ -313,6 +327,14 @@ class VarintPrefixed:
         for frame in frames:
             self.encode_into(out, frame)
         return bytes(out)
+
+    def encode_parts(self, frame: Buffer) -> tuple[Buffer, ...]:
+        """Return the varint header and the payload (see :meth:`LengthPrefixed.encode_parts`)."""
+        payload = frame if type(frame) is bytes else bytes(frame)
+        size = len(payload)
+        if size > self.max_frame:
+            raise _too_large(size, self.max_frame)
+        return encode_varint(size), payload
 
     def decoder(self) -> VarintPrefixedDecoder:
         """Return a fresh incremental decoder."""
