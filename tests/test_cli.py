@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streamkit import LengthPrefixed, connect, hub
+from streamkit import LengthPrefixed, bench, cli, connect, demo, hub
 from streamkit.cli import main
 
 CLI = [sys.executable, "-m", "streamkit"]
@@ -79,17 +79,69 @@ def test_bad_arguments_exit_2_with_one_line(
     assert error.startswith("python -m streamkit") and "error:" in error
 
 
-def test_bad_arguments_in_a_real_process_give_no_traceback() -> None:
-    result = subprocess.run([*CLI, "send", "nowhere"], capture_output=True, text=True)
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["send", "nowhere"], "'nowhere' is not [HOST:]PORT"),
+        (["serve", "--echo", "--codec", "protobuf"], "invalid choice: 'protobuf'"),
+        (["demo", "--frames", "0"], "--frames"),
+        (["proxy", "--target", "nowhere"], "'nowhere' is not [HOST:]PORT"),
+    ],
+)
+def test_bad_arguments_in_a_real_process_give_no_traceback(argv: list[str], message: str) -> None:
+    result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=20)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "'nowhere' is not [HOST:]PORT" in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"python -m streamkit {argv[0]}: error: ") and message in error
 
 
 def test_every_command_has_help() -> None:
     for command in ("demo", "serve", "send", "recv", "proxy", "hub", "bench"):
         result = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True)
-        assert result.returncode == 0 and "usage: python -m streamkit" in result.stdout
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: python -m streamkit {command} ")
+    overview = subprocess.run([*CLI, "--help"], capture_output=True, text=True).stdout
+    assert all(command in overview for command in ("demo", "proxy", "bench", "serve", "hub"))
+
+
+def test_bench_keeps_its_flags_while_its_module_has_no_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delattr(bench, "main", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m streamkit bench ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--full"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m streamkit bench: error: ")
+
+
+def test_commands_run_in_modules_get_every_argument_verbatim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    received: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        received.append(argv)
+        return 7
+
+    monkeypatch.setattr(bench, "main", fake_main, raising=False)
+    assert main(["bench", "--json=x", "--", "-h", "--seed", "-1"]) == 7
+    assert received == [["--json=x", "--", "-h", "--seed", "-1"]]
+
+
+def test_ctrl_c_in_a_command_run_in_its_module_is_status_130(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "main", interrupted, raising=False)
+    assert cli.main(["demo"]) == 130
 
 
 def test_refused_connection_is_one_line_and_exit_1() -> None:
