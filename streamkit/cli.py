@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from streamkit.codecs import Codec, JsonLines, LengthPrefixed, Lines, VarintPrefixed
-from streamkit.errors import StreamkitError
+from streamkit.errors import EndOfStream, StreamkitError
 from streamkit.net import Server, connect, connect_unix, serve, serve_unix
 from streamkit.stream import FramedStream
 
@@ -50,6 +53,10 @@ _DELEGATED: dict[str, tuple[str, str]] = {
 }
 
 
+#: Bytes read from stdin at a time by ``send``.
+_STDIN_CHUNK = 64 * 1024
+
+
 class _Failed(Exception):
     """A runtime failure to report in one line (exit status 1)."""
 
@@ -63,6 +70,11 @@ def _address(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _host_port(host: str, port: int) -> str:
+    """The address as ``_address`` reads it back: ``[::1]:8765`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _port(text: str) -> int:
@@ -97,7 +109,8 @@ def _add_codec(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and each command's own (its errors name the command)."""
     parser = argparse.ArgumentParser(
         prog="python -m streamkit",
         description="streamkit: framed stream protocols over TCP and Unix sockets.",
@@ -110,7 +123,14 @@ def _build_parser() -> argparse.ArgumentParser:
         # command name to the module's own parser, --help included.
         commands.add_parser(name, help=summary, add_help=False)
 
-    server = commands.add_parser("serve", help="run a framed echo server")
+    server = commands.add_parser(
+        "serve",
+        help="run a framed echo server",
+        description="A framed echo server: every frame that comes in goes back out. Prints "
+        "its address (with the real port when --port is 0), logs each connection, and runs "
+        "until Ctrl-C or SIGTERM; then it stops accepting, ends each connection's sending "
+        "side and gives open connections up to 5 s to close (Ctrl-C again: at once).",
+    )
     server.add_argument("--echo", action="store_true", required=True, help="echo every frame")
     _add_listen(server, 8765)
     _add_codec(server)
@@ -120,9 +140,11 @@ def _build_parser() -> argparse.ArgumentParser:
     send = commands.add_parser(
         "send",
         help="send stdin as frames, print the frames that come back",
-        description="Send stdin as frames and print every frame received until the server "
-        "ends the stream. Each input line is one frame (without its newline); JSON lines are "
-        "parsed; with --raw all of stdin is one frame.",
+        description="Send stdin as frames and print every frame received, one per line, "
+        "until the server ends the stream. Each input line is one frame (without its "
+        "newline; with --codec jsonl, one JSON value); with --raw all of stdin is one frame. "
+        "At the end of stdin, send half-closes the connection, so an echo server's echoes "
+        "all arrive before it ends.",
     )
     where = send.add_mutually_exclusive_group(required=True)
     where.add_argument("address", nargs="?", type=_address, help="HOST:PORT")
@@ -131,19 +153,35 @@ def _build_parser() -> argparse.ArgumentParser:
     send.add_argument("--raw", action="store_true", help="all of stdin as one frame")
     send.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA certificate")
     send.add_argument("--timeout", type=_positive, default=10.0, help="connect timeout (10 s)")
+    send.add_argument(
+        "--idle",
+        type=_positive,
+        default=1.0,
+        metavar="SECONDS",
+        help="with TLS, which cannot half-close: once stdin has ended, stop after this long "
+        "without a frame (1 s)",
+    )
 
     recv = commands.add_parser(
-        "recv", help="accept one connection and print its frames, one per line"
+        "recv",
+        help="accept one connection and print its frames, one per line",
+        description="Accept one connection, write each frame it sends to stdout, one per "
+        "line, and exit when it ends. The address goes to stderr, so stdout is only frames.",
     )
     _add_listen(recv, 8765)
     _add_codec(recv)
 
-    hub = commands.add_parser("hub", help="run a hub of named append-only streams")
+    hub = commands.add_parser(
+        "hub",
+        help="run a hub of named append-only streams",
+        description="A hub of named, append-only streams (see streamkit.hub), in memory or "
+        "in logs under --data-dir. Prints its address; runs until Ctrl-C or SIGTERM.",
+    )
     _add_listen(hub, 8766)
     hub.add_argument("--data-dir", metavar="DIR", help="keep streams in logs under DIR")
     hub.add_argument("--fsync", action="store_true", help="fsync each append (with --data-dir)")
 
-    return parser
+    return parser, commands.choices
 
 
 # -- running until stopped --------------------------------------------------------
@@ -164,13 +202,18 @@ async def _until_stopped(closer: Callable[[], Awaitable[None]]) -> None:
 
 
 def _print_frame(codec_name: str, frame: Any) -> None:
-    if codec_name == "jsonl":
-        print(json.dumps(frame), flush=True)
-    elif codec_name == "lines":
-        print(frame, flush=True)
-    else:
-        sys.stdout.buffer.write(bytes(frame) + b"\n")
-        sys.stdout.buffer.flush()
+    """Write one frame to stdout, one line each."""
+    try:
+        if codec_name == "jsonl":
+            print(json.dumps(frame, ensure_ascii=False), flush=True)
+        elif codec_name == "lines":
+            print(frame, flush=True)
+        else:
+            sys.stdout.buffer.write(bytes(frame) + b"\n")
+            sys.stdout.buffer.flush()
+    except BrokenPipeError as exc:  # say, | head: stop, and spare the exit its flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise _Failed("stdout was closed") from exc
 
 
 # -- commands -------------------------------------------------------------------
@@ -183,11 +226,20 @@ async def _serve_echo(args: argparse.Namespace) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.tls_cert, args.tls_key)
 
+    streams: set[FramedStream[Any]] = set()
+    stopping = False
+
     async def echo(stream: FramedStream[Any]) -> None:
         logger.info("connection from %s", stream.peername)
-        async for frame in stream:
-            await stream.send(frame)
-        stream.write_eof()
+        streams.add(stream)
+        try:
+            async for frame in stream:
+                if stopping:
+                    break  # our side has ended: frames after that are not echoed
+                await stream.send(frame)
+            stream.write_eof()
+        finally:
+            streams.discard(stream)
 
     server: Server[Any]
     if args.unix:
@@ -195,34 +247,74 @@ async def _serve_echo(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         server = await serve(echo, args.host, args.port, codec=codec, ssl=context)
-        where = f"{args.host}:{server.port}"
+        where = _host_port(args.host, server.port)
     print(f"echo server on {where} ({args.codec}{', TLS' if context else ''})", flush=True)
 
     async def close() -> None:
+        nonlocal stopping
+        stopping = True
         server.close()
+        # End each connection's sending side: a client such as send sees the end,
+        # closes, and its handler finishes well within the grace period.
+        for stream in streams:
+            stream.write_eof()
         await server.wait_closed()
 
     await _until_stopped(close)
 
 
-def _read_frames(args: argparse.Namespace) -> list[Any]:
-    """One batch of frames from stdin: a line (or all of it with ``--raw``); [] at EOF."""
-    stdin = sys.stdin.buffer
-    if args.raw:
-        data = stdin.read()
-        return [data] if data else []
-    line = stdin.readline()
-    if not line:
-        return []
-    line = line.removesuffix(b"\n").removesuffix(b"\r")
-    if args.codec == "lines":
-        return [line.decode()]
-    if args.codec == "jsonl":
+def _read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue[bytes | OSError]) -> None:
+    """Thread body: put stdin's bytes on ``chunks``, then ``b""`` at its end (or the error).
+
+    A daemon thread rather than ``asyncio.to_thread``: when the peer ends the
+    stream first, ``send`` exits even though this read is still blocked on
+    stdin. It reads the file descriptor, not ``sys.stdin``, so that it holds
+    no lock the interpreter needs at exit.
+    """
+    try:
+        while True:
+            try:
+                chunk: bytes | OSError = os.read(0, _STDIN_CHUNK)
+            except OSError as exc:
+                chunk = exc
+            # Waiting for the put makes a slow connection slow the reading down.
+            asyncio.run_coroutine_threadsafe(chunks.put(chunk), loop).result()
+            if not chunk or isinstance(chunk, OSError):
+                return
+    except (RuntimeError, concurrent.futures.CancelledError):
+        return  # the event loop has ended: send is exiting
+
+
+def _stdin_frame(codec_name: str, line: bytes) -> Any:
+    line = line.removesuffix(b"\r")
+    if codec_name == "lines":
         try:
-            return [json.loads(line)]
+            return line.decode()
+        except UnicodeDecodeError as exc:
+            raise _Failed(f"stdin is not UTF-8 text: {exc}") from exc
+    if codec_name == "jsonl":
+        try:
+            return json.loads(line)
         except ValueError as exc:
             raise _Failed(f"stdin is not JSON lines: {exc}") from exc
-    return [line]
+    return line
+
+
+async def _stdin_frames(args: argparse.Namespace) -> AsyncIterator[list[Any]]:
+    """Batches of frames from stdin: one per line, or all of it as one with ``--raw``."""
+    chunks: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=4)
+    loop = asyncio.get_running_loop()
+    threading.Thread(target=_read_stdin, args=(loop, chunks), name="stdin", daemon=True).start()
+    pending = b""
+    while chunk := await chunks.get():
+        if isinstance(chunk, OSError):
+            raise _Failed(f"cannot read stdin: {chunk}") from chunk
+        pending += chunk
+        if not args.raw and b"\n" in pending:
+            *lines, pending = pending.split(b"\n")
+            yield [_stdin_frame(args.codec, line) for line in lines]
+    if pending:
+        yield [pending if args.raw else _stdin_frame(args.codec, pending)]
 
 
 async def _send(args: argparse.Namespace) -> None:
@@ -232,24 +324,44 @@ async def _send(args: argparse.Namespace) -> None:
         context = ssl.create_default_context(cafile=args.tls_ca)
     if args.unix:
         opening = connect_unix(args.unix, codec=codec, ssl=context, timeout=args.timeout)
+        where = args.unix
     else:
         opening = connect(*args.address, codec=codec, ssl=context, timeout=args.timeout)
-    async with opening as stream:
+        where = _host_port(*args.address)
+    try:
+        stream = await opening
+    except TimeoutError as exc:  # it says nothing itself
+        raise _Failed(f"no connection to {where} within {args.timeout:g} s") from exc
+    async with stream:
+        # TLS cannot half-close: there the end of stdin cannot reach the
+        # server, so send stops when no frame has come back for --idle.
+        idle = None if stream.writer.can_write_eof() else args.idle
+        stdin_sent = asyncio.Event()
 
         async def send_stdin() -> None:
-            while frames := await asyncio.to_thread(_read_frames, args):
+            async for frames in _stdin_frames(args):
                 await stream.send_many(frames)
             await stream.drain()
             stream.write_eof()
+            stdin_sent.set()
 
         async def print_received() -> None:
-            async for frame in stream:
+            while True:
+                try:
+                    frame = await stream.recv(timeout=idle)
+                except EndOfStream:
+                    return
+                except TimeoutError:
+                    if stdin_sent.is_set():
+                        return
+                    continue
                 _print_frame(args.codec, frame)
 
         try:
             async with asyncio.TaskGroup() as tasks:  # either failing stops both
-                tasks.create_task(send_stdin())
-                tasks.create_task(print_received())
+                sending = tasks.create_task(send_stdin())
+                await print_received()
+                sending.cancel()  # the server ended the stream: nothing more to say
         except ExceptionGroup as group:
             raise group.exceptions[0] from None
 
@@ -257,15 +369,19 @@ async def _send(args: argparse.Namespace) -> None:
 async def _recv(args: argparse.Namespace) -> None:
     codec = _CODECS[args.codec]()
     done = asyncio.get_running_loop().create_future()
+    accepted = False
 
     async def receive(stream: FramedStream[Any]) -> None:
-        if done.done():
-            return  # only the first connection
+        nonlocal accepted
+        if accepted:
+            return  # only the first connection: a second one is closed at once
+        accepted = True
+        logger.info("connection from %s", stream.peername)
         try:
             async for frame in stream:
                 _print_frame(args.codec, frame)
-        except StreamkitError as exc:
-            done.set_exception(_Failed(str(exc)))
+        except Exception as exc:
+            done.set_exception(exc)
         else:
             done.set_result(None)
 
@@ -274,7 +390,7 @@ async def _recv(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         server = await serve(receive, args.host, args.port, codec=codec)
-        where = f"{args.host}:{server.port}"
+        where = _host_port(args.host, server.port)
     print(f"receiving on {where} ({args.codec})", file=sys.stderr, flush=True)
     async with server:
         await done
@@ -289,7 +405,7 @@ async def _hub(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         server = await hub.serve_hub(args.host, args.port, **options)
-        where = f"{args.host}:{server.port}"
+        where = _host_port(args.host, server.port)
     storage = f"logs in {args.data_dir}" if args.data_dir else "in memory"
     print(f"hub on {where} ({storage})", flush=True)
 
@@ -300,12 +416,13 @@ async def _hub(args: argparse.Namespace) -> None:
     await _until_stopped(close)
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Argument rules argparse cannot express; each failure exits with status 2."""
+def _check(args: argparse.Namespace) -> str | None:
+    """Argument rules argparse cannot express: the error, if any (then status 2)."""
     if args.command == "serve" and bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
+        return "--tls-cert and --tls-key go together"
     if args.command == "hub" and args.fsync and not args.data_dir:
-        parser.error("--fsync needs --data-dir")
+        return "--fsync needs --data-dir"
+    return None
 
 
 # -- commands run by their own modules ---------------------------------------------
@@ -358,7 +475,7 @@ def _run_async(
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(args))
-    except (OSError, StreamkitError, _Failed, ssl.SSLError) as exc:
+    except (OSError, StreamkitError, _Failed) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -370,9 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         # Verbatim: argparse cannot pass on options it does not know as a remainder.
         return _delegate(argv[0], argv[1:])
-    parser = _build_parser()
+    parser, command_parsers = _build_parser()
     args = parser.parse_args(argv)
-    _check(parser, args)
+    if error := _check(args):
+        command_parsers[args.command].error(error)
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
         "serve": _serve_echo,
         "send": _send,

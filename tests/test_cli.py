@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,8 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trustme
 
-from streamkit import LengthPrefixed, bench, cli, connect, demo, hub
+from streamkit import LengthPrefixed, Lines, bench, cli, connect, connect_unix, demo, hub
 from streamkit.cli import main
 
 CLI = [sys.executable, "-m", "streamkit"]
@@ -84,6 +86,7 @@ def test_bad_arguments_exit_2_with_one_line(
     [
         (["send", "nowhere"], "'nowhere' is not [HOST:]PORT"),
         (["serve", "--echo", "--codec", "protobuf"], "invalid choice: 'protobuf'"),
+        (["hub", "--fsync"], "--fsync needs --data-dir"),
         (["demo", "--frames", "0"], "--frames"),
         (["proxy", "--target", "nowhere"], "'nowhere' is not [HOST:]PORT"),
     ],
@@ -161,7 +164,7 @@ def test_refused_connection_is_one_line_and_exit_1() -> None:
         ("length4", "first\nsecond\n\nlast", "first\nsecond\n\nlast\n"),
         ("varint", "one\ntwo\n", "one\ntwo\n"),
         ("lines", "zeile ü\r\nzwei\n", "zeile ü\nzwei\n"),
-        ("jsonl", '{"a": 1}\n[1, 2]\n', '{"a": 1}\n[1, 2]\n'),
+        ("jsonl", '{"a": 1}\n["ü", 2]\n', '{"a": 1}\n["ü", 2]\n'),
     ],
 )
 def test_send_through_serve_echo(codec: str, text: str, expected: str) -> None:
@@ -198,6 +201,99 @@ def test_send_raw_over_a_unix_socket(tmp_path: Path) -> None:
     assert not Path(path).exists()  # the server removed its socket file
 
 
+def test_send_over_tls_and_ipv6(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    issued = ca.issue_cert("::1")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    with running("serve", "--echo", "--host", "::1", "--port", "0", *tls) as (server, line):
+        assert line.startswith("echo server on [::1]:") and line.endswith("(length4, TLS)")
+        address = line.split()[3]
+        result = subprocess.run(
+            [*CLI, "send", address, "--tls-ca", str(ca_file)],
+            input="secret\n",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "secret\n"
+        # A certificate from a CA send does not trust: one line, status 1.
+        stranger = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(stranger))
+        result = subprocess.run(
+            [*CLI, "send", address, "--tls-ca", str(stranger)],
+            input="secret\n",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith("send: ") and "CERTIFICATE_VERIFY_FAILED" in result.stderr
+        assert "Traceback" not in result.stderr
+        stop(server)
+
+
+def test_send_gives_up_on_a_silent_server_after_its_timeout(tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never answers the TLS hello
+        port = silent.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "send", f"127.0.0.1:{port}", "--tls-ca", str(ca_file), "--timeout", "0.2"],
+            input="x\n",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    assert result.returncode == 1
+    assert result.stderr == f"send: no connection to 127.0.0.1:{port} within 0.2 s\n"
+
+
+def test_stopping_serve_ends_a_connected_send_with_stdin_still_open() -> None:
+    with running("serve", "--echo", "--port", "0", "--codec", "lines") as (server, line):
+        port = line.split()[3].rsplit(":", 1)[1]
+        client = subprocess.Popen(
+            [*CLI, "send", f"127.0.0.1:{port}", "--codec", "lines"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert client.stdin is not None and client.stdout is not None
+            client.stdin.write("still typing\n")
+            client.stdin.flush()
+            assert client.stdout.readline() == "still typing\n"
+            stop(server)  # the server ends its side; send's stdin stays open
+            assert client.wait(timeout=10) == 0
+            assert client.stderr is not None and client.stderr.read() == ""
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.wait()
+            for pipe in (client.stdin, client.stdout, client.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def test_send_rejects_stdin_that_is_not_utf8_text() -> None:
+    with running("serve", "--echo", "--port", "0", "--codec", "lines") as (server, line):
+        port = line.split()[3].rsplit(":", 1)[1]
+        result = subprocess.run(
+            [*CLI, "send", f"127.0.0.1:{port}", "--codec", "lines"],
+            input=b"ok\n\xff\n",
+            capture_output=True,
+            timeout=20,
+        )
+        assert result.returncode == 1
+        assert result.stderr.decode().startswith("send: stdin is not UTF-8 text")
+        stop(server)
+
+
 def test_send_rejects_stdin_that_is_not_json() -> None:
     with running("serve", "--echo", "--port", "0", "--codec", "jsonl") as (server, line):
         port = line.split()[3].rsplit(":", 1)[1]
@@ -225,6 +321,22 @@ def test_recv_prints_the_frames_of_one_connection() -> None:
         assert receiver.wait(timeout=10) == 0
         assert receiver.stdout is not None
         assert receiver.stdout.read() == "alpha\n\ngamma\n"
+
+
+def test_recv_over_a_unix_socket_with_lines(tmp_path: Path) -> None:
+    path = str(tmp_path / "recv.sock")
+    command = ("recv", "--unix", path, "--codec", "lines")
+    with running(*command, address_on="stderr") as (receiver, line):
+        assert line == f"receiving on {path} (lines)"
+
+        async def send() -> None:
+            async with connect_unix(path, codec=Lines()) as stream:
+                await stream.send_many(["eins", "zwei ü"])
+
+        asyncio.run(send())
+        assert receiver.wait(timeout=10) == 0
+        assert receiver.stdout is not None
+        assert receiver.stdout.read() == "eins\nzwei ü\n"
 
 
 def test_hub_command_serves_a_hub_with_a_data_dir(tmp_path: Path) -> None:
