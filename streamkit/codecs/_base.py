@@ -85,7 +85,9 @@ class Decoder(Generic[FrameT]):
     __slots__ = ("_buf", "_error", "_failed_at", "_fatal", "_need", "_pos")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        # A bytearray while input accumulates; the fed chunk itself (bytes)
+        # when it could be parsed where it is (see feed).
+        self._buf: bytes | bytearray = bytearray()
         self._pos = 0
         self._error: ProtocolError | None = None
         self._fatal = False
@@ -104,18 +106,33 @@ class Decoder(Generic[FrameT]):
             self._raise_pending()
         buf = self._buf
         pos = self._pos
-        if len(buf) - pos + len(data) < self._need:
+        have = len(buf) - pos
+        if have + len(data) < self._need:
             # Nothing to parse yet (a large frame arriving in small pieces,
             # or a feed(b"") after a clean parse): keep the bytes only.
-            buf += data
+            if data:
+                if type(buf) is not bytearray:
+                    buf = self._buf = bytearray(memoryview(buf)[pos:])
+                    self._pos = 0
+                buf += data
             return []
-        if pos:
-            # Bytes of frames returned by the last feed stay until now, for
-            # take_buffered(frames=...); bytearray drops a prefix in O(1).
-            del buf[:pos]
-            self._pos = 0
-        if data:
+        # Bytes of frames returned by the last feed stay until now, for
+        # take_buffered(frames=...). The buffer is the chunk itself when
+        # nothing was pending (no copy, and bytes frames are sliced out of
+        # bytes without a view), the rest of a frame joined to the chunk
+        # when that rest is shorter than it, else a growing bytearray.
+        if not have:
+            buf = data if type(data) is bytes else bytes(data)
+        elif have <= len(data):
+            buf = b"".join((memoryview(buf)[pos:], data))
+        else:
+            if type(buf) is not bytearray:
+                buf = bytearray(memoryview(buf)[pos:])
+            elif pos:
+                del buf[:pos]  # bytearray drops a prefix in O(1)
             buf += data
+        self._buf = buf
+        self._pos = 0
         frames: list[FrameT] = []
         self._need = 0
         try:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["LengthPrefixed", "VarintPrefixed"]
 
 _STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+#: Stands in for the view of a bytes buffer, which needs none (never released).
+_NO_VIEW = memoryview(b"")
 
 
 def _too_large(length: int, max_frame: int) -> FrameTooLarge:
@@ -202,41 +204,50 @@ class LengthPrefixed:
 class LengthPrefixedDecoder(Decoder[bytes]):
     """Incremental decoder of :class:`LengthPrefixed` frames."""
 
-    __slots__ = ("_codec",)
+    __slots__ = ("_codec", "_layout")
 
     def __init__(self, codec: LengthPrefixed) -> None:
         super().__init__()
         self._codec = codec
+        # What _parse needs of the codec, in one attribute load.
+        self._layout = (
+            codec.offset,
+            codec.offset + codec.header,
+            codec._unpack_from,
+            codec.adjustment,
+            codec.max_frame,
+        )
 
     def _parse(self, frames: list[bytes]) -> None:
-        codec = self._codec
+        offset, prefix, unpack_from, adjustment, max_frame = self._layout
         buf = self._buf
         pos = self._pos
         end = len(buf)
-        offset = codec.offset
-        prefix = offset + codec.header
-        unpack_from = codec._unpack_from
-        adjustment = codec.adjustment
-        max_frame = codec.max_frame
         append = frames.append
-        view = memoryview(buf)
+        # Frames are sliced out of a bytes buffer directly, else out of a view.
+        whole = buf if type(buf) is bytes else None
+        view = _NO_VIEW if whole is not None else memoryview(buf)
         try:
             while end - pos >= prefix:
                 size = unpack_from(buf, pos + offset)[0] + adjustment
                 if size > max_frame or size < 0:
                     self._pos = pos
-                    codec._payload_size(size - adjustment)  # raises the precise error
+                    self._codec._payload_size(size - adjustment)  # raises the precise error
                 stop = pos + prefix + size
                 if stop > end:
                     self._need = stop - pos
                     break
-                if offset:
+                if whole is not None:
+                    frame = whole[pos + prefix : stop]
+                    append(whole[pos : pos + offset] + frame if offset else frame)
+                elif offset:
                     append(view[pos : pos + offset].tobytes() + view[pos + prefix : stop].tobytes())
                 else:
                     append(view[pos + prefix : stop].tobytes())
                 pos = stop
         finally:
-            view.release()
+            if whole is None:
+                view.release()
         self._pos = pos
 
     def missing(self) -> int:
@@ -375,7 +386,8 @@ class VarintPrefixedDecoder(Decoder[bytes]):
         end = len(buf)
         max_frame = self._max_frame
         append = frames.append
-        view = memoryview(buf)
+        whole = buf if type(buf) is bytes else None
+        view = _NO_VIEW if whole is not None else memoryview(buf)
         try:
             while pos < end:
                 size = buf[pos]
@@ -397,10 +409,11 @@ class VarintPrefixedDecoder(Decoder[bytes]):
                 if stop > end:
                     self._need = stop - pos
                     break
-                append(view[start:stop].tobytes())
+                append(whole[start:stop] if whole is not None else view[start:stop].tobytes())
                 pos = stop
         finally:
-            view.release()
+            if whole is None:
+                view.release()
         self._pos = pos
 
     def _fresh(self) -> VarintPrefixedDecoder:
