@@ -1,34 +1,20 @@
 """Framed-stream throughput and latency: streamkit against naive asyncio, side by side.
 
     python benchmarks/bench_streams.py [--quick] [--transport tcp|unix|both] [--json PATH]
+                                       [--payloads BYTES ...]
 
 Two processes over loopback TCP and a Unix socket, payloads 16 B to 1 MiB,
 streamkit LengthPrefixed(4) and Lines against the naive baseline in the same
-run, plus 64 B echo latency; see ``streamkit/bench.py`` for what each row
-measures. ``python -m streamkit bench`` runs the quick version.
+run, plus 64 B echo latency; also on uvloop if it is installed. The logic
+lives in ``streamkit/bench.py`` (see there for what each row measures);
+``python -m streamkit bench`` runs the quick version of the same thing.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from streamkit.bench import PAYLOADS, run
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs")
-    parser.add_argument("--transport", choices=("tcp", "unix", "both"), default="both")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument(
-        "--payloads", type=int, nargs="+", default=PAYLOADS, metavar="BYTES", help="sizes"
-    )
-    args = parser.parse_args(argv)
-    return run(
-        quick=args.quick, transport=args.transport, json_path=args.json, payloads=args.payloads
-    )
-
+from streamkit.bench import script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main())
