@@ -430,36 +430,11 @@ def _check(args: argparse.Namespace) -> str | None:
 
 def _delegate(command: str, argv: list[str]) -> int:
     """Run ``main(argv)`` of the command's module (lazily imported: only what runs loads)."""
-    module = importlib.import_module(_DELEGATED[command][0])
-    module_main: Callable[[list[str]], int] | None = getattr(module, "main", None)
-    if module_main is None:  # bench, until streamkit.bench has its main()
-        module_main = _FALLBACKS[command]
+    module_main: Callable[[list[str]], int] = importlib.import_module(_DELEGATED[command][0]).main
     try:
         return module_main(argv)
     except KeyboardInterrupt:  # Ctrl-C before the command finished: no traceback
         return 130
-
-
-# Until streamkit.bench has a ``main(argv)``, this gives ``bench`` its flags
-# and calls ``bench.run``. Delete it when that main() lands.
-
-
-def _bench_fallback(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m streamkit bench", description=_DELEGATED["bench"][1]
-    )
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--quick", action="store_true", help="short runs (the default)")
-    length.add_argument("--full", action="store_true", help="longer runs, every payload size")
-    parser.add_argument("--transport", choices=("tcp", "unix", "both"), default="tcp")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    from streamkit.bench import run
-
-    return run(quick=not args.full, transport=args.transport, json_path=args.json)
-
-
-_FALLBACKS: dict[str, Callable[[list[str]], int]] = {"bench": _bench_fallback}
 
 
 # -- the entry point --------------------------------------------------------------

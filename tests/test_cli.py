@@ -108,21 +108,6 @@ def test_every_command_has_help() -> None:
     assert all(command in overview for command in ("demo", "proxy", "bench", "serve", "hub"))
 
 
-def test_bench_keeps_its_flags_while_its_module_has_no_main(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.delattr(bench, "main", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--help"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith("usage: python -m streamkit bench ")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--quick", "--full"])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("python -m streamkit bench: error: ")
-
-
 def test_commands_run_in_modules_get_every_argument_verbatim(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
