@@ -166,7 +166,8 @@ def test_complete_needs_exactly_the_missing_bytes() -> None:
 def test_acks_release_held_frames_and_their_bytes() -> None:
     state = SendState(max_frames=1000, max_bytes=10_000)
     for number in range(300):
-        assert state.push(bytes([number % 256]) * 10) == number
+        assert state.next_offset == number
+        assert state.push(bytes([number % 256]) * 10)
     assert state.held_bytes == 3000
     state.on_ack(received=250, consumed=100)
     assert state.held_bytes == 2000
@@ -183,13 +184,15 @@ def test_acks_release_held_frames_and_their_bytes() -> None:
 
 def test_the_window_bounds_frames_and_bytes_but_one_frame_always_fits() -> None:
     state = SendState(max_frames=2, max_bytes=100)
-    assert state.push(bytes(500)) == 0  # nothing held: any size goes
-    assert state.push(b"x") == -1
+    assert state.push(bytes(500))  # nothing held: any size goes
+    assert not state.push(b"x")
     state.on_ack(1, 1)
-    assert state.push(bytes(60)) == 1
-    assert state.push(bytes(40)) == 2
-    assert state.push(b"") == -1  # two frames held
-    assert not state.can_send(0)
+    assert state.push(bytes(60))
+    assert state.can_send(40)
+    assert state.push(bytes(40))
+    assert not state.can_send(0)  # two frames held
+    assert not state.push(b"")
+    assert state.next_offset == 3
 
 
 # -- acks on the wire -----------------------------------------------------------

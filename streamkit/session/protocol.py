@@ -385,18 +385,20 @@ class SendState:
         held = len(self._frames) - self._head
         return not held or (held < self.max_frames and self._held_bytes + size <= self.max_bytes)
 
-    def push(self, payload: bytes) -> int:
-        """Hold a new frame for replay if the window has room: its offset, else -1."""
+    def push(self, payload: bytes) -> bool:
+        """Hold a new frame (offset ``next_offset``) for replay if the window has room.
+
+        Returns whether it did.
+        """
         frames = self._frames
         held = len(frames) - self._head
         held_bytes = self._held_bytes + len(payload)
         if held and (held_bytes > self.max_bytes or held >= self.max_frames):
-            return -1
-        offset = self.next_offset
-        self.next_offset = offset + 1
+            return False
         frames.append(payload)
         self._held_bytes = held_bytes
-        return offset
+        self.next_offset += 1
+        return True
 
     def on_ack(self, received: int, consumed: int) -> None:
         """Apply the peer's cumulative acknowledgement.
@@ -547,13 +549,14 @@ class MessageDecoder(Decoder["bytes | Message"]):
         max_body = self._max_body
         append = frames.append
         unpack_data = FRAMED_DATA_HEADER.unpack_from
+        # Locals, not globals, in the loop that runs once per frame.
+        data_byte, data_prefix, min_data = _DATA_BYTE, _DATA_PREFIX, DATA_HEADER.size
         view = memoryview(buf)
         try:
             while True:
-                have = end - pos
-                if have >= _DATA_PREFIX:
+                if end - pos >= data_prefix:
                     size, kind, offset = unpack_data(buf, pos)
-                elif have >= 4:
+                elif end - pos >= 4:
                     # Too short for a DATA message: a control message (or junk).
                     size, kind, offset = _LENGTH.unpack_from(buf, pos)[0], -1, -1
                 else:
@@ -563,8 +566,8 @@ class MessageDecoder(Decoder["bytes | Message"]):
                 stop = pos + 4 + size
                 if stop > end:
                     break
-                if kind == _DATA_BYTE and offset == expected and size >= DATA_HEADER.size:
-                    append(view[pos + _DATA_PREFIX : stop].tobytes())
+                if kind == data_byte and offset == expected and size >= min_data:
+                    append(view[pos + data_prefix : stop].tobytes())
                     expected += 1
                 else:
                     append(self._message(view[pos + 4 : stop].tobytes(), expected))
@@ -575,7 +578,7 @@ class MessageDecoder(Decoder["bytes | Message"]):
             view.release()
             self._pos = pos
             self.payload_bytes += (
-                pos - start - other_bytes - _DATA_PREFIX * (expected - self.expected)
+                pos - start - other_bytes - data_prefix * (expected - self.expected)
             )
             self.expected = expected
 

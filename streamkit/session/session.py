@@ -202,7 +202,9 @@ class Session:
         self._ack_timer: asyncio.TimerHandle | None = None  # ack_delay after a frame
         self._ack_handle: asyncio.Handle | None = None  # an ack due, sent as this turn ends
         self._closing = False  # close() was called: no more sends
-        self._send_blocked = False  # closing, closed or failed: send() takes the slow path
+        # The largest frame send() takes on its fast path: max_frame, or -1
+        # once the session is closing, closed or failed.
+        self._send_limit = settings.max_frame
         self._close_sent = False
         self._peer_closed = False  # the peer closed: recv ends after the queue
         self._finished = asyncio.Event()  # the close handshake completed
@@ -254,11 +256,8 @@ class Session:
         size = len(payload)
         if type(payload) is not bytes:
             payload = bytes(payload)  # the replay buffer must not change under us
-        state = self._send_state
-        offset = -1 if self._send_blocked or size > self._max_frame else state.push(payload)
-        while offset < 0:
-            await self._wait_to_send(size)
-            offset = state.push(payload)
+        if size > self._send_limit or not self._send_state.push(payload):
+            await self._send_slowly(payload)
         if self._write_handle is None:
             self._write_frames()
             self._write_handle = self._loop.call_soon(self._on_write_due)
@@ -287,8 +286,10 @@ class Session:
             header = pack(len(payload) + _DATA_SIZE, _DATA, start)
         else:
             parts: list[bytes] = []
+            append = parts.append
             for offset, payload in enumerate(frames, start):
-                parts += (pack(len(payload) + _DATA_SIZE, _DATA, offset), payload)
+                append(pack(len(payload) + _DATA_SIZE, _DATA, offset))
+                append(payload)
             header, payload = b"".join(parts), b""
         try:
             if conn.stream.send_encoded_nowait(header, payload):
@@ -308,12 +309,14 @@ class Session:
             with contextlib.suppress(ConnectionLost):
                 await conn.stream.drain()
 
-    async def _wait_to_send(self, size: int) -> None:
+    async def _send_slowly(self, payload: bytes) -> None:
+        """Wait until ``payload`` fits the window and hold it; raise if it never can."""
+        size = len(payload)
         if size > self._max_frame:
             raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
         self._check_sendable()
         state = self._send_state
-        while not state.can_send(size):
+        while not state.push(payload):
             self._progress.clear()
             await self._progress.wait()
             self._check_sendable()
@@ -377,7 +380,8 @@ class Session:
         if self._finished.is_set():
             return
         self._check_failure()
-        self._closing = self._send_blocked = True
+        self._closing = True
+        self._send_limit = -1
         try:
             async with asyncio.timeout(self.settings.close_timeout):
                 await self.flush()
@@ -451,14 +455,14 @@ class Session:
         """Fail the session: every pending and later call raises ``error``; free its buffers."""
         if self._failure is None and not self._finished.is_set():
             self._failure = error
-            self._send_blocked = True
+            self._send_limit = -1
             self._queue.clear()
             self._send_state.release()
         self._wake()
 
     def _finish(self) -> None:
         """The close handshake completed (either side's close)."""
-        self._send_blocked = True
+        self._send_limit = -1
         self._finished.set()
         self._wake()
 
