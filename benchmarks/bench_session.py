@@ -3,11 +3,17 @@
     python benchmarks/bench_session.py [--quick] [--json PATH]
 
 Each measurement runs the sender and the receiver in two fresh processes
-(spawned, so no run inherits another's heap: large frames swing 3x with
-the allocator's state) on loopback TCP; the sender sends N frames one way
-and the receiver answers once it has them all. Rows compare a session with
-a plain ``FramedStream`` (``LengthPrefixed(4)``) for the same payloads,
-run alternately, best of the repeats.
+(spawned, so no run inherits another's heap) on loopback TCP; the sender
+sends N frames one way and the receiver answers once it has them all.
+Rows compare a session with a plain ``FramedStream`` (``LengthPrefixed(4)``)
+for the same payloads, run alternately, best of the repeats.
+
+Large frames swing 2-3x from run to run with glibc's malloc: until a large
+block happens to be freed, it hands freed heap back to the kernel and page
+faults it in again for the next frames. The processes run with fixed,
+high thresholds (``GLIBC_TUNABLES``) so every run measures the code, not
+that lottery; set ``GLIBC_TUNABLES`` yourself (even empty) to keep the
+defaults.
 
 Then a session streams numbered frames for a fixed time through a
 ``FaultProxy`` (in the sender's process) that cuts the connection every
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -35,6 +42,8 @@ from streamkit.testing import FaultProxy
 SIZES = [16, 256, 4096, 65536]
 DONE = b"done"
 _SPAWN = multiprocessing.get_context("spawn")
+#: Keep freed memory in the heap (see the module docstring).
+_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
 
 def _frames_for(size: int, quick: bool) -> int:
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, one repeat")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    os.environ.setdefault("GLIBC_TUNABLES", _MALLOC)  # for the spawned processes
     repeat = 1 if args.quick else 3
     rows: list[dict[str, Any]] = []
     print(f"session vs plain FramedStream, one way over loopback TCP, best of {repeat}")
