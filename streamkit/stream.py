@@ -28,7 +28,7 @@ FrameT = TypeVar("FrameT")
 #: Bytes asked of the reader per read: the reader returns what it has, up to
 #: this; 64 KiB measured best of 64 KiB..1 MiB (benchmarks/bench_streams.py).
 _READ_SIZE = 64 * 1024
-#: A frame whose known rest is at least this long is completed with one
+#: A frame at least this long (once its header is in) is completed with one
 #: ``readexactly`` (two copies in all, instead of three through the buffer).
 _LARGE_REST = 16 * 1024
 #: Frames buffered in one turn are written at once past this many bytes.
@@ -37,6 +37,9 @@ _FLUSH_SIZE = 64 * 1024
 #: goes to the transport as it is, which copies only what the socket does not
 #: take at once (benchmarks/bench_streams.py, 64 KiB and 1 MiB rows).
 _LARGE_SEND = 16 * 1024
+#: Below this, a large frame meeting an empty transport buffer is joined
+#: after all: one send() instead of two (the header's would go alone).
+_HUGE_SEND = 256 * 1024
 
 
 class FramedStream(Generic[FrameT]):
@@ -140,7 +143,11 @@ class FramedStream(Generic[FrameT]):
         transport = self._transport
         if transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
-        if self._encode_parts is not None and len(frame) >= _LARGE_SEND:  # type: ignore[arg-type]
+        if (
+            self._encode_parts is not None
+            and len(frame) >= _LARGE_SEND  # type: ignore[arg-type]
+            and (len(frame) >= _HUGE_SEND or transport.get_write_buffer_size())  # type: ignore[arg-type]
+        ):
             over = self._write_parts(self._encode_parts(frame))
         else:
             out = self._out
@@ -362,9 +369,11 @@ class FramedStream(Generic[FrameT]):
                 # is a lone frame again, written at once.
                 self._wrote_at_once = False
                 try:
-                    if missing >= _LARGE_REST:
+                    if missing and missing + decoder.buffered >= _LARGE_REST:
                         # A large frame: read the rest of it in one piece,
                         # copied once, as readexactly-per-frame code would.
+                        # Frames after it are then read header, then payload
+                        # (below), so they never pass through the buffer.
                         self._large_frames = True
                         return decoder.complete(await self._reader.readexactly(missing))
                     header = decoder.header_missing() if self._large_frames else 0

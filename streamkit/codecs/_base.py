@@ -155,7 +155,7 @@ class Decoder(Generic[FrameT]):
         return frames
 
     def _free(self) -> None:
-        self._buf = bytearray()
+        self._buf = b""  # a bytearray again once input accumulates
         self._pos = 0
         self._failed_at = 0
         self._need = 0

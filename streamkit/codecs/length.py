@@ -251,33 +251,37 @@ class LengthPrefixedDecoder(Decoder[bytes]):
         self._pos = pos
 
     def missing(self) -> int:
-        codec = self._codec
-        prefix = codec.offset + codec.header
-        have = len(self._buf) - self._pos
-        if self._error is not None or have < prefix:
+        offset, prefix, unpack_from, adjustment, max_frame = self._layout
+        buf = self._buf
+        pos = self._pos
+        have = len(buf) - pos
+        if have < prefix or self._error is not None:
             return 0
-        size = codec._unpack_from(self._buf, self._pos + codec.offset)[0] + codec.adjustment
-        if size > codec.max_frame or size < 0:
+        size = unpack_from(buf, pos + offset)[0] + adjustment
+        if size > max_frame or size < 0:
             return 0  # feed raises the error
-        return max(0, prefix + size - have)
+        rest: int = prefix + size - have
+        return rest if rest > 0 else 0
 
     def header_missing(self) -> int:
         if self._error is not None:
             return 0
-        return max(0, self._codec.offset + self._codec.header - (len(self._buf) - self._pos))
+        rest: int = self._layout[1] - (len(self._buf) - self._pos)
+        return rest if rest > 0 else 0
 
     def complete(self, data: bytes) -> bytes:
         missing = self.missing()
         if not missing or len(data) != missing:
             raise ValueError(f"complete() needs exactly the {missing} missing bytes")
-        codec = self._codec
-        start = self._pos
-        head = self._buf[start : start + codec.offset]
-        partial = self._buf[start + codec.offset + codec.header :]
+        offset, prefix = self._layout[0], self._layout[1]
+        buf, start = self._buf, self._pos
+        if not offset and len(buf) - start == prefix:
+            self._free()
+            return data  # the payload as read: no copy
+        head = buf[start : start + offset]
+        partial = buf[start + prefix :]
         self._free()
-        if head or partial:
-            return b"".join((head, partial, data))
-        return data  # the payload as read: no copy
+        return b"".join((head, partial, data))
 
     def _fresh(self) -> LengthPrefixedDecoder:
         return LengthPrefixedDecoder(self._codec)
