@@ -9,10 +9,14 @@ people write first: append each chunk to a ``bytes`` buffer, then in a loop
 out and re-slice the rest of the buffer, copying it, once per frame. Lines
 and JSON lines baselines also decode / parse each frame, as the codec does.
 
-The last table feeds one 16 MiB frame in 1 KiB chunks to show the decoder is
-linear: 4x the bytes should take about 4x the time (a decoder that
-re-joins or re-scans its buffer per chunk is quadratic and takes ~16x;
-the naive parser above needs minutes for it).
+The last table feeds one 1, 4 and 16 MiB frame in 1 KiB chunks to show the
+decoder is linear: 4x the bytes should take about 4x the time (a decoder
+that re-joins or re-scans its buffer per chunk is quadratic and takes ~16x,
+as the naive parser does on smaller frames; it would need minutes for
+16 MiB). Above a few MiB the machine's memory (caches, page faults) adds
+to every linear decoder too, so read ~4-6x as linear. The script re-runs
+itself with glibc's malloc thresholds fixed high (``GLIBC_TUNABLES``, see
+``streamkit.bench.fixed_malloc``) unless ``GLIBC_TUNABLES`` is set.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from streamkit.bench import rerun_with_fixed_malloc
 from streamkit.codecs import Codec, Delimited, JsonLines, LengthPrefixed, Lines, VarintPrefixed
 
 PAYLOADS = (16, 256, 4096, 64 * 1024)
@@ -154,24 +159,46 @@ def throughput(quick: bool) -> list[dict[str, Any]]:
 
 
 def linearity(quick: bool) -> list[dict[str, Any]]:
+    """One large frame in 1 KiB chunks: time grows with the bytes, not their square."""
+    sizes = (MiB, 4 * MiB, 16 * MiB)
+    repeats = 3 if quick else 7
     rows = []
-    print("\none large frame fed in 1 KiB chunks (linear: 4x the bytes, ~4x the time)")
-    print(f"{'codec':<19}{'4 MiB s':>9}{'16 MiB s':>10}{'ratio':>8}")
+    print("\none large frame fed in 1 KiB chunks (linear: 4x the bytes, ~4x the time); best")
+    print(f"of {repeats}, sizes interleaved; the naive parser (re-joins its buffer) for contrast")
+    print(f"{'codec':<19}{'1 MiB s':>9}{'4 MiB s':>9}{'16 MiB s':>10}{'16/4 MiB':>10}{'ms/MiB':>8}")
     for name, codec, make, _ in CASES[:3] if quick else CASES:
-        max_frame = 17 * MiB
-        big = type(codec)(max_frame=max_frame)  # type: ignore[call-arg]
-        seconds = []
-        for size in (4 * MiB, 16 * MiB):
-            chunks = _chunks(big.encode(make(size)), 1024)
-            seconds.append(_best(3, lambda: _decode(big, chunks), 1))  # noqa: B023
+        big = type(codec)(max_frame=17 * MiB)  # type: ignore[call-arg]
+        chunked = [_chunks(big.encode(make(size)), 1024) for size in sizes]
+        best = [float("inf")] * len(sizes)
+        for _ in range(repeats):
+            for index, chunks in enumerate(chunked):
+                best[index] = min(best[index], _best(1, lambda: _decode(big, chunks), 1))  # noqa: B023
         row = {
             "codec": name,
-            "seconds_4mib": seconds[0],
-            "seconds_16mib": seconds[1],
-            "ratio": seconds[1] / seconds[0],
+            "seconds": dict(zip(("1MiB", "4MiB", "16MiB"), best, strict=True)),
+            "ratio_16_to_4": best[2] / best[1],
         }
         rows.append(row)
-        print(f"{name:<19}{seconds[0]:>9.3f}{seconds[1]:>10.3f}{row['ratio']:>7.1f}x")
+        print(
+            f"{name:<19}{best[0]:>9.4f}{best[1]:>9.4f}{best[2]:>10.4f}{row['ratio_16_to_4']:>9.1f}x"
+            f"{best[2] / 16 * 1e3:>8.2f}"
+        )
+    # The naive parser copies its whole buffer per chunk: quadratic, so it
+    # gets sizes 16x smaller (16 MiB would take minutes).
+    small = (64 * 1024, 256 * 1024, MiB)
+    chunked = [_chunks(LengthPrefixed().encode(b"x" * size), 1024) for size in small]
+    best = [min(_best(1, lambda: naive_length(c), 1) for _ in range(3)) for c in chunked]  # noqa: B023
+    rows.append(
+        {
+            "codec": "naive length",
+            "seconds": dict(zip(("64KiB", "256KiB", "1MiB"), best, strict=True)),
+            "ratio_1_to_0.25": best[2] / best[1],
+        }
+    )
+    print(
+        f"{'naive, 64K/256K/1M':<19}{best[0]:>9.4f}{best[1]:>9.4f}{best[2]:>10.4f}"
+        f"{best[2] / best[1]:>9.1f}x  (1 MiB / 256 KiB: quadratic is 16x)"
+    )
     return rows
 
 
@@ -180,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    rerun_with_fixed_malloc()  # glibc's default thresholds make large sizes a lottery
     results = {
         "python": sys.version,
         "throughput": throughput(args.quick),

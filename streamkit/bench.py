@@ -18,6 +18,13 @@ the rows compare framing code, not buffer sizes. The time of a throughput
 run is from the first frame sent until the receiver reports it has every
 frame; each row is the best of a few alternating runs.
 
+Sender and receiver each run in a fresh (spawned) process with glibc's
+malloc thresholds fixed high (``GLIBC_TUNABLES``, unless already set): by
+default, until some large block happens to be freed, glibc hands freed heap
+back to the kernel and faults it in again for the next frames, and the same
+code measures 2-3x apart from run to run at 64 KiB (see
+:func:`fixed_malloc`).
+
 ``python -m streamkit bench`` runs the quick version (:func:`main`);
 ``benchmarks/bench_streams.py`` the full one (:func:`script_main`).
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -34,7 +42,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -42,7 +50,7 @@ from streamkit.codecs import LengthPrefixed, Lines
 from streamkit.net import DEFAULT_LIMIT, connect, connect_unix, serve, serve_unix
 from streamkit.stream import FramedStream
 
-__all__ = ["PAYLOADS", "main", "run", "script_main"]
+__all__ = ["PAYLOADS", "fixed_malloc", "main", "rerun_with_fixed_malloc", "run", "script_main"]
 
 PAYLOADS = (16, 256, 4096, 64 * 1024, 1024 * 1024)
 _MAX_FRAME = 2 * 1024 * 1024
@@ -50,6 +58,8 @@ _MAX_FRAME = 2 * 1024 * 1024
 _LINES_LIMIT = 2 * _MAX_FRAME
 _HEADER = struct.Struct(">I")
 _LATENCY_PAYLOAD = 64
+#: glibc malloc keeps freed memory in the heap (see the module docstring).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
 Address = tuple[str, Any]  # ("tcp", (host, port)) or ("unix", path)
 
@@ -156,6 +166,20 @@ def _receiver_process(pipe: Connection, use_uvloop: bool) -> None:
                 server.close()
 
     _run_loop(main(), use_uvloop)
+
+
+def _sender_process(
+    pipe: Connection,
+    addresses: dict[str, Address],
+    transports: Sequence[str],
+    payloads: Sequence[int],
+    quick: bool,
+    loop_name: str,
+) -> None:
+    rows = _run_loop(
+        _measure(addresses, transports, payloads, quick, loop_name), loop_name == "uvloop"
+    )
+    pipe.send(rows)
 
 
 def _run_loop(coro: Any, use_uvloop: bool) -> Any:
@@ -387,22 +411,70 @@ def run(
     context = multiprocessing.get_context("spawn")
     for loop_name in loops:
         ours, theirs = context.Pipe()
-        process = context.Process(target=_receiver_process, args=(theirs, loop_name == "uvloop"))
-        process.start()
+        results, sender_end = context.Pipe(duplex=False)
+        with fixed_malloc():
+            receiver = context.Process(
+                target=_receiver_process, args=(theirs, loop_name == "uvloop")
+            )
+            receiver.start()
         try:
             addresses = ours.recv()
-            rows += _run_loop(
-                _measure(addresses, transports, payloads, quick, loop_name), loop_name == "uvloop"
-            )
+            with fixed_malloc():
+                sender = context.Process(
+                    target=_sender_process,
+                    args=(sender_end, addresses, transports, payloads, quick, loop_name),
+                )
+                sender.start()
+            try:
+                rows += results.recv()
+            finally:
+                sender.join(10)
+                if sender.is_alive():
+                    sender.kill()
         finally:
             ours.send("stop")
-            process.join(10)
-            if process.is_alive():
-                process.kill()
+            receiver.join(10)
+            if receiver.is_alive():
+                receiver.kill()
     if json_path:
         with open(json_path, "w") as out:
             json.dump({"python": sys.version, "quick": quick, "rows": rows}, out, indent=2)
     return 0
+
+
+# -- the allocator ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fixed_malloc() -> Iterator[None]:
+    """Processes started inside run with glibc's malloc thresholds fixed high.
+
+    Sets ``GLIBC_TUNABLES`` (read by glibc when a process starts) for the
+    duration, unless the caller set it already (even empty: to measure with
+    glibc's defaults). Harmless off glibc.
+    """
+    if "GLIBC_TUNABLES" in os.environ:
+        yield
+        return
+    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    try:
+        yield
+    finally:
+        del os.environ["GLIBC_TUNABLES"]
+
+
+def rerun_with_fixed_malloc() -> None:
+    """Re-execute this script with :func:`fixed_malloc`'s thresholds, unless already set.
+
+    For benchmark scripts that measure in their own process: call first
+    thing in ``main``; returns only when the thresholds are in place (or
+    ``GLIBC_TUNABLES`` was set by the caller).
+    """
+    if "GLIBC_TUNABLES" in os.environ:
+        return
+    environment = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], environment)
 
 
 # -- command lines ----------------------------------------------------------------
