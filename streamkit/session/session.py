@@ -198,6 +198,9 @@ class Session:
         self._written = 0  # frames below this offset are written to the connection
         self._unwritten_bytes = 0  # payload bytes of frames not yet written
         self._write_handle: asyncio.Handle | None = None  # writes the frames of this turn
+        # A frame was written at once since the application last waited
+        # for the peer (or since the last end-of-turn write).
+        self._wrote_at_once = False
         self._must_drain = False  # the connection's write buffer is over its high-water mark
         self._ack_timer: asyncio.TimerHandle | None = None  # ack_delay after a frame
         self._ack_handle: asyncio.Handle | None = None  # an ack due, sent as this turn ends
@@ -245,23 +248,28 @@ class Session:
     async def send(self, payload: bytes) -> None:
         """Send one frame; it will reach the peer's ``recv`` exactly once, in order.
 
-        The first frame of an event-loop turn is written at once; the
-        turn's later frames are written together, in one piece, when the
-        turn ends (or every 64 KiB). Waits while the send window is full,
-        and while the connection's write buffer is over its high-water
-        mark. Raises :class:`FrameTooLarge`
-        over ``max_frame``, :class:`SessionError` once the session is closing
-        or closed, and the session's failure if it failed.
+        A lone frame (the first since the application waited for the peer,
+        or since the last end-of-turn write) is written at once; frames that
+        follow it are gathered and written in one piece when the event-loop
+        turn ends (or every 64 KiB). Waits while the send window is full, and
+        while the connection's write buffer is over its high-water mark.
+        Raises :class:`FrameTooLarge` over ``max_frame``,
+        :class:`SessionError` once the session is closing or closed, and
+        the session's failure if it failed.
         """
         size = len(payload)
         if type(payload) is not bytes:
             payload = bytes(payload)  # the replay buffer must not change under us
         if size > self._send_limit or not self._send_state.push(payload):
             await self._send_slowly(payload)
-        if self._write_handle is None:
+        if self._write_handle is None and not self._wrote_at_once:
+            # A lone frame (request/response) goes out at once, and with no
+            # callback, an extra loop iteration, unless another follows it.
+            self._wrote_at_once = True
             self._write_frames()
-            self._write_handle = self._loop.call_soon(self._on_write_due)
         else:
+            if self._write_handle is None:
+                self._write_handle = self._loop.call_soon(self._on_write_due)
             self._unwritten_bytes += size
             if self._unwritten_bytes >= _WRITE_SIZE:
                 self._write_frames()
@@ -299,6 +307,7 @@ class Session:
 
     def _on_write_due(self) -> None:
         self._write_handle = None
+        self._wrote_at_once = False  # the turn ended
         self._write_frames()
 
     async def _drain(self) -> None:
@@ -427,6 +436,7 @@ class Session:
             if self._peer_closed:
                 raise EndOfStream("the peer closed the session")
             self._check_failure()
+            self._wrote_at_once = False  # waiting for the peer ends a turn
             self._readable.clear()
             await self._readable.wait()
 
