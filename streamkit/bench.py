@@ -242,11 +242,12 @@ async def _streamkit_send(address: Address, payload: bytes, count: int, lines: b
 async def _naive_round_trips(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: int
 ) -> list[float]:
-    frame = _HEADER.pack(_LATENCY_PAYLOAD) + b"p" * _LATENCY_PAYLOAD
+    payload = b"p" * _LATENCY_PAYLOAD
+    pack = _HEADER.pack
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        writer.write(frame)
+        writer.write(pack(len(payload)) + payload)  # framed per message, as streamkit does
         await writer.drain()
         (size,) = _HEADER.unpack(await reader.readexactly(4))
         await reader.readexactly(size)
