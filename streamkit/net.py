@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from streamkit._lifecycle import Closable
+from streamkit._lifecycle import ServerBase
 from streamkit.codecs import Codec
 from streamkit.stream import FramedStream
 
@@ -165,7 +165,7 @@ def connect_unix(
     )
 
 
-class Server(Closable, Generic[FrameT]):
+class Server(ServerBase, Generic[FrameT]):
     """A listening server that calls a handler with a framed stream per connection.
 
     ``async with`` closes it on exit; ``serve_forever()`` runs until
@@ -292,9 +292,6 @@ class Server(Closable, Generic[FrameT]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
-
-    async def __aenter__(self) -> Server[FrameT]:
-        return self
 
     def _remove_unix_socket(self) -> None:
         path, self._unix_path = self._unix_path, None

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from streamkit._lifecycle import Closable
 from streamkit.codecs import Buffer, Codec, Decoder
 from streamkit.errors import ConnectionLost, EndOfStream
 
@@ -45,7 +45,7 @@ _LARGE_SEND = 16 * 1024
 _HUGE_SEND = 256 * 1024
 
 
-class FramedStream(Generic[FrameT]):
+class FramedStream(Closable, Generic[FrameT]):
     """Frames in both directions over a ``StreamReader`` / ``StreamWriter`` pair.
 
     - ``await send(frame)`` / ``await send_many(frames)``: frames from
@@ -462,18 +462,6 @@ class FramedStream(Generic[FrameT]):
         """Wait until the connection is closed; a reset while closing is not an error."""
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
-
-    async def __aenter__(self) -> FramedStream[FrameT]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
 
     def __repr__(self) -> str:
         return f"<FramedStream {self._codec!r} peer={self.peername!r}>"

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from streamkit._lifecycle import Closable
+from streamkit._lifecycle import ServerBase
 
 __all__ = ["Direction", "FaultProxy", "ProxyStats", "main"]
 
@@ -74,7 +74,7 @@ class _Link:
         self.server.transport.abort()
 
 
-class FaultProxy(Closable):
+class FaultProxy(ServerBase):
     """A proxy to ``target_host:target_port`` (or the Unix socket ``target_unix``) with faults.
 
     - ``cut()`` aborts every live connection now; ``cut_after(n, direction)``

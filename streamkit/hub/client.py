@@ -11,9 +11,9 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from itertools import count
-from types import TracebackType
 from typing import Any, Literal, NamedTuple
 
+from streamkit._lifecycle import AsyncClosable
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
 from streamkit.hub.protocol import decode_message, decode_records, encode_message
 from streamkit.hub.storage import (
@@ -85,7 +85,7 @@ def _error(header: dict[str, Any]) -> HubError:
     return _ERRORS.get(header.get("code", ""), HubError)(header.get("message", "hub error"))
 
 
-class Reader:
+class Reader(AsyncClosable):
     """Records of one stream from an offset: ``async for record in reader``.
 
     With ``live=True`` it tails new records and stops when the stream is
@@ -159,19 +159,8 @@ class Reader:
         self._ended = True
         self._event.set()
 
-    async def __aenter__(self) -> Reader:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
-class Producer:
+class Producer(AsyncClosable):
     """An idempotent producer: batched appends that are exactly-once across retries.
 
     ``append_nowait(data)`` adds a record to the current batch, sent after
@@ -270,19 +259,8 @@ class Producer:
         """Flush, then stop."""
         await self.flush()
 
-    async def __aenter__(self) -> Producer:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
-class HubClient:
+class HubClient(AsyncClosable):
     """A connection to a hub (over a resumable session, so drops are invisible).
 
     Use ``await streamkit.hub.connect(host, port)`` or ``async with``.
@@ -489,17 +467,6 @@ class HubClient:
         self._dispatcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, EndOfStream, ProtocolError):
             await self._dispatcher
-
-    async def __aenter__(self) -> HubClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def _open(connector: Connector[ClientSession]) -> HubClient:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from streamkit._lifecycle import Closable
+from streamkit._lifecycle import ServerBase
 from streamkit.errors import EndOfStream, ProtocolError, SessionError, StreamkitError
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import decode_message, decode_records, encode_message
@@ -51,7 +51,7 @@ def status_of(info: StreamInfo) -> dict[str, Any]:
     }
 
 
-class HubServer(Closable):
+class HubServer(ServerBase):
     """Serves named streams; ``async with``, ``serve_forever()``, ``port``, ``close()``.
 
     Every client session gets its own handler; requests are answered in
@@ -63,17 +63,6 @@ class HubServer(Closable):
         self._changed: dict[str, asyncio.Event] = {}
         self._server: ResumableServer | None = None
         self._expiry: asyncio.Task[None] | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (useful with ``port=0``)."""
-        assert self._server is not None
-        return self._server.port
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
-        """The listening sockets."""
-        return self._server.sockets if self._server is not None else ()
 
     def close(self) -> None:
         """Stop accepting clients."""
@@ -90,9 +79,6 @@ class HubServer(Closable):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
         self.storage.close()
-
-    async def __aenter__(self) -> HubServer:
-        return self
 
     # -- change notification --------------------------------------------------
 

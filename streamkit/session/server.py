@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from streamkit._lifecycle import Closable
+from streamkit._lifecycle import ServerBase
 from streamkit.codecs import LengthPrefixed
 from streamkit.errors import (
     ConnectionLost,
@@ -107,7 +107,7 @@ class ServerSession(Session):
         super()._teardown()
 
 
-class ResumableServer(Closable):
+class ResumableServer(ServerBase):
     """A server of resumable sessions: ``handler(session)`` runs once per session.
 
     A client that reconnects lands in the same running handler. Supports
@@ -136,17 +136,6 @@ class ResumableServer(Closable):
         self._closing_since: float | None = None
 
     # -- server lifecycle -----------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (useful with ``port=0``)."""
-        assert self._server is not None
-        return self._server.port
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
-        """The listening sockets."""
-        return self._server.sockets if self._server is not None else ()
 
     @property
     def sessions(self) -> int:
@@ -178,9 +167,6 @@ class ResumableServer(Closable):
             self._ended_session(session)
         if self._server is not None:
             await self._server.wait_closed()
-
-    async def __aenter__(self) -> ResumableServer:
-        return self
 
     # -- sessions -------------------------------------------------------------
 
