@@ -28,6 +28,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+from streamkit import _args
 from streamkit.codecs import Codec, JsonLines, LengthPrefixed, Lines, VarintPrefixed
 from streamkit.errors import EndOfStream, StreamkitError
 from streamkit.net import Server, connect, connect_unix, serve, serve_unix
@@ -64,39 +65,10 @@ class _Failed(Exception):
 # -- argument types -------------------------------------------------------------
 
 
-def _address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``PORT`` (on 127.0.0.1); ``[::1]:PORT`` for IPv6."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _host_port(host: str, port: int) -> str:
-    """The address as ``_address`` reads it back: ``[::1]:8765`` for IPv6."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
-    return int(text)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
-
-
 def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--port", type=_port, default=port, help=f"TCP port ({port}; 0: any)")
+    where.add_argument("--port", type=_args.port, default=port, help=f"TCP port ({port}; 0: any)")
     where.add_argument("--unix", metavar="PATH", help="a Unix socket instead of TCP")
 
 
@@ -147,15 +119,15 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         "all arrive before it ends.",
     )
     where = send.add_mutually_exclusive_group(required=True)
-    where.add_argument("address", nargs="?", type=_address, help="HOST:PORT")
+    where.add_argument("address", nargs="?", type=_args.address, help="HOST:PORT")
     where.add_argument("--unix", metavar="PATH", help="a Unix socket instead of TCP")
     _add_codec(send)
     send.add_argument("--raw", action="store_true", help="all of stdin as one frame")
     send.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA certificate")
-    send.add_argument("--timeout", type=_positive, default=10.0, help="connect timeout (10 s)")
+    send.add_argument("--timeout", type=_args.positive, default=10.0, help="connect timeout (10 s)")
     send.add_argument(
         "--idle",
-        type=_positive,
+        type=_args.positive,
         default=1.0,
         metavar="SECONDS",
         help="with TLS, which cannot half-close: once stdin has ended, stop after this long "
@@ -247,7 +219,7 @@ async def _serve_echo(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         server = await serve(echo, args.host, args.port, codec=codec, ssl=context)
-        where = _host_port(args.host, server.port)
+        where = _args.host_port(args.host, server.port)
     print(f"echo server on {where} ({args.codec}{', TLS' if context else ''})", flush=True)
 
     async def close() -> None:
@@ -327,7 +299,7 @@ async def _send(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         opening = connect(*args.address, codec=codec, ssl=context, timeout=args.timeout)
-        where = _host_port(*args.address)
+        where = _args.host_port(*args.address)
     try:
         stream = await opening
     except TimeoutError as exc:  # it says nothing itself
@@ -390,7 +362,7 @@ async def _recv(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         server = await serve(receive, args.host, args.port, codec=codec)
-        where = _host_port(args.host, server.port)
+        where = _args.host_port(args.host, server.port)
     print(f"receiving on {where} ({args.codec})", file=sys.stderr, flush=True)
     async with server:
         await done
@@ -405,7 +377,7 @@ async def _hub(args: argparse.Namespace) -> None:
         where = args.unix
     else:
         server = await hub.serve_hub(args.host, args.port, **options)
-        where = _host_port(args.host, server.port)
+        where = _args.host_port(args.host, server.port)
     storage = f"logs in {args.data_dir}" if args.data_dir else "in memory"
     print(f"hub on {where} ({storage})", flush=True)
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from streamkit import _args
 from streamkit.errors import StreamkitError
 from streamkit.session import (
     Backoff,
@@ -138,17 +139,8 @@ def run(frames: int = 20_000, cut_every: float = 0.03, seed: int = 1) -> int:
     return 1
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1")
-    return int(text)
-
-
 def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
+    value = _args.number(text)
     if not 0 < value < 60:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, > 0 and < 60")
     return value
@@ -165,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="A resumable echo session through a proxy that keeps cutting it: "
         "every frame must come back exactly once, in order.",
     )
-    parser.add_argument("--frames", type=_count, default=20_000, help="frames to echo (20000)")
+    parser.add_argument("--frames", type=_args.count, default=20_000, help="frames to echo (20000)")
     parser.add_argument(
         "--cut-every",
         type=_interval,

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import signal
 import sys
@@ -32,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from streamkit import _args
 from streamkit._lifecycle import ServerBase
 
 __all__ = ["Direction", "FaultProxy", "ProxyStats", "main"]
@@ -349,29 +349,6 @@ class FaultProxy(ServerBase):
 # -- the command line -------------------------------------------------------------
 
 
-def _address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``PORT`` (on 127.0.0.1); ``[::1]:PORT`` for IPv6."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _host_port(host: str, port: int) -> str:
-    """The address as ``_address`` reads it back: ``[::1]:9000`` for IPv6."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streamkit proxy",
@@ -382,26 +359,28 @@ def _build_parser() -> argparse.ArgumentParser:
     listen = parser.add_mutually_exclusive_group()
     listen.add_argument(
         "--listen",
-        type=_address,
+        type=_args.address,
         default=("127.0.0.1", 0),
         metavar="[HOST:]PORT",
         help="where clients connect (127.0.0.1, any free port)",
     )
     listen.add_argument("--listen-unix", metavar="PATH", help="listen on a Unix socket")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target", type=_address, metavar="HOST:PORT", help="the server")
+    target.add_argument("--target", type=_args.address, metavar="HOST:PORT", help="the server")
     target.add_argument("--target-unix", metavar="PATH", help="a server on a Unix socket")
     parser.add_argument(
-        "--cut-every", type=_seconds, metavar="SECONDS", help="cut connections this often"
+        "--cut-every", type=_args.seconds, metavar="SECONDS", help="cut connections this often"
     )
     parser.add_argument(
         "--jitter", type=float, default=0.5, help="spread of the cut times, 0..1 (0.5)"
     )
     parser.add_argument(
-        "--delay", type=_seconds, default=0.0, metavar="SECONDS", help="latency per chunk"
+        "--delay", type=_args.seconds, default=0.0, metavar="SECONDS", help="latency per chunk"
     )
     parser.add_argument("--seed", type=int, help="random seed, to repeat a run")
-    parser.add_argument("--duration", type=_seconds, metavar="SECONDS", help="stop after this long")
+    parser.add_argument(
+        "--duration", type=_args.seconds, metavar="SECONDS", help="stop after this long"
+    )
     return parser
 
 
@@ -413,8 +392,8 @@ async def _run_proxy(args: argparse.Namespace) -> None:
         where = args.listen_unix
     else:
         await proxy.start(*args.listen)
-        where = _host_port(*proxy.address)
-    target = args.target_unix or _host_port(*args.target)
+        where = _args.host_port(*proxy.address)
+    target = args.target_unix or _args.host_port(*args.target)
     print(f"proxy on {where} -> {target}", flush=True)
     if args.cut_every:
         proxy.cut_every(args.cut_every, jitter=args.jitter)
