@@ -15,10 +15,11 @@ from streamkit.errors import DecodeError, ProtocolError
 if TYPE_CHECKING:
     from asyncio import StreamReader
 
-__all__ = ["Buffer", "Codec", "Decoder", "FrameT"]
+__all__ = ["Buffer", "Codec", "Decoder", "EncodeMany", "FrameT"]
 
 FrameT = TypeVar("FrameT")
 FrameT_co = TypeVar("FrameT_co", covariant=True)
+InT = TypeVar("InT")
 
 #: What decoders accept: anything exporting bytes without a copy.
 Buffer = bytes | bytearray | memoryview
@@ -55,6 +56,23 @@ class Codec(Protocol[FrameT]):
     def decoder(self) -> Decoder[FrameT]: ...
 
     async def read_frame(self, reader: StreamReader) -> FrameT: ...
+
+
+class EncodeMany(Generic[InT]):
+    """``encode_many`` from a codec's ``encode_into``: every frame into one buffer."""
+
+    __slots__ = ()
+
+    def encode_into(self, out: bytearray, frame: InT) -> None:
+        raise NotImplementedError
+
+    def encode_many(self, frames: Iterable[InT]) -> bytes:
+        """Return the wire bytes of all ``frames`` as one buffer."""
+        out = bytearray()
+        encode_into = self.encode_into
+        for frame in frames:
+            encode_into(out, frame)
+        return bytes(out)
 
 
 class Decoder(Generic[FrameT]):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from streamkit.codecs._base import Buffer, Decoder, KiB, MiB
+from streamkit.codecs._base import Buffer, Decoder, EncodeMany, KiB, MiB
 from streamkit.errors import DecodeError, EndOfStream, FrameTooLarge, IncompleteFrame
 
 if TYPE_CHECKING:
@@ -211,7 +210,7 @@ class DelimitedDecoder(Decoder[FrameT]):
 
 
 @dataclass(frozen=True, slots=True)
-class Delimited(_DelimitedBase[bytes]):
+class Delimited(_DelimitedBase[bytes], EncodeMany[Buffer]):
     """Frames as raw bytes followed by a delimiter (default ``b"\\n"``).
 
     Any non-empty delimiter works; a frame never contains it, nor ends with
@@ -264,13 +263,6 @@ class Delimited(_DelimitedBase[bytes]):
         out += frame
         out += self.delimiter
 
-    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
-        """Return the wire bytes of all ``frames`` as one buffer."""
-        out = bytearray()
-        for frame in frames:
-            self.encode_into(out, frame)
-        return bytes(out)
-
     def encode_parts(self, frame: Buffer) -> tuple[Buffer, ...]:
         """Return the frame (uncopied if ``bytes``) and the delimiter; raises as :meth:`encode`."""
         payload = frame if type(frame) is bytes else bytes(frame)
@@ -316,7 +308,7 @@ def _split_lines(data: memoryview, encoding: str, max_frame: int) -> list[str] |
 
 
 @dataclass(frozen=True, slots=True)
-class Lines(_DelimitedBase[str]):
+class Lines(_DelimitedBase[str], EncodeMany[str]):
     """Text lines as ``str`` frames.
 
     Encodes each line followed by ``newline`` (``"\\n"``, or ``"\\r\\n"`` for
@@ -375,13 +367,6 @@ class Lines(_DelimitedBase[str]):
         """Return the encoded line and its line ending; raises like :meth:`encode`."""
         return self._encode_line(frame), self._newline_bytes
 
-    def encode_many(self, frames: Iterable[str]) -> bytes:
-        """Return the wire bytes of all ``frames`` as one buffer."""
-        out = bytearray()
-        for frame in frames:
-            self.encode_into(out, frame)
-        return bytes(out)
-
     def _convert_many(self, data: memoryview) -> list[str] | None:
         return _split_lines(data, self.encoding, self.max_frame) if self._bulk else None
 
@@ -402,7 +387,7 @@ class Lines(_DelimitedBase[str]):
 
 
 @dataclass(frozen=True, slots=True)
-class JsonLines(_DelimitedBase[Any]):
+class JsonLines(_DelimitedBase[Any], EncodeMany[Any]):
     """One JSON value per line (NDJSON / JSON Lines), UTF-8.
 
     Encodes compactly (no spaces, non-ASCII kept as UTF-8) followed by
@@ -440,13 +425,6 @@ class JsonLines(_DelimitedBase[Any]):
         """Append the wire bytes of ``frame`` to ``out``."""
         out += self._encode_value(frame)
         out += b"\n"
-
-    def encode_many(self, frames: Iterable[Any]) -> bytes:
-        """Return the wire bytes of all ``frames`` as one buffer."""
-        out = bytearray()
-        for frame in frames:
-            self.encode_into(out, frame)
-        return bytes(out)
 
     def _convert_many(self, data: memoryview) -> list[Any] | None:
         lines = _split_lines(data, "utf-8", self.max_frame)

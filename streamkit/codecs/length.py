@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamkit.codecs._base import Buffer, Decoder, MiB
+from streamkit.codecs._base import Buffer, Decoder, EncodeMany, MiB
 from streamkit.codecs.varint import MAX_VARINT_BYTES, decode_varint, encode_varint
 from streamkit.errors import EndOfStream, FrameTooLarge, IncompleteFrame, ProtocolError
 
@@ -46,7 +46,7 @@ async def _read_exactly(reader: StreamReader, n: int, what: str, at_boundary: bo
 
 
 @dataclass(frozen=True, slots=True)
-class LengthPrefixed:
+class LengthPrefixed(EncodeMany[Buffer]):
     """Frames as an unsigned length header followed by the payload.
 
     ``header`` is 1, 2, 3, 4 or 8 bytes, ``byteorder`` ``"big"`` (network
@@ -143,13 +143,6 @@ class LengthPrefixed:
         else:
             out += self._header_for(len(frame))
             out += frame
-
-    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
-        """Return the wire bytes of all ``frames`` as one buffer."""
-        out = bytearray()
-        for frame in frames:
-            self.encode_into(out, frame)
-        return bytes(out)
 
     def encode_parts(self, frame: Buffer) -> tuple[Buffer, ...]:
         """Return the wire bytes of ``frame`` as pieces to write in order, the payload uncopied.
@@ -306,7 +299,7 @@ class LengthPrefixedDecoder(Decoder[bytes]):
 
 
 @dataclass(frozen=True, slots=True)
-class VarintPrefixed:
+class VarintPrefixed(EncodeMany[Buffer]):
     """Frames as an unsigned LEB128 varint length followed by the payload.
 
     This is protobuf's delimited format (``writeDelimitedTo`` /
@@ -335,13 +328,6 @@ class VarintPrefixed:
             raise _too_large(size, self.max_frame)
         out += encode_varint(size)
         out += frame
-
-    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
-        """Return the wire bytes of all ``frames`` as one buffer."""
-        out = bytearray()
-        for frame in frames:
-            self.encode_into(out, frame)
-        return bytes(out)
 
     def encode_parts(self, frame: Buffer) -> tuple[Buffer, ...]:
         """Return the varint header and the payload (see :meth:`LengthPrefixed.encode_parts`)."""
