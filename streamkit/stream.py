@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 
 from streamkit._lifecycle import Closable
@@ -87,7 +87,7 @@ class FramedStream(Closable, Generic[FrameT]):
         # Frames decoded but not yet returned, last first (pop() is the next
         # one): a list costs 56 bytes a connection where a deque costs 760.
         self._frames: list[FrameT] = []
-        self._recv_lock = asyncio.Lock()
+        self._receiving = False  # a recv() is running (one at a time, as StreamReader's reads)
         self._out = bytearray()
         self._flush_handle: asyncio.Handle | None = None
         # A frame went out at once and no end of turn was seen since: the
@@ -317,19 +317,23 @@ class FramedStream(Closable, Generic[FrameT]):
 
     # -- receiving ----------------------------------------------------------
 
-    async def recv(self, timeout: float | None = None) -> FrameT:
-        """Return the next frame.
+    def recv(self, timeout: float | None = None) -> Coroutine[Any, Any, FrameT]:
+        """Return the next frame (a coroutine: ``frame = await stream.recv()``).
 
         Raises :class:`EndOfStream` at a clean end of stream (again on every
         later call), the codec's :class:`~streamkit.errors.ProtocolError` for
         bad input, :class:`ConnectionLost` if the connection breaks, and
         ``TimeoutError`` after ``timeout`` seconds (no frame is lost; the
-        stream stays usable).
+        stream stays usable). One task receives at a time, as with a
+        ``StreamReader``: a ``recv`` while another is waiting raises
+        ``RuntimeError``.
         """
+        # The coroutine itself, not one awaiting it: a frame level fewer per call.
+        return self._receive() if timeout is None else self._receive_within(timeout)
+
+    async def _receive_within(self, timeout: float) -> FrameT:
         if self._frames:
             return self._frames.pop()
-        if timeout is None:
-            return await self._receive()
         async with asyncio.timeout(timeout):
             return await self._receive()
 
@@ -350,35 +354,36 @@ class FramedStream(Closable, Generic[FrameT]):
     def __aiter__(self) -> FramedStream[FrameT]:
         return self
 
-    async def __anext__(self) -> FrameT:
-        if self._frames:
-            return self._frames.pop()
-        try:
-            return await self._receive()
-        except EndOfStream:
-            raise StopAsyncIteration from None
+    def __anext__(self) -> Coroutine[Any, Any, FrameT]:
+        return self._receive(StopAsyncIteration)
 
-    async def _receive(self) -> FrameT:
-        # acquire/release rather than "async with": two coroutines fewer per call.
-        await self._recv_lock.acquire()
+    async def _receive(self, end: type[Exception] = EndOfStream) -> FrameT:
+        """The next frame; ``end`` is raised at the end of the stream."""
+        frames = self._frames
+        if frames:
+            return frames.pop()
+        if self._receiving:
+            raise RuntimeError("recv() called while another task is receiving from this stream")
+        self._receiving = True
         try:
-            frames = self._frames
             decoder = self._decoder
-            # Frames held back by a decode error, or the error itself.
-            got = decoder.feed(b"")
-            if got:
+            if decoder.pending:
+                # An error held back for the frames before it, or the frames
+                # after a bad one, not parsed yet: no new input is needed.
+                got = decoder.feed(b"")
                 got.reverse()
-                frames = self._frames = got + frames  # after any already there
+                frames = self._frames = got
             while not frames:
                 if self._eof_received:
                     decoder.close()
-                    raise EndOfStream("end of stream")
-                missing = decoder.missing()
+                    raise end("end of stream")
+                buffered = decoder.buffered
+                missing = decoder.missing() if buffered else 0
                 # Waiting for the peer ends the turn: a frame sent after it
                 # is a lone frame again, written at once.
                 self._wrote_at_once = False
                 try:
-                    if missing and missing + decoder.buffered >= _LARGE_REST:
+                    if missing and missing + buffered >= _LARGE_REST:
                         # A large frame: read the rest of it in one piece,
                         # copied once, as readexactly-per-frame code would.
                         # Frames after it are then read header, then payload
@@ -392,7 +397,7 @@ class FramedStream(Closable, Generic[FrameT]):
                         data = await self._reader.readexactly(header)
                     else:
                         self._large_frames = False
-                        long = decoder.buffered >= _LARGE_REST  # a long frame, size unknown
+                        long = buffered >= _LARGE_REST  # a long frame, size unknown
                         data = await self._reader.read(_LONG_READ_SIZE if long else _READ_SIZE)
                 except asyncio.IncompleteReadError as exc:
                     data = exc.partial  # the stream ended inside the frame
@@ -407,7 +412,7 @@ class FramedStream(Closable, Generic[FrameT]):
                     frames = self._frames = got
             return frames.pop()
         finally:
-            self._recv_lock.release()
+            self._receiving = False
 
     def switch_codec(self, codec: Codec[Any]) -> None:
         """Decode and encode with ``codec`` from now on.

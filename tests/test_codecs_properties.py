@@ -89,10 +89,12 @@ class Outcome(NamedTuple):
 def decode_chunks(decoder: Decoder[Any], chunks: Iterable[Buffer]) -> Outcome:
     """Feed ``chunks`` like a careful caller, then ``close()``; return what came out.
 
-    A ``DecodeError`` is recorded as a :class:`BadFrame` and decoding goes on
-    with ``feed(b"")``, as the decoder contract allows; any other
-    ``StreamkitError`` ends the run (it is fatal). Anything else propagates
-    and fails the test.
+    After each chunk, while ``decoder.pending`` says more can come out
+    without new input, it feeds ``b""`` (as ``FramedStream`` does before it
+    waits); once it is false, ``feed(b"")`` must give nothing. A
+    ``DecodeError`` is recorded as a :class:`BadFrame` and decoding goes on,
+    as the decoder contract allows; any other ``StreamkitError`` ends the
+    run (it is fatal). Anything else propagates and fails the test.
     """
     events: list[Any] = []
 
@@ -102,24 +104,17 @@ def decode_chunks(decoder: Decoder[Any], chunks: Iterable[Buffer]) -> Outcome:
                 events.extend(decoder.feed(chunk))
             except DecodeError as exc:
                 events.append(BadFrame(exc.frame_number))
-                chunk = b""  # the bytes after the bad frame are buffered: go on
-                continue
             except StreamkitError as exc:
                 return exc
-            return None
+            if not decoder.pending:
+                return None
+            chunk = b""  # an error held back, or the frames after a bad one
 
     for chunk in chunks:
         error = feed(chunk)
         if error is not None:
             return Outcome(events, error)
-    # A pending error (frames decoded before it) comes with the next feed.
-    while True:
-        before = len(events)
-        error = feed(b"")
-        if error is not None:
-            return Outcome(events, error)
-        if len(events) == before:
-            break
+        assert decoder.feed(b"") == []  # not pending: nothing comes out without input
     try:
         decoder.close()
     except StreamkitError as exc:

@@ -209,6 +209,37 @@ async def test_a_decode_error_names_the_frame_and_loses_no_other_frame() -> None
         assert await client.recv() == {"b": 2}
 
 
+async def test_frames_after_a_bad_first_frame_need_no_more_input() -> None:
+    async with stream_pair(JsonLines()) as (client, server):
+        server.writer.write(b'not json\n{"b": 2}\n')  # then the peer waits
+        with pytest.raises(DecodeError, match="line 1"):
+            await client.recv(timeout=5)
+        assert await client.recv(timeout=5) == {"b": 2}
+
+
+async def test_an_oversized_header_after_good_frames_fails_without_more_input() -> None:
+    codec = LengthPrefixed(max_frame=100)
+    async with stream_pair(codec) as (client, server):
+        server.writer.write(codec.encode_many([b"one", b"two"]) + (101).to_bytes(4, "big"))
+        assert [await client.recv(timeout=5), await client.recv(timeout=5)] == [b"one", b"two"]
+        with pytest.raises(FrameTooLarge, match="101 bytes exceeds max_frame=100"):
+            await client.recv(timeout=5)
+
+
+async def test_a_second_concurrent_recv_is_refused_and_the_first_unharmed() -> None:
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        first = asyncio.create_task(client.recv())
+        await asyncio.sleep(0.01)  # the first recv is waiting for data
+        with pytest.raises(RuntimeError, match="another task is receiving"):
+            await client.recv()
+        with pytest.raises(RuntimeError, match="another task is receiving"):
+            await anext(aiter(client))
+        await server.send(b"only")
+        assert await first == b"only"
+        await server.send(b"next")
+        assert await client.recv(timeout=5) == b"next"  # usable again
+
+
 # -- timeouts -------------------------------------------------------------------------
 
 

@@ -219,6 +219,17 @@ class Decoder(Generic[FrameT]):
         """How many bytes are buffered that do not yet form a frame."""
         return len(self._buf) - self._pos
 
+    @property
+    def pending(self) -> bool:
+        """Whether ``feed(b"")`` would return frames or raise, without new input.
+
+        True while an error is held back for the frames returned before it,
+        and after a :class:`~streamkit.errors.DecodeError` until the bytes
+        after the bad frame are parsed. A reader about to wait for input
+        calls ``feed(b"")`` first when this is true.
+        """
+        return self._error is not None or (not self._need and len(self._buf) > self._pos)
+
     def take_buffered(self, frames: int = 0) -> bytes:
         """Remove and return the raw bytes not yet consumed as frames.
 

@@ -197,7 +197,7 @@ class LengthPrefixed(EncodeMany[Buffer]):
 class LengthPrefixedDecoder(Decoder[bytes]):
     """Incremental decoder of :class:`LengthPrefixed` frames."""
 
-    __slots__ = ("_codec", "_layout")
+    __slots__ = ("_codec", "_layout", "_plain")
 
     def __init__(self, codec: LengthPrefixed) -> None:
         super().__init__()
@@ -210,6 +210,45 @@ class LengthPrefixedDecoder(Decoder[bytes]):
             codec.adjustment,
             codec.max_frame,
         )
+        # No leading bytes, no adjustment: feed's fast path applies.
+        self._plain = not codec.offset and not codec.adjustment
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """Buffer ``data`` and return the frames it completes, in order."""
+        # The common case without the general machinery: a plain layout, no
+        # error, nothing buffered, a bytes chunk. It ends as the general
+        # path would; a bad header is left to it (see _parse).
+        if (
+            self._plain
+            and type(data) is bytes
+            and len(self._buf) == self._pos
+            and self._error is None
+        ):
+            _, prefix, unpack_from, _, max_frame = self._layout
+            end = len(data)
+            pos = 0
+            frames: list[bytes] = []
+            need = 0
+            while end - pos >= prefix:
+                size = unpack_from(data, pos)[0]
+                if size > max_frame:
+                    if not frames:
+                        break  # the general path raises the precise error
+                    self._buf, self._pos, self._need = data, pos, 0  # it raises at the next feed
+                    return frames
+                stop = pos + prefix + size
+                if stop > end:
+                    need = stop - pos
+                    break
+                frames.append(data[pos + prefix : stop])
+                pos = stop
+            else:
+                self._buf, self._pos, self._need = data, pos, end - pos + 1
+                return frames
+            if need:
+                self._buf, self._pos, self._need = data, pos, need
+                return frames
+        return super().feed(data)
 
     def _parse(self, frames: list[bytes]) -> None:
         offset, prefix, unpack_from, adjustment, max_frame = self._layout
