@@ -440,7 +440,10 @@ class FramedStream(Closable, Generic[FrameT]):
         """Send the frames buffered so far, then half-close the write side.
 
         The peer's ``recv`` then sees the end of stream; this side can still
-        receive.
+        receive. A transport that cannot half-close (TLS: asyncio's SSL
+        transport has no half-close) only sends the buffered frames, and the
+        peer sees no end until ``close()``; ``writer.can_write_eof()`` tells
+        which.
         """
         self._flush()
         if self._writer.can_write_eof() and not self._transport.is_closing():
