@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -79,10 +78,6 @@ class Outcome(NamedTuple):
         """Everything that must not depend on how the bytes were split."""
         error = self.error
         message = None if error is None else str(error)
-        if message is not None:
-            # decode_varint names its position in the decoder's buffer, which
-            # depends on how much of the stream was already dropped from it.
-            message = re.sub(r"^varint at byte \d+", "varint at byte N", message)
         return (self.events, self.error_type, message, getattr(error, "missing", None))
 
 

@@ -70,7 +70,7 @@ def test_encode_varint_rejects_values_outside_uint64(value: int) -> None:
 def test_decode_varint_rejects_more_than_ten_bytes() -> None:
     with pytest.raises(ProtocolError) as info:
         decode_varint(b"\x80" * 10 + b"\x01")
-    assert str(info.value) == "varint at byte 0 is longer than 10 bytes (malformed length)"
+    assert str(info.value) == "varint longer than 10 bytes (a malformed length)"
     # Ten continuation bytes are enough to know: the 11th is not awaited.
     with pytest.raises(ProtocolError, match="longer than 10 bytes"):
         decode_varint(b"\x80" * 10)
@@ -80,7 +80,7 @@ def test_decode_varint_rejects_more_than_ten_bytes() -> None:
 def test_decode_varint_rejects_a_value_over_uint64() -> None:
     with pytest.raises(ProtocolError) as info:
         decode_varint(b"\xff" * 9 + b"\x02")
-    assert str(info.value) == f"varint value {2**64 + 2**63 - 1} at byte 0 exceeds 2**64-1"
+    assert str(info.value) == f"varint value {2**64 + 2**63 - 1} exceeds 2**64-1"
 
 
 # -- VarintPrefixed known answers ------------------------------------------------
@@ -147,7 +147,7 @@ def test_overlong_varint_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError) as info:
         decoder.feed(b"\x80")  # the tenth byte still continues
     assert type(info.value) is ProtocolError
-    assert "longer than 10 bytes (malformed length)" in str(info.value)
+    assert "longer than 10 bytes (a malformed length)" in str(info.value)
     assert decoder.buffered == 0
     with pytest.raises(ProtocolError, match="longer than 10 bytes"):
         decoder.feed(b"\x01")

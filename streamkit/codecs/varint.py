@@ -48,11 +48,11 @@ def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[i
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             if value > _MAX_UINT64:
-                raise ProtocolError(f"varint value {value} at byte {pos} exceeds 2**64-1")
+                raise ProtocolError(f"varint value {value} exceeds 2**64-1")
             return value, index + 1
         shift += 7
     if end - pos >= MAX_VARINT_BYTES:
         raise ProtocolError(
-            f"varint at byte {pos} is longer than {MAX_VARINT_BYTES} bytes (malformed length)"
+            f"varint longer than {MAX_VARINT_BYTES} bytes (a malformed length)"
         )
     return None
