@@ -52,7 +52,5 @@ def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[i
             return value, index + 1
         shift += 7
     if end - pos >= MAX_VARINT_BYTES:
-        raise ProtocolError(
-            f"varint longer than {MAX_VARINT_BYTES} bytes (a malformed length)"
-        )
+        raise ProtocolError(f"varint longer than {MAX_VARINT_BYTES} bytes (a malformed length)")
     return None
