@@ -22,6 +22,16 @@ from streamkit.errors import (
     StreamkitError,
 )
 from streamkit.net import Connector, Server, connect, connect_unix, serve, serve_unix
+from streamkit.session import (
+    ResumableServer,
+    Session,
+    SessionSettings,
+    SessionStats,
+    connect_resumable,
+    connect_resumable_unix,
+    serve_resumable,
+    serve_resumable_unix,
+)
 from streamkit.stream import FramedStream
 
 __version__ = "0.1.0"
@@ -41,15 +51,23 @@ __all__ = [
     "LengthPrefixed",
     "Lines",
     "ProtocolError",
+    "ResumableServer",
     "ResumeRejected",
     "Server",
+    "Session",
     "SessionError",
     "SessionExpired",
+    "SessionSettings",
+    "SessionStats",
     "StreamkitError",
     "VarintPrefixed",
     "__version__",
     "connect",
+    "connect_resumable",
+    "connect_resumable_unix",
     "connect_unix",
     "serve",
+    "serve_resumable",
+    "serve_resumable_unix",
     "serve_unix",
 ]

@@ -16,6 +16,26 @@ def test_all_names_exist() -> None:
     assert streamkit.__version__ == "0.1.0"
 
 
+def test_the_main_names_of_every_layer_are_exported_from_the_package() -> None:
+    import streamkit.session
+
+    layers = {
+        "codecs": ["LengthPrefixed", "VarintPrefixed", "Delimited", "Lines", "JsonLines"],
+        "streams": ["FramedStream", "connect", "connect_unix", "serve", "serve_unix"],
+        "sessions": [
+            "Session",
+            "connect_resumable",
+            "connect_resumable_unix",
+            "serve_resumable",
+            "serve_resumable_unix",
+        ],
+    }
+    for names in layers.values():
+        for name in names:
+            assert name in streamkit.__all__, name
+    assert streamkit.connect_resumable is streamkit.session.connect_resumable
+
+
 def test_codec_modules_do_not_import_asyncio_at_module_level() -> None:
     codec_dir = Path(streamkit.__file__).parent / "codecs"
     modules = sorted(codec_dir.glob("*.py"))
