@@ -1,5 +1,8 @@
 """streamkit: framed stream protocols over TCP and Unix sockets, pure asyncio."""
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from streamkit.codecs import (
     Codec,
     Decoder,
@@ -21,18 +24,56 @@ from streamkit.errors import (
     SessionExpired,
     StreamkitError,
 )
-from streamkit.net import Connector, Server, connect, connect_unix, serve, serve_unix
-from streamkit.session import (
-    ResumableServer,
-    Session,
-    SessionSettings,
-    SessionStats,
-    connect_resumable,
-    connect_resumable_unix,
-    serve_resumable,
-    serve_resumable_unix,
-)
-from streamkit.stream import FramedStream
+
+if TYPE_CHECKING:
+    from streamkit.net import Connector, Server, connect, connect_unix, serve, serve_unix
+    from streamkit.session import (
+        ResumableServer,
+        Session,
+        SessionSettings,
+        SessionStats,
+        connect_resumable,
+        connect_resumable_unix,
+        serve_resumable,
+        serve_resumable_unix,
+    )
+    from streamkit.stream import FramedStream
+
+# The asyncio layers load on first use, so that sync code and other
+# protocols can import the codecs (``streamkit.codecs``) without asyncio.
+_LAZY = {
+    **dict.fromkeys(
+        ("Connector", "Server", "connect", "connect_unix", "serve", "serve_unix"), "net"
+    ),
+    **dict.fromkeys(
+        (
+            "ResumableServer",
+            "Session",
+            "SessionSettings",
+            "SessionStats",
+            "connect_resumable",
+            "connect_resumable_unix",
+            "serve_resumable",
+            "serve_resumable_unix",
+        ),
+        "session",
+    ),
+    "FramedStream": "stream",
+}
+
+
+def __getattr__(name: str) -> Any:
+    layer = _LAZY.get(name)
+    if layer is None:
+        raise AttributeError(f"module 'streamkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"streamkit.{layer}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __version__ = "0.1.0"
 

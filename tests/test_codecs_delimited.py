@@ -275,15 +275,25 @@ def test_deeply_nested_json_is_a_decode_error_not_a_recursion_error(line: bytes)
 
 
 async def test_read_frame_skips_a_bad_line_and_goes_on() -> None:
-    reader = reader_with(b"1\n{\n2\n")
+    reader = reader_with(b"1\n\n{\n2\n")
     assert await JsonLines().read_frame(reader) == 1
-    with pytest.raises(DecodeError, match="invalid JSON on line"):
-        await JsonLines().read_frame(reader)
+    with pytest.raises(DecodeError, match="invalid JSON on line 3") as info:
+        await JsonLines().read_frame(reader)  # the blank line 2 is counted
+    assert info.value.frame_number == 3
     assert await JsonLines().read_frame(reader) == 2
     reader = reader_with(b"\xff\nok\n")
-    with pytest.raises(DecodeError, match="invalid utf-8 in line at byte 0"):
+    with pytest.raises(DecodeError, match="invalid utf-8 in line 1 at byte 0"):
         await Lines().read_frame(reader)
     assert await Lines().read_frame(reader) == "ok"
+
+
+async def test_read_frame_counts_lines_per_reader() -> None:
+    first, second = reader_with(b"1\n2\n[\n"), reader_with(b"[\n")
+    assert [await JsonLines().read_frame(first) for _ in range(2)] == [1, 2]
+    with pytest.raises(DecodeError, match="line 1:"):
+        await JsonLines().read_frame(second)  # another reader counts from 1
+    with pytest.raises(DecodeError, match="line 3:"):
+        await JsonLines().read_frame(first)
 
 
 # -- encode errors ------------------------------------------------------------------------
@@ -422,7 +432,7 @@ async def test_read_frame_reports_a_cut_frame() -> None:
     with pytest.raises(IncompleteFrame) as info:
         await Delimited(b"\r\n").read_frame(reader_with(b"abc\r"))
     assert info.value.missing is None
-    assert str(info.value) == "stream ended inside a frame: 4 bytes and no delimiter b'\\r\\n'"
+    assert str(info.value) == "stream ended inside frame 1: 4 bytes and no delimiter b'\\r\\n'"
 
 
 async def test_read_frame_rejects_a_frame_over_max_frame() -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import streamkit
 
 
@@ -49,6 +51,24 @@ def test_codec_modules_do_not_import_asyncio_at_module_level() -> None:
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.split(".")[0] == "asyncio" for n in names), (module.name, names)
+
+
+def test_importing_the_codecs_loads_no_asyncio() -> None:
+    code = (
+        "import sys, streamkit, streamkit.codecs\n"
+        "streamkit.JsonLines().decoder().feed(b'[1]\\n')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'))\n"
+        "streamkit.connect\n"  # the asyncio layers load on first use
+        "print('asyncio' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = streamkit.nope  # type: ignore[attr-defined]
 
 
 def test_demo_runs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -29,6 +30,11 @@ _BULK_ENCODINGS = frozenset({"utf-8", "ascii", "iso8859-1"})
 # json.loads(text) is this decoder's decode(): raw_decode() without the
 # whitespace scans, for lines that need none.
 _json_raw_decode = json.JSONDecoder().raw_decode
+
+
+#: Frames (lines) that ``read_frame`` has read from each reader, so that its
+#: errors name the line number as the incremental decoder's do.
+_frames_read: weakref.WeakKeyDictionary[StreamReader, int] = weakref.WeakKeyDictionary()
 
 
 def _too_large(length: int, max_frame: int) -> FrameTooLarge:
@@ -74,9 +80,12 @@ class _DelimitedBase(Generic[FrameT]):
         :class:`IncompleteFrame` when it ends inside a frame and
         :class:`FrameTooLarge` for a frame over ``max_frame`` or over the
         reader's ``limit`` (make that at least ``max_frame`` plus the
-        delimiter for the two to agree).
+        delimiter for the two to agree). Errors name the frame (line)
+        number, counted over the frames read from ``reader`` this way, as
+        the incremental decoder counts the frames fed to it.
         """
         delimiter = self.delimiter
+        count = _frames_read.get(reader, 0)
         while True:
             try:
                 line = await reader.readuntil(delimiter)
@@ -87,26 +96,30 @@ class _DelimitedBase(Generic[FrameT]):
                 if len(partial) >= self.max_frame + self._slack + len(delimiter):
                     # Too long already, as the incremental decoder would say.
                     raise FrameTooLarge(
-                        f"no delimiter {delimiter!r} within max_frame={self.max_frame} bytes"
+                        f"no delimiter {delimiter!r} within max_frame={self.max_frame} "
+                        f"bytes of frame {count + 1}"
                     ) from exc
                 raise IncompleteFrame(
-                    f"stream ended inside a frame: {len(partial)} bytes and no delimiter "
-                    f"{delimiter!r}"
+                    f"stream ended inside frame {count + 1}: {len(partial)} bytes and no "
+                    f"delimiter {delimiter!r}"
                 ) from exc
             except Exception as exc:
                 # asyncio.LimitOverrunError derives from Exception directly.
                 if type(exc).__name__ != "LimitOverrunError":
                     raise
+                scanned = getattr(exc, "consumed", "?")
                 raise FrameTooLarge(
-                    f"no delimiter {delimiter!r} within the reader's limit "
-                    f"(max_frame={self.max_frame})"
+                    f"no delimiter {delimiter!r} in frame {count + 1} within the reader's "
+                    f"limit ({scanned} bytes scanned; max_frame={self.max_frame})"
                 ) from exc
+            count += 1
+            _frames_read[reader] = count
             content = memoryview(line)[: len(line) - len(delimiter)]
             if self._raw:
                 if len(content) > self.max_frame:
                     raise _too_large(len(content), self.max_frame)
                 return content.tobytes()  # type: ignore[return-value]
-            frame = self._convert(content, None)
+            frame = self._convert(content, count)
             if frame is not _SKIP:
                 return frame
 

@@ -45,6 +45,13 @@ async def _read_exactly(reader: StreamReader, n: int, what: str, at_boundary: bo
         ) from exc
 
 
+def _inside_varint(have: int) -> IncompleteFrame:
+    """The end of stream after ``have`` bytes of a varint: how many are missing is unknown."""
+    return IncompleteFrame(
+        f"stream ended inside a varint length ({have} of up to {MAX_VARINT_BYTES} bytes)"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LengthPrefixed(EncodeMany[Buffer]):
     """Frames as an unsigned length header followed by the payload.
@@ -390,7 +397,12 @@ class VarintPrefixed(EncodeMany[Buffer]):
         """
         header = bytearray()
         while True:
-            header += await _read_exactly(reader, 1, "varint length", at_boundary=not header)
+            try:
+                header += await reader.readexactly(1)
+            except EOFError:  # asyncio.IncompleteReadError
+                if not header:
+                    raise EndOfStream("end of stream") from None
+                raise _inside_varint(len(header)) from None
             decoded = decode_varint(header)
             if decoded is not None:
                 break
@@ -452,9 +464,7 @@ class VarintPrefixedDecoder(Decoder[bytes]):
         have = self.buffered
         decoded = decode_varint(self._buf, self._pos)
         if decoded is None:
-            return IncompleteFrame(
-                f"stream ended inside a varint length ({have} of up to {MAX_VARINT_BYTES} bytes)"
-            )
+            return _inside_varint(have)
         size, start = decoded
         missing = start - self._pos + size - have
         return IncompleteFrame(
