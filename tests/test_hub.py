@@ -289,3 +289,24 @@ async def test_producers_and_readers_through_a_cutting_proxy() -> None:
         assert [r for r in everything if r.startswith(tag)] == [tag + b"%d" % n for n in range(600)]
     assert first == everything
     assert second == everything[300:]
+
+
+async def test_live_reader_sees_an_append_made_while_it_sends_caught_up() -> None:
+    # A one-frame send window on the server and slow acks from the reader's
+    # client: the hub's "caught_up" to the reader waits for an ack, and the
+    # append from another client lands during that wait. The reader must
+    # still be woken for it (it once slept until the next append).
+    async with (
+        await hub.serve_hub(
+            "127.0.0.1", 0, grace_period=0.2, **{**FAST, "max_unacked_frames": 1}
+        ) as server,
+        hub.connect("127.0.0.1", server.port, **{**FAST, "ack_delay": 0.2}) as reading,
+        hub.connect("127.0.0.1", server.port, **FAST) as writing,
+    ):
+        await writing.create("race")
+        await writing.append("race", b"first")
+        async with reading.read("race", 0, live=True) as reader:
+            assert (await anext(reader)).data == b"first"
+            await writing.append("race", b"second")  # while "caught_up" waits for the window
+            record = await asyncio.wait_for(anext(reader), 5)
+        assert (record.offset, record.data) == (1, b"second")

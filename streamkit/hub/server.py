@@ -87,11 +87,17 @@ class HubServer(ServerBase):
         if event is not None:
             event.set()
 
-    async def _wait_change(self, name: str) -> None:
+    def _next_change(self, name: str) -> asyncio.Event:
+        """The event the next change to ``name`` sets.
+
+        Take it *before* looking at the stream and wait on it after: a
+        change made while the reader was sending (and yielding) then still
+        wakes it, where an event taken after the send would miss it.
+        """
         event = self._changed.get(name)
         if event is None:
             event = self._changed[name] = asyncio.Event()
-        await event.wait()
+        return event
 
     async def _expire_loop(self) -> None:
         while True:
@@ -215,6 +221,7 @@ class HubServer(ServerBase):
                 raise HubError(f"offset must be >= 0 or 'now', not {offset}")
             caught_up_sent = False
             while True:
+                change = self._next_change(name) if live else None
                 info = storage.get(name)
                 if info is None:
                     raise StreamGone(f"stream {name!r} was deleted or expired")
@@ -243,7 +250,8 @@ class HubServer(ServerBase):
                         encode_message({"op": "caught_up", "id": request, "next_offset": offset})
                     )
                     caught_up_sent = True
-                await self._wait_change(name)
+                assert change is not None  # live
+                await change.wait()
         except HubError as exc:
             with contextlib.suppress(SessionError):
                 await session.send(
