@@ -196,13 +196,28 @@ class Server(ServerBase, Generic[FrameT]):
         self._unix_path: str | None = None
         self._unix_inode: tuple[int, int] | None = None
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing_since is not None:
+            # Accepted by the event loop just before close(): refuse it.
+            writer.close()
+            return
+        # Tracked from the moment of accepting, so that a close() right
+        # after it still gives this handler its grace period, then cancels it.
+        task = asyncio.get_running_loop().create_task(self._run_handler(reader, writer))
         self._tasks.add(task)
         self._idle.clear()
+
+        def done(task: asyncio.Task[None]) -> None:
+            writer.close()  # a no-op unless cancelled before it started
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._idle.set()
+
+        task.add_done_callback(done)
+
+    async def _run_handler(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             stream = FramedStream(
                 reader,
@@ -224,13 +239,8 @@ class Server(ServerBase, Generic[FrameT]):
             await stream.wait_closed()
         except asyncio.CancelledError:
             # Cancelled after the grace period or at loop shutdown: end
-            # normally, since asyncio's stream server (3.11) logs a
-            # connection task that ends cancelled as an error.
+            # normally, so that nothing logs the cancelled task as an error.
             pass
-        finally:
-            self._tasks.discard(task)
-            if not self._tasks:
-                self._idle.set()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
