@@ -26,6 +26,7 @@ from streamkit.session.protocol import (
     MAGIC,
     NONCE_SIZE,
     PREFACE_SIZE,
+    CloseAck,
     HelloNew,
     HelloResume,
     Reject,
@@ -572,3 +573,47 @@ async def test_second_connection_replaces_the_first() -> None:
         await session.send(b"two")
         assert await session.recv() == b"two"
         assert session.stats.connections == 2
+
+
+# -- closing under cuts ----------------------------------------------------------
+
+
+def lose_close_ack(session: ClientSession, proxy: FaultProxy) -> None:
+    """Make the first CLOSE_ACK the client receives die with a cut of its connection."""
+    on_message = session._on_message
+
+    def dropping(message: object) -> None:
+        if isinstance(message, CloseAck) and not lost.is_set():
+            lost.set()
+            proxy.cut()  # the CLOSE_ACK is lost with the connection
+            return
+        on_message(message)  # type: ignore[arg-type]
+
+    lost = asyncio.Event()
+    session._on_message = dropping  # type: ignore[method-assign]
+
+
+async def test_client_close_completes_when_close_ack_is_lost_and_handler_still_runs() -> None:
+    received = asyncio.get_running_loop().create_future()
+    release = asyncio.Event()
+
+    async def handler(session: ServerSession) -> None:
+        received.set_result([payload async for payload in session])
+        await release.wait()  # still running when the client comes back
+
+    async with (
+        await serve_resumable(handler, "127.0.0.1", 0, **FAST, **QUICK_SHUTDOWN) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        session = await connect_resumable("127.0.0.1", proxy.port, **FAST)
+        for n in range(5):
+            await session.send(b"%d" % n)
+        lose_close_ack(session, proxy)
+        await asyncio.wait_for(session.close(), 10)
+        assert session.closed
+        assert proxy.stats.cuts == 1
+        assert session.stats.connections == 1  # the resume was answered FINISHED
+        assert await received == [b"%d" % n for n in range(5)]
+        assert not release.is_set()
+        assert server.sessions == 0  # a finished session is unregistered at once
+        release.set()

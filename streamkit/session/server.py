@@ -85,6 +85,12 @@ class ServerSession(Session):
     def _on_detached(self) -> None:
         self._expiry = self._loop.call_later(self.settings.resume_timeout, self._expire)
 
+    def _finish(self) -> None:
+        super()._finish()
+        # Recorded as finished now, not when the handler returns: a client
+        # whose CLOSE_ACK was lost resumes and must hear FINISHED.
+        self._server._ended_session(self)
+
     def _expire(self) -> None:
         self._expiry = None
         if self._close_sent and self._send_state.unacked == 0:
@@ -171,6 +177,7 @@ class ResumableServer(ServerBase):
     # -- sessions -------------------------------------------------------------
 
     def _ended_session(self, session: ServerSession) -> None:
+        """Unregister a session that ended and remember why, for a late resume."""
         if self._sessions.pop(session._id, None) is None:
             return
         if session._failure is None and session._finished.is_set():
