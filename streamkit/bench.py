@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from streamkit.codecs import LengthPrefixed, Lines
@@ -186,8 +187,20 @@ def _run_loop(coro: Any, use_uvloop: bool) -> Any:
     if use_uvloop:
         import uvloop  # type: ignore[import-not-found]  # optional
 
-        return uvloop.run(coro)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
     return asyncio.run(coro)
+
+
+def _receive(pipe: Connection, process: BaseProcess, role: str) -> Any:
+    """What a child process sends; a clear error if it died first (its traceback is above)."""
+    try:
+        return pipe.recv()
+    except EOFError:
+        process.join(10)
+        raise RuntimeError(
+            f"the benchmark's {role} process failed (exit status {process.exitcode})"
+        ) from None
 
 
 # -- the sending side -------------------------------------------------------------
@@ -418,22 +431,25 @@ def run(
                 target=_receiver_process, args=(theirs, loop_name == "uvloop")
             )
             receiver.start()
+        theirs.close()  # the child's copy remains: a child that dies ends the pipe
         try:
-            addresses = ours.recv()
+            addresses = _receive(ours, receiver, "receiver")
             with fixed_malloc():
                 sender = context.Process(
                     target=_sender_process,
                     args=(sender_end, addresses, transports, payloads, quick, loop_name),
                 )
                 sender.start()
+            sender_end.close()
             try:
-                rows += results.recv()
+                rows += _receive(results, sender, "sender")
             finally:
                 sender.join(10)
                 if sender.is_alive():
                     sender.kill()
         finally:
-            ours.send("stop")
+            with contextlib.suppress(OSError):
+                ours.send("stop")
             receiver.join(10)
             if receiver.is_alive():
                 receiver.kill()
@@ -510,7 +526,9 @@ def _parse(argv: Sequence[str] | None, prog: str, full: bool, transport: str) ->
         default=transport,
         help=f"which sockets ({transport})",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--json", metavar="PATH", type=_json_path, help="also write the results as JSON"
+    )
     parser.add_argument(
         "--payloads",
         type=_payload_size,
@@ -522,13 +540,27 @@ def _parse(argv: Sequence[str] | None, prog: str, full: bool, transport: str) ->
     return parser.parse_args(argv)
 
 
+def _json_path(path: str) -> str:
+    """A file the results can be written to: checked before the benchmark runs."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no such directory: {folder}")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {path}")
+    return path
+
+
 def _run_args(args: argparse.Namespace) -> int:
-    return run(
-        quick=not args.full,
-        transport=args.transport,
-        json_path=args.json,
-        payloads=tuple(args.payloads),
-    )
+    try:
+        return run(
+            quick=not args.full,
+            transport=args.transport,
+            json_path=args.json,
+            payloads=tuple(args.payloads),
+        )
+    except (RuntimeError, OSError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -69,6 +70,7 @@ def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:
         ["demo", "--frames", "0"],
         ["demo", "--cut-every", "fast"],
         ["bench", "--transport", "carrier-pigeon"],
+        ["bench", "--json", "/nonexistent/dir/bench.json"],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(
@@ -89,6 +91,7 @@ def test_bad_arguments_exit_2_with_one_line(
         (["hub", "--fsync"], "--fsync needs --data-dir"),
         (["demo", "--frames", "0"], "--frames"),
         (["proxy", "--target", "nowhere"], "'nowhere' is not [HOST:]PORT"),
+        (["bench", "--json", "/nonexistent/dir/b.json"], "no such directory: /nonexistent/dir"),
     ],
 )
 def test_bad_arguments_in_a_real_process_give_no_traceback(argv: list[str], message: str) -> None:
@@ -394,3 +397,22 @@ def test_bench_writes_json(tmp_path: Path) -> None:
     assert {row["framing"] for row in throughput} == {"length4", "lines"}
     assert all(row["ratio"] > 0 for row in throughput)
     assert "ratio" in result.stdout and "p50" in result.stdout
+
+
+def test_bench_fails_in_one_line_when_a_benchmark_process_dies(tmp_path: Path) -> None:
+    """A child that dies (here: an installed but broken uvloop) ends the run, never hangs it."""
+    (tmp_path / "uvloop.py").write_text(
+        "def new_event_loop():\n    raise RuntimeError('this uvloop is broken')\n"
+    )
+    result = subprocess.run(
+        [*CLI, "bench", "--transport", "unix", "--payloads", "16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "this uvloop is broken" in result.stderr  # the child's own traceback
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "bench: the benchmark's receiver process failed (exit status 1)"
+    assert "asyncio" in result.stdout  # the rows measured before it failed
