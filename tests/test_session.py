@@ -14,6 +14,7 @@ import pytest
 from streamkit import EndOfStream, FrameTooLarge, ResumeRejected, SessionError, SessionExpired
 from streamkit.errors import ConnectionLost, ProtocolError
 from streamkit.session import (
+    Backoff,
     ClientSession,
     ResumableServer,
     ServerSession,
@@ -617,3 +618,53 @@ async def test_client_close_completes_when_close_ack_is_lost_and_handler_still_r
         assert not release.is_set()
         assert server.sessions == 0  # a finished session is unregistered at once
         release.set()
+
+
+async def test_session_expiring_while_its_handler_runs_is_unregistered_at_once() -> None:
+    got = asyncio.get_running_loop().create_future()
+    pending_failed = asyncio.get_running_loop().create_future()
+    release = asyncio.Event()
+    later = asyncio.get_running_loop().create_future()
+
+    async def pending_recv(session: ServerSession) -> None:
+        try:
+            await session.recv()
+        except BaseException as exc:
+            pending_failed.set_result(exc)
+
+    async def handler(session: ServerSession) -> None:
+        got.set_result(await session.recv())
+        waiter = asyncio.create_task(pending_recv(session))
+        await release.wait()  # busy elsewhere, not awaiting the session, when it expires
+        try:
+            await session.send(b"late")
+        except BaseException as exc:
+            later.set_result(exc)
+        await waiter
+
+    async with (
+        await serve_resumable(
+            handler, "127.0.0.1", 0, resume_timeout=0.2, **FAST, **QUICK_SHUTDOWN
+        ) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        session = await connect_resumable(
+            "127.0.0.1",
+            proxy.port,
+            max_reconnect_time=5,
+            reconnect_backoff=Backoff(0.01, 0.05),
+            **FAST,
+        )
+        await session.send(b"x")
+        assert await got == b"x"
+        session._opener = _refused_opener  # type: ignore[method-assign]
+        proxy.cut()
+        failure = await asyncio.wait_for(pending_failed, 5)
+        assert isinstance(failure, SessionExpired)
+        assert "resume_timeout" in str(failure)
+        assert server.sessions == 0
+        session._opener = session_opener(proxy.port)  # type: ignore[method-assign]
+        with pytest.raises(SessionExpired, match="resume_timeout"):
+            await session.recv(timeout=5)
+        release.set()
+        assert isinstance(await asyncio.wait_for(later, 5), SessionExpired)

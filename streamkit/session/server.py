@@ -85,10 +85,17 @@ class ServerSession(Session):
     def _on_detached(self) -> None:
         self._expiry = self._loop.call_later(self.settings.resume_timeout, self._expire)
 
+    # A session that ends is unregistered and remembered at once, not when
+    # its handler returns: a client whose CLOSE_ACK was lost resumes and
+    # must hear FINISHED; one that comes back too late must hear EXPIRED;
+    # and an ended session must not count towards max_sessions.
+
     def _finish(self) -> None:
         super()._finish()
-        # Recorded as finished now, not when the handler returns: a client
-        # whose CLOSE_ACK was lost resumes and must hear FINISHED.
+        self._server._ended_session(self)
+
+    def _fail(self, error: StreamkitError) -> None:
+        super()._fail(error)
         self._server._ended_session(self)
 
     def _expire(self) -> None:
