@@ -27,6 +27,7 @@ from streamkit.session.protocol import (
     MAGIC,
     NONCE_SIZE,
     PREFACE_SIZE,
+    Close,
     CloseAck,
     HelloNew,
     HelloResume,
@@ -579,19 +580,26 @@ async def test_second_connection_replaces_the_first() -> None:
 # -- closing under cuts ----------------------------------------------------------
 
 
-def lose_close_ack(session: ClientSession, proxy: FaultProxy) -> None:
-    """Make the first CLOSE_ACK the client receives die with a cut of its connection."""
-    on_message = session._on_message
+def intercept(session: ClientSession, name: str, kind: type, proxy: FaultProxy) -> asyncio.Event:
+    """Cut the connection, through ``proxy``, instead of the first ``kind`` message.
 
-    def dropping(message: object) -> None:
-        if isinstance(message, CloseAck) and not lost.is_set():
-            lost.set()
-            proxy.cut()  # the CLOSE_ACK is lost with the connection
+    ``name`` is ``"_on_message"`` (a message received) or ``"_send_control"``
+    (an encoded control message sent). Returns an event set at the cut.
+    """
+    original = getattr(session, name)
+    encoded = kind().encode() if name == "_send_control" else None
+    done = asyncio.Event()
+
+    def hooked(message: object) -> None:
+        hit = message == encoded if encoded is not None else isinstance(message, kind)
+        if hit and not done.is_set():
+            done.set()
+            proxy.cut()  # the message is lost with the connection
             return
-        on_message(message)  # type: ignore[arg-type]
+        original(message)
 
-    lost = asyncio.Event()
-    session._on_message = dropping  # type: ignore[method-assign]
+    setattr(session, name, hooked)
+    return done
 
 
 async def test_client_close_completes_when_close_ack_is_lost_and_handler_still_runs() -> None:
@@ -609,8 +617,9 @@ async def test_client_close_completes_when_close_ack_is_lost_and_handler_still_r
         session = await connect_resumable("127.0.0.1", proxy.port, **FAST)
         for n in range(5):
             await session.send(b"%d" % n)
-        lose_close_ack(session, proxy)
+        lost = intercept(session, "_on_message", CloseAck, proxy)
         await asyncio.wait_for(session.close(), 10)
+        assert lost.is_set()
         assert session.closed
         assert proxy.stats.cuts == 1
         assert session.stats.connections == 1  # the resume was answered FINISHED
@@ -668,3 +677,57 @@ async def test_session_expiring_while_its_handler_runs_is_unregistered_at_once()
             await session.recv(timeout=5)
         release.set()
         assert isinstance(await asyncio.wait_for(later, 5), SessionExpired)
+
+
+async def test_server_close_completes_when_the_clients_close_ack_is_lost() -> None:
+    closed = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        await session.send(b"bye")
+        try:
+            await session.close()
+        except BaseException as exc:
+            closed.set_result(exc)
+        else:
+            closed.set_result(None)
+
+    async with (
+        await serve_resumable(
+            handler, "127.0.0.1", 0, close_timeout=3, resume_timeout=30, **FAST, **QUICK_SHUTDOWN
+        ) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        session = await connect_resumable("127.0.0.1", proxy.port, **FAST)
+        lost = intercept(session, "_send_control", CloseAck, proxy)
+        assert await session.recv(timeout=5) == b"bye"
+        with pytest.raises(EndOfStream):
+            await session.recv(timeout=5)
+        assert lost.is_set()
+        # The client has finished and never comes back; everything was
+        # acknowledged, so the server's close() completes.
+        assert await asyncio.wait_for(closed, 10) is None
+        assert server.sessions == 0
+
+
+async def test_client_that_missed_the_servers_close_resumes_into_end_of_stream() -> None:
+    closed = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        for n in range(3):
+            await session.send(b"%d" % n)
+        await session.close()
+        closed.set_result(None)
+
+    async with (
+        await serve_resumable(handler, "127.0.0.1", 0, **FAST, **QUICK_SHUTDOWN) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        session = await connect_resumable("127.0.0.1", proxy.port, **FAST)
+        lost = intercept(session, "_on_message", Close, proxy)
+        got = [payload async for payload in session]
+        assert got == [b"0", b"1", b"2"]
+        assert lost.is_set()
+        await asyncio.wait_for(closed, 10)
+        assert session.closed
+        with pytest.raises(SessionError, match="peer closed"):
+            await session.send(b"x")

@@ -83,7 +83,24 @@ class ServerSession(Session):
         return super()._attach(stream, peer_received)
 
     def _on_detached(self) -> None:
-        self._expiry = self._loop.call_later(self.settings.resume_timeout, self._expire)
+        if not self._close_complete():
+            self._expiry = self._loop.call_later(self.settings.resume_timeout, self._expire)
+
+    def _on_close_sent(self) -> None:
+        self._close_complete()
+
+    def _close_complete(self) -> bool:
+        """End a closing session that has no connection and nothing unacknowledged.
+
+        The client has every frame; whether or not it saw the CLOSE, it
+        needs nothing more from us. If it comes back, its resume is
+        answered FINISHED, which is its end of stream. So ``close()`` does
+        not wait for a CLOSE_ACK lost with the connection.
+        """
+        if self._close_sent and self._conn is None and self._send_state.unacked == 0:
+            self._finish()
+            return True
+        return False
 
     # A session that ends is unregistered and remembered at once, not when
     # its handler returns: a client whose CLOSE_ACK was lost resumes and
@@ -100,17 +117,12 @@ class ServerSession(Session):
 
     def _expire(self) -> None:
         self._expiry = None
-        if self._close_sent and self._send_state.unacked == 0:
-            # Everything sent was received and CLOSE went out; a client that
-            # saw it does not come back, so the close is complete.
-            self._finish()
-        else:
-            self._fail(
-                SessionExpired(
-                    f"session {self.id} expired: its client did not resume within "
-                    f"resume_timeout={self.settings.resume_timeout} s"
-                )
+        self._fail(
+            SessionExpired(
+                f"session {self.id} expired: its client did not resume within "
+                f"resume_timeout={self.settings.resume_timeout} s"
             )
+        )
         self._teardown()
 
     def _teardown(self) -> None:

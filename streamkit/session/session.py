@@ -383,8 +383,12 @@ class Session:
 
         Waits until the peer has received everything sent and acknowledged
         the close; the peer's ``recv`` then raises :class:`EndOfStream`.
-        Frames the peer sends after that are discarded. Bounded by
-        ``close_timeout`` (then ``TimeoutError``, and the session is aborted).
+        Frames the peer sends after that are discarded. On a server, once
+        the client has acknowledged every frame, a connection lost before
+        the CLOSE_ACK arrives also completes the close: the client has
+        everything, and a resume is answered FINISHED, its end of stream.
+        Bounded by ``close_timeout`` (then ``TimeoutError``, and the session
+        is aborted).
         """
         if self._finished.is_set():
             return
@@ -400,6 +404,7 @@ class Session:
                     # flushing frames we already consumed.
                     self._send_ack()
                     self._send_control(Close(self._send_state.next_offset).encode())
+                    self._on_close_sent()
                     await self._wait_finished()
         except BaseException:
             self.abort()
@@ -537,6 +542,9 @@ class Session:
 
     def _on_detached(self) -> None:
         """What the role does when the connection is lost (reconnect, or wait)."""
+
+    def _on_close_sent(self) -> None:
+        """What the role does once ``close()`` has sent (or queued) its CLOSE."""
 
     def _teardown(self) -> None:
         """Release the connection and timers once the session is over."""
