@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from streamkit import hub
-from streamkit.hub import HubClient, HubServer, Limits
+from streamkit.hub import HubClient, HubServer, Limits, MemoryStorage
+from streamkit.hub import server as hub_server
 
 FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
 
@@ -310,3 +315,166 @@ async def test_live_reader_sees_an_append_made_while_it_sends_caught_up() -> Non
             await writing.append("race", b"second")  # while "caught_up" waits for the window
             record = await asyncio.wait_for(anext(reader), 5)
         assert (record.offset, record.data) == (1, b"second")
+
+
+BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
+    ({"op": "create", "name": "x", "ttl": "abc"}, "'ttl'.*must be a number"),
+    ({"op": "create", "name": "x", "ttl": -1}, "'ttl'.*> 0, not -1"),
+    ({"op": "create", "name": "x", "ttl": 0}, "'ttl'.*> 0, not 0"),
+    ({"op": "create", "name": "x", "ttl": math.nan}, "'ttl'.*> 0, not nan"),
+    ({"op": "create", "name": "x", "ttl": math.inf}, "'ttl'.*> 0, not inf"),
+    ({"op": "create", "name": "x", "ttl": True}, "'ttl'.*not bool"),
+    ({"op": "create", "name": "x", "content_type": 5}, "'content_type'.*must be a str"),
+    ({"op": "create", "name": "x", "exist_ok": "yes"}, "'exist_ok'.*must be a bool"),
+    ({"op": "create", "name": 5}, "'name'.*must be a str"),
+    ({"op": "create", "name": "\ud800"}, "'name'.*not valid Unicode"),
+    ({"op": "create"}, "'name'.*must be a str, not NoneType"),
+    ({"op": "status", "name": ["s"]}, "'name'.*must be a str"),
+    ({"op": "producer", "name": "s"}, "'producer'.*must be a str"),
+    ({"op": "produce", "name": "s", "producer": "", "epoch": 0, "seq": 0}, "1..255 bytes"),
+    ({"op": "produce", "name": "s", "producer": "p", "epoch": "0", "seq": 0}, "'epoch'.*an int"),
+    ({"op": "produce", "name": "s", "producer": "p", "epoch": -1, "seq": 0}, "'epoch'.*not -1"),
+    ({"op": "produce", "name": "s", "producer": "p", "epoch": 0, "seq": 2**64}, "'seq'.*0\\.\\."),
+    ({"op": "produce", "name": "s", "producer": "p", "epoch": 0}, "'seq'.*not NoneType"),
+    ({"op": "produce", "name": "s", "producer": "p", "epoch": 0, "seq": 1.0}, "'seq'.*not float"),
+    ({"op": "frobnicate"}, "unknown hub request 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize(("request_header", "message"), BAD_REQUESTS)
+async def test_a_bad_request_gets_an_error_reply_and_the_session_goes_on(
+    request_header: dict[str, Any], message: str
+) -> None:
+    async with hub_and_client() as (server, client):
+        await client.create("s")
+        with pytest.raises(hub.BadRequest, match=message):
+            await client._call(request_header)
+        assert await client.append("s", b"still here") == 0  # the session lives
+        assert server.storage.names() == ["s"]  # nothing bad was stored
+
+
+async def test_a_malformed_records_body_gets_an_error_reply() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        client._pending[99_999] = reply
+        message = hub_server.encode_message({"op": "append", "id": 99_999, "name": "s"})
+        await client.session.send(message + b"\0\0\0\1\0\0\0\x09abc")
+        header, _ = await asyncio.wait_for(reply, 5)
+        assert (header["op"], header["code"]) == ("error", "bad_request")
+        assert "does not match its record lengths" in header["message"]
+        assert await client.append("s", b"ok") == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "message"),
+    [("bogus", "'bogus'"), ("NOW", "'NOW'"), (-1, "not -1"), (1.5, "not 1.5"), (None, "None")],
+)
+async def test_a_read_with_a_bad_offset_gets_an_error_not_a_hang(
+    offset: object, message: str
+) -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        await client.append("s", b"r")
+        reader = client.read("s", 0, live=True)
+        assert reader._header is not None
+        reader._header["offset"] = offset  # as a client without checks would send it
+        with pytest.raises(hub.BadRequest, match=f"'offset'.*{message}"):
+            await asyncio.wait_for(anext(reader), 5)
+        assert await read_all(client, "s") == [b"r"]  # the session lives
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda c: c.create("s", ttl="abc"), TypeError, "ttl must be a number"),
+        (lambda c: c.create("s", ttl=-1), ValueError, "ttl must be a finite number"),
+        (lambda c: c.create("s", ttl=math.nan), ValueError, "not nan"),
+        (lambda c: c.create("s", ttl=math.inf), ValueError, "not inf"),
+        (lambda c: c.create("s", content_type=b"text"), TypeError, "content_type must be a str"),
+        (lambda c: c.create(5), TypeError, "stream name must be a str"),
+        (lambda c: c.append("s", "text"), TypeError, "record must be bytes-like, not str"),
+        (lambda c: c.append("s", 5), TypeError, "record must be bytes-like, not int"),
+        (lambda c: c.append_many("s", [b"a", None]), TypeError, "not NoneType"),
+        (lambda c: c.status(None), TypeError, "stream name must be a str"),
+        (lambda c: c.read("s", "bogus"), ValueError, "offset must be an int >= 0 or 'now'"),
+        (lambda c: c.read("s", -3), ValueError, "not -3"),
+        (lambda c: c.read("s", True), TypeError, "not True"),
+        (lambda c: c.read("s", live="yes"), TypeError, "live must be a bool"),
+        (lambda c: c.producer("s", ""), ValueError, "producer id must be 1..255 bytes"),
+        (lambda c: c.producer("s", "p", epoch=-1), ValueError, "epoch must be 0.."),
+        (lambda c: c.producer("s", "p", linger=-1), ValueError, "linger must be"),
+        (lambda c: c.producer("s", "p", max_batch_bytes=0), ValueError, "max_batch_bytes"),
+    ],
+)
+async def test_bad_arguments_raise_at_the_call(call: Any, error: type, message: str) -> None:
+    async with hub_and_client() as (_, client):
+        with pytest.raises(error, match=message):
+            result = call(client)
+            if asyncio.iscoroutine(result):
+                await result
+        assert await client.status("s") is None  # nothing was sent
+
+
+async def test_a_stream_past_its_ttl_is_gone_at_once_for_every_request() -> None:
+    async with hub_and_client() as (server, client):
+        await client.create("brief", ttl=0.1)
+        await client.append("brief", b"x")
+        live = client.read("brief", 1, live=True)
+        waiting = asyncio.create_task(anext(live))
+        await asyncio.sleep(0.15)  # let the TTL pass (the sweep runs only each second)
+        assert await client.status("brief") is None
+        with pytest.raises(hub.StreamNotFound):
+            await client.append("brief", b"late")
+        with pytest.raises(hub.StreamNotFound):
+            await read_all(client, "brief")
+        with pytest.raises(hub.StreamGone, match="deleted or expired"):
+            await asyncio.wait_for(waiting, 5)
+        assert (await client.create("brief")).next_offset == 0  # a new stream of that name
+        assert server.storage.names() == ["brief"]
+
+
+class _FailingSweep(MemoryStorage):
+    """Memory storage whose first TTL sweep fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sweeps = 0
+        self.expired = asyncio.Event()
+
+    def expire(self, now: float) -> list[str]:
+        self.sweeps += 1
+        if self.sweeps == 1:
+            raise RuntimeError("a sweep that fails")
+        gone = super().expire(now)
+        if gone:
+            self.expired.set()
+        return gone
+
+
+async def test_a_failed_ttl_sweep_does_not_stop_expiry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(hub_server, "_EXPIRY_INTERVAL", 0.01)
+    storage = _FailingSweep()
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, storage=storage, grace_period=0.2, **FAST) as server,
+        hub.connect("127.0.0.1", server.port, **FAST) as client,
+    ):
+        await client.create("brief", ttl=0.05)
+        await client.append("brief", b"x" * 100)
+        await asyncio.wait_for(storage.expired.wait(), 5)  # a later sweep freed it
+        assert "brief" not in storage._streams and storage._total_bytes == 0
+    assert "hub TTL sweep failed" in caplog.text
+
+
+def test_one_stream_that_cannot_expire_does_not_keep_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = MemoryStorage()
+    for name in ("a", "bad", "c"):
+        storage.create(name, ttl=1.0, content_type=None)
+    storage._streams["bad"].info.ttl = "abc"  # type: ignore[assignment]  # as an old bug stored
+    with caplog.at_level(logging.ERROR, logger="streamkit.hub"):
+        assert storage.expire(time.time() + 2) == ["a", "c"]
+    assert "could not expire stream 'bad'" in caplog.text

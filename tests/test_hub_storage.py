@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamkit.hub import (
+    BadRequest,
     HubError,
     LimitExceeded,
     Limits,
@@ -18,6 +20,7 @@ from streamkit.hub import (
     StreamExists,
     StreamFinished,
     StreamNotFound,
+    filelog,
 )
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.storage import StreamTable
@@ -228,3 +231,62 @@ def test_garbage_files_do_not_stop_recovery(tmp_path: Path) -> None:
         assert store.names() == ["log"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("ttl", "content_type", "message"),
+    [
+        ("abc", None, "ttl must be a number"),
+        (-1.0, None, "ttl must be a finite number of seconds > 0"),
+        (float("nan"), None, "not nan"),
+        (float("inf"), None, "not inf"),
+        (None, 7, "content_type must be a str"),
+        (None, "x" * 256, "content_type must be 1..255 bytes"),
+    ],
+)
+def test_bad_settings_are_refused_and_never_stored(
+    storage: StreamTable, tmp_path: Path, ttl: object, content_type: object, message: str
+) -> None:
+    with pytest.raises(BadRequest, match=message):
+        storage.create("s", ttl=ttl, content_type=content_type)  # type: ignore[arg-type]
+    assert storage.get("s") is None and storage.names() == []
+    assert list((tmp_path / "data").glob("*.log")) == []
+
+
+def test_a_log_with_a_bad_ttl_from_an_old_version_keeps_its_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    meta = {"name": "old", "content_type": 5, "ttl": "abc", "created": 1.0}
+    data = b"\x00" + (1).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"abc"
+    (tmp_path / "old.log").write_bytes(
+        filelog._entry(filelog._CREATE, [json.dumps(meta).encode()])
+        + filelog._entry(filelog._DATA, [data])
+    )
+    store = FileStorage(tmp_path)
+    try:
+        info = store.get("old")
+        assert info is not None and (info.ttl, info.content_type) == (None, None)
+        assert store.read("old", 0, 10, 100) == [b"abc"]
+        assert store.expire(1e12) == []  # it never expires, and expiry goes on
+    finally:
+        store.close()
+    assert "ignoring an invalid ttl" in caplog.text
+    assert "ignoring an invalid content_type" in caplog.text
+
+
+def test_a_stream_past_its_ttl_is_absent_before_the_sweep(storage: StreamTable) -> None:
+    info = storage.create("brief", ttl=10.0, content_type=None)
+    storage.append("brief", [b"x" * 10])
+    info.created -= 11  # its TTL has passed; no sweep has run
+    assert storage.get("brief") is None and storage.names() == []
+    for request in (
+        lambda: storage.append("brief", [b"y"]),
+        lambda: storage.read("brief", 0, 10, 100),
+        lambda: storage.finish("brief"),
+        lambda: storage.delete("brief"),
+        lambda: storage.producer("brief", "p"),
+    ):
+        with pytest.raises(StreamNotFound):
+            request()
+    assert storage.create("brief", ttl=None, content_type=None).next_offset == 0  # replaced
+    assert storage.read("brief", 0, 10, 100) == []

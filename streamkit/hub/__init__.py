@@ -16,6 +16,7 @@ from streamkit.hub.client import (
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.server import HubServer, serve_hub, serve_hub_unix
 from streamkit.hub.storage import (
+    BadRequest,
     HubError,
     LimitExceeded,
     Limits,
@@ -29,6 +30,7 @@ from streamkit.hub.storage import (
 )
 
 __all__ = [
+    "BadRequest",
     "FileStorage",
     "HubClient",
     "HubError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import ssl as _ssl
 from collections import deque
@@ -15,8 +16,20 @@ from typing import Any, Literal, NamedTuple
 
 from streamkit._lifecycle import AsyncClosable
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
-from streamkit.hub.protocol import decode_message, decode_records, encode_message
+from streamkit.hub.protocol import (
+    check_content_type,
+    check_counter,
+    check_flag,
+    check_name,
+    check_offset,
+    check_producer_id,
+    check_ttl,
+    decode_message,
+    decode_records,
+    encode_message,
+)
 from streamkit.hub.storage import (
+    BadRequest,
     HubError,
     LimitExceeded,
     ProducerFenced,
@@ -33,6 +46,7 @@ __all__ = ["HubClient", "Producer", "Reader", "Record", "StreamStatus", "connect
 _ERRORS: dict[str, type[HubError]] = {
     cls.code: cls
     for cls in (
+        BadRequest,
         HubError,
         LimitExceeded,
         ProducerFenced,
@@ -79,6 +93,12 @@ def _status(fields: dict[str, Any]) -> StreamStatus:
         expires_at=fields["expires_at"],
         content_type=fields["content_type"],
     )
+
+
+def _data(record: object) -> bytes:
+    if not isinstance(record, bytes | bytearray | memoryview):
+        raise TypeError(f"a record must be bytes-like, not {type(record).__name__}")
+    return bytes(record)
 
 
 def _error(header: dict[str, Any]) -> HubError:
@@ -201,8 +221,9 @@ class Producer(AsyncClosable):
         """Add a record to the pending batch; it is sent soon (see ``linger``)."""
         if self._error is not None and self._on_error is None:
             raise self._error
-        self._batch.append(bytes(data))
-        self._batch_bytes += len(data)
+        record = _data(data)
+        self._batch.append(record)
+        self._batch_bytes += len(record)
         if self._batch_bytes >= self.max_batch_bytes:
             self._send_batch()
         elif self._timer is None:
@@ -339,26 +360,32 @@ class HubClient(AsyncClosable):
         content_type: str | None = None,
         exist_ok: bool = False,
     ) -> StreamStatus:
-        """Create a stream; raises :class:`StreamExists` unless ``exist_ok``."""
+        """Create a stream; raises :class:`StreamExists` unless ``exist_ok``.
+
+        ``ttl`` is ``None`` (no expiry) or a finite number of seconds > 0;
+        a bad argument raises :class:`TypeError` or :class:`ValueError`.
+        """
         reply = await self._call(
             {
                 "op": "create",
-                "name": name,
-                "ttl": ttl,
-                "content_type": content_type,
-                "exist_ok": exist_ok,
+                "name": check_name(name),
+                "ttl": check_ttl(ttl),
+                "content_type": check_content_type(content_type),
+                "exist_ok": check_flag("exist_ok", exist_ok),
             }
         )
         return _status(reply["status"])
 
     async def append(self, name: str, data: bytes) -> int:
         """Append one record; return its offset."""
-        reply = await self._call({"op": "append", "name": name}, [bytes(data)])
+        reply = await self._call({"op": "append", "name": check_name(name)}, [_data(data)])
         return int(reply["offset"])
 
     async def append_many(self, name: str, records: list[bytes]) -> int:
         """Append records in one request; return the first one's offset."""
-        reply = await self._call({"op": "append", "name": name}, [bytes(r) for r in records])
+        reply = await self._call(
+            {"op": "append", "name": check_name(name)}, [_data(record) for record in records]
+        )
         return int(reply["offset"])
 
     async def append_json(self, name: str, value: Any) -> int:
@@ -367,22 +394,30 @@ class HubClient(AsyncClosable):
 
     async def status(self, name: str) -> StreamStatus | None:
         """The stream's status, or ``None`` if it is absent."""
-        reply = await self._call({"op": "status", "name": name})
+        reply = await self._call({"op": "status", "name": check_name(name)})
         return None if reply["status"] is None else _status(reply["status"])
 
     async def finish(self, name: str) -> StreamStatus:
         """Mark the stream finished: no more appends; readers end after the last record."""
-        reply = await self._call({"op": "finish", "name": name})
+        reply = await self._call({"op": "finish", "name": check_name(name)})
         return _status(reply["status"])
 
     async def delete(self, name: str) -> None:
         """Delete the stream; its readers get :class:`StreamGone`."""
-        await self._call({"op": "delete", "name": name})
+        await self._call({"op": "delete", "name": check_name(name)})
 
     def read(self, name: str, offset: int | Literal["now"] = 0, *, live: bool = False) -> Reader:
-        """Records of ``name`` from ``offset`` (``0`` the start, ``"now"`` only new ones)."""
-        request = self._new_request()
-        header = {"op": "read", "id": request, "name": name, "offset": offset, "live": live}
+        """Records of ``name`` from ``offset`` (``0`` the start, ``"now"`` only new ones).
+
+        A bad argument raises :class:`TypeError` or :class:`ValueError` here.
+        """
+        header = {
+            "op": "read",
+            "name": check_name(name),
+            "offset": check_offset(offset),
+            "live": check_flag("live", live),
+        }
+        request = header["id"] = self._new_request()
         reader = Reader(self, request, header)
         self._reads[request] = reader
         return reader
@@ -405,12 +440,25 @@ class HubClient(AsyncClosable):
         max_batch_bytes: int = 1 * MiB,
         on_error: Callable[[BaseException], object] | None = None,
     ) -> Producer:
-        """An idempotent, batching producer for ``name`` (see :class:`Producer`)."""
+        """An idempotent, batching producer for ``name`` (see :class:`Producer`).
+
+        ``producer_id`` is 1..255 bytes (UTF-8), ``epoch`` an int >= 0,
+        ``linger`` seconds >= 0, ``max_batch_bytes`` >= 1; a bad argument
+        raises :class:`TypeError` or :class:`ValueError` here.
+        """
+        if isinstance(linger, bool) or not isinstance(linger, int | float):
+            raise TypeError(f"linger must be a number of seconds, not {linger!r}")
+        if not (math.isfinite(linger) and linger >= 0):
+            raise ValueError(f"linger must be a finite number of seconds >= 0, not {linger!r}")
+        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int):
+            raise TypeError(f"max_batch_bytes must be an int, not {max_batch_bytes!r}")
+        if max_batch_bytes < 1:
+            raise ValueError(f"max_batch_bytes must be >= 1, not {max_batch_bytes}")
         return Producer(
             self,
-            name,
-            producer_id,
-            epoch=epoch,
+            check_name(name),
+            check_producer_id(producer_id),
+            epoch=check_counter("epoch", epoch),
             linger=linger,
             max_batch_bytes=max_batch_bytes,
             on_error=on_error,

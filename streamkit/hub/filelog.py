@@ -33,8 +33,11 @@ import os
 import struct
 import zlib
 from array import array
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+from streamkit.hub.protocol import check_content_type, check_ttl
 from streamkit.hub.storage import HubError, Limits, StreamInfo, StreamTable, take_within
 
 __all__ = ["FileStorage"]
@@ -47,6 +50,7 @@ _U32 = struct.Struct(">I")
 _PRODUCER = struct.Struct(">QQ")
 _CREATE, _DATA, _FINISH = 1, 2, 3
 _LOCK_FILE = "LOCK"
+_T = TypeVar("_T")
 
 
 class _Corrupt(Exception):
@@ -64,6 +68,21 @@ class _Log:
         self.end = end  # bytes of valid entries
         self.positions = array("Q")  # file position of each record's bytes
         self.lengths = array("Q")
+
+
+def _recovered(
+    log: _Log, field: str, check: Callable[[object], _T], meta: dict[str, Any]
+) -> _T | None:
+    """A CREATE entry's setting, or ``None`` (with a warning) if it is invalid.
+
+    Earlier versions stored settings unchecked (a TTL of ``"abc"``): the
+    stream and its records are kept, without the setting.
+    """
+    try:
+        return check(meta[field])
+    except (TypeError, ValueError) as exc:
+        logger.warning("%s: ignoring an invalid %s (%s)", log.path.name, field, exc)
+        return None
 
 
 def _entry(kind: int, parts: list[bytes]) -> bytes:
@@ -142,8 +161,8 @@ class FileStorage(StreamTable):
             meta = json.loads(payload)
             info = StreamInfo(
                 str(meta["name"]),
-                content_type=meta["content_type"],
-                ttl=meta["ttl"],
+                content_type=_recovered(log, "content_type", check_content_type, meta),
+                ttl=_recovered(log, "ttl", check_ttl, meta),
                 created=float(meta["created"]),
             )
             if info.name in self._streams:

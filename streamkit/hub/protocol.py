@@ -8,18 +8,45 @@ The body, when present, is a batch of records: ``count u32``, the
 ``count`` record lengths (u32 each), then the records back to back, so a
 batch is packed and unpacked with one ``struct`` call rather than a loop
 over varints. See ``docs/protocol.md`` for every operation.
+
+The ``check_*`` functions validate a request's fields, the same on both
+sides: the client calls them so a bad argument raises at the call, the
+server so a bad request gets an error reply instead of hurting the hub.
+Each raises :class:`TypeError` for a value of the wrong type and
+:class:`ValueError` for one out of range, naming the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from itertools import accumulate, pairwise
-from typing import Any
+from typing import Any, Literal
 
 from streamkit.errors import ProtocolError
 
-__all__ = ["decode_message", "decode_records", "encode_message"]
+__all__ = [
+    "MAX_CONTENT_TYPE",
+    "MAX_COUNTER",
+    "MAX_PRODUCER_ID",
+    "check_content_type",
+    "check_counter",
+    "check_flag",
+    "check_name",
+    "check_offset",
+    "check_producer_id",
+    "check_ttl",
+    "decode_message",
+    "decode_records",
+    "encode_message",
+]
+
+#: The longest content type and producer id, in UTF-8 bytes.
+MAX_CONTENT_TYPE = 255
+MAX_PRODUCER_ID = 255
+#: The largest producer epoch or batch sequence (they are stored as u64).
+MAX_COUNTER = 2**63 - 1
 
 _HEADER_SIZE = struct.Struct(">I")
 _COUNT = struct.Struct(">I")
@@ -76,3 +103,75 @@ def decode_records(body: memoryview | bytes) -> list[bytes]:
         )
     data = bytes(body)
     return [data[begin:end] for begin, end in pairwise(ends)]
+
+
+# -- request fields -------------------------------------------------------------
+
+
+def _text(field: str, value: object, max_bytes: int | None) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a str, not {type(value).__name__}")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} {value!r} is not valid Unicode: {exc.reason}") from exc
+    if max_bytes is not None and not 1 <= size <= max_bytes:
+        raise ValueError(f"{field} must be 1..{max_bytes} bytes (UTF-8), not {size}")
+    return value
+
+
+def check_name(name: object) -> str:
+    """A stream name: a ``str`` (its length is a hub limit, ``Limits.max_name``)."""
+    return _text("a stream name", name, None)
+
+
+def check_ttl(ttl: object) -> float | None:
+    """A TTL: ``None`` (no expiry) or a finite number of seconds > 0."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    if not (math.isfinite(ttl) and ttl > 0):
+        raise ValueError(f"ttl must be a finite number of seconds > 0, not {ttl!r}")
+    return float(ttl)
+
+
+def check_content_type(content_type: object) -> str | None:
+    """A content type: ``None`` or a ``str`` of 1..``MAX_CONTENT_TYPE`` UTF-8 bytes."""
+    if content_type is None:
+        return None
+    return _text("content_type", content_type, MAX_CONTENT_TYPE)
+
+
+def check_offset(offset: object) -> int | Literal["now"]:
+    """A read offset: an ``int`` >= 0, or ``"now"`` (the current end)."""
+    if offset == "now":
+        return "now"
+    if isinstance(offset, str):
+        raise ValueError(f"offset must be an int >= 0 or 'now', not {offset!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int >= 0 or 'now', not {offset!r}")
+    if offset < 0:
+        raise ValueError(f"offset must be an int >= 0 or 'now', not {offset}")
+    return offset
+
+
+def check_producer_id(producer_id: object) -> str:
+    """A producer id: a ``str`` of 1..``MAX_PRODUCER_ID`` UTF-8 bytes."""
+    return _text("producer id", producer_id, MAX_PRODUCER_ID)
+
+
+def check_counter(field: str, value: object) -> int:
+    """A producer ``epoch`` or batch ``seq``: an ``int`` in 0..``MAX_COUNTER``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_COUNTER:
+        raise ValueError(f"{field} must be 0..{MAX_COUNTER}, not {value}")
+    return value
+
+
+def check_flag(field: str, value: object) -> bool:
+    """A yes/no field (``live``, ``exist_ok``): a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{field} must be a bool, not {type(value).__name__}")
+    return value

@@ -9,13 +9,25 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from streamkit._lifecycle import ServerBase
-from streamkit.errors import EndOfStream, ProtocolError, SessionError, StreamkitError
+from streamkit.errors import EndOfStream, ProtocolError, StreamkitError
 from streamkit.hub.filelog import FileStorage
-from streamkit.hub.protocol import decode_message, decode_records, encode_message
+from streamkit.hub.protocol import (
+    check_content_type,
+    check_counter,
+    check_flag,
+    check_name,
+    check_offset,
+    check_producer_id,
+    check_ttl,
+    decode_message,
+    decode_records,
+    encode_message,
+)
 from streamkit.hub.storage import (
+    BadRequest,
     HubError,
     Limits,
     MemoryStorage,
@@ -37,6 +49,11 @@ _READ_BATCH = 1024
 _READ_BYTES = 256 * 1024
 #: Seconds between TTL sweeps.
 _EXPIRY_INTERVAL = 1.0
+
+#: The requests answered with one reply ("read" and "cancel" are not).
+_REQUESTS = frozenset(("append", "produce", "create", "status", "finish", "delete", "producer"))
+
+_T = TypeVar("_T")
 
 
 def status_of(info: StreamInfo) -> dict[str, Any]:
@@ -102,7 +119,13 @@ class HubServer(ServerBase):
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(_EXPIRY_INTERVAL)
-            for name in self.storage.expire(time.time()):
+            try:
+                gone = self.storage.expire(time.time())
+            except Exception:
+                # The next sweep tries again: expiry must outlive any one failure.
+                logger.exception("hub TTL sweep failed")
+                continue
+            for name in gone:
                 logger.info("stream %r expired", name)
                 self._notify(name)
 
@@ -129,8 +152,8 @@ class HubServer(ServerBase):
                     continue
                 try:
                     reply = {"op": "ok", "id": request, **self._handle(op, header, body)}
-                except HubError as exc:
-                    reply = {"op": "error", "id": request, "code": exc.code, "message": str(exc)}
+                except Exception as exc:
+                    reply = _error_reply(request, exc, session)
                 await session.send(encode_message(reply))
         except EndOfStream:
             pass
@@ -142,12 +165,12 @@ class HubServer(ServerBase):
             await asyncio.gather(*reads.values(), return_exceptions=True)
 
     def _handle(self, op: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
+        if op not in _REQUESTS:
+            raise BadRequest(f"unknown hub request {op!r}")
         storage = self.storage
-        name = header.get("name")
-        if not isinstance(name, str):
-            raise HubError(f"request {op!r} needs a stream 'name'")
+        name = _field(header, "name", check_name)
         if op == "append":
-            first = storage.append(name, decode_records(body))
+            first = storage.append(name, _records(body))
             self._notify(name)
             return {"offset": first}
         if op == "produce":
@@ -165,28 +188,32 @@ class HubServer(ServerBase):
             storage.delete(name)
             self._notify(name)
             return {}
-        if op == "producer":
-            state = storage.producer(name, str(header.get("producer")))
-            return {
-                "epoch": None if state is None else state.epoch,
-                "seq": None if state is None else state.seq,
-            }
-        raise HubError(f"unknown hub request {op!r}")
+        # "producer": where an idempotent producer should continue
+        state = storage.producer(name, _field(header, "producer", check_producer_id))
+        return {
+            "epoch": None if state is None else state.epoch,
+            "seq": None if state is None else state.seq,
+        }
 
     def _create(self, name: str, header: dict[str, Any]) -> dict[str, Any]:
-        ttl = header.get("ttl")
-        content_type = header.get("content_type")
+        ttl = _field(header, "ttl", check_ttl)
+        content_type = _field(header, "content_type", check_content_type)
+        exist_ok = _field(header, "exist_ok", functools.partial(check_flag, "exist_ok"), False)
         try:
             info = self.storage.create(name, ttl=ttl, content_type=content_type)
         except StreamExists:
             existing = self.storage.get(name)
-            if not header.get("exist_ok") or existing is None:
+            if not exist_ok or existing is None:
                 raise
             return {"status": status_of(existing), "created": False}
+        self._notify(name)  # readers of an expired stream of that name end
         return {"status": status_of(info), "created": True}
 
     def _produce(self, name: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
-        producer, epoch, seq = str(header["producer"]), int(header["epoch"]), int(header["seq"])
+        producer = _field(header, "producer", check_producer_id)
+        epoch = _field(header, "epoch", functools.partial(check_counter, "epoch"))
+        seq = _field(header, "seq", functools.partial(check_counter, "seq"))
+        records = _records(body)
         state = self.storage.producer(name, producer)
         if state is not None:
             if epoch < state.epoch:
@@ -203,27 +230,25 @@ class HubServer(ServerBase):
                 )
         elif seq != 0:
             raise HubError(f"producer {producer!r} epoch {epoch} must start at batch 0, not {seq}")
-        first = self.storage.append(name, decode_records(body), (producer, epoch, seq))
+        first = self.storage.append(name, records, (producer, epoch, seq))
         self._notify(name)
         return {"offset": first, "duplicate": False}
 
     async def _read(self, session: ServerSession, request: int, header: dict[str, Any]) -> None:
         storage = self.storage
-        name = str(header.get("name"))
-        live = bool(header.get("live"))
         try:
-            info = storage.get(name)
-            if info is None:
+            name = _field(header, "name", check_name)
+            live = _field(header, "live", functools.partial(check_flag, "live"), False)
+            start = _field(header, "offset", check_offset, 0)
+            first = storage.get(name)
+            if first is None:
                 raise StreamNotFound(f"no stream named {name!r}")
-            offset = header.get("offset", 0)
-            offset = info.next_offset if offset == "now" else int(offset)
-            if offset < 0:
-                raise HubError(f"offset must be >= 0 or 'now', not {offset}")
+            offset = first.next_offset if start == "now" else start
             caught_up_sent = False
             while True:
                 change = self._next_change(name) if live else None
                 info = storage.get(name)
-                if info is None:
+                if info is None or info.created != first.created:
                     raise StreamGone(f"stream {name!r} was deleted or expired")
                 if offset < info.next_offset:
                     records = storage.read(name, offset, _READ_BATCH, _READ_BYTES)
@@ -251,16 +276,55 @@ class HubServer(ServerBase):
                     )
                     caught_up_sent = True
                 assert change is not None  # live
-                await change.wait()
+                await _wait(change, info.expires_at)
         except HubError as exc:
-            with contextlib.suppress(SessionError):
-                await session.send(
-                    encode_message(
-                        {"op": "error", "id": request, "code": exc.code, "message": str(exc)}
-                    )
-                )
-        except (SessionError, StreamkitError):
+            with contextlib.suppress(StreamkitError):
+                await session.send(encode_message(_error_reply(request, exc, session)))
+        except StreamkitError:
             pass  # the session ended; its client resumes reads on a new one
+        except Exception as exc:  # a bug must not leave the reader waiting forever
+            with contextlib.suppress(StreamkitError):
+                await session.send(encode_message(_error_reply(request, exc, session)))
+
+
+async def _wait(change: asyncio.Event, expires_at: float | None) -> None:
+    """Wait for the next change, or until the stream's TTL passes (it is then gone)."""
+    if expires_at is None:
+        await change.wait()
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(0.0, expires_at - time.time())):
+            await change.wait()
+
+
+def _field(
+    header: dict[str, Any], key: str, check: Callable[[object], _T], default: object = None
+) -> _T:
+    """A request field, checked; an invalid one is a :class:`BadRequest`."""
+    try:
+        return check(header.get(key, default))
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"bad {key!r} in request: {exc}") from exc
+
+
+def _records(body: memoryview) -> list[bytes]:
+    try:
+        return decode_records(body)
+    except ProtocolError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def _error_reply(request: int, exc: Exception, session: ServerSession) -> dict[str, Any]:
+    """The error reply to a request that failed; an unexpected failure is logged."""
+    if isinstance(exc, HubError):
+        return {"op": "error", "id": request, "code": exc.code, "message": str(exc)}
+    logger.error("hub session %s: request %d failed", session.id, request, exc_info=exc)
+    return {
+        "op": "error",
+        "id": request,
+        "code": HubError.code,
+        "message": f"the hub failed to serve the request: {exc!r}",
+    }
 
 
 def _forget(reads: dict[int, asyncio.Task[None]], request: int, task: object) -> None:

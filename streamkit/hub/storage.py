@@ -7,14 +7,17 @@ append-only log per stream in a directory and recovers it on restart.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from streamkit.errors import StreamkitError
+from streamkit.hub.protocol import check_content_type, check_ttl
 
 __all__ = [
+    "BadRequest",
     "HubError",
     "LimitExceeded",
     "Limits",
@@ -30,6 +33,8 @@ __all__ = [
     "StreamTable",
 ]
 
+logger = logging.getLogger("streamkit.hub")
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -38,6 +43,12 @@ class HubError(StreamkitError):
     """A hub request failed; ``code`` names the reason on the wire."""
 
     code = "error"
+
+
+class BadRequest(HubError):
+    """A request with a missing or invalid field (a bad ttl, offset, name, ...)."""
+
+    code = "bad_request"
 
 
 class StreamNotFound(HubError):
@@ -129,7 +140,9 @@ class Storage(Protocol):
         """The stream's metadata, or ``None`` if it is absent (or expired)."""
         ...
 
-    def names(self) -> list[str]: ...
+    def names(self) -> list[str]:
+        """The streams present (not expired)."""
+        ...
 
     def append(
         self, name: str, records: list[bytes], producer: tuple[str, int, int] | None = None
@@ -154,7 +167,12 @@ class Storage(Protocol):
     def producer(self, name: str, producer_id: str) -> ProducerState | None: ...
 
     def expire(self, now: float) -> list[str]:
-        """Delete the streams whose TTL has passed; return their names."""
+        """Delete the streams whose TTL has passed; return their names.
+
+        A stream is absent for every other method as soon as its TTL has
+        passed; ``expire`` frees what it held. One stream that cannot be
+        deleted must not keep the others from expiring.
+        """
         ...
 
     def close(self) -> None: ...
@@ -173,7 +191,9 @@ class StreamTable:
 
     A backend subclasses it and keeps the records: ``_store_*`` hooks run
     after a request is validated and before the table changes, so a hook
-    that raises leaves the table as it was.
+    that raises leaves the table as it was. A stream whose TTL has passed
+    is absent at once (``get`` is ``None``, other requests raise
+    :class:`StreamNotFound`, ``create`` replaces it); ``expire`` frees it.
     """
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -181,8 +201,15 @@ class StreamTable:
         self._streams: dict[str, _Stream] = {}
         self._total_bytes = 0
 
-    def _stream(self, name: str) -> _Stream:
+    def _live(self, name: str) -> _Stream | None:
+        """The stream, unless it is absent or its TTL has passed."""
         stream = self._streams.get(name)
+        if stream is not None and stream.info.ttl is not None and stream.info.expired(time.time()):
+            return None
+        return stream
+
+    def _stream(self, name: str) -> _Stream:
+        stream = self._live(name)
         if stream is None:
             raise StreamNotFound(f"no stream named {name!r}")
         return stream
@@ -195,9 +222,21 @@ class StreamTable:
 
     def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
         if name in self._streams:
-            raise StreamExists(f"stream {name!r} exists")
-        if not name or len(name.encode()) > self.limits.max_name:
-            raise HubError(f"a stream name must be 1..{self.limits.max_name} bytes")
+            if self._live(name) is not None:
+                raise StreamExists(f"stream {name!r} exists")
+            self._remove(name)  # expired, not swept yet
+        try:
+            ttl = check_ttl(ttl)
+            content_type = check_content_type(content_type)
+            size = len(name.encode())
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(str(exc)) from exc
+        if not 1 <= size <= self.limits.max_name:
+            raise BadRequest(
+                f"a stream name must be 1..{self.limits.max_name} bytes (UTF-8), not {size}"
+            )
+        if len(self._streams) >= self.limits.max_streams:
+            self.expire(time.time())  # make room from streams past their TTL
         if len(self._streams) >= self.limits.max_streams:
             raise LimitExceeded(f"the hub holds max_streams={self.limits.max_streams}")
         info = StreamInfo(name, content_type=content_type, ttl=ttl)
@@ -205,11 +244,11 @@ class StreamTable:
         return self._add(info).info
 
     def get(self, name: str) -> StreamInfo | None:
-        stream = self._streams.get(name)
+        stream = self._live(name)
         return None if stream is None else stream.info
 
     def names(self) -> list[str]:
-        return list(self._streams)
+        return [name for name in self._streams if self._live(name) is not None]
 
     def append(
         self, name: str, records: list[bytes], producer: tuple[str, int, int] | None = None
@@ -267,7 +306,11 @@ class StreamTable:
         return info
 
     def delete(self, name: str) -> None:
-        stream = self._stream(name)
+        self._stream(name)
+        self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        stream = self._streams[name]
         self._store_delete(name)
         del self._streams[name]
         self._total_bytes -= stream.info.size_bytes
@@ -276,9 +319,18 @@ class StreamTable:
         return self._stream(name).producers.get(producer_id)
 
     def expire(self, now: float) -> list[str]:
-        gone = [name for name, stream in self._streams.items() if stream.info.expired(now)]
-        for name in gone:
-            self.delete(name)
+        gone = []
+        for name, stream in list(self._streams.items()):
+            try:
+                if not stream.info.expired(now):
+                    continue
+                self._remove(name)
+            except Exception:
+                # One stream that cannot be removed must not stop the others
+                # expiring; it is retried at the next sweep.
+                logger.exception("could not expire stream %r", name)
+                continue
+            gone.append(name)
         return gone
 
     def close(self) -> None:
