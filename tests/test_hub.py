@@ -478,3 +478,15 @@ def test_one_stream_that_cannot_expire_does_not_keep_the_others(
     with caplog.at_level(logging.ERROR, logger="streamkit.hub"):
         assert storage.expire(time.time() + 2) == ["a", "c"]
     assert "could not expire stream 'bad'" in caplog.text
+
+
+async def test_memory_limit_counts_each_record_even_an_empty_one() -> None:
+    limit = 3 * hub.RECORD_OVERHEAD + 10
+    async with hub_and_client(limits=Limits(max_total_bytes=limit)) as (_, client):
+        await client.create("small")
+        await client.append("small", b"x" * 10)
+        await client.append_many("small", [b"", b""])  # exactly at the limit
+        with pytest.raises(hub.LimitExceeded, match=f"max_total_bytes={limit}"):
+            await client.append("small", b"")
+        status = await client.status("small")
+        assert status is not None and status.next_offset == 3

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamkit.hub import (
+    RECORD_OVERHEAD,
     BadRequest,
     HubError,
     LimitExceeded,
@@ -69,12 +70,32 @@ def test_limits_give_clear_errors(storage: StreamTable) -> None:
         storage.create("d", ttl=None, content_type=None)
     with pytest.raises(LimitExceeded, match="101 bytes exceeds max_record=100"):
         storage.append("a", [b"x" * 101])
-    storage.append("a", [b"x" * 100] * 9)
+    storage.append("a", [b"x" * 100] * 6)  # 6 x (100 + RECORD_OVERHEAD) = 888
     with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
-        storage.append("b", [b"x" * 60, b"y" * 50])
+        storage.append("b", [b"x" * 60, b"y" * 50])  # 110 + 2 x RECORD_OVERHEAD more
     assert storage.read("b", 0, 10, 1 << 20) == []  # nothing of a refused batch is kept
     storage.delete("a")
     storage.append("b", [b"x" * 60, b"y" * 50])  # deleting gave the bytes back
+
+
+def test_total_bytes_count_every_record_with_its_overhead_up_to_the_edge(
+    storage: StreamTable, tmp_path: Path
+) -> None:
+    assert storage.limits.max_total_bytes == 1000 and RECORD_OVERHEAD == 48
+    storage.create("s", ttl=None, content_type=None)
+    storage.append("s", [b""] * 19)  # empty records cost RECORD_OVERHEAD each: 912
+    storage.append("s", [b"x" * 40])  # 40 + 48: exactly 1000, the limit, is allowed
+    with pytest.raises(LimitExceeded, match=r"1 records of 0 bytes \(\+48 each\)"):
+        storage.append("s", [b""])
+    if isinstance(storage, FileStorage):  # a restart counts the same
+        storage.close()
+        storage = FileStorage(tmp_path / "data", limits=storage.limits)
+        with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
+            storage.append("s", [b""])
+    storage.delete("s")
+    storage.create("t", ttl=None, content_type=None)
+    storage.append("t", [b""] * 20)  # deleting gave back what the records cost
+    storage.close()
 
 
 def test_finish_delete_and_unknown_streams(storage: StreamTable) -> None:

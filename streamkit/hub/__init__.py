@@ -16,6 +16,7 @@ from streamkit.hub.client import (
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.server import HubServer, serve_hub, serve_hub_unix
 from streamkit.hub.storage import (
+    RECORD_OVERHEAD,
     BadRequest,
     HubError,
     LimitExceeded,
@@ -30,6 +31,7 @@ from streamkit.hub.storage import (
 )
 
 __all__ = [
+    "RECORD_OVERHEAD",
     "BadRequest",
     "FileStorage",
     "HubClient",

@@ -17,6 +17,7 @@ from streamkit.errors import StreamkitError
 from streamkit.hub.protocol import check_content_type, check_ttl
 
 __all__ = [
+    "RECORD_OVERHEAD",
     "BadRequest",
     "HubError",
     "LimitExceeded",
@@ -87,9 +88,21 @@ class ProducerFenced(HubError):
     code = "fenced"
 
 
+#: What a record costs against ``Limits.max_total_bytes`` beside its bytes:
+#: about what holding it in memory costs (a list slot and a ``bytes``
+#: object's header, rounded up), so that many small or empty records are
+#: bounded too.
+RECORD_OVERHEAD = 48
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds that turn resource exhaustion into clear errors."""
+    """Bounds that turn resource exhaustion into clear errors.
+
+    ``max_streams`` streams at once; ``max_record`` bytes per record;
+    ``max_total_bytes`` over every stream, each record counting its length
+    plus :data:`RECORD_OVERHEAD`; ``max_name`` UTF-8 bytes per stream name.
+    """
 
     max_streams: int = 10_000
     max_record: int = 4 * MiB
@@ -217,7 +230,7 @@ class StreamTable:
     def _add(self, info: StreamInfo) -> _Stream:
         """Put a stream (new or recovered) in the table."""
         stream = self._streams[info.name] = _Stream(info)
-        self._total_bytes += info.size_bytes
+        self._total_bytes += _cost(info)
         return stream
 
     def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
@@ -264,9 +277,11 @@ class StreamTable:
                     f"record of {len(record)} bytes exceeds max_record={self.limits.max_record}"
                 )
             size += len(record)
-        if self._total_bytes + size > self.limits.max_total_bytes:
+        cost = size + RECORD_OVERHEAD * len(records)
+        if self._total_bytes + cost > self.limits.max_total_bytes:
             raise LimitExceeded(
-                f"appending {size} bytes would exceed max_total_bytes={self.limits.max_total_bytes}"
+                f"appending {len(records)} records of {size} bytes (+{RECORD_OVERHEAD} each)"
+                f" would exceed max_total_bytes={self.limits.max_total_bytes}"
             )
         first = info.next_offset
         self._store_append(name, records, producer)
@@ -289,7 +304,7 @@ class StreamTable:
             )
         info.next_offset += len(records)
         info.size_bytes += size
-        self._total_bytes += size
+        self._total_bytes += size + RECORD_OVERHEAD * len(records)
 
     def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> list[bytes]:
         info = self._stream(name).info
@@ -313,7 +328,7 @@ class StreamTable:
         stream = self._streams[name]
         self._store_delete(name)
         del self._streams[name]
-        self._total_bytes -= stream.info.size_bytes
+        self._total_bytes -= _cost(stream.info)
 
     def producer(self, name: str, producer_id: str) -> ProducerState | None:
         return self._stream(name).producers.get(producer_id)
@@ -356,6 +371,11 @@ class StreamTable:
 
     def _store_delete(self, name: str) -> None:
         raise NotImplementedError
+
+
+def _cost(info: StreamInfo) -> int:
+    """What a stream's records count against ``max_total_bytes``."""
+    return info.size_bytes + RECORD_OVERHEAD * info.next_offset
 
 
 def take_within(sizes: Iterable[int], max_bytes: int) -> int:
