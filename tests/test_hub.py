@@ -490,3 +490,44 @@ async def test_memory_limit_counts_each_record_even_an_empty_one() -> None:
             await client.append("small", b"")
         status = await client.status("small")
         assert status is not None and status.next_offset == 3
+
+
+async def test_a_refused_batch_names_its_records_and_later_batches_go_on() -> None:
+    errors: list[BaseException] = []
+    async with hub_and_client(limits=Limits(max_record=100)) as (_, client):
+        await client.create("p")
+        producer = client.producer("p", "w", linger=60)
+        producer.append_nowait(b"r0")
+        await producer.flush()
+        producer.append_nowait(b"r1")
+        producer.append_nowait(b"x" * 101)  # the hub refuses this batch, whole
+        with pytest.raises(hub.LimitExceeded, match=r"'w': records 1\.\.2 not appended") as info:
+            await producer.flush()
+        assert "exceeds max_record=100" in str(info.value)
+        assert info.value.records == (b"r1", b"x" * 101)
+        producer.append_nowait(b"r3")
+        await producer.flush()  # the next batch is appended, not refused as "a gap"
+        await producer.close()
+        with pytest.raises(RuntimeError, match="'w' of 'p' is closed"):
+            producer.append_nowait(b"late")
+
+        quiet = client.producer("p", "q", linger=60, on_error=errors.append)
+        quiet.append_nowait(b"y" * 101)
+        await quiet.flush()
+        quiet.append_nowait(b"q1")
+        await quiet.close()
+        (error,) = errors
+        assert isinstance(error, hub.LimitExceeded) and error.records == (b"y" * 101,)
+        assert "'q': record 0 not appended to 'p'" in str(error)
+        assert await read_all(client, "p") == [b"r0", b"r3", b"q1"]
+
+
+async def test_a_new_epoch_must_start_at_batch_zero() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("e")
+        produce = {"op": "produce", "name": "e", "producer": "w"}
+        await client._call({**produce, "epoch": 0, "seq": 0}, [b"a"])
+        with pytest.raises(hub.HubError, match="epoch 1 must start at batch 0, not 5"):
+            await client._call({**produce, "epoch": 1, "seq": 5}, [b"b"])
+        await client._call({**produce, "epoch": 1, "seq": 0}, [b"c"])
+        assert await read_all(client, "e") == [b"a", b"c"]

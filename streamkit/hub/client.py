@@ -189,6 +189,12 @@ class Producer(AsyncClosable):
     already has, and fences off a producer with an older epoch
     (:class:`ProducerFenced`). Errors go to ``on_error`` if given, and are
     raised by the next ``flush()`` or ``close()`` otherwise.
+
+    A batch the hub refuses (a record over ``max_record``, a finished
+    stream, ...) is not appended at all: its error is a :class:`HubError`
+    whose ``records`` are the refused records and whose message numbers
+    them (the producer's records count from 0). Later batches go on.
+    ``append_nowait`` after ``close()`` raises :class:`RuntimeError`.
     """
 
     def __init__(
@@ -216,14 +222,19 @@ class Producer(AsyncClosable):
         self._sending: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # batches go out in sequence order
         self._error: BaseException | None = None
+        self._records = 0  # records accepted by append_nowait so far
+        self._closed = False
 
     def append_nowait(self, data: bytes) -> None:
         """Add a record to the pending batch; it is sent soon (see ``linger``)."""
+        if self._closed:
+            raise RuntimeError(f"producer {self.producer_id!r} of {self.name!r} is closed")
         if self._error is not None and self._on_error is None:
             raise self._error
         record = _data(data)
         self._batch.append(record)
         self._batch_bytes += len(record)
+        self._records += 1
         if self._batch_bytes >= self.max_batch_bytes:
             self._send_batch()
         elif self._timer is None:
@@ -236,11 +247,11 @@ class Producer(AsyncClosable):
         if not self._batch:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
-        task = asyncio.create_task(self._deliver(batch))
+        task = asyncio.create_task(self._deliver(batch, self._records - len(batch)))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _deliver(self, batch: list[bytes]) -> None:
+    async def _deliver(self, batch: list[bytes], first: int) -> None:
         try:
             async with self._lock:
                 if self._seq is None:
@@ -250,22 +261,44 @@ class Producer(AsyncClosable):
                     same_epoch = reply["epoch"] == self.epoch and reply["seq"] is not None
                     self._seq = reply["seq"] + 1 if same_epoch else 0
                 seq = self._seq
+                try:
+                    await self._client._call(
+                        {
+                            "op": "produce",
+                            "name": self.name,
+                            "producer": self.producer_id,
+                            "epoch": self.epoch,
+                            "seq": seq,
+                        },
+                        batch,
+                    )
+                except BaseException:
+                    # Refused, the batch took no sequence number; lost on the
+                    # way, it may have: either way, ask the server next time.
+                    self._seq = None
+                    raise
                 self._seq = seq + 1
-                await self._client._call(
-                    {
-                        "op": "produce",
-                        "name": self.name,
-                        "producer": self.producer_id,
-                        "epoch": self.epoch,
-                        "seq": seq,
-                    },
-                    batch,
-                )
+        except HubError as exc:
+            self._report(self._refused(exc, batch, first))
         except Exception as exc:
-            if self._on_error is not None:
-                self._on_error(exc)
-            elif self._error is None:
-                self._error = exc
+            self._report(exc)
+
+    def _refused(self, exc: HubError, batch: list[bytes], first: int) -> HubError:
+        """``exc`` again, naming the records of the batch it refused."""
+        last = first + len(batch) - 1
+        which = f"record {first}" if first == last else f"records {first}..{last}"
+        error = type(exc)(
+            f"producer {self.producer_id!r}: {which} not appended to {self.name!r}: {exc}"
+        )
+        error.records = tuple(batch)
+        error.__cause__ = exc
+        return error
+
+    def _report(self, error: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(error)
+        elif self._error is None:
+            self._error = error
 
     async def flush(self) -> None:
         """Send the pending batch and wait until every batch is appended."""
@@ -277,7 +310,8 @@ class Producer(AsyncClosable):
             raise error
 
     async def close(self) -> None:
-        """Flush, then stop."""
+        """Flush, then stop: ``append_nowait`` raises from now on."""
+        self._closed = True
         await self.flush()
 
 

@@ -215,20 +215,20 @@ class HubServer(ServerBase):
         seq = _field(header, "seq", functools.partial(check_counter, "seq"))
         records = _records(body)
         state = self.storage.producer(name, producer)
-        if state is not None:
-            if epoch < state.epoch:
-                raise ProducerFenced(
-                    f"producer {producer!r} epoch {epoch} is fenced off by epoch {state.epoch}"
-                )
-            if epoch == state.epoch and seq <= state.seq:
+        if state is not None and epoch < state.epoch:
+            raise ProducerFenced(
+                f"producer {producer!r} epoch {epoch} is fenced off by epoch {state.epoch}"
+            )
+        if state is not None and epoch == state.epoch:
+            if seq <= state.seq:
                 # A retry of a batch already appended: exactly once.
                 offset = state.first_offset if seq == state.seq else None
                 return {"offset": offset, "duplicate": True}
-            if epoch == state.epoch and seq != state.seq + 1:
+            if seq != state.seq + 1:
                 raise HubError(
                     f"producer {producer!r} sent batch {seq} after batch {state.seq}: a gap"
                 )
-        elif seq != 0:
+        elif seq != 0:  # a new producer, or a new epoch
             raise HubError(f"producer {producer!r} epoch {epoch} must start at batch 0, not {seq}")
         first = self.storage.append(name, records, (producer, epoch, seq))
         self._notify(name)

@@ -41,9 +41,14 @@ MiB = 1024 * KiB
 
 
 class HubError(StreamkitError):
-    """A hub request failed; ``code`` names the reason on the wire."""
+    """A hub request failed; ``code`` names the reason on the wire.
+
+    For a producer's batch the hub refused, ``records`` holds the records
+    that were not appended (and the message says which they were).
+    """
 
     code = "error"
+    records: tuple[bytes, ...] = ()
 
 
 class BadRequest(HubError):
