@@ -731,3 +731,46 @@ async def test_client_that_missed_the_servers_close_resumes_into_end_of_stream()
         assert session.closed
         with pytest.raises(SessionError, match="peer closed"):
             await session.send(b"x")
+
+
+# -- a peer that keeps dropping the session ------------------------------------
+
+
+async def test_resumes_that_never_make_progress_end_the_session() -> None:
+    """A server that accepts every resume, then drops the connection at once."""
+    resumes = 0
+    session_id, token = b"\x05" * 16, b"\x06" * 32
+
+    async def drop_after_welcome(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal resumes
+        await reader.readexactly(PREFACE_SIZE)
+        writer.write(make_preface(b"\0" * NONCE_SIZE))
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        hello = decode_message(await reader.readexactly(size))
+        if isinstance(hello, HelloResume):
+            resumes += 1
+            writer.write(frame(Welcome(True, session_id, 0).encode()))
+        else:
+            writer.write(frame(Welcome(False, session_id, 0, token).encode()))
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(drop_after_welcome, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        session = await connect_resumable(
+            "127.0.0.1",
+            port,
+            max_reconnect_time=0.5,
+            reconnect_backoff=Backoff(0.01, 0.05),
+            **FAST,
+        )
+        await session.send(b"never acknowledged")
+        with pytest.raises(ProtocolError, match="no progress") as failure:
+            await session.recv(timeout=10)
+        assert "max_reconnect_time=0.5" in str(failure.value)
+        assert 1 <= resumes < 200  # backed off, not thousands
+        with pytest.raises(ProtocolError):
+            await session.send(b"x")

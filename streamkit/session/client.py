@@ -37,7 +37,7 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
-from streamkit.session.session import Session, SessionSettings
+from streamkit.session.session import Session, SessionSettings, _Connection
 from streamkit.stream import FramedStream
 
 __all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]
@@ -93,10 +93,17 @@ async def _handshake(stream: FramedStream[bytes], hello: Callable[[bytes], bytes
 class ClientSession(Session):
     """A :class:`Session` that reconnects and resumes when its connection is lost.
 
-    Reconnects start at once, then back off (``reconnect_backoff``); after
-    ``max_reconnect_time`` without success the session fails with
-    :class:`ConnectionLost`, or with :class:`SessionExpired` /
-    :class:`ResumeRejected` when the server refuses the resume.
+    A connection made progress if the server acknowledged a new frame, a
+    new frame arrived, or a keepalive round trip completed on it (the
+    client pings right after each resume, behind its replay). After a
+    connection that made progress, the client reconnects at once; after
+    one that did not (the server dropped it right after the resume, or it
+    could not be opened), it backs off (``reconnect_backoff``). When
+    ``max_reconnect_time`` passes with no progress, the session fails with
+    :class:`ConnectionLost` if the server could not be reached, or
+    :class:`ProtocolError` if it accepted resumes and kept dropping them;
+    with :class:`SessionExpired` / :class:`ResumeRejected` at once when the
+    server refuses the resume.
     """
 
     def __init__(
@@ -107,6 +114,16 @@ class ClientSession(Session):
         self._opener = opener
         self._reconnect_task: asyncio.Task[None] | None = None
         self._random = random.Random()
+        # Progress counters as of the last attach: frames the server
+        # acknowledged, frames received, PONGs received.
+        self._marks = (0, 0, 0)
+        # While connections make no progress: when the session gives up,
+        # the next backoff delay, resumes the server accepted and the last error.
+        self._retry_deadline: float | None = None
+        self._retry_delay = settings.reconnect_backoff.initial
+        self._dropped = 0  # connections in a row that ended without progress
+        self._last_error: BaseException | None = None
+        self._last_dropped = False  # the last failure was such a connection
 
     def reconnect(self) -> None:
         """Drop the current connection and resume on a new one; nothing is lost.
@@ -117,9 +134,36 @@ class ClientSession(Session):
         if conn is not None:
             conn.stream.abort()  # the read loop sees the loss and resumes
 
+    # The PONG to that ping comes back after the server has taken our
+    # replay and sent its own: progress, even for an idle session.
+    _ping_on_attach = True
+
+    def _attach(self, stream: FramedStream[bytes], peer_received: int) -> _Connection:
+        conn = super()._attach(stream, peer_received)
+        self._marks = self._progress_marks()
+        return conn
+
+    def _progress_marks(self) -> tuple[int, int, int]:
+        return (self._send_state.received, self._recv_state.received, self._pongs)
+
+    def _connection_lost(self, conn: _Connection, reason: BaseException | None) -> None:
+        if conn is self._conn:
+            self._last_error = reason
+        super()._connection_lost(conn, reason)
+
     def _on_detached(self) -> None:
+        progressed = self._progress_marks() != self._marks
+        pause = not progressed and self._retry_deadline is not None
+        if not pause:
+            # A new run of reconnects: its own deadline, first try at once.
+            self._retry_deadline = self._loop.time() + self.settings.max_reconnect_time
+            self._retry_delay = self.settings.reconnect_backoff.initial
+            self._dropped = 0
+        if not progressed:
+            self._dropped += 1
+        self._last_dropped = not progressed
         if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = asyncio.create_task(self._reconnect())
+            self._reconnect_task = asyncio.create_task(self._reconnect(pause))
 
     def _teardown(self) -> None:
         task = self._reconnect_task
@@ -144,13 +188,23 @@ class ClientSession(Session):
                 stream.abort()
                 raise
 
-    async def _reconnect(self) -> None:
-        settings = self.settings
-        backoff = settings.reconnect_backoff
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.max_reconnect_time
-        delay = backoff.initial
+    async def _reconnect(self, pause: bool) -> None:
+        """Resume the session, backing off while nothing gets through."""
+        backoff = self.settings.reconnect_backoff
+        deadline = self._retry_deadline
+        assert deadline is not None
         while True:
+            if pause:
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    self._give_up()
+                    return
+                delay = self._retry_delay
+                await asyncio.sleep(
+                    min(remaining, self._random.uniform(delay * (1 - backoff.jitter), delay))
+                )
+                self._retry_delay = min(delay * 2, backoff.maximum)
+            pause = True
             try:
                 await self._resume_once()
             except _Finished:
@@ -163,22 +217,29 @@ class ClientSession(Session):
                 self._teardown()
                 return
             except (OSError, TimeoutError, ProtocolError, ConnectionLost) as exc:
-                last_error: BaseException = exc
+                self._last_error = exc
+                self._last_dropped = False
             else:
                 return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                self._fail(
-                    ConnectionLost(
-                        f"could not resume session {self.id} within "
-                        f"max_reconnect_time={settings.max_reconnect_time} s: {last_error!r}"
-                    )
-                )
-                self._teardown()
-                return
-            pause = self._random.uniform(delay * (1 - backoff.jitter), delay)
-            await asyncio.sleep(min(remaining, pause))
-            delay = min(delay * 2, backoff.maximum)
+
+    def _give_up(self) -> None:
+        """Fail the session: ``max_reconnect_time`` passed without progress."""
+        limit = self.settings.max_reconnect_time
+        error: StreamkitError
+        if self._last_dropped:
+            error = ProtocolError(
+                f"session {self.id} made no progress within max_reconnect_time={limit} s: "
+                f"{self._dropped} connections in a row were resumed and lost before "
+                "anything got through (the server may be refusing a frame we replay; "
+                f"see its log); last error: {self._last_error!r}"
+            )
+        else:
+            error = ConnectionLost(
+                f"could not resume session {self.id} within max_reconnect_time={limit} s: "
+                f"{self._last_error!r}"
+            )
+        self._fail(error)
+        self._teardown()
 
 
 async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSession:

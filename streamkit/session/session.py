@@ -95,7 +95,9 @@ class SessionSettings:
       a connection silent for the timeout is dropped (half-open) and resumed.
     - ``resume_timeout``: how long a server keeps a detached session.
     - ``reconnect_backoff`` / ``max_reconnect_time``: how a client retries,
-      and for how long before it fails the session.
+      and for how long without progress (nothing acknowledged or received,
+      no keepalive answer, even across resumes that succeed) before it
+      fails the session.
     - ``handshake_timeout``: bound on connecting plus the handshake.
     - ``close_timeout``: bound on a graceful ``close()``.
     """
@@ -179,6 +181,10 @@ class Session:
     every pending and later call raises that error.
     """
 
+    #: Ping right after the replay on each new connection (the client does,
+    #: to learn that the connection carries traffic both ways).
+    _ping_on_attach = False
+
     def __init__(self, session_id: bytes, settings: SessionSettings) -> None:
         self._id = session_id
         self.settings = settings
@@ -186,6 +192,7 @@ class Session:
         self._ack_every = settings.ack_every
         self._connections = 0
         self._replayed = 0
+        self._pongs = 0  # PONG messages received, on any connection
         self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
         self._recv_state = ReceiveState()
         self._queue: deque[bytes] = deque()
@@ -513,6 +520,8 @@ class Session:
         self._set_ack_low_water()
         if self._close_sent:
             stream.send_nowait(Close(self._send_state.next_offset).encode())
+        if self._ping_on_attach:
+            stream.send_nowait(_PING)
         conn.reader = asyncio.create_task(self._read_loop(conn))
         conn.keepalive = asyncio.create_task(self._keepalive_loop(conn))
         self._progress.set()
@@ -695,7 +704,7 @@ class Session:
         elif isinstance(message, Ping):
             self._send_control(_PONG)
         elif isinstance(message, Pong):
-            pass
+            self._pongs += 1
         elif isinstance(message, Close):
             if message.final != self._recv_state.received:
                 raise ProtocolError(
