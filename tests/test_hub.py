@@ -179,11 +179,12 @@ async def test_resumable_starts_the_source_once_and_it_runs_to_the_end() -> None
             await asyncio.sleep(0.001)
 
     async with hub_and_client() as (_, client):
-        first = client.resumable("gen", source())
+        first = await client.resumable("gen", source())
         got = [(await anext(first)).data for _ in range(5)]
-        await first.aclose()  # the reader goes away early
+        await first.close()  # the reader goes away early
         # A second reader attaches (the source is not started again) from its offset.
-        rest = [record.data async for record in client.resumable("gen", source(), offset=5)]
+        async with await client.resumable("gen", source(), offset=5) as second:
+            rest = [record.data async for record in second]
         assert started == 1
         assert got + rest == [b"chunk %d" % n for n in range(50)]
         status = await client.status("gen")
@@ -531,3 +532,17 @@ async def test_a_new_epoch_must_start_at_batch_zero() -> None:
             await client._call({**produce, "epoch": 1, "seq": 5}, [b"b"])
         await client._call({**produce, "epoch": 1, "seq": 0}, [b"c"])
         assert await read_all(client, "e") == [b"a", b"c"]
+
+
+async def test_resumable_raises_at_the_await() -> None:
+    async def source() -> AsyncIterator[bytes]:
+        yield b"never"
+
+    async with hub_and_client(limits=Limits(max_streams=1)) as (_, client):
+        await client.create("taken")
+        with pytest.raises(hub.LimitExceeded, match="max_streams=1"):
+            await client.resumable("new", source())
+        with pytest.raises(TypeError, match="stream name must be a str"):
+            await client.resumable(b"new", source())  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="offset must be an int >= 0"):
+            await client.resumable("taken", source(), offset=-1)

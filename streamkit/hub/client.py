@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import ssl as _ssl
@@ -57,8 +58,12 @@ _ERRORS: dict[str, type[HubError]] = {
     )
 }
 
+logger = logging.getLogger("streamkit.hub")
+
 KiB = 1024
 MiB = 1024 * KiB
+#: Seconds to finish a resumable source's stream once the source stops.
+_FINISH_TIMEOUT = 10.0
 
 
 class Record(NamedTuple):
@@ -498,25 +503,30 @@ class HubClient(AsyncClosable):
             on_error=on_error,
         )
 
-    async def resumable(
-        self, name: str, source: AsyncIterable[bytes], offset: int = 0
-    ) -> AsyncIterator[Record]:
-        """Read ``name`` from ``offset``, starting ``source`` to feed it if it is new.
+    async def resumable(self, name: str, source: AsyncIterable[bytes], offset: int = 0) -> Reader:
+        """Attach to stream ``name``, first starting ``source`` to feed it if it is new.
 
-        If the stream does not exist, it is created and a task of this client
-        appends every item of ``source`` and then finishes the stream; the
-        task runs to the end even when the reader stops early. If it exists,
-        this only attaches to it. Either way, yields records until the stream
-        is finished.
+        ``reader = await client.resumable(name, source)`` creates the stream
+        if it does not exist and starts a task of this client that appends
+        every item of ``source``, then finishes the stream; if the stream
+        exists, ``source`` is not used. Errors of creating or attaching
+        raise here. Returns a live :class:`Reader` of the records from
+        ``offset``, which ends when the stream is finished.
+
+        The source keeps running when its reader goes away, but not past
+        this client's ``close()``, which cancels it. A source that raises, or
+        is cancelled, ends the stream as well: the error is logged (logger
+        ``"streamkit.hub"``) and the stream finished after what was appended,
+        so its readers end rather than wait forever.
         """
+        check_name(name)
+        check_offset(offset)
         status = await self.create(name, exist_ok=True)
         if status.next_offset == 0 and not status.finished and not await self._claimed(name):
             task = asyncio.create_task(self._feed(name, source))
             self._feeders.add(task)
             task.add_done_callback(self._feeders.discard)
-        async with self.read(name, offset, live=True) as reader:
-            async for record in reader:
-                yield record
+        return self.read(name, offset, live=True)
 
     async def _claimed(self, name: str) -> bool:
         reply = await self._call({"op": "producer", "name": name, "producer": "resumable"})
@@ -539,7 +549,7 @@ class HubClient(AsyncClosable):
     # -- lifecycle --------------------------------------------------------------
 
     async def close(self) -> None:
-        """Wait for resumable sources to finish, then close the session."""
+        """Cancel the resumable sources still running (their streams are finished), then close."""
         if self._feeders:
             await asyncio.gather(*self._feeders, return_exceptions=True)
         for reader in list(self._reads.values()):
