@@ -30,6 +30,10 @@ async def hub_and_client(**options: object) -> AsyncIterator[tuple[HubServer, Hu
         yield server, client
 
 
+async def collect_all(reader: hub.Reader) -> list[bytes]:
+    return [record.data async for record in reader]
+
+
 async def read_all(client: HubClient, name: str, offset: int = 0) -> list[bytes]:
     async with client.read(name, offset) as reader:
         return [record.data async for record in reader]
@@ -546,3 +550,58 @@ async def test_resumable_raises_at_the_await() -> None:
             await client.resumable(b"new", source())  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="offset must be an int >= 0"):
             await client.resumable("taken", source(), offset=-1)
+
+
+async def test_a_failing_source_is_logged_and_its_readers_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        for n in range(3):
+            yield b"item %d" % n
+        raise OSError("the upstream went away")
+
+    async with hub_and_client() as (server, client):
+        async with (
+            hub.connect("127.0.0.1", server.port, **FAST) as other,
+            await client.resumable("flaky", source()) as reader,
+        ):
+            got = await asyncio.wait_for(collect_all(reader), 5)
+            async with other.read("flaky", 0, live=True) as elsewhere:
+                also = await asyncio.wait_for(collect_all(elsewhere), 5)  # ends too
+            assert reader.finished and elsewhere.finished
+        assert got == also == [b"item 0", b"item 1", b"item 2"]
+    (failure,) = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert failure.name.startswith("streamkit") and failure.levelno == logging.ERROR
+    assert "the source of stream 'flaky' failed; finishing the stream" in failure.getMessage()
+    assert isinstance(failure.exc_info[1], OSError)  # type: ignore[index]
+
+
+async def test_close_cancels_an_endless_source_and_finishes_its_stream() -> None:
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        try:
+            n = 0
+            while True:
+                yield b"%d" % n
+                n += 1
+                await asyncio.sleep(0.001)
+        finally:
+            closed.set()
+
+    async with hub_and_client() as (server, watcher):
+        feeding = await hub.connect("127.0.0.1", server.port, **FAST)
+        reader = await feeding.resumable("endless", endless())
+        await anext(reader)
+        await reader.close()  # the reader goes away: the source keeps running
+        async with watcher.read("endless", 0, live=True) as elsewhere:
+            for _ in range(20):
+                await anext(elsewhere)
+            assert not closed.is_set()
+            await asyncio.wait_for(feeding.close(), 5)  # did wait for the source forever
+            assert closed.is_set()
+            rest = [record async for record in elsewhere]  # the stream was finished
+        assert elsewhere.finished
+        status = await watcher.status("endless")
+        assert status is not None and status.finished
+        assert status.next_offset == 20 + len(rest)

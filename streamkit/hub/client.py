@@ -541,15 +541,36 @@ class HubClient(AsyncClosable):
     async def _feed(self, name: str, source: AsyncIterable[bytes]) -> None:
         producer = self.producer(name, "resumable")
         producer._seq = 1  # batch 0 was the claim
-        async with producer:
-            async for item in source:
-                producer.append_nowait(item)
-        await self.finish(name)
+        try:
+            async with producer:
+                async for item in source:
+                    producer.append_nowait(item)
+        except asyncio.CancelledError:
+            logger.warning("close() cancelled the source of stream %r; finishing it", name)
+            await self._finish_fed(name, source)
+            raise
+        except Exception:
+            logger.exception("the source of stream %r failed; finishing the stream", name)
+        await self._finish_fed(name, source)
+
+    async def _finish_fed(self, name: str, source: AsyncIterable[bytes]) -> None:
+        """Finish a resumable source's stream, so its readers end; close the source."""
+        close_source = getattr(source, "aclose", None)
+        if close_source is not None:  # an async generator left suspended
+            with contextlib.suppress(Exception):
+                await close_source()
+        try:
+            async with asyncio.timeout(_FINISH_TIMEOUT):
+                await self.finish(name)
+        except (StreamkitError, TimeoutError) as exc:
+            logger.warning("could not finish stream %r after its source: %r", name, exc)
 
     # -- lifecycle --------------------------------------------------------------
 
     async def close(self) -> None:
         """Cancel the resumable sources still running (their streams are finished), then close."""
+        for task in self._feeders:
+            task.cancel()
         if self._feeders:
             await asyncio.gather(*self._feeders, return_exceptions=True)
         for reader in list(self._reads.values()):
