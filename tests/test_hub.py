@@ -6,6 +6,10 @@ import asyncio
 import logging
 import math
 import random
+import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -203,7 +207,9 @@ async def test_many_producers_and_readers_with_connection_cuts() -> None:
             hub.connect("127.0.0.1", server.port, **FAST) as writer_a,
             hub.connect("127.0.0.1", server.port, **FAST) as writer_b,
         ):
-            late_reader_offsets = [0, 150, 10_000]
+            # Readers join before production: at the start, behind the end
+            # still to come, and far past the live end (it waits there).
+            reader_offsets = [0, 150, 800]
 
             async def produce(writer: HubClient, tag: bytes) -> None:
                 async with writer.producer("busy", tag.decode(), linger=0.001) as producer:
@@ -219,19 +225,19 @@ async def test_many_producers_and_readers_with_connection_cuts() -> None:
                         if rng.random() < 0.5:
                             victim.session.reconnect()
 
-            readers = [client.read("busy", offset, live=True) for offset in late_reader_offsets[:2]]
+            readers = [client.read("busy", offset, live=True) for offset in reader_offsets]
 
             async def collect(reader: hub.Reader, count: int) -> list[bytes]:
                 return [(await anext(reader)).data for _ in range(count)]
 
             collecting = [
-                asyncio.create_task(collect(readers[0], 1000)),
-                asyncio.create_task(collect(readers[1], 850)),
+                asyncio.create_task(collect(reader, 1000 - offset))
+                for reader, offset in zip(readers, reader_offsets, strict=True)
             ]
             await asyncio.gather(
                 produce(writer_a, b"a"), produce(writer_b, b"b"), cut_now_and_then()
             )
-            first, second = await asyncio.gather(*collecting)
+            first, second, ahead = await asyncio.gather(*collecting)
             cuts = sum(c.session.stats.reconnects for c in (writer_a, writer_b, client))
             assert cuts >= 3
         everything = await read_all(client, "busy")
@@ -243,6 +249,7 @@ async def test_many_producers_and_readers_with_connection_cuts() -> None:
             assert mine == [tag + b"%d" % n for n in range(500)]
         assert first == everything
         assert second == everything[150:]
+        assert ahead == everything[800:]
 
 
 async def test_unix_socket_hub(tmp_path: Path) -> None:
@@ -275,6 +282,7 @@ async def test_producers_and_readers_through_a_cutting_proxy() -> None:
     ):
         await producer_a.create("torn")
         early = reader_client.read("torn", 0, live=True)
+        ahead = reader_client.read("torn", 1000, live=True)  # joins past the live end
 
         async def produce(client: HubClient, tag: bytes) -> None:
             async with client.producer("torn", tag.decode(), linger=0.001) as producer:
@@ -288,9 +296,10 @@ async def test_producers_and_readers_through_a_cutting_proxy() -> None:
 
         proxy.cut_every(0.02)
         collecting = asyncio.create_task(collect(early, 1200))
+        waiting_ahead = asyncio.create_task(collect(ahead, 200))
         await asyncio.gather(produce(producer_a, b"a"), produce(producer_b, b"b"))
         late = reader_client.read("torn", 300, live=True)  # joins behind the live end
-        first, second = await asyncio.gather(collecting, collect(late, 900))
+        first, second, third = await asyncio.gather(collecting, collect(late, 900), waiting_ahead)
         proxy.stop_cutting()
         everything = await read_all(reader_client, "torn")
     assert proxy.stats.cuts >= 5
@@ -299,6 +308,7 @@ async def test_producers_and_readers_through_a_cutting_proxy() -> None:
         assert [r for r in everything if r.startswith(tag)] == [tag + b"%d" % n for n in range(600)]
     assert first == everything
     assert second == everything[300:]
+    assert third == everything[1000:]
 
 
 async def test_live_reader_sees_an_append_made_while_it_sends_caught_up() -> None:
@@ -605,3 +615,45 @@ async def test_close_cancels_an_endless_source_and_finishes_its_stream() -> None
         status = await watcher.status("endless")
         assert status is not None and status.finished
         assert status.next_offset == 20 + len(rest)
+
+
+def test_hub_command_serves_on_a_unix_socket(tmp_path: Path) -> None:
+    path, data_dir = tmp_path / "hub.sock", tmp_path / "data"
+    command = [sys.executable, "-m", "streamkit", "hub", "--unix", str(path)]
+    process = subprocess.Popen(
+        [*command, "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        ready, _, _ = select.select([process.stdout], [], [], 20)
+        assert ready, "the hub printed no address"
+        assert process.stdout.readline().strip() == f"hub on {path} (logs in {data_dir})"
+
+        async def use() -> list[bytes]:
+            async with hub.connect_unix(path) as client:
+                await client.create("cli")
+                await client.append("cli", b"over the unix socket")
+                return await read_all(client, "cli")
+
+        assert asyncio.run(asyncio.wait_for(use(), 20)) == [b"over the unix socket"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert "Traceback" not in process.stderr.read()
+        assert list(data_dir.glob("*.log"))  # the stream is on disk
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+async def test_a_name_of_exactly_max_name_bytes_is_allowed() -> None:
+    async with hub_and_client(limits=Limits(max_name=10)) as (_, client):
+        await client.create("a" * 10)
+        await client.create("é" * 5)  # 10 bytes of UTF-8
+        for name in ("a" * 11, "é" * 5 + "a", ""):
+            with pytest.raises(hub.BadRequest, match=r"must be 1\.\.10 bytes"):
+                await client.create(name)
+        assert await client.append("a" * 10, b"x") == 0
