@@ -513,7 +513,7 @@ def frame(body: bytes) -> bytes:
         (bytes([0x11]) + struct.pack(">QQ", 0, 1), "consumed 1 > received 0"),
         (bytes([0x11, 0]), "malformed ACK"),
         (bytes([0x15]), "CLOSE_ACK for a close that was never sent"),
-        (bytes([0x01]), "unexpected HelloNew"),
+        (HelloNew().encode(), "unexpected HelloNew"),
     ],
 )
 async def test_bad_message_closes_the_connection_and_is_logged(
@@ -774,3 +774,38 @@ async def test_resumes_that_never_make_progress_end_the_session() -> None:
         assert 1 <= resumes < 200  # backed off, not thousands
         with pytest.raises(ProtocolError):
             await session.send(b"x")
+
+
+@pytest.mark.parametrize(
+    ("server_max", "client_max", "server_error"),
+    [
+        (1000, 2000, "1001 bytes exceeds max_frame=1000"),
+        (2000, 1000, "1001 bytes exceeds the peer's max_frame=1000"),
+    ],
+)
+async def test_send_over_the_peers_max_frame_is_refused_locally(
+    server_max: int, client_max: int, server_error: str
+) -> None:
+    refused = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        try:
+            await session.send(b"y" * 1001)
+        except FrameTooLarge as exc:
+            refused.set_result(str(exc))
+        async for payload in session:
+            await session.send(payload)
+
+    async with (
+        await serve_resumable(
+            handler, "127.0.0.1", 0, max_frame=server_max, **FAST, **QUICK_SHUTDOWN
+        ) as server,
+        connect_resumable("127.0.0.1", server.port, max_frame=client_max, **FAST) as session,
+    ):
+        assert server_error in await asyncio.wait_for(refused, 5)
+        message = "1001 bytes exceeds " + ("the peer's " if server_max < client_max else "")
+        with pytest.raises(FrameTooLarge, match=message + "max_frame=1000"):
+            await session.send(b"x" * 1001)
+        await session.send(b"x" * 1000)  # the session goes on
+        assert await session.recv(timeout=5) == b"x" * 1000
+        assert session.stats.reconnects == 0

@@ -11,11 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
-from streamkit.session import ServerSession, serve_resumable
+from streamkit.session import ServerSession, SessionSettings, serve_resumable
 from streamkit.session.protocol import (
     Ack,
     Data,
     HelloNew,
+    HelloResume,
     Message,
     MessageDecoder,
     Ping,
@@ -158,6 +159,57 @@ def test_complete_needs_exactly_the_missing_bytes() -> None:
     decoder.feed(data(0, bytes(100))[:13])
     with pytest.raises(ValueError, match="exactly the 100 missing bytes"):
         decoder.complete(bytes(99))
+
+
+# -- the handshake messages ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        HelloNew(1000),
+        HelloResume(b"\1" * 16, b"\2" * 32, 7, 2**32 - 10),
+        Welcome(False, b"\3" * 16, 0, b"\4" * 32, 1),
+        Welcome(True, b"\3" * 16, 12, max_frame=5000),
+    ],
+)
+def test_handshake_messages_round_trip_with_their_max_frame(
+    message: HelloNew | HelloResume | Welcome,
+) -> None:
+    assert decode_message(message.encode()) == message
+
+
+def test_handshake_layouts_are_as_documented() -> None:
+    assert HelloNew(0x01020304).encode() == b"\x01\x01\x02\x03\x04"
+    resume = HelloResume(b"i" * 16, b"p" * 32, 5, 9).encode()
+    assert resume == b"\x02" + b"i" * 16 + b"p" * 32 + struct.pack(">QI", 5, 9)
+    welcome = Welcome(False, b"i" * 16, 0, b"t" * 32, 9).encode()
+    assert welcome == b"\x03\x00" + b"i" * 16 + struct.pack(">QI", 0, 9) + b"t" * 32
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x01", "malformed HELLO_NEW message: 1 bytes, expected 5"),
+        (b"\x01" + struct.pack(">I", 0), "malformed HELLO_NEW message: max_frame=0"),
+        (b"\x01" + struct.pack(">I", 2**32 - 1), "max_frame=4294967295"),
+        (
+            b"\x02" + bytes(48) + struct.pack(">QI", 0, 0),
+            "malformed HELLO_RESUME message: max_frame=0",
+        ),
+        (b"\x03\x01" + bytes(16) + struct.pack(">Q", 0), "malformed WELCOME message: 26 bytes"),
+        (b"\x03\x01" + bytes(16) + struct.pack(">QI", 0, 0), "malformed WELCOME message"),
+    ],
+)
+def test_malformed_handshake_messages_are_protocol_errors(body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode_message(body)
+
+
+def test_max_frame_setting_must_fit_the_wire() -> None:
+    SessionSettings(max_frame=2**32 - 10)
+    with pytest.raises(ValueError, match="max_frame must be <= 4294967286"):
+        SessionSettings(max_frame=2**32 - 9)
 
 
 # -- the replay buffer ----------------------------------------------------------

@@ -138,8 +138,10 @@ class ClientSession(Session):
     # replay and sent its own: progress, even for an idle session.
     _ping_on_attach = True
 
-    def _attach(self, stream: FramedStream[bytes], peer_received: int) -> _Connection:
-        conn = super()._attach(stream, peer_received)
+    def _attach(
+        self, stream: FramedStream[bytes], peer_received: int, peer_max_frame: int
+    ) -> _Connection:
+        conn = super()._attach(stream, peer_received, peer_max_frame)
         self._marks = self._progress_marks()
         return conn
 
@@ -174,7 +176,7 @@ class ClientSession(Session):
     def _resume_hello(self, nonce: bytes) -> bytes:
         received = self._recv_state.received
         proof = resume_proof(self._token, nonce, self._id, received)
-        return HelloResume(self._id, proof, received).encode()
+        return HelloResume(self._id, proof, received, self.settings.max_frame).encode()
 
     async def _resume_once(self) -> None:
         async with asyncio.timeout(self.settings.handshake_timeout):
@@ -183,7 +185,7 @@ class ClientSession(Session):
                 welcome = await _handshake(stream, self._resume_hello)
                 if not welcome.present or welcome.session_id != self._id:
                     raise ProtocolError("the server answered a resume with another session")
-                self._attach(stream, welcome.received)
+                self._attach(stream, welcome.received, welcome.max_frame)
             except BaseException:
                 stream.abort()
                 raise
@@ -246,7 +248,8 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
     async with asyncio.timeout(settings.handshake_timeout):
         stream = await opener()
         try:
-            welcome = await _handshake(stream, lambda nonce: HelloNew().encode())
+            hello = HelloNew(settings.max_frame).encode()
+            welcome = await _handshake(stream, lambda nonce: hello)
             if (
                 welcome.present
                 or len(welcome.session_id) != SESSION_ID_SIZE
@@ -260,7 +263,7 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
             stream.abort()
             raise
     session = ClientSession(welcome.session_id, welcome.token, settings, opener)
-    session._attach(stream, welcome.received)
+    session._attach(stream, welcome.received, welcome.max_frame)
     return session
 
 

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATA_HEADER",
+    "DEFAULT_MAX_FRAME",
     "FRAMED_DATA_HEADER",
     "MAGIC",
+    "MAX_FRAME_LIMIT",
     "NONCE_SIZE",
     "PREFACE_SIZE",
     "SESSION_ID_SIZE",
@@ -59,7 +61,8 @@ __all__ = [
 ]
 
 MAGIC = b"SKSP"
-VERSION = 1
+#: Version 2 added each side's ``max_frame`` to the handshake.
+VERSION = 2
 PREFACE_SIZE = len(MAGIC) + 1
 NONCE_SIZE = 16
 SESSION_ID_SIZE = 16
@@ -67,6 +70,12 @@ TOKEN_SIZE = 32
 _PROOF_SIZE = 32
 
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+#: The largest ``max_frame`` a side can announce: a DATA body (9 bytes more)
+#: must fit the ``u32`` length of its frame.
+MAX_FRAME_LIMIT = 2**32 - 1 - 9
+#: ``max_frame`` of the handshake messages when none is given.
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 #: The first bytes of a DATA body: type, then the offset (the payload follows).
 DATA_HEADER = struct.Struct(">BQ")
 #: A DATA message's frame header on the wire: the ``LengthPrefixed(4)``
@@ -110,19 +119,25 @@ class RejectReason(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class HelloNew:
-    """Client: open a new session."""
+    """Client: open a new session; ``max_frame`` is the largest payload it takes."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
 
     def encode(self) -> bytes:
-        return bytes([MessageType.HELLO_NEW])
+        return bytes([MessageType.HELLO_NEW]) + _U32.pack(self.max_frame)
 
 
 @dataclass(frozen=True, slots=True)
 class HelloResume:
-    """Client: resume ``session_id``; ``received`` is the next offset it expects."""
+    """Client: resume ``session_id``; ``received`` is the next offset it expects.
+
+    ``max_frame`` is the largest payload the client takes.
+    """
 
     session_id: bytes
     proof: bytes
     received: int
+    max_frame: int = DEFAULT_MAX_FRAME
 
     def encode(self) -> bytes:
         return (
@@ -130,6 +145,7 @@ class HelloResume:
             + self.session_id
             + self.proof
             + _U64.pack(self.received)
+            + _U32.pack(self.max_frame)
         )
 
 
@@ -139,19 +155,21 @@ class Welcome:
 
     ``present`` tells whether an existing session was found (a resume);
     ``received`` is the next offset the server expects; ``token`` is set for
-    a new session only.
+    a new session only; ``max_frame`` is the largest payload the server takes.
     """
 
     present: bool
     session_id: bytes
     received: int
     token: bytes = b""
+    max_frame: int = DEFAULT_MAX_FRAME
 
     def encode(self) -> bytes:
         return (
             bytes([MessageType.WELCOME, int(self.present)])
             + self.session_id
             + _U64.pack(self.received)
+            + _U32.pack(self.max_frame)
             + self.token
         )
 
@@ -270,6 +288,13 @@ def _need(body: bytes, size: int, what: str) -> None:
         raise ProtocolError(f"malformed {what} message: {len(body)} bytes, expected {size}")
 
 
+def _max_frame(body: bytes, at: int, what: str) -> int:
+    max_frame: int = _U32.unpack_from(body, at)[0]
+    if not 1 <= max_frame <= MAX_FRAME_LIMIT:
+        raise ProtocolError(f"malformed {what} message: max_frame={max_frame}")
+    return max_frame
+
+
 def decode_message(body: bytes) -> Message:
     """Parse one message body; raises :class:`ProtocolError` for anything malformed."""
     if not body:
@@ -296,20 +321,27 @@ def decode_message(body: bytes) -> Message:
         _need(body, 1, "CLOSE_ACK")
         return CloseAck()
     if kind == MessageType.HELLO_NEW:
-        _need(body, 1, "HELLO_NEW")
-        return HelloNew()
+        _need(body, 5, "HELLO_NEW")
+        return HelloNew(_max_frame(body, 1, "HELLO_NEW"))
     if kind == MessageType.HELLO_RESUME:
-        _need(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE + 8, "HELLO_RESUME")
+        _need(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE + 8 + 4, "HELLO_RESUME")
         session_id = body[1 : 1 + SESSION_ID_SIZE]
         proof = body[1 + SESSION_ID_SIZE : 1 + SESSION_ID_SIZE + _PROOF_SIZE]
-        return HelloResume(session_id, proof, _U64.unpack_from(body, len(body) - 8)[0])
+        received = _U64.unpack_from(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE)[0]
+        return HelloResume(
+            session_id, proof, received, _max_frame(body, len(body) - 4, "HELLO_RESUME")
+        )
     if kind == MessageType.WELCOME:
-        base = 2 + SESSION_ID_SIZE + 8
+        base = 2 + SESSION_ID_SIZE + 8 + 4
         if len(body) not in (base, base + TOKEN_SIZE) or body[1] not in (0, 1):
             raise ProtocolError(f"malformed WELCOME message: {len(body)} bytes")
         session_id = body[2 : 2 + SESSION_ID_SIZE]
         return Welcome(
-            bool(body[1]), session_id, _U64.unpack_from(body, 2 + SESSION_ID_SIZE)[0], body[base:]
+            bool(body[1]),
+            session_id,
+            _U64.unpack_from(body, 2 + SESSION_ID_SIZE)[0],
+            body[base:],
+            _max_frame(body, base - 4, "WELCOME"),
         )
     if kind == MessageType.REJECT:
         if len(body) < 2:

@@ -76,11 +76,13 @@ class ServerSession(Session):
         expected = resume_proof(self._token, nonce, self._id, received)
         return hmac.compare_digest(expected, proof)
 
-    def _attach(self, stream: FramedStream[bytes], peer_received: int) -> _Connection:
+    def _attach(
+        self, stream: FramedStream[bytes], peer_received: int, peer_max_frame: int
+    ) -> _Connection:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        return super()._attach(stream, peer_received)
+        return super()._attach(stream, peer_received, peer_max_frame)
 
     def _on_detached(self) -> None:
         if not self._close_complete():
@@ -268,14 +270,14 @@ class ResumableServer(ServerBase):
             )
         hello = decode_message(await stream.recv())
         if isinstance(hello, HelloNew):
-            return self._new_session(stream)
+            return self._new_session(stream, hello)
         if isinstance(hello, HelloResume):
             return self._resume_session(stream, nonce, hello)
         raise self._refuse(
             stream, RejectReason.MALFORMED, f"expected a HELLO, got {type(hello).__name__}"
         )
 
-    def _new_session(self, stream: FramedStream[bytes]) -> _Connection:
+    def _new_session(self, stream: FramedStream[bytes], hello: HelloNew) -> _Connection:
         if self._closing_since is not None:
             raise self._refuse(stream, RejectReason.BUSY, "the server is shutting down")
         if len(self._sessions) >= self._max_sessions:
@@ -286,8 +288,9 @@ class ResumableServer(ServerBase):
         token = secrets.token_bytes(TOKEN_SIZE)
         session = ServerSession(session_id, token, self.settings, self)
         self._sessions[session_id] = session
-        stream.send_nowait(Welcome(False, session_id, 0, token).encode())
-        conn = session._attach(stream, 0)
+        max_frame = self.settings.max_frame
+        stream.send_nowait(Welcome(False, session_id, 0, token, max_frame).encode())
+        conn = session._attach(stream, 0, hello.max_frame)
         task = asyncio.create_task(self._run_handler(session))
         session.handler_task = task
         self._handlers.add(task)
@@ -312,8 +315,11 @@ class ResumableServer(ServerBase):
             session._send_state.check_replay(hello.received)
         except ResumeRejected as exc:
             raise self._refuse(stream, RejectReason.BAD_OFFSET, str(exc)) from None
-        stream.send_nowait(Welcome(True, session._id, session._recv_state.received).encode())
-        return session._attach(stream, hello.received)
+        welcome = Welcome(
+            True, session._id, session._recv_state.received, max_frame=self.settings.max_frame
+        )
+        stream.send_nowait(welcome.encode())
+        return session._attach(stream, hello.received, hello.max_frame)
 
 
 async def _start(

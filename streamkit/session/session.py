@@ -28,7 +28,9 @@ from streamkit.errors import (
 )
 from streamkit.session.protocol import (
     DATA_HEADER,
+    DEFAULT_MAX_FRAME,
     FRAMED_DATA_HEADER,
+    MAX_FRAME_LIMIT,
     Ack,
     Close,
     CloseAck,
@@ -84,8 +86,10 @@ class Backoff:
 class SessionSettings:
     """Every limit and timer of a session, with safe defaults.
 
-    - ``max_frame``: the largest payload (bytes); a larger one is refused
-      by ``send`` and, from a peer, closes the connection.
+    - ``max_frame``: the largest payload (bytes), up to 2**32 - 10; each
+      side announces its own in the handshake, and ``send`` refuses a
+      payload over its own or the peer's; a larger one from a peer closes
+      the connection.
     - ``max_unacked_frames`` / ``max_unacked_bytes``: the send window: frames
       sent but not yet consumed by the peer's application. A full window
       makes ``send`` wait; it bounds the replay buffer and the peer's queue.
@@ -102,7 +106,7 @@ class SessionSettings:
     - ``close_timeout``: bound on a graceful ``close()``.
     """
 
-    max_frame: int = 4 * MiB
+    max_frame: int = DEFAULT_MAX_FRAME
     max_unacked_frames: int = 4096
     max_unacked_bytes: int = 8 * MiB
     ack_every: int = 64
@@ -130,6 +134,8 @@ class SessionSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
+        if self.max_frame > MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame must be <= {MAX_FRAME_LIMIT}, not {self.max_frame}")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must be longer than keepalive_interval")
 
@@ -188,6 +194,8 @@ class Session:
     def __init__(self, session_id: bytes, settings: SessionSettings) -> None:
         self._id = session_id
         self.settings = settings
+        # The largest payload send() takes: our max_frame, and the peer's
+        # once the handshake told it.
         self._max_frame = settings.max_frame
         self._ack_every = settings.ack_every
         self._connections = 0
@@ -260,7 +268,8 @@ class Session:
         follow it are gathered and written in one piece when the event-loop
         turn ends (or every 64 KiB). Waits while the send window is full, and
         while the connection's write buffer is over its high-water mark.
-        Raises :class:`FrameTooLarge` over ``max_frame``,
+        Raises :class:`FrameTooLarge` over ``max_frame`` or the peer's
+        ``max_frame`` (announced in the handshake),
         :class:`SessionError` once the session is closing or closed, and
         the session's failure if it failed.
         """
@@ -329,7 +338,11 @@ class Session:
         """Wait until ``payload`` fits the window and hold it; raise if it never can."""
         size = len(payload)
         if size > self._max_frame:
-            raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
+            if size > self.settings.max_frame:
+                raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
+            raise FrameTooLarge(
+                f"frame of {size} bytes exceeds the peer's max_frame={self._max_frame}"
+            )
         self._check_sendable()
         state = self._send_state
         while not state.push(payload):
@@ -490,13 +503,19 @@ class Session:
 
     # -- connections ----------------------------------------------------------
 
-    def _attach(self, stream: FramedStream[bytes], peer_received: int) -> _Connection:
+    def _attach(
+        self, stream: FramedStream[bytes], peer_received: int, peer_max_frame: int
+    ) -> _Connection:
         """Make ``stream`` the session's connection and replay what the peer lacks.
 
-        ``peer_received`` is the next offset the peer expects. Raises
+        ``peer_received`` is the next offset the peer expects and
+        ``peer_max_frame`` the largest payload it takes. Raises
         :class:`~streamkit.errors.ResumeRejected` if it cannot be served.
         """
         replayed = self._send_state.resume(peer_received)
+        self._max_frame = min(self.settings.max_frame, peer_max_frame)
+        if self._send_limit >= 0:
+            self._send_limit = self._max_frame
         limit = self.settings.framing_limit()
         decoder = MessageDecoder(self._recv_state.received, limit)
         with contextlib.suppress(ProtocolError):
