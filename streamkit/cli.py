@@ -62,6 +62,18 @@ class _Failed(Exception):
     """A runtime failure to report in one line (exit status 1)."""
 
 
+def _tls_context(purpose: ssl.Purpose, what: str, *files: str) -> ssl.SSLContext:
+    """A TLS context; a missing or bad file is a one-line failure naming it."""
+    try:
+        if purpose is ssl.Purpose.SERVER_AUTH:
+            return ssl.create_default_context(cafile=files[0])
+        context = ssl.create_default_context(purpose)
+        context.load_cert_chain(*files)
+        return context
+    except (OSError, ssl.SSLError) as exc:
+        raise _Failed(f"cannot load {what} {' / '.join(files)}: {exc.strerror or exc}") from exc
+
+
 # -- argument types -------------------------------------------------------------
 
 
@@ -191,12 +203,30 @@ def _print_frame(codec_name: str, frame: Any) -> None:
 # -- commands -------------------------------------------------------------------
 
 
+async def _listen(
+    args: argparse.Namespace,
+    handler: Callable[[FramedStream[Any]], Awaitable[None]],
+    codec: Codec[Any],
+    context: ssl.SSLContext | None,
+) -> tuple[Server[Any], str]:
+    """Serve on ``--unix`` or ``--host``/``--port``: the server and its address."""
+    where = args.unix or _args.host_port(args.host, args.port)
+    try:
+        if args.unix:
+            return await serve_unix(handler, args.unix, codec=codec, ssl=context), where
+        server = await serve(handler, args.host, args.port, codec=codec, ssl=context)
+    except OSError as exc:  # name the address: the OS error may not
+        raise _Failed(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+    return server, _args.host_port(args.host, server.port)
+
+
 async def _serve_echo(args: argparse.Namespace) -> None:
     codec = _CODECS[args.codec]()
     context = None
     if args.tls_cert:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
+        context = _tls_context(
+            ssl.Purpose.CLIENT_AUTH, "--tls-cert / --tls-key", args.tls_cert, args.tls_key
+        )
 
     streams: set[FramedStream[Any]] = set()
     stopping = False
@@ -213,13 +243,7 @@ async def _serve_echo(args: argparse.Namespace) -> None:
         finally:
             streams.discard(stream)
 
-    server: Server[Any]
-    if args.unix:
-        server = await serve_unix(echo, args.unix, codec=codec, ssl=context)
-        where = args.unix
-    else:
-        server = await serve(echo, args.host, args.port, codec=codec, ssl=context)
-        where = _args.host_port(args.host, server.port)
+    server, where = await _listen(args, echo, codec, context)
     print(f"echo server on {where} ({args.codec}{', TLS' if context else ''})", flush=True)
 
     async def close() -> None:
@@ -293,7 +317,7 @@ async def _send(args: argparse.Namespace) -> None:
     codec = _CODECS[args.codec]()
     context = None
     if args.tls_ca:
-        context = ssl.create_default_context(cafile=args.tls_ca)
+        context = _tls_context(ssl.Purpose.SERVER_AUTH, "--tls-ca", args.tls_ca)
     if args.unix:
         opening = connect_unix(args.unix, codec=codec, ssl=context, timeout=args.timeout)
         where = args.unix
@@ -304,6 +328,8 @@ async def _send(args: argparse.Namespace) -> None:
         stream = await opening
     except TimeoutError as exc:  # it says nothing itself
         raise _Failed(f"no connection to {where} within {args.timeout:g} s") from exc
+    except OSError as exc:  # name the address: the OS error may not
+        raise _Failed(f"cannot connect to {where}: {exc.strerror or exc}") from exc
     async with stream:
         # TLS cannot half-close: there the end of stdin cannot reach the
         # server, so send stops when no frame has come back for --idle.
@@ -357,12 +383,7 @@ async def _recv(args: argparse.Namespace) -> None:
         else:
             done.set_result(None)
 
-    if args.unix:
-        server: Server[Any] = await serve_unix(receive, args.unix, codec=codec)
-        where = args.unix
-    else:
-        server = await serve(receive, args.host, args.port, codec=codec)
-        where = _args.host_port(args.host, server.port)
+    server, where = await _listen(args, receive, codec, None)
     print(f"receiving on {where} ({args.codec})", file=sys.stderr, flush=True)
     async with server:
         await done

@@ -143,7 +143,30 @@ def test_refused_connection_is_one_line_and_exit_1() -> None:
         [*CLI, "send", f"127.0.0.1:{port}"], input="x\n", capture_output=True, text=True
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("send: ") and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"send: cannot connect to 127.0.0.1:{port}: ")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["send", "--unix", "{tmp}/none.sock"], "send: cannot connect to {tmp}/none.sock: "),
+        (["send", "1", "--tls-ca", "{tmp}/ca.pem"], "send: cannot load --tls-ca {tmp}/ca.pem: "),
+        (["recv", "--unix", "{tmp}/no/r.sock"], "recv: cannot listen on {tmp}/no/r.sock: "),
+        (
+            ["serve", "--echo", "--tls-cert", "{tmp}/c.pem", "--tls-key", "{tmp}/k.pem"],
+            "serve: cannot load --tls-cert / --tls-key {tmp}/c.pem / {tmp}/k.pem: ",
+        ),
+    ],
+)
+def test_a_runtime_failure_names_its_file_or_address(
+    argv: list[str], expected: str, tmp_path: Path
+) -> None:
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    result = subprocess.run([*CLI, *argv], input="", capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(expected.replace("{tmp}", str(tmp_path)))
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
