@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trustme
 
 from streamkit import EndOfStream, FrameTooLarge, ResumeRejected, SessionError, SessionExpired
-from streamkit.errors import ConnectionLost, ProtocolError
+from streamkit.errors import ConnectionLost, ProtocolError, StreamkitError
 from streamkit.session import (
     Backoff,
     ClientSession,
@@ -445,6 +447,49 @@ async def test_client_against_a_non_session_server_gets_a_clear_error() -> None:
     async with server:
         with pytest.raises(ProtocolError, match="not speaking the streamkit session protocol"):
             await connect_resumable("127.0.0.1", port)
+
+
+@pytest.fixture(scope="module")
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server and a client TLS context, with a certificate made for the test."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def test_tls_client_on_a_plain_port_gets_a_clear_error(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server:
+        with pytest.raises(ConnectionLost, match=r"TLS handshake .* failed") as failure:
+            await connect_resumable(
+                "127.0.0.1", server.port, ssl=tls_contexts[1], handshake_timeout=5
+            )
+        message = str(failure.value)
+        assert f"127.0.0.1:{server.port}" in message
+        assert "not use TLS" in message and "streamkit session server" in message
+        assert isinstance(failure.value.__cause__, OSError)
+        assert "looks like a TLS handshake" in caplog.text
+
+
+async def test_plain_client_on_a_tls_port_gets_a_clear_error(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with await serve_resumable(
+        echo, "127.0.0.1", 0, ssl=tls_contexts[0], **QUICK_SHUTDOWN
+    ) as server:
+        with pytest.raises(StreamkitError, match="handshake") as failure:
+            await connect_resumable("127.0.0.1", server.port, handshake_timeout=5)
+        assert "TLS" in str(failure.value)
+        async with connect_resumable(
+            "127.0.0.1", server.port, ssl=tls_contexts[1], **FAST
+        ) as session:  # the server still serves TLS clients
+            await session.send(b"ok")
+            assert await session.recv(timeout=5) == b"ok"
 
 
 async def test_other_version_is_rejected_on_both_ends() -> None:

@@ -49,15 +49,45 @@ class _Finished(SessionError):
     """The server says the session was closed gracefully."""
 
 
+#: Why a server may drop a connection in the middle of the handshake.
+_HANDSHAKE_HINT = (
+    "is it a streamkit session server, and does it use TLS exactly when this client does "
+    "(a TLS server drops a plain client)?"
+)
+
+
 async def _read_raw(stream: FramedStream[bytes], size: int, what: str) -> bytes:
     try:
         return await stream.reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:
         if exc.partial:
             check_preface(exc.partial, "server")  # names what the peer speaks instead
-        raise ConnectionLost(f"the server closed the connection during the {what}") from exc
+        raise ConnectionLost(
+            f"the server closed the connection during the {what}: {_HANDSHAKE_HINT}"
+        ) from exc
     except (ConnectionError, OSError) as exc:
-        raise ConnectionLost(f"connection lost during the {what}: {exc!r}") from exc
+        raise ConnectionLost(
+            f"connection lost during the {what}: {exc!r}; {_HANDSHAKE_HINT}"
+        ) from exc
+
+
+async def _open_tls(connecting: Awaitable[FramedStream[bytes]], where: str) -> FramedStream[bytes]:
+    """Await a TLS connection; a connection broken during the TLS handshake is explained.
+
+    A plain session server reads the ClientHello as a bad preface and drops
+    the connection, which the client sees as a bare reset. Certificate
+    errors are clear already and pass through.
+    """
+    try:
+        return await connecting
+    except _ssl.SSLCertVerificationError:
+        raise
+    except (_ssl.SSLError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+        raise ConnectionLost(
+            f"the TLS handshake with {where} failed ({exc!r}): the server may not use TLS "
+            "on this port (a plain streamkit session server drops a TLS client), or may not "
+            "be a streamkit session server"
+        ) from exc
 
 
 def _rejected(reject: Reject) -> StreamkitError:
@@ -82,7 +112,9 @@ async def _handshake(stream: FramedStream[bytes], hello: Callable[[bytes], bytes
     try:
         reply = decode_message(await stream.recv())
     except EndOfStream as exc:
-        raise ConnectionLost("the server closed the connection during the handshake") from exc
+        raise ConnectionLost(
+            f"the server closed the connection during the handshake: {_HANDSHAKE_HINT}"
+        ) from exc
     if isinstance(reply, Reject):
         raise _rejected(reply)
     if not isinstance(reply, Welcome):
@@ -295,14 +327,17 @@ def connect_resumable(
     :class:`SessionSettings` field overridden by keyword, e.g.
     ``connect_resumable(host, port, resume_timeout=5)``. The first
     connection's errors are raised (``OSError``, ``TimeoutError``,
-    :class:`ProtocolError` for a peer that is no session server); after
-    that the session reconnects by itself.
+    :class:`ProtocolError` for a peer that is no session server,
+    :class:`ConnectionLost` saying why for one that drops the handshake,
+    such as a plain server a TLS client connects to, with the OS error as
+    ``__cause__``); after that the session reconnects by itself.
     """
     resolved = _settings(settings, options)
     codec = LengthPrefixed(max_frame=resolved.framing_limit())
 
     def opener() -> Awaitable[FramedStream[bytes]]:
-        return connect(host, port, codec=codec, ssl=ssl, server_hostname=server_hostname)
+        connecting = connect(host, port, codec=codec, ssl=ssl, server_hostname=server_hostname)
+        return _open_tls(connecting, f"{host}:{port}") if ssl else connecting
 
     return Connector(lambda: _open_session(opener, resolved), _release)
 
@@ -320,6 +355,7 @@ def connect_resumable_unix(
     codec = LengthPrefixed(max_frame=resolved.framing_limit())
 
     def opener() -> Awaitable[FramedStream[bytes]]:
-        return connect_unix(path, codec=codec, ssl=ssl, server_hostname=server_hostname)
+        connecting = connect_unix(path, codec=codec, ssl=ssl, server_hostname=server_hostname)
+        return _open_tls(connecting, os.fspath(path)) if ssl else connecting
 
     return Connector(lambda: _open_session(opener, resolved), _release)
