@@ -657,3 +657,35 @@ async def test_a_name_of_exactly_max_name_bytes_is_allowed() -> None:
             with pytest.raises(hub.BadRequest, match=r"must be 1\.\.10 bytes"):
                 await client.create(name)
         assert await client.append("a" * 10, b"x") == 0
+
+
+async def until(reader: hub.Reader, told: Any) -> None:
+    """Wait until the hub has told ``reader`` something (``told()`` is true)."""
+    while not told():
+        reader._event.clear()
+        await asyncio.wait_for(reader._event.wait(), 5)
+
+
+async def test_caught_up_and_next_offset_count_only_records_yielded() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        await client.append_many("s", [b"r0", b"r1", b"r2"])
+        async with client.read("s", 0, live=True) as reader:
+            assert (await anext(reader)).data == b"r0"
+            await until(reader, lambda: reader._caught_up)  # the hub said so...
+            assert not reader.caught_up and reader.next_offset == 1  # ...but two records wait
+            assert [(await anext(reader)).data for _ in range(2)] == [b"r1", b"r2"]
+            assert reader.caught_up and reader.next_offset == 3
+        async with client.read("s", "now", live=True) as now:
+            waiting = asyncio.create_task(anext(now))
+            await until(now, lambda: now._caught_up)
+            assert now.caught_up and now.next_offset == 3  # where "now" was
+            await client.append("s", b"r3")
+            assert (await asyncio.wait_for(waiting, 5)).data == b"r3"
+        await client.finish("s")
+        async with client.read("s", 2) as ending:
+            assert (await anext(ending)).data == b"r2"
+            await until(ending, lambda: ending._ended)
+            assert not ending.finished  # r3 is still to come
+            assert [record.data async for record in ending] == [b"r3"]
+            assert ending.finished and ending.next_offset == 4

@@ -115,10 +115,12 @@ class Reader(AsyncClosable):
 
     With ``live=True`` it tails new records and stops when the stream is
     finished; without, it stops at the current end. ``caught_up`` tells a
-    live reader is at the current end (more may come); ``finished`` that
-    the stream was finished; ``next_offset`` where it would continue.
-    Reading a stream that is deleted or expires raises
-    :class:`StreamGone`. ``close()`` (or leaving ``async with``) stops it.
+    live reader has yielded every record up to the stream's current end
+    (more may come); ``finished`` that the stream was finished and every
+    record yielded; ``next_offset`` is the offset of the next record it
+    yields, where a new reader would continue. Reading a stream that is
+    deleted or expires raises :class:`StreamGone`. ``close()`` (or leaving
+    ``async with``) stops it.
     """
 
     def __init__(self, client: HubClient, request: int, header: dict[str, Any]) -> None:
@@ -128,8 +130,8 @@ class Reader(AsyncClosable):
         offset = header["offset"]
         offset = None if offset == "now" else offset
         self.next_offset = offset if offset is not None else 0
-        self.caught_up = False
-        self.finished = False
+        self._caught_up = False  # the server said so (records may still be buffered)
+        self._finished = False
         self._records: deque[Record] = deque()
         self._ended = False
         self._error: StreamkitError | None = None
@@ -139,18 +141,34 @@ class Reader(AsyncClosable):
         op = header["op"]
         if op == "records":
             self._records.extend(map(Record, count(header["offset"]), decode_records(body)))
-            self.caught_up = False
+            self._caught_up = False
         elif op == "caught_up":
-            self.caught_up = True
-            self.next_offset = header["next_offset"]
+            self._caught_up = True
+            self._at_end(header["next_offset"])
         elif op == "end":
             self._ended = True
-            self.finished = bool(header.get("finished"))
-            self.next_offset = header["next_offset"]
+            self._finished = bool(header.get("finished"))
+            self._at_end(header["next_offset"])
             self._client._reads.pop(self._request, None)
         elif op == "error":
             self._fail(_error(header))
         self._event.set()
+
+    def _at_end(self, next_offset: int) -> None:
+        # Buffered records move next_offset as they are yielded; without
+        # any, the server says where the end is (for a "now" reader).
+        if not self._records:
+            self.next_offset = next_offset
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether a live reader has yielded every record up to the current end."""
+        return self._caught_up and not self._records
+
+    @property
+    def finished(self) -> bool:
+        """Whether the stream was finished and this reader yielded its every record."""
+        return self._finished and not self._records
 
     def _fail(self, error: StreamkitError) -> None:
         self._error = error
