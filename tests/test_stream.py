@@ -321,18 +321,28 @@ async def test_concurrent_senders_never_interleave_and_all_finish() -> None:
     ):
 
         def frame(task: int, seq: int) -> bytes:
-            return b"%02d:%03d:" % (task, seq) + bytes([task]) * 3000
+            # 60 MB in all: more than the kernel buffers can hold.
+            return b"%02d:%03d:" % (task, seq) + bytes([task]) * 30_000
+
+        sent = [0]
 
         async def sender(task: int) -> None:
             for seq in range(100):
                 await client.send(frame(task, seq))
+                sent[0] += 1
 
         async def batch_sender(task: int) -> None:
             for start in range(0, 100, 10):
                 await client.send_many(frame(task, seq) for seq in range(start, start + 10))
+                sent[0] += 10
 
         senders = [asyncio.create_task(sender(task)) for task in range(10)]
         senders += [asyncio.create_task(batch_sender(task)) for task in range(10, 20)]
+        await asyncio.sleep(0.1)  # nothing read yet: the buffers fill up
+        assert client.must_drain
+        stalled_at = sent[0]
+        await asyncio.sleep(0.05)
+        assert sent[0] == stalled_at < 2000  # the senders wait for the reader
         seen: dict[int, list[int]] = {task: [] for task in range(20)}
         for count in range(2000):
             received = await server.recv()
