@@ -357,6 +357,10 @@ def _bind_unix(path: str) -> socket.socket:
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
+            if path.startswith("\0"):  # Linux's abstract names have no file
+                raise OSError(
+                    errno.EADDRINUSE, f"a server is already listening on {path!r}"
+                ) from exc
             if not stat.S_ISSOCK(os.stat(path).st_mode):
                 raise FileExistsError(
                     errno.EEXIST, f"{path} exists and is not a socket; not replacing it"
@@ -402,8 +406,12 @@ async def serve_unix(
     socket raises ``OSError(EADDRINUSE)`` and any other file
     ``FileExistsError``. ``mode`` (e.g. ``0o660``) is applied to the socket
     file. The file is removed when the server closes, if it is still ours.
+    On Linux a ``path`` starting with ``"\\0"`` is an abstract name: no file.
     """
     path_str = os.fspath(path)
+    abstract = path_str.startswith("\0")
+    if abstract and mode is not None:
+        raise ValueError("mode does not apply to an abstract socket name (no file)")
     sock = _bind_unix(path_str)
     server: Server[FrameT] = Server(
         handler,
@@ -415,9 +423,10 @@ async def serve_unix(
     try:
         if mode is not None:
             os.chmod(path_str, mode)
-        info = os.stat(path_str)
-        server._unix_path = path_str
-        server._unix_inode = (info.st_dev, info.st_ino)
+        if not abstract:
+            info = os.stat(path_str)
+            server._unix_path = path_str
+            server._unix_inode = (info.st_dev, info.st_ino)
         server._server = await asyncio.start_unix_server(
             server._on_connection, sock=sock, ssl=ssl, limit=limit, **kwargs
         )

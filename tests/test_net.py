@@ -356,6 +356,22 @@ async def test_unix_server_mode_round_trip_and_cleanup(tmp_path: Path) -> None:
     assert not path.exists()  # removed on close
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="abstract socket names are Linux's")
+async def test_an_abstract_unix_name_serves_without_a_file(tmp_path: Path) -> None:
+    name = f"\0streamkit-test-{os.getpid()}-{id(tmp_path)}"
+    async with await serve_unix(echo, name, codec=CODEC):
+        async with connect_unix(name, codec=CODEC) as stream:
+            await stream.send(b"abstract")
+            assert await stream.recv() == b"abstract"
+        with pytest.raises(OSError, match="already listening") as info:
+            await serve_unix(echo, name, codec=CODEC)
+        assert info.value.errno == errno.EADDRINUSE
+    with pytest.raises(ValueError, match="abstract"):
+        await serve_unix(echo, name, codec=CODEC, mode=0o600)
+    async with await serve_unix(echo, name, codec=CODEC):  # free again after close
+        pass
+
+
 async def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "stale.sock"
     dead = socket.socket(socket.AF_UNIX)
