@@ -1,13 +1,22 @@
-"""Argument types shared by the command lines (``python -m streamkit`` and its parts).
+"""Argument parsing shared by the command lines (``python -m streamkit`` and its parts).
 
-Each raises ``argparse.ArgumentTypeError`` with a one-line message, which
-argparse turns into ``error: ...`` and exit status 2.
+Each type raises ``argparse.ArgumentTypeError`` with a one-line message,
+which :class:`Parser` turns into one line, ``PROG: error: ...``, and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (not argparse's usage, then the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def address(text: str) -> tuple[str, int]:

@@ -47,6 +47,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from streamkit import _args
 from streamkit.codecs import LengthPrefixed, Lines
 from streamkit.net import DEFAULT_LIMIT, connect, connect_unix, serve, serve_unix
 from streamkit.stream import FramedStream
@@ -508,7 +509,7 @@ def _payload_size(text: str) -> int:
 
 
 def _parse(argv: Sequence[str] | None, prog: str, full: bool, transport: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _args.Parser(
         prog=prog,
         description="Framed-stream throughput and echo latency, streamkit against naive "
         "asyncio, side by side (two processes, loopback TCP and/or a Unix socket).",

@@ -93,9 +93,9 @@ def _add_codec(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _build_parser() -> tuple[_args.Parser, dict[str, _args.Parser]]:
     """The parser, and each command's own (its errors name the command)."""
-    parser = argparse.ArgumentParser(
+    parser = _args.Parser(
         prog="python -m streamkit",
         description="streamkit: framed stream protocols over TCP and Unix sockets.",
     )

@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns 0 when every echo came back exactly once and in order, else 1.
     Bad arguments print a one-line error and raise ``SystemExit(2)``.
     """
-    parser = argparse.ArgumentParser(
+    parser = _args.Parser(
         prog="python -m streamkit demo",
         description="A resumable echo session through a proxy that keeps cutting it: "
         "every frame must come back exactly once, in order.",

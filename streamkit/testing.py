@@ -350,7 +350,7 @@ class FaultProxy(ServerBase):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _args.Parser(
         prog="python -m streamkit proxy",
         description="A fault-injecting proxy: forwards every connection to the target, "
         "cutting connections at random moments (often in the middle of a frame) and "
