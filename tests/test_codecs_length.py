@@ -36,7 +36,8 @@ def reader_with(data: bytes, eof: bool = True, limit: int = 2**16) -> asyncio.St
 @pytest.mark.parametrize(
     ("codec", "wire"),
     [
-        # Twisted Int32StringReceiver, Netty LengthFieldPrepender(4), Erlang {packet, 4}.
+        # Twisted Int32StringReceiver, Netty LengthFieldPrepender(4), Erlang {packet, 4},
+        # and node's frame-stream (its default: a 4-byte big-endian UInt32 length).
         (LengthPrefixed(), b"\x00\x00\x00\x05hello"),
         # Twisted Int16StringReceiver, Erlang {packet, 2}.
         (LengthPrefixed(2), b"\x00\x05hello"),
