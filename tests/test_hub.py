@@ -689,3 +689,35 @@ async def test_caught_up_and_next_offset_count_only_records_yielded() -> None:
             assert not ending.finished  # r3 is still to come
             assert [record.data async for record in ending] == [b"r3"]
             assert ending.finished and ending.next_offset == 4
+
+
+async def test_producer_batches_fit_the_session_frame_when_their_records_do() -> None:
+    small = {**FAST, "max_frame": 64 * 1024}
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **small) as server,
+        hub.connect("127.0.0.1", server.port, **small) as client,
+    ):
+        await client.create("big")
+        records = [bytes([n]) * 39_000 for n in range(3)] + [b"tiny"] * 5000
+        async with client.producer("big", "w", linger=60, max_batch_bytes=40_000) as producer:
+            for record in records:  # two records of 39 kB once made a 78 kB frame
+                producer.append_nowait(record)
+        assert await read_all(client, "big") == records
+
+
+async def test_a_record_too_large_for_the_readers_session_is_an_error_not_a_hang() -> None:
+    large, small = {**FAST, "max_frame": 1024 * 1024}, {**FAST, "max_frame": 64 * 1024}
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **large) as server,
+        hub.connect("127.0.0.1", server.port, **large) as writer,
+        hub.connect("127.0.0.1", server.port, **small) as reader_client,
+    ):
+        await writer.create("s")
+        await writer.append_many("s", [b"a" * 30_000, b"b" * 30_000, b"c" * 100_000])
+        assert len(await read_all(writer, "s")) == 3
+        got: list[bytes] = []
+        with pytest.raises(hub.LimitExceeded, match="record 2 of 100000 bytes does not fit"):
+            async with reader_client.read("s") as reader:
+                async for record in reader:
+                    got.append(record.data)
+        assert got == [b"a" * 30_000, b"b" * 30_000]  # split to fit, up to the record that cannot

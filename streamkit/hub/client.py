@@ -62,6 +62,8 @@ logger = logging.getLogger("streamkit.hub")
 
 KiB = 1024
 MiB = 1024 * KiB
+#: Bytes of a record's length in a batch (see hub.protocol).
+_RECORD_LENGTH = 4
 #: Seconds to finish a resumable source's stream once the source stops.
 _FINISH_TIMEOUT = 10.0
 
@@ -249,14 +251,22 @@ class Producer(AsyncClosable):
         self._closed = False
 
     def append_nowait(self, data: bytes) -> None:
-        """Add a record to the pending batch; it is sent soon (see ``linger``)."""
+        """Add a record to the pending batch; it is sent soon (see ``linger``).
+
+        A batch holds at most ``max_batch_bytes`` (counting 4 bytes of
+        length per record), or one larger record alone, so that it fits
+        the session's ``max_frame`` whenever its records do.
+        """
         if self._closed:
             raise RuntimeError(f"producer {self.producer_id!r} of {self.name!r} is closed")
         if self._error is not None and self._on_error is None:
             raise self._error
         record = _data(data)
+        size = len(record) + _RECORD_LENGTH
+        if self._batch and self._batch_bytes + size > self.max_batch_bytes:
+            self._send_batch()  # this record would make the batch too large
         self._batch.append(record)
-        self._batch_bytes += len(record)
+        self._batch_bytes += size
         self._records += 1
         if self._batch_bytes >= self.max_batch_bytes:
             self._send_batch()

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from streamkit._lifecycle import ServerBase
-from streamkit.errors import EndOfStream, ProtocolError, StreamkitError
+from streamkit.errors import EndOfStream, FrameTooLarge, ProtocolError, StreamkitError
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import (
     check_content_type,
@@ -29,6 +29,7 @@ from streamkit.hub.protocol import (
 from streamkit.hub.storage import (
     BadRequest,
     HubError,
+    LimitExceeded,
     Limits,
     MemoryStorage,
     ProducerFenced,
@@ -47,6 +48,8 @@ logger = logging.getLogger("streamkit.hub")
 #: Records and bytes sent to a reader per message.
 _READ_BATCH = 1024
 _READ_BYTES = 256 * 1024
+#: Bytes of a records message beside its records and their lengths (its header).
+_MESSAGE_HEADROOM = 512
 #: Seconds between TTL sweeps.
 _EXPIRY_INTERVAL = 1.0
 
@@ -244,6 +247,10 @@ class HubServer(ServerBase):
             if first is None:
                 raise StreamNotFound(f"no stream named {name!r}")
             offset = first.next_offset if start == "now" else start
+            # Records of one message fit a session frame, with its header
+            # and a length per record.
+            frame_room = session.settings.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
+            read_bytes = max(1, min(_READ_BYTES, frame_room))
             caught_up_sent = False
             while True:
                 change = self._next_change(name) if live else None
@@ -251,11 +258,8 @@ class HubServer(ServerBase):
                 if info is None or info.created != first.created:
                     raise StreamGone(f"stream {name!r} was deleted or expired")
                 if offset < info.next_offset:
-                    records = storage.read(name, offset, _READ_BATCH, _READ_BYTES)
-                    await session.send(
-                        encode_message({"op": "records", "id": request, "offset": offset}, records)
-                    )
-                    offset += len(records)
+                    records = storage.read(name, offset, _READ_BATCH, read_bytes)
+                    offset += await _send_records(session, request, offset, records)
                     caught_up_sent = False
                     continue
                 if info.finished or not live:
@@ -285,6 +289,25 @@ class HubServer(ServerBase):
         except Exception as exc:  # a bug must not leave the reader waiting forever
             with contextlib.suppress(StreamkitError):
                 await session.send(encode_message(_error_reply(request, exc, session)))
+
+
+async def _send_records(
+    session: ServerSession, request: int, offset: int, records: list[bytes]
+) -> int:
+    """Send ``records`` (from ``offset``) in as few messages as fit; return how many."""
+    while True:
+        message = encode_message({"op": "records", "id": request, "offset": offset}, records)
+        try:
+            await session.send(message)
+        except FrameTooLarge as exc:  # the peer's max_frame may be below ours
+            if len(records) == 1:
+                raise LimitExceeded(
+                    f"record {offset} of {len(records[0])} bytes does not fit in one"
+                    f" message of this session ({exc})"
+                ) from exc
+            records = records[: len(records) // 2]
+            continue
+        return len(records)
 
 
 async def _wait(change: asyncio.Event, expires_at: float | None) -> None:
