@@ -33,6 +33,7 @@ from streamkit.session.protocol import (
     CloseAck,
     HelloNew,
     HelloResume,
+    Ping,
     Reject,
     RejectReason,
     Welcome,
@@ -492,7 +493,7 @@ async def test_plain_client_on_a_tls_port_gets_a_clear_error(
             assert await session.recv(timeout=5) == b"ok"
 
 
-async def test_other_version_is_rejected_on_both_ends() -> None:
+async def test_client_of_another_version_is_rejected_by_the_server() -> None:
     async with echo_server() as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(MAGIC + bytes([9]))
@@ -854,3 +855,207 @@ async def test_send_over_the_peers_max_frame_is_refused_locally(
         await session.send(b"x" * 1000)  # the session goes on
         assert await session.recv(timeout=5) == b"x" * 1000
         assert session.stats.reconnects == 0
+
+
+# -- every rejection, on the wire and in the server's log ------------------------
+
+
+async def raw_resume(port: int, session_id: bytes, token: bytes, received: int) -> object:
+    """Resume ``session_id`` on a raw connection with a proof for its nonce; return the reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(make_preface())
+        await reader.readexactly(PREFACE_SIZE)
+        nonce = await reader.readexactly(NONCE_SIZE)
+        proof = resume_proof(token, nonce, session_id, received)
+        writer.write(frame(HelloResume(session_id, proof, received).encode()))
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        return decode_message(await reader.readexactly(size))
+    finally:
+        writer.close()
+
+
+async def provoke(reason: RejectReason, server: ResumableServer) -> object:
+    """Make the server refuse a handshake for ``reason``; return its reply."""
+    port = server.port
+    if reason == RejectReason.UNSUPPORTED_VERSION:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(MAGIC + bytes([9]))
+        await reader.readexactly(PREFACE_SIZE + NONCE_SIZE)
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        writer.close()
+        return decode_message(await reader.readexactly(size))
+    if reason == RejectReason.MALFORMED:
+        return (await raw_handshake(port, Ping().encode()))[0]
+    if reason == RejectReason.UNKNOWN_SESSION:
+        return await raw_resume(port, b"\1" * 16, b"\0" * 32, 0)
+    session = await connect_resumable("127.0.0.1", port, **FAST)
+    session_id, token = bytes.fromhex(session.id), session._token
+    try:
+        if reason == RejectReason.BAD_TOKEN:
+            return await raw_resume(port, session_id, b"\0" * 32, 0)
+        if reason == RejectReason.BAD_OFFSET:
+            return await raw_resume(port, session_id, token, 99)
+        if reason == RejectReason.BUSY:  # the server holds max_sessions=1
+            return (await raw_handshake(port, HelloNew().encode()))[0]
+        if reason == RejectReason.FINISHED:
+            await session.close()
+        else:  # EXPIRED: the client vanishes for longer than resume_timeout
+            session.abort()
+            for _ in range(500):
+                if not server.sessions:
+                    break
+                await asyncio.sleep(0.01)
+        return await raw_resume(port, session_id, token, 0)
+    finally:
+        session.abort()
+
+
+@pytest.mark.parametrize("reason", list(RejectReason), ids=lambda reason: reason.name)
+async def test_every_rejection_reaches_the_client_and_the_servers_log(
+    reason: RejectReason, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit.session")
+    async with echo_server(resume_timeout=0.1, max_sessions=1) as server:
+        reply = await provoke(reason, server)
+        assert isinstance(reply, Reject)
+        assert reply.reason == reason
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1
+        assert f"({reason.name}): {reply.message}" in refusals[0]
+
+
+async def test_client_of_a_server_speaking_another_version_gets_a_clear_error() -> None:
+    async def other_version(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(PREFACE_SIZE)
+        writer.write(MAGIC + bytes([1]) + bytes(NONCE_SIZE))  # an older server
+        await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(other_version, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(
+            ProtocolError, match="server speaks session protocol version 1; this client speaks 2"
+        ):
+            await connect_resumable("127.0.0.1", port, handshake_timeout=5)
+
+
+# -- abort ------------------------------------------------------------------------
+
+
+async def test_client_abort_fails_pending_calls_and_the_server_session_expires() -> None:
+    handler_saw = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        try:
+            await session.recv()
+        except BaseException as exc:
+            handler_saw.set_result(exc)
+            raise
+
+    async with await serve_resumable(
+        handler, "127.0.0.1", 0, resume_timeout=0.2, **FAST, **QUICK_SHUTDOWN
+    ) as server:
+        session = await connect_resumable("127.0.0.1", server.port, **FAST)
+        pending = asyncio.create_task(session.recv())
+        await asyncio.sleep(0)  # the recv is waiting
+        session.abort()
+        with pytest.raises(SessionError, match="aborted"):
+            await asyncio.wait_for(pending, 5)
+        with pytest.raises(SessionError, match="aborted"):
+            await session.send(b"late")
+        with pytest.raises(SessionError, match="aborted"):
+            await session.recv()
+        assert session.closed and not session.connected
+        # abort tells the server nothing: its session ends after resume_timeout.
+        failure = await asyncio.wait_for(handler_saw, 5)
+        assert isinstance(failure, SessionExpired)
+        assert server.sessions == 0
+
+
+async def test_server_abort_fails_its_calls_and_the_client_is_told_on_resume() -> None:
+    aborted = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        assert await session.recv() == b"abort, please"
+        session.abort()
+        try:
+            await session.send(b"late")
+        except SessionError as exc:
+            aborted.set_result(exc)
+
+    async with await serve_resumable(handler, "127.0.0.1", 0, **FAST, **QUICK_SHUTDOWN) as server:
+        session = await connect_resumable("127.0.0.1", server.port, **FAST)
+        await session.send(b"abort, please")
+        with pytest.raises(ResumeRejected, match="was aborted"):
+            await session.recv(timeout=5)
+        assert "aborted" in str(await asyncio.wait_for(aborted, 5))
+        assert server.sessions == 0
+        with pytest.raises(ResumeRejected):
+            await session.send(b"x")
+
+
+# -- stats ------------------------------------------------------------------------
+
+
+async def test_stats_count_bytes_and_replays_exactly_across_a_cut() -> None:
+    server_session = asyncio.get_running_loop().create_future()
+    first = [b"a" * n for n in range(1, 11)]  # 55 bytes, acknowledged before the cut
+    lost = [b"b" * n for n in range(100, 105)]  # 510 bytes, lost in the cut
+    got: list[bytes] = []
+
+    async def handler(session: ServerSession) -> None:
+        server_session.set_result(session)
+        async for payload in session:
+            got.append(payload)
+
+    async with (
+        await serve_resumable(handler, "127.0.0.1", 0, **FAST, **QUICK_SHUTDOWN) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+        connect_resumable("127.0.0.1", proxy.port, **FAST) as session,
+    ):
+        for payload in first:
+            await session.send(payload)
+        await session.flush()
+        proxy.blackhole()  # what is sent now never reaches the server...
+        for payload in lost:
+            await session.send(payload)
+        proxy.cut()  # ...and dies with the connection
+        proxy.restore()
+        await session.flush()  # after the resume and the replay
+        served = await asyncio.wait_for(server_session, 5)
+        assert got == first + lost
+        stats = session.stats
+        assert stats.reconnects == 1
+        assert stats.frames_sent == 15
+        assert stats.bytes_sent == 565
+        assert stats.frames_replayed == 5  # exactly the lost frames, no more
+        assert stats.duplicates_dropped == 0
+        assert (stats.frames_received, stats.bytes_received) == (0, 0)
+        peer = served.stats
+        assert (peer.frames_received, peer.bytes_received) == (15, 565)
+        assert peer.duplicates_dropped == 0
+        assert (peer.frames_sent, peer.bytes_sent, peer.frames_replayed) == (0, 0, 0)
+
+
+async def test_duplicate_frames_from_a_peer_are_dropped_and_counted() -> None:
+    received = asyncio.get_running_loop().create_future()
+
+    async def handler(session: ServerSession) -> None:
+        got = [await session.recv(), await session.recv()]
+        received.set_result((got, session.stats))
+
+    async with await serve_resumable(handler, "127.0.0.1", 0, **FAST, **QUICK_SHUTDOWN) as server:
+        _, writer, _ = await attached_raw_client(server.port)
+        # Offset 0 twice, as a peer replaying what it need not would send it.
+        writer.write(data_frame(0, b"one") + data_frame(0, b"one") + data_frame(1, b"two!"))
+        got, stats = await asyncio.wait_for(received, 5)
+        assert got == [b"one", b"two!"]
+        assert (stats.frames_received, stats.bytes_received, stats.duplicates_dropped) == (2, 7, 1)
+        writer.close()
+
+
+def data_frame(offset: int, payload: bytes) -> bytes:
+    return frame(bytes([0x10]) + struct.pack(">Q", offset) + payload)

@@ -248,7 +248,9 @@ class ResumableServer(ServerBase):
         await conn.closed
 
     def _refuse(self, stream: FramedStream[bytes], reason: RejectReason, message: str) -> _Refused:
-        logger.warning("refused session handshake from %s: %s", stream.peername, message)
+        logger.warning(
+            "refused session handshake from %s (%s): %s", stream.peername, reason.name, message
+        )
         stream.send_nowait(Reject(reason, message).encode())
         return _Refused(message)
 
