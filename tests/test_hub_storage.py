@@ -311,3 +311,31 @@ def test_a_stream_past_its_ttl_is_absent_before_the_sweep(storage: StreamTable) 
             request()
     assert storage.create("brief", ttl=None, content_type=None).next_offset == 0  # replaced
     assert storage.read("brief", 0, 10, 100) == []
+
+
+def test_a_log_with_a_bad_create_entry_is_set_aside_not_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fill(tmp_path)
+    path = log_file(tmp_path)
+    content = bytearray(path.read_bytes())
+    content[12] ^= 0x01  # a bit of the CREATE entry's JSON: its CRC fails
+    path.write_bytes(content)
+    (tmp_path / (path.name + ".corrupt")).write_bytes(b"set aside earlier")
+    store = FileStorage(tmp_path)
+    try:
+        assert store.names() == []
+    finally:
+        store.close()
+    assert not path.exists()
+    aside = tmp_path / (path.name + ".corrupt.1")
+    assert aside.read_bytes() == content  # every byte kept for inspection
+    assert "no valid CREATE entry (a CRC mismatch); moved to" in caplog.text
+    # A create cut short by a crash (a torn CREATE entry) is just removed.
+    torn = tmp_path / ("1" * 64 + ".log")
+    torn.write_bytes(filelog._entry(filelog._CREATE, [b'{"name": "t"}'])[:-3])
+    FileStorage(tmp_path).close()
+    assert not torn.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["LOCK", path.name + ".corrupt", aside.name]
+    )

@@ -14,8 +14,11 @@ endian; the CRC covers the kind byte and the payload). Kinds:
 Every append is one ``write`` of one entry. On open, each log is read back;
 the first entry that is short (torn by a crash mid-write), fails its CRC or
 does not parse ends the log: the file is truncated there, so a corrupt tail
-is never served. Records are read back with ``pread`` through an in-memory
-index (two integers per record).
+is never served. A file whose CREATE entry is torn (a create cut short) is
+removed; one whose CREATE entry is bad in any other way is no stream the
+hub can trust, but may hold data: it is renamed to ``<file>.corrupt``.
+Records are read back with ``pread`` through an in-memory index (two
+integers per record).
 
 Durability: an append is acknowledged once its entry is written to the OS,
 so it survives the hub process being killed; with ``fsync=True`` each entry
@@ -55,6 +58,10 @@ _T = TypeVar("_T")
 
 class _Corrupt(Exception):
     """An entry that cannot be trusted; the log ends before it."""
+
+
+class _Torn(_Corrupt):
+    """An entry cut short by the end of the file: a write a crash interrupted."""
 
 
 class _Log:
@@ -123,6 +130,7 @@ class FileStorage(StreamTable):
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
         log = _Log(path, fd, 0)
         info: StreamInfo | None = None
+        problem: Exception | None = None  # what was wrong with the first entry
         with open(path, "rb") as file:
             while True:
                 start = log.end
@@ -131,26 +139,44 @@ class FileStorage(StreamTable):
                     break
                 try:
                     if len(header) < _ENTRY.size:
-                        raise _Corrupt("a torn entry header")
+                        raise _Torn("a torn entry header")
                     kind, length, crc = _ENTRY.unpack(header)
                     payload = file.read(length)
                     if len(payload) < length:
-                        raise _Corrupt(f"a torn entry ({len(payload)} of {length} bytes)")
+                        raise _Torn(f"a torn entry ({len(payload)} of {length} bytes)")
                     if zlib.crc32(payload, zlib.crc32(bytes((kind,)))) != crc:
                         raise _Corrupt("a CRC mismatch")
                     info = self._replay(log, info, kind, payload, start + _ENTRY.size)
                 except (_Corrupt, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+                    if info is None:
+                        problem = exc
+                        break
                     logger.warning(
                         "%s: cutting a corrupt tail at byte %d (%s)", path.name, start, exc
                     )
                     os.ftruncate(fd, start)
                     break
                 log.end = start + _ENTRY.size + length
-        if info is None:  # not even a whole CREATE entry: a create that never finished
+        if info is None:
             os.close(fd)
-            path.unlink()
+            if problem is None or isinstance(problem, _Torn):
+                path.unlink()  # empty, or a create that a crash cut short
+            else:
+                self._set_aside(path, problem)
             return
         self._logs[info.name] = log
+
+    def _set_aside(self, path: Path, problem: Exception) -> None:
+        """Rename a log whose CREATE entry is bad: not a stream, but maybe someone's data."""
+        aside = path.with_name(path.name + ".corrupt")
+        number = 0
+        while aside.exists():
+            number += 1
+            aside = path.with_name(f"{path.name}.corrupt.{number}")
+        path.rename(aside)
+        logger.warning(
+            "%s: no valid CREATE entry (%s); moved to %s", path.name, problem, aside.name
+        )
 
     def _replay(
         self, log: _Log, info: StreamInfo | None, kind: int, payload: bytes, base: int
