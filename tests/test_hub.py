@@ -721,3 +721,14 @@ async def test_a_record_too_large_for_the_readers_session_is_an_error_not_a_hang
                 async for record in reader:
                     got.append(record.data)
         assert got == [b"a" * 30_000, b"b" * 30_000]  # split to fit, up to the record that cannot
+
+
+async def test_endless_new_producer_ids_hit_the_memory_limit() -> None:
+    limit = 10 * (hub.PRODUCER_OVERHEAD + len("producer-0"))
+    async with hub_and_client(limits=Limits(max_total_bytes=limit)) as (_, client):
+        await client.create("s")
+        produce = {"op": "produce", "name": "s", "epoch": 0, "seq": 0}
+        for n in range(10):  # empty batches: only the producers' states cost
+            await client._call({**produce, "producer": f"producer-{n}"}, [])
+        with pytest.raises(hub.LimitExceeded, match="a new producer's state"):
+            await client._call({**produce, "producer": "producer-X"}, [])

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamkit.hub import (
+    PRODUCER_OVERHEAD,
     RECORD_OVERHEAD,
     BadRequest,
     HubError,
@@ -339,3 +340,24 @@ def test_a_log_with_a_bad_create_entry_is_set_aside_not_deleted(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["LOCK", path.name + ".corrupt", aside.name]
     )
+
+
+def test_each_producer_a_stream_knows_counts_against_total_bytes(
+    storage: StreamTable, tmp_path: Path
+) -> None:
+    assert PRODUCER_OVERHEAD == 192
+    storage.create("s", ttl=None, content_type=None)
+    for n in range(5):  # 5 x (192 + 2) = 970 bytes for five producers' states
+        storage.append("s", [], (f"p{n}", 0, 0))
+    storage.append("s", [], ("p0", 0, 1))  # a producer it knows costs nothing more
+    with pytest.raises(LimitExceeded, match=r"a new producer's state \(194 bytes\)"):
+        storage.append("s", [], ("p5", 0, 0))
+    if isinstance(storage, FileStorage):  # a restart counts the same
+        storage.close()
+        storage = FileStorage(tmp_path / "data", limits=storage.limits)
+        with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
+            storage.append("s", [], ("p5", 0, 0))
+    storage.delete("s")  # gives back what its producers cost
+    storage.create("t", ttl=None, content_type=None)
+    storage.append("t", [], ("p5", 0, 0))
+    storage.close()

@@ -16,6 +16,7 @@ from streamkit.hub.client import (
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.server import HubServer, serve_hub, serve_hub_unix
 from streamkit.hub.storage import (
+    PRODUCER_OVERHEAD,
     RECORD_OVERHEAD,
     BadRequest,
     HubError,
@@ -31,6 +32,7 @@ from streamkit.hub.storage import (
 )
 
 __all__ = [
+    "PRODUCER_OVERHEAD",
     "RECORD_OVERHEAD",
     "BadRequest",
     "FileStorage",

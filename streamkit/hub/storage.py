@@ -17,6 +17,7 @@ from streamkit.errors import StreamkitError
 from streamkit.hub.protocol import check_content_type, check_ttl
 
 __all__ = [
+    "PRODUCER_OVERHEAD",
     "RECORD_OVERHEAD",
     "BadRequest",
     "HubError",
@@ -98,6 +99,10 @@ class ProducerFenced(HubError):
 #: object's header, rounded up), so that many small or empty records are
 #: bounded too.
 RECORD_OVERHEAD = 48
+#: What an idempotent producer's state costs a stream against
+#: ``max_total_bytes``, beside its id's UTF-8 bytes (about what holding it
+#: costs), so that endless new producer ids are bounded too.
+PRODUCER_OVERHEAD = 192
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +111,9 @@ class Limits:
 
     ``max_streams`` streams at once; ``max_record`` bytes per record;
     ``max_total_bytes`` over every stream, each record counting its length
-    plus :data:`RECORD_OVERHEAD`; ``max_name`` UTF-8 bytes per stream name.
+    plus :data:`RECORD_OVERHEAD`, and each producer a stream knows its id's
+    length plus :data:`PRODUCER_OVERHEAD`; ``max_name`` UTF-8 bytes per
+    stream name.
     """
 
     max_streams: int = 10_000
@@ -197,9 +204,10 @@ class Storage(Protocol):
 
 
 class _Stream:
-    __slots__ = ("info", "producers")
+    __slots__ = ("info", "producer_bytes", "producers")
 
     def __init__(self, info: StreamInfo) -> None:
+        self.producer_bytes = 0  # what its producers' states count
         self.info = info
         self.producers: dict[str, ProducerState] = {}
 
@@ -235,7 +243,7 @@ class StreamTable:
     def _add(self, info: StreamInfo) -> _Stream:
         """Put a stream (new or recovered) in the table."""
         stream = self._streams[info.name] = _Stream(info)
-        self._total_bytes += _cost(info)
+        self._total_bytes += _cost(stream)
         return stream
 
     def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
@@ -283,10 +291,15 @@ class StreamTable:
                 )
             size += len(record)
         cost = size + RECORD_OVERHEAD * len(records)
+        new_producer = ""
+        if producer is not None and producer[0] not in stream.producers:
+            state_cost = _producer_cost(producer[0])
+            cost += state_cost
+            new_producer = f" and a new producer's state ({state_cost} bytes)"
         if self._total_bytes + cost > self.limits.max_total_bytes:
             raise LimitExceeded(
                 f"appending {len(records)} records of {size} bytes (+{RECORD_OVERHEAD} each)"
-                f" would exceed max_total_bytes={self.limits.max_total_bytes}"
+                f"{new_producer} would exceed max_total_bytes={self.limits.max_total_bytes}"
             )
         first = info.next_offset
         self._store_append(name, records, producer)
@@ -304,6 +317,10 @@ class StreamTable:
         info = stream.info
         if producer is not None:
             producer_id, epoch, seq = producer
+            if producer_id not in stream.producers:
+                state_cost = _producer_cost(producer_id)
+                stream.producer_bytes += state_cost
+                self._total_bytes += state_cost
             stream.producers[producer_id] = ProducerState(
                 epoch, seq, info.next_offset, len(records)
             )
@@ -333,7 +350,7 @@ class StreamTable:
         stream = self._streams[name]
         self._store_delete(name)
         del self._streams[name]
-        self._total_bytes -= _cost(stream.info)
+        self._total_bytes -= _cost(stream)
 
     def producer(self, name: str, producer_id: str) -> ProducerState | None:
         return self._stream(name).producers.get(producer_id)
@@ -378,9 +395,14 @@ class StreamTable:
         raise NotImplementedError
 
 
-def _cost(info: StreamInfo) -> int:
-    """What a stream's records count against ``max_total_bytes``."""
-    return info.size_bytes + RECORD_OVERHEAD * info.next_offset
+def _cost(stream: _Stream) -> int:
+    """What a stream counts against ``max_total_bytes``."""
+    info = stream.info
+    return info.size_bytes + RECORD_OVERHEAD * info.next_offset + stream.producer_bytes
+
+
+def _producer_cost(producer_id: str) -> int:
+    return PRODUCER_OVERHEAD + len(producer_id.encode())
 
 
 def take_within(sizes: Iterable[int], max_bytes: int) -> int:
