@@ -1,6 +1,6 @@
 """Hub throughput: appends, producer batching, live fan-out, read-back.
 
-    python benchmarks/bench_hub.py [--quick] [--json PATH]
+    python benchmarks/bench_hub.py [--quick | --records N] [--json PATH]
 
 The hub runs in a second process on loopback TCP (memory storage unless a
 row says "log"). Rows, for 256 B records:
@@ -116,9 +116,12 @@ def _row(label: str, count: int, seconds: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs")
+    parser.add_argument(
+        "--records", type=int, metavar="N", help="records per run (a smoke test uses few)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    count = 50_000 if args.quick else 200_000
+    count = args.records or (50_000 if args.quick else 200_000)
     rows = []
     print("hub, 256 B records, server in a second process (loopback TCP)")
     print(f"{'row':<34} {'records':>8} {'records/s':>12} {'MB/s':>8}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -732,3 +733,20 @@ async def test_endless_new_producer_ids_hit_the_memory_limit() -> None:
             await client._call({**produce, "producer": f"producer-{n}"}, [])
         with pytest.raises(hub.LimitExceeded, match="a new producer's state"):
             await client._call({**produce, "producer": "producer-X"}, [])
+
+
+def test_the_hub_benchmark_runs(tmp_path: Path) -> None:
+    """A smoke run of benchmarks/bench_hub.py (its numbers are not checked: timings vary)."""
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_hub.py"
+    results = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(script), "--records", "400", "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = {row["row"]: row["records"] for row in json.loads(results.read_text())["rows"]}
+    assert rows["producer (batched)"] == 400
+    assert rows["fan-out: each of 100 readers"] == 100
+    assert rows["read-back from the log"] == 400
