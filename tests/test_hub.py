@@ -750,3 +750,39 @@ def test_the_hub_benchmark_runs(tmp_path: Path) -> None:
     assert rows["producer (batched)"] == 400
     assert rows["fan-out: each of 100 readers"] == 100
     assert rows["read-back from the log"] == 400
+
+
+async def test_a_reader_that_stops_iterating_holds_a_bounded_window() -> None:
+    window = 10_000
+    records = [b"%04d" % n + b"x" * 996 for n in range(1000)]  # 1 MB in all
+
+    def buffered(reader: hub.Reader) -> int:
+        return sum(len(record.data) for record in reader._records)
+
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        await client.append_many("s", records)
+        async with client.read("s", 0, live=True, window=window) as reader:
+            assert (await anext(reader)).data == records[0]
+            await until(reader, lambda: buffered(reader) >= window // 2)
+            for _ in range(3):  # round trips: the hub had every chance to send more
+                await client.status("s")
+            assert buffered(reader) <= 2 * window  # not the whole megabyte
+            rest = [(await anext(reader)).data for _ in range(999)]  # consuming lets more come
+        assert rest == records[1:]
+        async with client.read("s", 0, window=None) as unbounded:
+            assert [record.data async for record in unbounded] == records
+
+
+async def test_a_bad_window_is_refused_at_the_call_and_by_the_hub() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        with pytest.raises(ValueError, match="read window must be >= 1 byte, not 0"):
+            client.read("s", window=0)
+        with pytest.raises(TypeError, match="read window must be an int or None"):
+            client.read("s", window=1.5)  # type: ignore[arg-type]
+        reader = client.read("s")
+        assert reader._header is not None
+        reader._header["window"] = -5  # as a client without checks would send it
+        with pytest.raises(hub.BadRequest, match=r"'window'.*not -5"):
+            await asyncio.wait_for(anext(reader), 5)

@@ -25,6 +25,7 @@ from streamkit.hub.protocol import (
     check_offset,
     check_producer_id,
     check_ttl,
+    check_window,
     decode_message,
     decode_records,
     encode_message,
@@ -123,6 +124,10 @@ class Reader(AsyncClosable):
     yields, where a new reader would continue. Reading a stream that is
     deleted or expires raises :class:`StreamGone`. ``close()`` (or leaving
     ``async with``) stops it.
+
+    The hub sends at most about ``window`` bytes of records ahead of what
+    the reader has yielded (see :meth:`HubClient.read`), so a reader that
+    stops iterating holds bounded memory and the hub waits for it.
     """
 
     def __init__(self, client: HubClient, request: int, header: dict[str, Any]) -> None:
@@ -138,11 +143,21 @@ class Reader(AsyncClosable):
         self._ended = False
         self._error: StreamkitError | None = None
         self._event = asyncio.Event()
+        # Flow control: the last offset and size of each records message
+        # not yet consumed in full, the bytes consumed, and those reported.
+        window = header.get("window")
+        self._report_every = None if window is None else max(1, window // 2)
+        self._messages: deque[tuple[int, int]] = deque()
+        self._consumed = self._reported = 0
 
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
         op = header["op"]
         if op == "records":
-            self._records.extend(map(Record, count(header["offset"]), decode_records(body)))
+            first = header["offset"]
+            records = decode_records(body)
+            self._records.extend(map(Record, count(first), records))
+            if records:
+                self._messages.append((first + len(records) - 1, len(body)))
             self._caught_up = False
         elif op == "caught_up":
             self._caught_up = True
@@ -193,7 +208,23 @@ class Reader(AsyncClosable):
             await self._event.wait()
         record = self._records.popleft()
         self.next_offset = record.offset + 1
+        messages = self._messages
+        if messages and record.offset == messages[0][0]:
+            self._consumed += messages.popleft()[1]
+            if self._report_every is not None and (
+                self._consumed - self._reported >= self._report_every
+            ):
+                await self._report()
         return record
+
+    async def _report(self) -> None:
+        """Tell the hub what was consumed, so it sends more."""
+        self._reported = self._consumed
+        if self._request in self._client._reads:
+            with contextlib.suppress(StreamkitError):  # the reader meets it next
+                await self._client._send(
+                    {"op": "consumed", "id": self._request, "bytes": self._consumed}
+                )
 
     async def close(self) -> None:
         """Stop reading (the server stops sending)."""
@@ -473,16 +504,28 @@ class HubClient(AsyncClosable):
         """Delete the stream; its readers get :class:`StreamGone`."""
         await self._call({"op": "delete", "name": check_name(name)})
 
-    def read(self, name: str, offset: int | Literal["now"] = 0, *, live: bool = False) -> Reader:
+    def read(
+        self,
+        name: str,
+        offset: int | Literal["now"] = 0,
+        *,
+        live: bool = False,
+        window: int | None = 8 * MiB,
+    ) -> Reader:
         """Records of ``name`` from ``offset`` (``0`` the start, ``"now"`` only new ones).
 
-        A bad argument raises :class:`TypeError` or :class:`ValueError` here.
+        ``window`` bounds the bytes of records the hub sends ahead of what
+        the reader has yielded (about two windows at most; a record larger
+        than the window still comes, alone); ``None`` lets the hub send
+        everything at once. A bad argument raises :class:`TypeError` or
+        :class:`ValueError` here.
         """
         header = {
             "op": "read",
             "name": check_name(name),
             "offset": check_offset(offset),
             "live": check_flag("live", live),
+            "window": check_window(window),
         }
         request = header["id"] = self._new_request()
         reader = Reader(self, request, header)

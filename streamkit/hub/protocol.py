@@ -37,9 +37,11 @@ __all__ = [
     "check_offset",
     "check_producer_id",
     "check_ttl",
+    "check_window",
     "decode_message",
     "decode_records",
     "encode_message",
+    "records_size",
 ]
 
 #: The longest content type and producer id, in UTF-8 bytes.
@@ -62,6 +64,17 @@ def encode_message(header: dict[str, Any], records: list[bytes] | None = None) -
             (message, _COUNT.pack(count), struct.pack(f">{count}I", *map(len, records)), *records)
         )
     return message
+
+
+def records_size(records: list[bytes]) -> int:
+    """The size of the body :func:`encode_message` makes of ``records``.
+
+    A read's flow control counts records messages by this size, the same
+    on both sides.
+    """
+    if not records:
+        return 0
+    return _COUNT.size + 4 * len(records) + sum(map(len, records))
 
 
 def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -168,6 +181,17 @@ def check_counter(field: str, value: object) -> int:
     if not 0 <= value <= MAX_COUNTER:
         raise ValueError(f"{field} must be 0..{MAX_COUNTER}, not {value}")
     return value
+
+
+def check_window(window: object) -> int | None:
+    """A read's window: ``None`` (no flow control) or an ``int`` >= 1 (bytes)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"a read window must be an int or None, not {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"a read window must be >= 1 byte, not {window}")
+    return window
 
 
 def check_flag(field: str, value: object) -> bool:

@@ -22,9 +22,11 @@ from streamkit.hub.protocol import (
     check_offset,
     check_producer_id,
     check_ttl,
+    check_window,
     decode_message,
     decode_records,
     encode_message,
+    records_size,
 )
 from streamkit.hub.storage import (
     BadRequest,
@@ -135,7 +137,7 @@ class HubServer(ServerBase):
     # -- sessions -------------------------------------------------------------
 
     async def _serve_session(self, session: ServerSession) -> None:
-        reads: dict[int, asyncio.Task[None]] = {}
+        reads: dict[int, _Read] = {}
         try:
             async for message in session:
                 header, body = decode_message(message)
@@ -144,14 +146,20 @@ class HubServer(ServerBase):
                 if not isinstance(request, int):
                     raise ProtocolError(f"hub request {op!r} without an integer 'id'")
                 if op == "read":
-                    task = asyncio.create_task(self._read(session, request, header))
-                    reads[request] = task
-                    task.add_done_callback(functools.partial(_forget, reads, request))
+                    read = reads[request] = _Read()
+                    read.task = asyncio.create_task(self._read(session, request, header, read))
+                    read.task.add_done_callback(functools.partial(_forget, reads, request))
                     continue
+                if op == "consumed":
+                    running = reads.get(request)
+                    consumed = header.get("bytes")
+                    if running is not None and isinstance(consumed, int):
+                        running.credit(consumed)
+                    continue  # no reply; one for a read that ended is moot
                 if op == "cancel":
                     running = reads.get(request)
-                    if running is not None:
-                        running.cancel()
+                    if running is not None and running.task is not None:
+                        running.task.cancel()
                     continue
                 try:
                     reply = {"op": "ok", "id": request, **self._handle(op, header, body)}
@@ -163,9 +171,10 @@ class HubServer(ServerBase):
         except ProtocolError as exc:
             logger.warning("hub session %s sent a bad request: %s", session.id, exc)
         finally:
-            for task in reads.values():
+            tasks = [read.task for read in reads.values() if read.task is not None]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*reads.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _handle(self, op: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
         if op not in _REQUESTS:
@@ -237,12 +246,15 @@ class HubServer(ServerBase):
         self._notify(name)
         return {"offset": first, "duplicate": False}
 
-    async def _read(self, session: ServerSession, request: int, header: dict[str, Any]) -> None:
+    async def _read(
+        self, session: ServerSession, request: int, header: dict[str, Any], flow: _Read
+    ) -> None:
         storage = self.storage
         try:
             name = _field(header, "name", check_name)
             live = _field(header, "live", functools.partial(check_flag, "live"), False)
             start = _field(header, "offset", check_offset, 0)
+            window = _field(header, "window", check_window)
             first = storage.get(name)
             if first is None:
                 raise StreamNotFound(f"no stream named {name!r}")
@@ -250,7 +262,8 @@ class HubServer(ServerBase):
             # Records of one message fit a session frame, with its header
             # and a length per record.
             frame_room = session.settings.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
-            read_bytes = max(1, min(_READ_BYTES, frame_room))
+            read_bytes = max(1, min(_READ_BYTES, frame_room, window or _READ_BYTES))
+            sent = 0  # bytes of records messages, for the window
             caught_up_sent = False
             while True:
                 change = self._next_change(name) if live else None
@@ -258,8 +271,16 @@ class HubServer(ServerBase):
                 if info is None or info.created != first.created:
                     raise StreamGone(f"stream {name!r} was deleted or expired")
                 if offset < info.next_offset:
+                    if window is not None and sent - flow.consumed >= window:
+                        # The reader holds a window of records it has not
+                        # consumed: wait until it reports some consumed.
+                        flow.more.clear()
+                        await flow.more.wait()
+                        continue
                     records = storage.read(name, offset, _READ_BATCH, read_bytes)
-                    offset += await _send_records(session, request, offset, records)
+                    count = await _send_records(session, request, offset, records)
+                    sent += records_size(records[:count])
+                    offset += count
                     caught_up_sent = False
                     continue
                 if info.finished or not live:
@@ -350,7 +371,23 @@ def _error_reply(request: int, exc: Exception, session: ServerSession) -> dict[s
     }
 
 
-def _forget(reads: dict[int, asyncio.Task[None]], request: int, task: object) -> None:
+class _Read:
+    """A read running in a session: its task, and what its reader has consumed."""
+
+    __slots__ = ("consumed", "more", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.consumed = 0  # bytes of records messages the reader consumed
+        self.more = asyncio.Event()  # set when it reports more
+
+    def credit(self, consumed: int) -> None:
+        if consumed > self.consumed:
+            self.consumed = consumed
+            self.more.set()
+
+
+def _forget(reads: dict[int, _Read], request: int, task: object) -> None:
     reads.pop(request, None)
 
 
