@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from streamkit.session.protocol import (
     PREFACE_SIZE,
     Close,
     CloseAck,
+    Data,
     HelloNew,
     HelloResume,
     Ping,
@@ -432,9 +433,12 @@ async def test_http_client_gets_a_clear_error(caplog: pytest.LogCaptureFixture) 
     async with echo_server() as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert await reader.read() == b""  # the server closes
+        answer = await asyncio.wait_for(reader.read(), 5)  # then the server closes
         writer.close()
-        await asyncio.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert answer.endswith(
+            b"\r\n\r\nThis port speaks the streamkit session protocol, not HTTP.\n"
+        )
         assert "looks like HTTP" in caplog.text
 
 
@@ -623,6 +627,88 @@ async def test_second_connection_replaces_the_first() -> None:
         assert session.stats.connections == 2
 
 
+async def read_messages(reader: asyncio.StreamReader) -> list[object]:
+    """Every message a raw connection receives until the server closes it."""
+    messages: list[object] = []
+    while header := await reader.read(4):
+        header += await reader.readexactly(4 - len(header))
+        size = struct.unpack(">I", header)[0]
+        messages.append(decode_message(await reader.readexactly(size)))
+    return messages
+
+
+async def test_a_resume_on_a_second_socket_closes_the_first() -> None:
+    async with echo_server() as server:
+        old_reader, old_writer, welcome = await attached_raw_client(server.port)
+        # A second, independent socket resumes while the first is still up.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(make_preface())
+        await reader.readexactly(PREFACE_SIZE)
+        nonce = await reader.readexactly(NONCE_SIZE)
+        proof = resume_proof(welcome.token, nonce, welcome.session_id, 0)
+        writer.write(frame(HelloResume(welcome.session_id, proof, 0).encode()))
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        resumed = decode_message(await reader.readexactly(size))
+        assert isinstance(resumed, Welcome) and resumed.present
+        # The server closed the first connection; nothing of the session goes there.
+        old = await asyncio.wait_for(read_messages(old_reader), 5)
+        assert not any(isinstance(message, Data) for message in old)
+        old_writer.close()
+        writer.write(data_frame(0, b"on the second"))
+        async with asyncio.timeout(5):
+            while True:
+                size = struct.unpack(">I", await reader.readexactly(4))[0]
+                message = decode_message(await reader.readexactly(size))
+                if isinstance(message, Data):
+                    break
+        assert message == Data(0, b"on the second")
+        writer.close()
+
+
+async def fake_server(
+    on_resume: Callable[[HelloResume], bytes],
+) -> tuple[asyncio.Server, int]:
+    """A session server of one new session that drops every connection after its welcome.
+
+    The welcome to a resume is ``on_resume(hello)``.
+    """
+    session_id, token = b"\x05" * 16, b"\x06" * 32
+
+    async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(PREFACE_SIZE)
+        writer.write(make_preface(b"\0" * NONCE_SIZE))
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        hello = decode_message(await reader.readexactly(size))
+        if isinstance(hello, HelloResume):
+            writer.write(frame(on_resume(hello)))
+        else:
+            writer.write(frame(Welcome(False, session_id, 0, token).encode()))
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(serve_one, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_server_that_claims_frames_never_sent_fails_the_client() -> None:
+    server, port = await fake_server(lambda hello: Welcome(True, hello.session_id, 99).encode())
+    async with server:
+        session = await connect_resumable("127.0.0.1", port, **FAST)
+        with pytest.raises(ResumeRejected, match="expects offset 99 but only 0 frames were sent"):
+            await session.recv(timeout=5)
+
+
+async def test_a_server_that_resumes_another_session_delivers_nothing_of_it() -> None:
+    server, port = await fake_server(lambda hello: Welcome(True, b"\x07" * 16, 0).encode())
+    async with server:
+        session = await connect_resumable(
+            "127.0.0.1", port, max_reconnect_time=0.3, reconnect_backoff=Backoff(0.01, 0.05)
+        )
+        with pytest.raises(ConnectionLost, match="answered a resume with another session"):
+            await session.recv(timeout=5)
+        assert session.stats.connections == 1  # never attached to the other session
+
+
 # -- closing under cuts ----------------------------------------------------------
 
 
@@ -784,27 +870,13 @@ async def test_client_that_missed_the_servers_close_resumes_into_end_of_stream()
 
 async def test_resumes_that_never_make_progress_end_the_session() -> None:
     """A server that accepts every resume, then drops the connection at once."""
-    resumes = 0
-    session_id, token = b"\x05" * 16, b"\x06" * 32
+    resumes: list[HelloResume] = []
 
-    async def drop_after_welcome(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        nonlocal resumes
-        await reader.readexactly(PREFACE_SIZE)
-        writer.write(make_preface(b"\0" * NONCE_SIZE))
-        size = struct.unpack(">I", await reader.readexactly(4))[0]
-        hello = decode_message(await reader.readexactly(size))
-        if isinstance(hello, HelloResume):
-            resumes += 1
-            writer.write(frame(Welcome(True, session_id, 0).encode()))
-        else:
-            writer.write(frame(Welcome(False, session_id, 0, token).encode()))
-        await writer.drain()
-        writer.transport.abort()
+    def welcome(hello: HelloResume) -> bytes:
+        resumes.append(hello)
+        return Welcome(True, hello.session_id, 0).encode()
 
-    server = await asyncio.start_server(drop_after_welcome, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await fake_server(welcome)
     async with server:
         session = await connect_resumable(
             "127.0.0.1",
@@ -817,7 +889,7 @@ async def test_resumes_that_never_make_progress_end_the_session() -> None:
         with pytest.raises(ProtocolError, match="no progress") as failure:
             await session.recv(timeout=10)
         assert "max_reconnect_time=0.5" in str(failure.value)
-        assert 1 <= resumes < 200  # backed off, not thousands
+        assert 1 <= len(resumes) < 200  # backed off, not thousands
         with pytest.raises(ProtocolError):
             await session.send(b"x")
 

@@ -56,6 +56,7 @@ __all__ = [
     "check_preface",
     "decode_message",
     "encode_data_header",
+    "looks_like_http",
     "make_preface",
     "resume_proof",
 ]
@@ -251,6 +252,11 @@ def make_preface(nonce: bytes = b"") -> bytes:
     return MAGIC + bytes([VERSION]) + nonce
 
 
+def looks_like_http(preface: bytes) -> bool:
+    """Whether a peer's first bytes look like an HTTP request or response."""
+    return preface[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"HTTP", b"OPTI", b"DELE", b"PATC")
+
+
 def check_preface(preface: bytes, peer: str) -> int:
     """Check a peer's preface; return its version byte.
 
@@ -263,7 +269,7 @@ def check_preface(preface: bytes, peer: str) -> int:
         guess = "a TLS handshake (is TLS enabled on one side only?)"
     elif preface[:1] == b"\x15" and preface[1:2] == b"\x03":
         guess = "a TLS alert (is TLS enabled on one side only?)"
-    elif preface[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"HTTP", b"OPTI", b"DELE"):
+    elif looks_like_http(preface):
         guess = "HTTP"
     else:
         guess = "an unknown protocol"

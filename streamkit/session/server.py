@@ -38,6 +38,7 @@ from streamkit.session.protocol import (
     Welcome,
     check_preface,
     decode_message,
+    looks_like_http,
     make_preface,
     resume_proof,
 )
@@ -261,7 +262,12 @@ class ResumableServer(ServerBase):
             if exc.partial:
                 check_preface(exc.partial, "client")
             raise ConnectionLost("the client closed the connection during the handshake") from exc
-        version = check_preface(preface, "client")
+        try:
+            version = check_preface(preface, "client")
+        except ProtocolError:
+            if looks_like_http(preface):
+                await _answer_http(stream)
+            raise
         nonce = secrets.token_bytes(NONCE_SIZE)
         stream.writer.write(make_preface(nonce))
         if version != VERSION:
@@ -322,6 +328,27 @@ class ResumableServer(ServerBase):
         )
         stream.send_nowait(welcome.encode())
         return session._attach(stream, hello.received, hello.max_frame)
+
+
+_HTTP_BODY = b"This port speaks the streamkit session protocol, not HTTP.\n"
+_HTTP_REPLY = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_HTTP_BODY), _HTTP_BODY)
+)
+#: How long an HTTP client's request head may take to arrive before the answer.
+_HTTP_READ_TIMEOUT = 1.0
+
+
+async def _answer_http(stream: FramedStream[bytes]) -> None:
+    """Tell an HTTP client, in HTTP, that this is a session port."""
+    # Read the request head first: closing with it unread would reset the
+    # connection, and the answer would be lost.
+    with contextlib.suppress(
+        TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError
+    ):
+        async with asyncio.timeout(_HTTP_READ_TIMEOUT):
+            await stream.reader.readuntil(b"\r\n\r\n")
+    stream.writer.write(_HTTP_REPLY)
 
 
 async def _start(
