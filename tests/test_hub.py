@@ -786,3 +786,21 @@ async def test_a_bad_window_is_refused_at_the_call_and_by_the_hub() -> None:
         reader._header["window"] = -5  # as a client without checks would send it
         with pytest.raises(hub.BadRequest, match=r"'window'.*not -5"):
             await asyncio.wait_for(anext(reader), 5)
+
+
+async def test_a_record_too_large_to_read_back_is_refused_at_append() -> None:
+    small = {**FAST, "max_frame": 64 * 1024}
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **small) as server,
+        hub.connect("127.0.0.1", server.port, **small) as client,
+    ):
+        await client.create("s")
+        # The largest record an append message of this session carries: its
+        # read-back message (a longer header) would not fit in a frame.
+        head = len(hub_server.encode_message({"op": "append", "name": "s", "id": 3}))
+        largest = 64 * 1024 - head - 8
+        with pytest.raises(hub.LimitExceeded, match=f"record of {largest} bytes could not be read"):
+            await client.append("s", b"x" * largest)
+        fits = 64 * 1024 - 512
+        assert await client.append("s", b"y" * fits) == 0
+        assert await read_all(client, "s") == [b"y" * fits]

@@ -162,7 +162,8 @@ class HubServer(ServerBase):
                         running.task.cancel()
                     continue
                 try:
-                    reply = {"op": "ok", "id": request, **self._handle(op, header, body)}
+                    records = _Records(body, session.settings.max_frame - _MESSAGE_HEADROOM)
+                    reply = {"op": "ok", "id": request, **self._handle(op, header, records)}
                 except Exception as exc:
                     reply = _error_reply(request, exc, session)
                 await session.send(encode_message(reply))
@@ -176,13 +177,13 @@ class HubServer(ServerBase):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _handle(self, op: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
+    def _handle(self, op: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
         if op not in _REQUESTS:
             raise BadRequest(f"unknown hub request {op!r}")
         storage = self.storage
         name = _field(header, "name", check_name)
         if op == "append":
-            first = storage.append(name, _records(body))
+            first = storage.append(name, body.decode())
             self._notify(name)
             return {"offset": first}
         if op == "produce":
@@ -221,11 +222,11 @@ class HubServer(ServerBase):
         self._notify(name)  # readers of an expired stream of that name end
         return {"status": status_of(info), "created": True}
 
-    def _produce(self, name: str, header: dict[str, Any], body: memoryview) -> dict[str, Any]:
+    def _produce(self, name: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
         producer = _field(header, "producer", check_producer_id)
         epoch = _field(header, "epoch", functools.partial(check_counter, "epoch"))
         seq = _field(header, "seq", functools.partial(check_counter, "seq"))
-        records = _records(body)
+        records = body.decode()
         state = self.storage.producer(name, producer)
         if state is not None and epoch < state.epoch:
             raise ProducerFenced(
@@ -351,11 +352,32 @@ def _field(
         raise BadRequest(f"bad {key!r} in request: {exc}") from exc
 
 
-def _records(body: memoryview) -> list[bytes]:
-    try:
-        return decode_records(body)
-    except ProtocolError as exc:
-        raise BadRequest(str(exc)) from exc
+class _Records:
+    """A request's body of records, and the largest record a read could send back."""
+
+    __slots__ = ("body", "readable")
+
+    def __init__(self, body: memoryview, readable: int) -> None:
+        self.body = body
+        self.readable = readable
+
+    def decode(self) -> list[bytes]:
+        """The records; a malformed body is a :class:`BadRequest`.
+
+        A record too large to be read back in one message of this session
+        is refused (:class:`LimitExceeded`): stored, it could not be served.
+        """
+        try:
+            records = decode_records(self.body)
+        except ProtocolError as exc:
+            raise BadRequest(str(exc)) from exc
+        largest = max(map(len, records), default=0)
+        if largest > self.readable:
+            raise LimitExceeded(
+                f"record of {largest} bytes could not be read back in one message"
+                f" (max_frame allows {self.readable} bytes of record)"
+            )
+        return records
 
 
 def _error_reply(request: int, exc: Exception, session: ServerSession) -> dict[str, Any]:
