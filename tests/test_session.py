@@ -510,15 +510,39 @@ async def test_client_of_another_version_is_rejected_by_the_server() -> None:
         writer.close()
 
 
-async def test_bad_input_closes_only_that_connection(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("hello", "message"),
+    [
+        (b"\x7f", "unknown session message type 0x7f"),
+        (b"", "empty session message"),
+        (b"\x02" + bytes(10), "malformed HELLO_RESUME message: 11 bytes, expected 61"),
+        (b"\x01" + struct.pack(">I", 0), "malformed HELLO_NEW message: max_frame=0"),
+    ],
+)
+async def test_bad_hello_closes_only_that_connection(
+    hello: bytes, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, "streamkit")
     async with echo_server() as server, connect_resumable("127.0.0.1", server.port, **FAST) as good:
         with pytest.raises(asyncio.IncompleteReadError):  # the server just closes
-            await raw_handshake(server.port, b"\x7f")  # an unknown message type
-        await asyncio.sleep(0.05)
-        assert "unknown session message type 0x7f" in caplog.text
+            await raw_handshake(server.port, hello)
+        assert message in caplog.text
         await good.send(b"unaffected")
         assert await good.recv() == b"unaffected"
+
+
+async def test_a_preface_cut_short_is_a_lost_connection_not_another_protocol(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(MAGIC[:3])
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert "the client closed the connection during the handshake" in caplog.text
+        assert "not speaking" not in caplog.text
 
 
 async def test_max_sessions_refuses_new_sessions() -> None:
@@ -583,7 +607,7 @@ async def test_bad_message_closes_the_connection_and_is_logged(
 
 async def test_acks_going_backwards_close_the_connection(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "streamkit")
-    async with echo_server() as server:
+    async with echo_server() as server, connect_resumable("127.0.0.1", server.port, **FAST) as good:
         reader, writer, _ = await attached_raw_client(server.port)
         writer.write(frame(bytes([0x10]) + struct.pack(">Q", 0) + b"echo me"))
         writer.write(frame(bytes([0x11]) + struct.pack(">QQ", 0, 0)))
@@ -594,19 +618,26 @@ async def test_acks_going_backwards_close_the_connection(caplog: pytest.LogCaptu
             pass
         writer.close()
         assert "ack went backwards" in caplog.text
+        await good.send(b"unaffected")
+        assert await good.recv() == b"unaffected"
 
 
 async def test_oversized_frame_from_peer_closes_the_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, "streamkit")
-    async with echo_server(max_frame=1000) as server:
+    async with (
+        echo_server(max_frame=1000) as server,
+        connect_resumable("127.0.0.1", server.port, max_frame=1000, **FAST) as good,
+    ):
         reader, writer, _ = await attached_raw_client(server.port)
         writer.write(struct.pack(">I", 5000) + bytes([0x10]))
         while await reader.read(65536):
             pass
         writer.close()
         assert "exceeds max_frame=1009" in caplog.text
+        await good.send(b"unaffected")
+        assert await good.recv() == b"unaffected"
 
 
 async def test_second_connection_replaces_the_first() -> None:
@@ -995,6 +1026,20 @@ async def test_every_rejection_reaches_the_client_and_the_servers_log(
         refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
         assert len(refusals) == 1
         assert f"({reason.name}): {reply.message}" in refusals[0]
+
+
+async def test_a_server_closing_in_its_nonce_is_a_lost_connection_not_another_protocol() -> None:
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(PREFACE_SIZE)
+        writer.write(make_preface() + b"\x16\x03\x01")  # 3 bytes of nonce, then the end
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(ConnectionLost, match="closed the connection during the handshake"):
+            await connect_resumable("127.0.0.1", port, handshake_timeout=5)
 
 
 async def test_client_of_a_server_speaking_another_version_gets_a_clear_error() -> None:

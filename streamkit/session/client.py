@@ -32,6 +32,7 @@ from streamkit.session.protocol import (
     Reject,
     RejectReason,
     Welcome,
+    check_partial_preface,
     check_preface,
     decode_message,
     make_preface,
@@ -56,12 +57,15 @@ _HANDSHAKE_HINT = (
 )
 
 
-async def _read_raw(stream: FramedStream[bytes], size: int, what: str) -> bytes:
+async def _read_raw(
+    stream: FramedStream[bytes], size: int, what: str, *, preface: bool = False
+) -> bytes:
+    """Read ``size`` unframed bytes of the handshake (``preface``: the server's preface)."""
     try:
         return await stream.reader.readexactly(size)
     except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            check_preface(exc.partial, "server")  # names what the peer speaks instead
+        if preface:
+            check_partial_preface(exc.partial, "server")  # names what the peer speaks instead
         raise ConnectionLost(
             f"the server closed the connection during the {what}: {_HANDSHAKE_HINT}"
         ) from exc
@@ -102,7 +106,8 @@ def _rejected(reject: Reject) -> StreamkitError:
 async def _handshake(stream: FramedStream[bytes], hello: Callable[[bytes], bytes]) -> Welcome:
     """Exchange prefaces, send ``hello(nonce)`` and return the server's welcome."""
     stream.writer.write(make_preface())
-    version = check_preface(await _read_raw(stream, PREFACE_SIZE, "handshake"), "server")
+    preface = await _read_raw(stream, PREFACE_SIZE, "handshake", preface=True)
+    version = check_preface(preface, "server")
     if version != VERSION:
         raise ProtocolError(
             f"the server speaks session protocol version {version}; this client speaks {VERSION}"

@@ -53,6 +53,7 @@ __all__ = [
     "SendState",
     "SessionCodec",
     "Welcome",
+    "check_partial_preface",
     "check_preface",
     "decode_message",
     "encode_data_header",
@@ -277,6 +278,17 @@ def check_preface(preface: bytes, peer: str) -> int:
         f"the {peer} is not speaking the streamkit session protocol: got {preface!r}, "
         f"which looks like {guess}; expected {MAGIC!r} and a version byte"
     )
+
+
+def check_partial_preface(partial: bytes, peer: str) -> None:
+    """Check the first bytes of a preface cut short by the peer's close.
+
+    Raises :class:`ProtocolError`, as :func:`check_preface`, if they
+    cannot begin a preface; bytes that can are a connection lost early,
+    for the caller to report.
+    """
+    if not MAGIC.startswith(partial[: len(MAGIC)]):
+        check_preface(partial, peer)
 
 
 def resume_proof(token: bytes, nonce: bytes, session_id: bytes, received: int) -> bytes:

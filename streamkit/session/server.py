@@ -36,6 +36,7 @@ from streamkit.session.protocol import (
     Reject,
     RejectReason,
     Welcome,
+    check_partial_preface,
     check_preface,
     decode_message,
     looks_like_http,
@@ -260,7 +261,7 @@ class ResumableServer(ServerBase):
             preface = await stream.reader.readexactly(PREFACE_SIZE)
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
-                check_preface(exc.partial, "client")
+                check_partial_preface(exc.partial, "client")
             raise ConnectionLost("the client closed the connection during the handshake") from exc
         try:
             version = check_preface(preface, "client")
