@@ -113,7 +113,9 @@ class Limits:
     ``max_total_bytes`` over every stream, each record counting its length
     plus :data:`RECORD_OVERHEAD`, and each producer a stream knows its id's
     length plus :data:`PRODUCER_OVERHEAD`; ``max_name`` UTF-8 bytes per
-    stream name.
+    stream name. The hub server also refuses a record it could not send
+    back in one message of the session (about ``max_frame`` less 512
+    bytes), whatever ``max_record`` says.
     """
 
     max_streams: int = 10_000
