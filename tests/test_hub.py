@@ -805,3 +805,20 @@ async def test_a_record_too_large_to_read_back_is_refused_at_append() -> None:
         fits = 64 * 1024 - 512
         assert await client.append("s", b"y" * fits) == 0
         assert await read_all(client, "s") == [b"y" * fits]
+
+
+async def test_a_source_whose_records_are_refused_still_finishes_its_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        yield b"fits"
+        yield b"x" * 101  # over max_record: its batch is refused
+
+    async with (
+        hub_and_client(limits=Limits(max_record=100)) as (_, client),
+        await client.resumable("s", source()) as reader,
+    ):
+        got = await asyncio.wait_for(collect_all(reader), 5)
+        assert reader.finished
+    assert b"x" * 101 not in got
+    assert "were not appended" in caplog.text or "failed" in caplog.text

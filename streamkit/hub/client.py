@@ -613,25 +613,32 @@ class HubClient(AsyncClosable):
         producer = self.producer(name, "resumable")
         producer._seq = 1  # batch 0 was the claim
         try:
-            async with producer:
-                async for item in source:
-                    producer.append_nowait(item)
+            async for item in source:
+                producer.append_nowait(item)
         except asyncio.CancelledError:
             logger.warning("close() cancelled the source of stream %r; finishing it", name)
-            await self._finish_fed(name, source)
+            await self._wrap_up(name, source, producer)
             raise
         except Exception:
             logger.exception("the source of stream %r failed; finishing the stream", name)
-        await self._finish_fed(name, source)
+        await self._wrap_up(name, source, producer)
 
-    async def _finish_fed(self, name: str, source: AsyncIterable[bytes]) -> None:
-        """Finish a resumable source's stream, so its readers end; close the source."""
+    async def _wrap_up(self, name: str, source: AsyncIterable[bytes], producer: Producer) -> None:
+        """Close a resumable source, append what it gave and finish its stream, in bounded time.
+
+        Finishing lets the stream's readers end; it is tried even when some
+        of the source's records could not be appended.
+        """
         close_source = getattr(source, "aclose", None)
-        if close_source is not None:  # an async generator left suspended
+        if close_source is not None:  # an async iterator left suspended
             with contextlib.suppress(Exception):
                 await close_source()
         try:
             async with asyncio.timeout(_FINISH_TIMEOUT):
+                try:
+                    await producer.close()
+                except StreamkitError:
+                    logger.exception("records of the source of stream %r were not appended", name)
                 await self.finish(name)
         except (StreamkitError, TimeoutError) as exc:
             logger.warning("could not finish stream %r after its source: %r", name, exc)
