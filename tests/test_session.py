@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -543,6 +544,28 @@ async def test_a_preface_cut_short_is_a_lost_connection_not_another_protocol(
         writer.close()
         assert "the client closed the connection during the handshake" in caplog.text
         assert "not speaking" not in caplog.text
+
+
+async def test_clients_that_vanish_during_the_handshake_leave_no_session() -> None:
+    async with echo_server(resume_timeout=0.1, max_sessions=1) as server:
+        hello = frame(HelloNew().encode())
+        for _ in range(10):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(make_preface() + hello)
+            await writer.drain()
+            # A reset right behind the hello: the server may find the
+            # connection gone before it can answer, or just after.
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        for _ in range(500):  # each either never registered, or expired after resume_timeout
+            if server.sessions == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.sessions == 0
+        async with connect_resumable("127.0.0.1", server.port, **FAST) as session:
+            await session.send(b"room for me")
+            assert await session.recv(timeout=5) == b"room for me"
 
 
 async def test_max_sessions_refuses_new_sessions() -> None:

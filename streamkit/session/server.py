@@ -295,10 +295,12 @@ class ResumableServer(ServerBase):
             )
         session_id = secrets.token_bytes(SESSION_ID_SIZE)
         token = secrets.token_bytes(TOKEN_SIZE)
+        max_frame = self.settings.max_frame
+        # Raises ConnectionLost if the client is gone already: then no
+        # session is registered, which nothing would ever expire.
+        stream.send_nowait(Welcome(False, session_id, 0, token, max_frame).encode())
         session = ServerSession(session_id, token, self.settings, self)
         self._sessions[session_id] = session
-        max_frame = self.settings.max_frame
-        stream.send_nowait(Welcome(False, session_id, 0, token, max_frame).encode())
         conn = session._attach(stream, 0, hello.max_frame)
         task = asyncio.create_task(self._run_handler(session))
         session.handler_task = task

@@ -535,12 +535,15 @@ class Session:
         self._replayed += replayed
         state = self._recv_state
         state.consumed = state.received - len(self._queue)
-        stream.send_nowait(state.make_ack().encode())
+        try:
+            stream.send_nowait(state.make_ack().encode())
+            if self._close_sent:
+                stream.send_nowait(Close(self._send_state.next_offset).encode())
+            if self._ping_on_attach:
+                stream.send_nowait(_PING)
+        except ConnectionLost:
+            pass  # the read loop meets the loss and detaches the session
         self._set_ack_low_water()
-        if self._close_sent:
-            stream.send_nowait(Close(self._send_state.next_offset).encode())
-        if self._ping_on_attach:
-            stream.send_nowait(_PING)
         conn.reader = asyncio.create_task(self._read_loop(conn))
         conn.keepalive = asyncio.create_task(self._keepalive_loop(conn))
         self._progress.set()
