@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -361,3 +362,28 @@ def test_each_producer_a_stream_knows_counts_against_total_bytes(
     storage.create("t", ttl=None, content_type=None)
     storage.append("t", [], ("p5", 0, 0))
     storage.close()
+
+
+def test_a_stream_whose_ttl_passed_while_the_hub_was_down_is_gone_on_restart(
+    tmp_path: Path,
+) -> None:
+    store = FileStorage(tmp_path)
+    store.create("brief", ttl=10.0, content_type=None)
+    store.append("brief", [b"x"])
+    store.close()
+    path = log_file(tmp_path)
+    content = bytearray(path.read_bytes())
+    # Move its creation 100 s into the past, as if the hub had been down that long.
+    meta_end = 9 + int.from_bytes(content[1:5], "big")
+    meta = json.loads(content[9:meta_end])
+    meta["created"] -= 100
+    path.write_bytes(
+        filelog._entry(filelog._CREATE, [json.dumps(meta).encode()]) + content[meta_end:]
+    )
+    store = FileStorage(tmp_path)
+    try:
+        assert store.get("brief") is None and store.names() == []  # gone at once
+        assert store.expire(time.time()) == ["brief"]  # and the sweep frees it
+        assert not path.exists()
+    finally:
+        store.close()
