@@ -337,12 +337,10 @@ class Session:
     async def _send_slowly(self, payload: bytes) -> None:
         """Wait until ``payload`` fits the window and hold it; raise if it never can."""
         size = len(payload)
-        if size > self._max_frame:
-            if size > self.settings.max_frame:
-                raise FrameTooLarge(f"frame of {size} bytes exceeds max_frame={self._max_frame}")
-            raise FrameTooLarge(
-                f"frame of {size} bytes exceeds the peer's max_frame={self._max_frame}"
-            )
+        limit = self._max_frame
+        if size > limit:
+            whose = "the peer's " if limit < self.settings.max_frame else ""
+            raise FrameTooLarge(f"frame of {size} bytes exceeds {whose}max_frame={limit}")
         self._check_sendable()
         state = self._send_state
         while not state.push(payload):
