@@ -948,6 +948,32 @@ async def test_resumes_that_never_make_progress_end_the_session() -> None:
             await session.send(b"x")
 
 
+async def test_an_idle_session_cut_again_and_again_lives_on() -> None:
+    """Each resume of an idle session is progress (its ping is answered), however many."""
+    async with (
+        echo_server() as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+        connect_resumable("127.0.0.1", proxy.port, max_reconnect_time=0.2, **FAST) as session,
+    ):
+        for _ in range(8):  # cuts spread over more than max_reconnect_time
+            pongs = session._pongs
+            for _ in range(500):
+                if session._pongs > pongs:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            before = session.stats.connections
+            assert proxy.cut() == 1
+            async with asyncio.timeout(5):
+                while session.stats.connections == before and not session.closed:
+                    session._progress.clear()  # set by every attach, and a failure
+                    await session._progress.wait()
+            assert not session.closed
+        await session.send(b"still here")
+        assert await session.recv(timeout=5) == b"still here"
+        assert session.stats.reconnects == 8
+
+
 @pytest.mark.parametrize(
     ("server_max", "client_max", "server_error"),
     [
