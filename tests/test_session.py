@@ -15,7 +15,9 @@ import pytest
 import trustme
 
 from streamkit import EndOfStream, FrameTooLarge, ResumeRejected, SessionError, SessionExpired
+from streamkit.codecs import LengthPrefixed
 from streamkit.errors import ConnectionLost, ProtocolError, StreamkitError
+from streamkit.net import connect
 from streamkit.session import (
     Backoff,
     ClientSession,
@@ -441,6 +443,19 @@ async def test_http_client_gets_a_clear_error(caplog: pytest.LogCaptureFixture) 
             b"\r\n\r\nThis port speaks the streamkit session protocol, not HTTP.\n"
         )
         assert "looks like HTTP" in caplog.text
+
+
+async def test_plain_framed_stream_client_is_named_in_the_servers_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with echo_server() as server:
+        stream = await connect("127.0.0.1", server.port, codec=LengthPrefixed())
+        await stream.send(b"hello")
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await stream.recv(timeout=5)  # the server closes (or resets: bytes were unread)
+        stream.close()
+        assert "looks like a length-prefixed frame (a plain streamkit stream" in caplog.text
 
 
 async def test_client_against_a_non_session_server_gets_a_clear_error() -> None:

@@ -272,6 +272,13 @@ def check_preface(preface: bytes, peer: str) -> int:
         guess = "a TLS alert (is TLS enabled on one side only?)"
     elif looks_like_http(preface):
         guess = "HTTP"
+    elif preface[:2] == b"\0\0":
+        # A big-endian length under 64 KiB, as streamkit's default framing
+        # (LengthPrefixed, 4 bytes) starts a small frame.
+        guess = (
+            "a length-prefixed frame (a plain streamkit stream, or another framing, "
+            "rather than a session?)"
+        )
     else:
         guess = "an unknown protocol"
     raise ProtocolError(
