@@ -1,8 +1,9 @@
-"""A hub with a data_dir, killed mid-append (SIGKILL), restarts with every acknowledged record."""
+"""Hubs killed (SIGKILL) and restarted: what is kept, and what their clients see."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -11,28 +12,75 @@ from pathlib import Path
 import pytest
 
 from streamkit import hub
-from streamkit.errors import StreamkitError
+from streamkit.errors import ConnectionLost, StreamkitError
+from streamkit.session import Backoff
 
 SERVER = """
-import asyncio, sys
+import asyncio, os, signal, sys
 from streamkit import hub
 
 async def main():
-    server = await hub.serve_hub("127.0.0.1", 0, data_dir=sys.argv[1])
+    data_dir, port, crash_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    server = await hub.serve_hub("127.0.0.1", port, data_dir=data_dir or None)
+    if crash_at >= 0:
+        produce = server._produce
+
+        def produce_then_crash(name, header, body):
+            reply = produce(name, header, body)
+            if header.get("seq") == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # appended, never acknowledged
+            return reply
+
+        server._produce = produce_then_crash
     print(server.port, flush=True)
     await server.serve_forever()
 
 asyncio.run(main())
 """
 
+#: Clients that retry fast, so a restart costs them little time.
+FAST = {
+    "keepalive_interval": 0.2,
+    "keepalive_timeout": 0.6,
+    "ack_delay": 0.002,
+    "reconnect_backoff": Backoff(initial=0.01, maximum=0.1),
+    "reconnect_timeout": 20.0,
+}
 
-async def start_hub(data_dir: Path) -> tuple[asyncio.subprocess.Process, int]:
+
+async def start_hub(
+    data_dir: Path | None, port: int = 0, *, crash_at: int = -1
+) -> tuple[asyncio.subprocess.Process, int]:
+    """A hub in a subprocess (in memory without ``data_dir``); ``crash_at``: see SERVER."""
+    where = "" if data_dir is None else str(data_dir)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVER, str(data_dir), stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-c",
+        SERVER,
+        where,
+        str(port),
+        str(crash_at),
+        stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 20)
     return process, int(line)
+
+
+async def until(event: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
+    """Wait for ``event``; raise the error of any of ``tasks`` that fails first."""
+    waiting = asyncio.create_task(event.wait())
+    await asyncio.wait({waiting, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    for task in tasks:
+        if task.done():
+            task.result()
+
+
+async def kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGKILL)
+    await process.wait()
 
 
 async def test_killed_hub_serves_every_acknowledged_record_after_restart(tmp_path: Path) -> None:
@@ -40,7 +88,7 @@ async def test_killed_hub_serves_every_acknowledged_record_after_restart(tmp_pat
     acknowledged: dict[int, bytes] = {}
     enough = asyncio.Event()
     try:
-        async with hub.connect("127.0.0.1", port, max_reconnect_time=0.5) as client:
+        async with hub.connect("127.0.0.1", port, reconnect_timeout=0.5) as client:
             await client.create("log")
 
             async def append_forever() -> None:
@@ -80,3 +128,131 @@ async def test_killed_hub_serves_every_acknowledged_record_after_restart(tmp_pat
     finally:
         process.kill()
         await process.wait()
+
+
+async def test_a_live_reader_and_a_producer_ride_over_hub_restarts(tmp_path: Path) -> None:
+    # The first hub dies right after appending the producer's batch 20 and
+    # before acknowledging it: the producer sends that batch again to the
+    # next hub, which must drop it. The second is killed while records flow.
+    process, port = await start_hub(tmp_path, crash_at=20)
+    total = 600
+    try:
+        async with (
+            hub.connect("127.0.0.1", port, **FAST) as tail,
+            hub.connect("127.0.0.1", port, **FAST) as writer,
+        ):
+            await writer.create("log")
+            first_sessions = (tail.session, writer.session)
+            reader = tail.read("log", 0, live=True, window=2000)
+            seen: list[hub.Record] = []
+            enough = asyncio.Event()
+
+            async def collect() -> None:
+                async for record in reader:
+                    seen.append(record)
+                    if len(seen) == 400:
+                        enough.set()
+
+            async def produce() -> None:
+                producer = writer.producer("log", "p", linger=0.001, max_batch_bytes=64)
+                async with producer:
+                    for n in range(total):
+                        producer.append_nowait(b"p%d" % n)
+                        if n % 20 == 19:
+                            await producer.flush()  # paced by the hub: a kill cuts batches
+                await writer.finish("log")
+
+            collecting = asyncio.create_task(collect())
+            producing = asyncio.create_task(produce())
+            await process.wait()  # the crash after batch 20
+            process, _ = await start_hub(tmp_path, port)
+            await until(enough, producing, collecting)
+            await kill(process)  # records are flowing
+            process, _ = await start_hub(tmp_path, port)
+            await asyncio.gather(producing, collecting)
+            assert tail.session is not first_sessions[0]
+            assert writer.session is not first_sessions[1]
+        expected = [b"p%d" % n for n in range(total)]
+        assert [record.data for record in seen] == expected  # each once, in order
+        assert [record.offset for record in seen] == list(range(total))
+        assert reader.finished
+        async with (
+            hub.connect("127.0.0.1", port, **FAST) as client,
+            client.read("log", 0) as again,
+        ):
+            assert [record.data async for record in again] == expected  # no duplicate
+    finally:
+        await kill(process)
+
+
+async def test_a_plain_call_in_flight_when_the_hub_restarts_has_an_unknown_outcome(
+    tmp_path: Path,
+) -> None:
+    process, port = await start_hub(tmp_path)
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("s")
+            await kill(process)
+            # Sent while the hub is down, in the session the next hub will not know.
+            appending = asyncio.create_task(client.append("s", b"maybe"))
+            asking = asyncio.create_task(client.status("s"))
+            await asyncio.sleep(0)  # both go out (into a session that is resuming)
+            assert len(client._pending) == 2
+            process, _ = await start_hub(tmp_path, port)
+            with pytest.raises(ConnectionLost, match="append of stream 's' was in flight") as lost:
+                await appending
+            assert "whether the hub applied it is unknown" in str(lost.value)
+            status = await asking  # a status is asked again
+            assert status is not None and status.next_offset == 0
+            assert await client.append("s", b"sure") == 0  # later calls go on
+    finally:
+        await kill(process)
+
+
+async def test_a_reader_of_a_memory_hub_that_restarted_finds_no_such_stream() -> None:
+    process, port = await start_hub(None)
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("s")
+            await client.append("s", b"r0")
+            async with client.read("s", 0, live=True) as reader:
+                assert (await anext(reader)).data == b"r0"
+                await kill(process)
+                process, _ = await start_hub(None, port)
+                with pytest.raises(hub.StreamNotFound, match=r"no stream named 's'.*data_dir"):
+                    await anext(reader)
+                assert reader.next_offset == 1
+    finally:
+        await kill(process)
+
+
+async def test_a_client_whose_hub_never_comes_back_fails_after_reconnect_timeout(
+    tmp_path: Path,
+) -> None:
+    process, port = await start_hub(tmp_path)
+    try:
+        options = {**FAST, "reconnect_timeout": 0.5}
+        async with hub.connect("127.0.0.1", port, **options) as client:
+            await client.create("s")
+            reader = client.read("s", 0, live=True)
+            producer = client.producer("s", "p")
+            await client.append("s", b"r0")
+            assert (await anext(reader)).data == b"r0"
+            await kill(process)
+            producer.append_nowait(b"lost")
+            asking = asyncio.create_task(client.status("s"))
+            for waiting in (anext(reader), producer.flush(), asking):
+                with pytest.raises(ConnectionLost, match=r"reconnect_timeout=0\.5 s"):
+                    await waiting
+            with pytest.raises(ConnectionLost, match="could not open a new session"):
+                await client.append("s", b"later")  # at once
+    finally:
+        await kill(process)
+
+
+def test_a_bad_reconnect_timeout_raises_at_the_call() -> None:
+    with pytest.raises(TypeError, match="reconnect_timeout must be a number"):
+        hub.connect("127.0.0.1", 1, reconnect_timeout="1")  # type: ignore[arg-type]
+    for bad in (0, -1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="reconnect_timeout must be a finite number"):
+            hub.connect("127.0.0.1", 1, reconnect_timeout=bad)

@@ -8,15 +8,16 @@ import json
 import logging
 import math
 import os
+import random
 import ssl as _ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, Literal, NamedTuple
 
 from streamkit._lifecycle import AsyncClosable
-from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
+from streamkit.errors import ConnectionLost, SessionError, StreamkitError
 from streamkit.hub.protocol import (
     check_content_type,
     check_counter,
@@ -67,6 +68,35 @@ MiB = 1024 * KiB
 _RECORD_LENGTH = 4
 #: Seconds to finish a resumable source's stream once the source stops.
 _FINISH_TIMEOUT = 10.0
+#: Seconds a client keeps trying to get back to its hub (see :func:`connect`).
+DEFAULT_RECONNECT_TIMEOUT = 60.0
+
+_Reply = tuple[dict[str, Any], memoryview]
+
+
+class _SessionLost(StreamkitError):
+    """The session a request went out on was lost before its reply came."""
+
+    def __init__(self, why: StreamkitError | None) -> None:
+        super().__init__("the hub lost this client's session")
+        self.why = why
+
+
+def _outcome_unknown(header: dict[str, Any], why: StreamkitError | None) -> str:
+    reason = "the hub closed the session" if why is None else str(why)
+    return (
+        f"{header['op']} of stream {header.get('name')!r} was in flight when the hub lost"
+        f" this client's session ({reason}): whether the hub applied it is unknown"
+        " (look with status() or read() before doing it again)"
+    )
+
+
+def _check_reconnect_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"reconnect_timeout must be a number of seconds, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"reconnect_timeout must be a finite number of seconds > 0, not {value!r}")
+    return float(value)
 
 
 class Record(NamedTuple):
@@ -128,15 +158,27 @@ class Reader(AsyncClosable):
     The hub sends at most about ``window`` bytes of records ahead of what
     the reader has yielded (see :meth:`HubClient.read`), so a reader that
     stops iterating holds bounded memory and the hub waits for it.
+
+    When its client opens a new session (the hub lost the old one, see
+    :class:`HubClient`), the read is issued again from ``next_offset``:
+    records buffered from the old session are dropped and read again, so
+    the reader yields no gap and no duplicate (a ``"now"`` reader that had
+    not heard from the hub yet asks for ``"now"`` again). A stream the hub
+    no longer has then (a hub without ``data_dir`` restarted) raises
+    :class:`StreamNotFound`.
     """
 
     def __init__(self, client: HubClient, request: int, header: dict[str, Any]) -> None:
         self._client = client
         self._request = request
-        self._header: dict[str, Any] | None = header
+        self._header = header
+        self._started = False  # iteration began: the read was (or is being) issued
+        self._session: ClientSession | None = None  # the session its read went out on
+        self._reissued = False  # its read went out again on a new session
         offset = header["offset"]
-        offset = None if offset == "now" else offset
-        self.next_offset = offset if offset is not None else 0
+        # A "now" read learns where the stream's end was from the hub.
+        self._known = offset != "now"
+        self.next_offset = offset if self._known else 0
         self._caught_up = False  # the server said so (records may still be buffered)
         self._finished = False
         self._records: deque[Record] = deque()
@@ -150,10 +192,28 @@ class Reader(AsyncClosable):
         self._messages: deque[tuple[int, int]] = deque()
         self._consumed = self._reported = 0
 
+    def _issue_on(self, session: ClientSession) -> bytes:
+        """The read request for ``session``, from ``next_offset``; forget the last session's.
+
+        What an earlier session sent and the reader has not yielded is
+        dropped (it comes again), and the window counts from zero, as the
+        hub's new read does.
+        """
+        self._reissued = self._session is not None
+        self._session = session
+        self._records.clear()
+        self._messages.clear()
+        self._consumed = self._reported = 0
+        self._caught_up = False
+        offset = self.next_offset if self._known else "now"
+        return encode_message({**self._header, "offset": offset})
+
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
         op = header["op"]
         if op == "records":
             first = header["offset"]
+            if not self._known:
+                self._known, self.next_offset = True, first
             records = decode_records(body)
             self._records.extend(map(Record, count(first), records))
             if records:
@@ -168,14 +228,21 @@ class Reader(AsyncClosable):
             self._at_end(header["next_offset"])
             self._client._reads.pop(self._request, None)
         elif op == "error":
-            self._fail(_error(header))
+            error = _error(header)
+            if self._reissued and isinstance(error, StreamNotFound):
+                error = type(error)(
+                    f"{error} (asked again at offset {self.next_offset} on a new session,"
+                    " after the hub lost this client's session: a hub without data_dir"
+                    " loses its streams when it restarts)"
+                )
+            self._fail(error)
         self._event.set()
 
     def _at_end(self, next_offset: int) -> None:
         # Buffered records move next_offset as they are yielded; without
         # any, the server says where the end is (for a "now" reader).
         if not self._records:
-            self.next_offset = next_offset
+            self._known, self.next_offset = True, next_offset
 
     @property
     def caught_up(self) -> bool:
@@ -196,9 +263,9 @@ class Reader(AsyncClosable):
         return self
 
     async def __anext__(self) -> Record:
-        if self._header is not None:
-            header, self._header = self._header, None
-            await self._client._send(header)
+        if not self._started:
+            self._started = True
+            await self._client._issue(self)
         while not self._records:
             if self._error is not None:
                 raise self._error
@@ -220,18 +287,16 @@ class Reader(AsyncClosable):
     async def _report(self) -> None:
         """Tell the hub what was consumed, so it sends more."""
         self._reported = self._consumed
-        if self._request in self._client._reads:
-            with contextlib.suppress(StreamkitError):  # the reader meets it next
-                await self._client._send(
-                    {"op": "consumed", "id": self._request, "bytes": self._consumed}
-                )
+        if self._request in self._client._reads and self._session is not None:
+            await self._client._send_now(
+                self._session, {"op": "consumed", "id": self._request, "bytes": self._consumed}
+            )
 
     async def close(self) -> None:
         """Stop reading (the server stops sending)."""
-        started = self._header is None
-        if self._client._reads.pop(self._request, None) is not None and started:
-            with contextlib.suppress(StreamkitError):
-                await self._client._send({"op": "cancel", "id": self._request})
+        session = self._session
+        if self._client._reads.pop(self._request, None) is not None and session is not None:
+            await self._client._send_now(session, {"op": "cancel", "id": self._request})
         self._ended = True
         self._event.set()
 
@@ -320,7 +385,8 @@ class Producer(AsyncClosable):
             async with self._lock:
                 if self._seq is None:
                     reply = await self._client._call(
-                        {"op": "producer", "name": self.name, "producer": self.producer_id}
+                        {"op": "producer", "name": self.name, "producer": self.producer_id},
+                        retry=True,
                     )
                     same_epoch = reply["epoch"] == self.epoch and reply["seq"] is not None
                     self._seq = reply["seq"] + 1 if same_epoch else 0
@@ -335,6 +401,7 @@ class Producer(AsyncClosable):
                             "seq": seq,
                         },
                         batch,
+                        retry=True,  # the same (producer, epoch, seq): the hub drops a copy
                     )
                 except BaseException:
                     # Refused, the batch took no sequence number; lost on the
@@ -386,64 +453,239 @@ class HubClient(AsyncClosable):
     Requests raise :class:`HubError` subclasses: :class:`StreamNotFound`,
     :class:`StreamExists`, :class:`StreamFinished`, :class:`StreamGone`,
     :class:`LimitExceeded`, :class:`ProducerFenced`.
+
+    When the hub loses the client's session (it restarted, or expired the
+    session) or cannot be reached, the client opens a new session to the
+    same address, backing off, for up to ``reconnect_timeout`` seconds
+    from the loss (see :func:`connect`). On the new session, readers
+    continue from their ``next_offset`` and producers resend their batch
+    in flight with the same (producer id, epoch, sequence), so with a hub
+    that keeps its streams (``data_dir``) a restart is invisible to them.
+    A request in flight when the session was lost is sent again if that is
+    harmless (``status``, ``finish``, ``create(exist_ok=True)``); any other
+    (``append``, ``append_many``, ``create``, ``delete``) raises
+    :class:`ConnectionLost` saying its outcome is unknown. After
+    ``reconnect_timeout`` every pending and later call raises
+    :class:`ConnectionLost`.
     """
 
-    def __init__(self, session: ClientSession) -> None:
+    def __init__(
+        self,
+        session: ClientSession,
+        *,
+        reopen: Callable[[], Awaitable[ClientSession]] | None = None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    ) -> None:
         self._session = session
+        self._reopen = reopen  # opens a new session; None: a lost session is the end
+        self.reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
+        self._closing = False
+        self._failure: StreamkitError | None = None  # every call raises it from now on
+        self._renewed = asyncio.Event()  # set when a session replaces the last, or all fail
+        self._random = random.Random()
         self._next_request = 0
-        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], memoryview]]] = {}
+        # Each request's reply, and the session it went out on.
+        self._pending: dict[int, tuple[asyncio.Future[_Reply], ClientSession]] = {}
         self._reads: dict[int, Reader] = {}
         self._feeders: set[asyncio.Task[None]] = set()
-        self._dispatcher = asyncio.create_task(self._dispatch())
+        self._runner = asyncio.create_task(self._run())
 
     @property
     def session(self) -> ClientSession:
-        """The resumable session underneath."""
+        """The resumable session underneath (a new one after the hub lost the last)."""
         return self._session
 
     # -- plumbing ---------------------------------------------------------------
 
-    async def _dispatch(self) -> None:
-        error: StreamkitError
+    async def _run(self) -> None:
+        """Dispatch each session's messages; when one ends, open the next."""
+        session = self._session
+        reissue: asyncio.Task[None] | None = None
         try:
-            async for message in self._session:
+            while True:
+                lost = await self._dispatch(session)
+                await _cancel(reissue)
+                if self._closing:
+                    self._fail_all(lost or SessionError("the hub client is closed"))
+                    return
+                self._lost(session, lost)
+                session = await self._new_session(lost)
+                self._session = session
+                self._renew()
+                reissue = asyncio.create_task(self._reissue(session))
+        except StreamkitError as exc:
+            self._fail_all(exc)
+        except Exception as exc:  # a bug must not leave every call waiting forever
+            logger.exception("the hub client failed")
+            self._fail_all(StreamkitError(f"the hub client failed: {exc!r}"))
+        finally:
+            await _cancel(reissue)
+
+    async def _dispatch(self, session: ClientSession) -> StreamkitError | None:
+        """Hand the session's messages to readers and calls until it ends; return why."""
+        try:
+            async for message in session:
                 header, body = decode_message(message)
                 request = header.get("id")
-                reader = self._reads.get(request) if isinstance(request, int) else None
+                if not isinstance(request, int):
+                    continue
+                reader = self._reads.get(request)
                 if reader is not None:
                     reader._on_message(header, body)
                     continue
-                future = self._pending.pop(request, None) if isinstance(request, int) else None
-                if future is not None and not future.done():
-                    future.set_result((header, body))
-            error = ConnectionLost("the hub closed the connection")
+                pending = self._pending.pop(request, None)
+                if pending is not None and not pending[0].done():
+                    pending[0].set_result((header, body))
         except StreamkitError as exc:
-            error = exc
-        for future in self._pending.values():
+            return exc
+        return None  # the hub closed the session
+
+    def _lost(self, session: ClientSession, why: StreamkitError | None) -> None:
+        """Tell each call whose request went out on ``session`` that it was lost."""
+        for future, sent_on in self._pending.values():
+            if sent_on is session and not future.done():
+                future.set_exception(_SessionLost(why))
+
+    async def _new_session(self, lost: StreamkitError | None) -> ClientSession:
+        """A new session to the hub, within ``reconnect_timeout`` of losing the last one.
+
+        Raises ``lost`` itself if it is no reason to reconnect (a protocol
+        error), and :class:`ConnectionLost` once the time is up.
+        """
+        why = "the hub closed the session" if lost is None else str(lost)
+        if self._reopen is None or not (
+            lost is None or isinstance(lost, SessionError | ConnectionLost)
+        ):
+            raise lost or ConnectionLost(why)
+        settings = self._session.settings
+        budget = self.reconnect_timeout
+        if isinstance(lost, ConnectionLost):
+            # The session tried to resume for max_reconnect_time already.
+            budget -= settings.max_reconnect_time
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        backoff = settings.reconnect_backoff
+        delay = backoff.initial
+        last: BaseException | None = lost
+        logger.warning("hub session %s lost (%s); opening a new session", self._session.id, why)
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    session = await self._reopen()
+            except (OSError, TimeoutError, ConnectionLost, SessionError) as exc:
+                last = exc
+            else:
+                if self._closing:  # close() came first: this session is not wanted
+                    session.abort()
+                    raise SessionError("the hub client is closed")
+                logger.info("hub session %s replaces %s", session.id, self._session.id)
+                return session
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            pause = self._random.uniform(delay * (1 - backoff.jitter), delay)
+            await asyncio.sleep(min(remaining, pause))
+            delay = min(delay * 2, backoff.maximum)
+        raise ConnectionLost(
+            f"lost the hub ({why}) and could not open a new session within"
+            f" reconnect_timeout={self.reconnect_timeout} s; last error: {last!r}"
+        ) from last
+
+    async def _reissue(self, session: ClientSession) -> None:
+        """Issue every read that went out on an earlier session again, on ``session``."""
+        for reader in list(self._reads.values()):
+            if reader._session is None or reader._session is session:
+                continue  # not issued yet, or already on this session
+            if reader._request not in self._reads:
+                continue  # closed meanwhile
+            try:
+                await session.send(reader._issue_on(session))
+            except StreamkitError:
+                return  # this session is lost too: the next one issues them
+
+    def _fail_all(self, error: StreamkitError) -> None:
+        """End the client's calls and reads with ``error``, now and from now on."""
+        if self._failure is None:
+            self._failure = error
+        for future, _ in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        self._pending.clear()
         for reader in list(self._reads.values()):
             reader._fail(error)
+        self._renew()
+
+    def _renew(self) -> None:
+        self._renewed.set()
+        self._renewed = asyncio.Event()
+
+    async def _current(self) -> ClientSession:
+        """The session to send on: the current one, or the next once it is open."""
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            session = self._session
+            if not session.closed:
+                return session
+            await self._renewed.wait()
 
     def _new_request(self) -> int:
         self._next_request += 1
         return self._next_request
 
-    async def _send(self, header: dict[str, Any], records: list[bytes] | None = None) -> None:
-        await self._session.send(encode_message(header, records))
+    async def _send_now(self, session: ClientSession, header: dict[str, Any]) -> None:
+        """Send ``header`` on ``session`` if it is still the live one, else drop it."""
+        if session is self._session and not session.closed:
+            with contextlib.suppress(StreamkitError):  # the reader meets the loss next
+                await session.send(encode_message(header))
+
+    async def _issue(self, reader: Reader) -> None:
+        """Send ``reader``'s read on the current session, unless it went out on it already."""
+        while True:
+            session = await self._current()
+            if reader._session is session or reader._request not in self._reads:
+                return
+            message = reader._issue_on(session)
+            try:
+                await session.send(message)
+                return
+            except StreamkitError:
+                if not session.closed or self._closing:
+                    raise
+                # It never went out: it goes on the next session.
 
     async def _call(
-        self, header: dict[str, Any], records: list[bytes] | None = None
+        self, header: dict[str, Any], records: list[bytes] | None = None, *, retry: bool = False
     ) -> dict[str, Any]:
-        request = self._new_request()
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request] = future
-        try:
-            await self._send({**header, "id": request}, records)
-            reply, _ = await future
-        finally:
-            self._pending.pop(request, None)
+        """Send a request and return its reply; raise its error.
+
+        ``retry``: a request the hub would apply once however often it
+        arrives, sent again on the next session if the one it went out on
+        is lost; without it, such a loss raises :class:`ConnectionLost`.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            session = await self._current()
+            request = self._new_request()
+            future: asyncio.Future[_Reply] = loop.create_future()
+            self._pending[request] = (future, session)
+            try:
+                try:
+                    await session.send(encode_message({**header, "id": request}, records))
+                except StreamkitError:
+                    if not session.closed or self._closing:
+                        raise
+                    continue  # it never went out: send it on the next session
+                try:
+                    reply, _ = await future
+                except _SessionLost as exc:
+                    if retry:
+                        continue
+                    raise ConnectionLost(_outcome_unknown(header, exc.why)) from exc.why
+                break
+            finally:
+                self._pending.pop(request, None)
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: a call that stopped waiting logs nothing
         if reply["op"] == "error":
             raise _error(reply)
         return dict(reply)
@@ -470,7 +712,8 @@ class HubClient(AsyncClosable):
                 "ttl": check_ttl(ttl),
                 "content_type": check_content_type(content_type),
                 "exist_ok": check_flag("exist_ok", exist_ok),
-            }
+            },
+            retry=exist_ok,  # creating a stream that may exist is harmless twice
         )
         return _status(reply["status"])
 
@@ -492,12 +735,12 @@ class HubClient(AsyncClosable):
 
     async def status(self, name: str) -> StreamStatus | None:
         """The stream's status, or ``None`` if it is absent."""
-        reply = await self._call({"op": "status", "name": check_name(name)})
+        reply = await self._call({"op": "status", "name": check_name(name)}, retry=True)
         return None if reply["status"] is None else _status(reply["status"])
 
     async def finish(self, name: str) -> StreamStatus:
         """Mark the stream finished: no more appends; readers end after the last record."""
-        reply = await self._call({"op": "finish", "name": check_name(name)})
+        reply = await self._call({"op": "finish", "name": check_name(name)}, retry=True)
         return _status(reply["status"])
 
     async def delete(self, name: str) -> None:
@@ -600,10 +843,13 @@ class HubClient(AsyncClosable):
         return self.read(name, offset, live=True)
 
     async def _claimed(self, name: str) -> bool:
-        reply = await self._call({"op": "producer", "name": name, "producer": "resumable"})
+        reply = await self._call(
+            {"op": "producer", "name": name, "producer": "resumable"}, retry=True
+        )
         if reply["epoch"] is not None:
             return True
-        # Claim the stream with an empty first batch: a second caller sees it taken.
+        # Claim the stream with an empty first batch: a second caller sees it
+        # taken. Not retried: a retry would find the claim taken, by us or not.
         reply = await self._call(
             {"op": "produce", "name": name, "producer": "resumable", "epoch": 0, "seq": 0}, []
         )
@@ -646,26 +892,48 @@ class HubClient(AsyncClosable):
     # -- lifecycle --------------------------------------------------------------
 
     async def close(self) -> None:
-        """Cancel the resumable sources still running (their streams are finished), then close."""
+        """Cancel the resumable sources still running (their streams are finished), then close.
+
+        A client that is opening a new session stops trying; every pending
+        and later call raises :class:`SessionError`.
+        """
         for task in self._feeders:
             task.cancel()
         if self._feeders:
             await asyncio.gather(*self._feeders, return_exceptions=True)
         for reader in list(self._reads.values()):
             await reader.close()
+        self._closing = True
         with contextlib.suppress(StreamkitError, TimeoutError):
             await self._session.close()
-        self._dispatcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, EndOfStream, ProtocolError):
-            await self._dispatcher
+        self._runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._runner
+        self._fail_all(SessionError("the hub client is closed"))
 
 
-async def _open(connector: Connector[ClientSession]) -> HubClient:
-    return HubClient(await connector)
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+Opener = Callable[[], Awaitable[ClientSession]]
+
+
+async def _open(opener: Opener, reconnect_timeout: float) -> HubClient:
+    return HubClient(await opener(), reopen=opener, reconnect_timeout=reconnect_timeout)
 
 
 async def _release(client: HubClient, exc: BaseException | None) -> None:
     await client.close()
+
+
+def _session_options(options: dict[str, Any], reconnect_timeout: float) -> dict[str, Any]:
+    """Session settings: ``max_reconnect_time`` is ``reconnect_timeout`` unless given."""
+    options.setdefault("max_reconnect_time", reconnect_timeout)
+    return options
 
 
 def connect(
@@ -673,15 +941,39 @@ def connect(
     port: int,
     *,
     ssl: _ssl.SSLContext | bool | None = None,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     **options: Any,
 ) -> Connector[HubClient]:
     """Connect to a hub: ``await connect(...)`` or ``async with connect(...)``.
 
-    Other keywords are session settings (see ``connect_resumable``).
+    ``reconnect_timeout`` (seconds, default 60) bounds how long the client
+    tries to get back to its hub once the connection is lost: first its
+    session tries to resume (the session's ``max_reconnect_time``, which
+    defaults to ``reconnect_timeout``), then, if the hub lost the session
+    (it restarted), the client opens new sessions, backing off, until
+    ``reconnect_timeout`` has passed since the loss; then every pending
+    and later call raises :class:`ConnectionLost` (see :class:`HubClient`).
+    Other keywords are session settings (see ``connect_resumable``). The
+    first connection's errors are raised here.
     """
-    return Connector(lambda: _open(connect_resumable(host, port, ssl=ssl, **options)), _release)
+    reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
+    options = _session_options(options, reconnect_timeout)
+    return Connector(
+        lambda: _open(lambda: connect_resumable(host, port, ssl=ssl, **options), reconnect_timeout),
+        _release,
+    )
 
 
-def connect_unix(path: str | os.PathLike[str], **options: Any) -> Connector[HubClient]:
+def connect_unix(
+    path: str | os.PathLike[str],
+    *,
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    **options: Any,
+) -> Connector[HubClient]:
     """Connect to a hub on a Unix socket; otherwise as :func:`connect`."""
-    return Connector(lambda: _open(connect_resumable_unix(path, **options)), _release)
+    reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
+    options = _session_options(options, reconnect_timeout)
+    return Connector(
+        lambda: _open(lambda: connect_resumable_unix(path, **options), reconnect_timeout),
+        _release,
+    )
