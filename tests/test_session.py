@@ -1016,6 +1016,7 @@ async def test_send_over_the_peers_max_frame_is_refused_locally(
         connect_resumable("127.0.0.1", server.port, max_frame=client_max, **FAST) as session,
     ):
         assert server_error in await asyncio.wait_for(refused, 5)
+        assert session.max_frame == 1000
         whose = "the peer's " if server_max < client_max else ""
         for size in (1001, 2001):  # over one limit, over both: the smaller is named
             with pytest.raises(FrameTooLarge, match=f"{size} bytes exceeds {whose}max_frame=1000"):

@@ -251,6 +251,14 @@ class Session:
         )
 
     @property
+    def max_frame(self) -> int:
+        """The largest payload ``send`` takes: our ``max_frame`` or, if smaller, the peer's.
+
+        The peer's comes with each handshake.
+        """
+        return self._max_frame
+
+    @property
     def connected(self) -> bool:
         """Whether a connection is attached right now."""
         return self._conn is not None
