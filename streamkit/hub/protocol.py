@@ -83,7 +83,9 @@ def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
     Raises :class:`ProtocolError` for a malformed message.
     """
     if len(message) < _HEADER_SIZE.size:
-        raise ProtocolError(f"hub message of {len(message)} bytes is too short")
+        raise ProtocolError(
+            f"hub message of {len(message)} bytes is too short (at least {_HEADER_SIZE.size})"
+        )
     size = _HEADER_SIZE.unpack_from(message)[0]
     end = _HEADER_SIZE.size + size
     if end > len(message):
@@ -103,7 +105,9 @@ def decode_records(body: memoryview | bytes) -> list[bytes]:
     if size == 0:
         return []  # a message without records has no body
     if size < _COUNT.size:
-        raise ProtocolError(f"hub records body of {size} bytes is too short")
+        raise ProtocolError(
+            f"hub records body of {size} bytes is too short (at least {_COUNT.size})"
+        )
     (count,) = _COUNT.unpack_from(body)
     start = _COUNT.size + 4 * count
     if start > size:

@@ -327,7 +327,9 @@ def decode_message(body: bytes) -> Message:
     kind = body[0]
     if kind == MessageType.DATA:
         if len(body) < DATA_HEADER.size:
-            raise ProtocolError(f"malformed DATA message: {len(body)} bytes")
+            raise ProtocolError(
+                f"malformed DATA message: {len(body)} bytes, expected at least {DATA_HEADER.size}"
+            )
         return Data(_U64.unpack_from(body, 1)[0], body[DATA_HEADER.size :])
     if kind == MessageType.ACK:
         _need(body, _ACK.size, "ACK")
@@ -359,7 +361,10 @@ def decode_message(body: bytes) -> Message:
     if kind == MessageType.WELCOME:
         base = 2 + SESSION_ID_SIZE + 8 + 4
         if len(body) not in (base, base + TOKEN_SIZE) or body[1] not in (0, 1):
-            raise ProtocolError(f"malformed WELCOME message: {len(body)} bytes")
+            raise ProtocolError(
+                f"malformed WELCOME message: {len(body)} bytes (expected {base} or "
+                f"{base + TOKEN_SIZE}) and session-present flag {body[1:2].hex() or 'missing'}"
+            )
         session_id = body[2 : 2 + SESSION_ID_SIZE]
         return Welcome(
             bool(body[1]),
@@ -370,7 +375,7 @@ def decode_message(body: bytes) -> Message:
         )
     if kind == MessageType.REJECT:
         if len(body) < 2:
-            raise ProtocolError("malformed REJECT message")
+            raise ProtocolError(f"malformed REJECT message: {len(body)} bytes, expected at least 2")
         try:
             reason = RejectReason(body[1])
         except ValueError:
