@@ -156,6 +156,15 @@ def test_frames_before_an_oversized_header_come_first() -> None:
     assert decoder.buffered == 0
 
 
+@pytest.mark.parametrize("wire", [b"GET / HTTP/1.1\r\n", b"SSH-2.0-x\r\n", b"SKSP\x02"])
+def test_a_text_header_is_named_as_another_protocol(wire: bytes) -> None:
+    with pytest.raises(FrameTooLarge, match="looks like text: is the peer speaking another"):
+        LengthPrefixed().decoder().feed(wire)
+    with pytest.raises(FrameTooLarge) as info:
+        LengthPrefixed().decoder().feed(b"\xff\xff\xff\xff")
+    assert "text" not in str(info.value)
+
+
 def test_oversized_header_is_sticky() -> None:
     decoder = LengthPrefixed(1, max_frame=3).decoder()
     with pytest.raises(FrameTooLarge) as first:

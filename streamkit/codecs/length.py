@@ -178,7 +178,15 @@ class LengthPrefixed(EncodeMany[Buffer]):
     def _payload_size(self, value: int) -> int:
         size = value + self.adjustment
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            error = _too_large(size, self.max_frame)
+            raw = value.to_bytes(self.header, self.byteorder)
+            if self.header > 1 and all(32 <= byte < 127 for byte in raw):
+                # "GET ", "SSH-", a session's "SKSP": say what it likely is.
+                error = FrameTooLarge(
+                    f"{error}; its length header {raw!r} looks like text: "
+                    "is the peer speaking another protocol?"
+                )
+            raise error
         if size < 0:
             raise ProtocolError(
                 f"length value {value} with adjustment={self.adjustment} gives a negative size"
