@@ -256,3 +256,30 @@ def test_a_bad_reconnect_timeout_raises_at_the_call() -> None:
     for bad in (0, -1, math.inf, math.nan):
         with pytest.raises(ValueError, match="reconnect_timeout must be a finite number"):
             hub.connect("127.0.0.1", 1, reconnect_timeout=bad)
+
+
+async def test_readers_of_every_kind_continue_after_a_restart(tmp_path: Path) -> None:
+    process, port = await start_hub(tmp_path)
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("j", content_type="application/json")
+            await client.create("k")
+            await client.append_many("j", [b'{"n": %d}' % n for n in range(50)])
+            plain = client.read("j", 0, window=64)  # not live, mid-read at the kill
+            values = client.read_json("j", 10, live=True)
+            now = client.read("k", "now", live=True)
+            assert (await anext(plain)).offset == 0
+            assert await anext(values) == (10, {"n": 10})
+            later = asyncio.create_task(anext(now))
+            await kill(process)
+            process, _ = await start_hub(tmp_path, port)
+            assert await client.status("k") is not None  # asked again on the new session
+            await client.append("k", b"new")
+            assert await later == (0, b"new")
+            assert [record.offset async for record in plain] == list(range(1, 50))
+            rest = [await anext(values) for _ in range(11, 50)]
+            assert rest == [(n, {"n": n}) for n in range(11, 50)]
+            await values.aclose()
+            await now.close()
+    finally:
+        await kill(process)

@@ -146,6 +146,7 @@ class HubServer(ServerBase):
                 if not isinstance(request, int):
                     raise ProtocolError(f"hub request {op!r} without an integer 'id'")
                 if op == "read":
+                    header = self._from_now(header)
                     read = reads[request] = _Read()
                     read.task = asyncio.create_task(self._read(session, request, header, read))
                     read.task.add_done_callback(functools.partial(_forget, reads, request))
@@ -176,6 +177,19 @@ class HubServer(ServerBase):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _from_now(self, header: dict[str, Any]) -> dict[str, Any]:
+        """A ``"now"`` read's header with the offset of the stream's end as it comes in.
+
+        Resolved here, in order with the session's other requests, rather
+        than when the read's task starts: an append the client sends after
+        the read must be one the read sees.
+        """
+        name = header.get("name")
+        if header.get("offset") != "now" or not isinstance(name, str):
+            return header
+        info = self.storage.get(name)
+        return header if info is None else {**header, "offset": info.next_offset}
 
     def _handle(self, op: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
         if op not in _REQUESTS:
