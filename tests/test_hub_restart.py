@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -281,5 +282,34 @@ async def test_readers_of_every_kind_continue_after_a_restart(tmp_path: Path) ->
             assert rest == [(n, {"n": n}) for n in range(11, 50)]
             await values.aclose()
             await now.close()
+    finally:
+        await kill(process)
+
+
+async def test_a_resumable_stream_and_its_reader_ride_over_a_restart(tmp_path: Path) -> None:
+    process, port = await start_hub(tmp_path)
+    items: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def source() -> AsyncIterator[bytes]:
+        while (item := await items.get()) is not None:
+            yield item
+
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            reader = await client.resumable("gen", source())
+            for n in range(10):
+                items.put_nowait(b"item %d" % n)
+            seen = [await anext(reader) for _ in range(10)]
+            await kill(process)
+            for n in range(10, 20):
+                items.put_nowait(b"item %d" % n)  # appended through the restart
+            process, _ = await start_hub(tmp_path, port)
+            items.put_nowait(None)  # the source ends: its stream is finished
+            seen += [record async for record in reader]
+            assert reader.finished
+            assert [record.data for record in seen] == [b"item %d" % n for n in range(20)]
+            assert [record.offset for record in seen] == list(range(20))
+            status = await client.status("gen")
+            assert status is not None and status.finished and status.next_offset == 20
     finally:
         await kill(process)
