@@ -14,7 +14,7 @@ import pytest
 
 from streamkit import hub
 from streamkit.errors import ConnectionLost, StreamkitError
-from streamkit.session import Backoff
+from streamkit.session import Backoff, SessionSettings
 
 SERVER = """
 import asyncio, os, signal, sys
@@ -313,3 +313,17 @@ async def test_a_resumable_stream_and_its_reader_ride_over_a_restart(tmp_path: P
             assert status is not None and status.finished and status.next_offset == 20
     finally:
         await kill(process)
+
+
+async def test_reconnect_timeout_is_the_sessions_max_reconnect_time_unless_given() -> None:
+    async with await hub.serve_hub("127.0.0.1", 0) as server:
+        port = server.port
+        async with hub.connect("127.0.0.1", port, reconnect_timeout=7) as client:
+            assert client.reconnect_timeout == 7
+            assert client.session.settings.max_reconnect_time == 7
+        async with hub.connect("127.0.0.1", port, max_reconnect_time=3) as client:
+            assert client.reconnect_timeout == 60
+            assert client.session.settings.max_reconnect_time == 3
+        settings = SessionSettings(max_reconnect_time=4)
+        async with hub.connect("127.0.0.1", port, settings=settings) as client:
+            assert client.session.settings.max_reconnect_time == 4

@@ -466,7 +466,8 @@ class HubClient(AsyncClosable):
     (``append``, ``append_many``, ``create``, ``delete``) raises
     :class:`ConnectionLost` saying its outcome is unknown. After
     ``reconnect_timeout`` every pending and later call raises
-    :class:`ConnectionLost`.
+    :class:`ConnectionLost`; a session that fails with a
+    :class:`~streamkit.errors.ProtocolError` ends the client at once with it.
     """
 
     def __init__(
@@ -932,7 +933,8 @@ async def _release(client: HubClient, exc: BaseException | None) -> None:
 
 def _session_options(options: dict[str, Any], reconnect_timeout: float) -> dict[str, Any]:
     """Session settings: ``max_reconnect_time`` is ``reconnect_timeout`` unless given."""
-    options.setdefault("max_reconnect_time", reconnect_timeout)
+    if "max_reconnect_time" not in options and options.get("settings") is None:
+        options["max_reconnect_time"] = reconnect_timeout
     return options
 
 
@@ -948,13 +950,15 @@ def connect(
 
     ``reconnect_timeout`` (seconds, default 60) bounds how long the client
     tries to get back to its hub once the connection is lost: first its
-    session tries to resume (the session's ``max_reconnect_time``, which
-    defaults to ``reconnect_timeout``), then, if the hub lost the session
-    (it restarted), the client opens new sessions, backing off, until
-    ``reconnect_timeout`` has passed since the loss; then every pending
-    and later call raises :class:`ConnectionLost` (see :class:`HubClient`).
-    Other keywords are session settings (see ``connect_resumable``). The
-    first connection's errors are raised here.
+    session tries to resume (for the session's ``max_reconnect_time``, which
+    is ``reconnect_timeout`` unless given by keyword or in ``settings``),
+    then, if the hub lost the session (it restarted), the client opens new
+    sessions, backing off, until ``reconnect_timeout`` has passed since the
+    loss; then every pending and later call raises :class:`ConnectionLost`
+    (see :class:`HubClient`). A bad ``reconnect_timeout`` raises
+    :class:`TypeError` or :class:`ValueError` here. Other keywords are
+    session settings (see ``connect_resumable``). The first connection's
+    errors are raised at the ``await``.
     """
     reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
     options = _session_options(options, reconnect_timeout)
