@@ -327,3 +327,28 @@ async def test_reconnect_timeout_is_the_sessions_max_reconnect_time_unless_given
         settings = SessionSettings(max_reconnect_time=4)
         async with hub.connect("127.0.0.1", port, settings=settings) as client:
             assert client.session.settings.max_reconnect_time == 4
+
+
+async def test_a_hub_closed_and_served_again_on_its_port_is_invisible_to_a_reader(
+    tmp_path: Path,
+) -> None:
+    server = await hub.serve_hub("127.0.0.1", 0, data_dir=tmp_path, grace_period=0.2)
+    port = server.port
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("s")
+            await client.append("s", b"a")
+            async with client.read("s", 0, live=True) as reader:
+                assert (await anext(reader)).data == b"a"
+                first = client.session
+                server.close()
+                await server.wait_closed()
+                server = await hub.serve_hub("127.0.0.1", port, data_dir=tmp_path)
+                status = await client.status("s")
+                assert status is not None and status.next_offset == 1
+                await client.append("s", b"b")
+                assert await anext(reader) == (1, b"b")
+                assert client.session is not first
+    finally:
+        server.close()
+        await server.wait_closed()
