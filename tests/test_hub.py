@@ -374,7 +374,7 @@ async def test_a_malformed_records_body_gets_an_error_reply() -> None:
     async with hub_and_client() as (_, client):
         await client.create("s")
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        client._pending[99_999] = (reply, client.session)
+        client._pending[99_999] = (reply, client.session, None)
         message = hub_server.encode_message({"op": "append", "id": 99_999, "name": "s"})
         await client.session.send(message + b"\0\0\0\1\0\0\0\x09abc")
         header, _ = await asyncio.wait_for(reply, 5)

@@ -14,7 +14,7 @@ import pytest
 
 from streamkit import hub
 from streamkit.errors import ConnectionLost, StreamkitError
-from streamkit.session import Backoff, SessionSettings
+from streamkit.session import Backoff, ClientSession, SessionSettings
 
 SERVER = """
 import asyncio, os, signal, sys
@@ -76,6 +76,18 @@ async def until(event: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
     for task in tasks:
         if task.done():
             task.result()
+
+
+async def detached(session: ClientSession) -> None:
+    """Wait until ``session`` has noticed its connection is gone.
+
+    Polled: the session has no event for it.
+    """
+    for _ in range(2000):
+        if not session.connected:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{session} still has its connection")
 
 
 async def kill(process: asyncio.subprocess.Process) -> None:
@@ -193,19 +205,26 @@ async def test_a_plain_call_in_flight_when_the_hub_restarts_has_an_unknown_outco
     try:
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("s")
+            process.send_signal(signal.SIGSTOP)  # it takes requests and never answers
+            in_flight = asyncio.create_task(client.append("s", b"maybe"))
+            await asyncio.sleep(0)  # written to the connection
+            assert client.session.connected and len(client._pending) == 1
             await kill(process)
-            # Sent while the hub is down, in the session the next hub will not know.
-            appending = asyncio.create_task(client.append("s", b"maybe"))
+            await detached(client.session)
+            # Sent while the session resumes, never written to a connection:
+            # these go out again on the new session.
+            later = asyncio.create_task(client.append("s", b"later"))
             asking = asyncio.create_task(client.status("s"))
-            await asyncio.sleep(0)  # both go out (into a session that is resuming)
-            assert len(client._pending) == 2
+            await asyncio.sleep(0)
+            assert len(client._pending) == 3
             process, _ = await start_hub(tmp_path, port)
             with pytest.raises(ConnectionLost, match="append of stream 's' was in flight") as lost:
-                await appending
+                await in_flight
             assert "whether the hub applied it is unknown" in str(lost.value)
-            status = await asking  # a status is asked again
-            assert status is not None and status.next_offset == 0
-            assert await client.append("s", b"sure") == 0  # later calls go on
+            assert await later == 0  # the stopped hub never applied "maybe"
+            status = await asking
+            assert status is not None
+            assert await client.append("s", b"sure") == 1  # later calls go on
     finally:
         await kill(process)
 

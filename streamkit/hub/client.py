@@ -75,11 +75,16 @@ _Reply = tuple[dict[str, Any], memoryview]
 
 
 class _SessionLost(StreamkitError):
-    """The session a request went out on was lost before its reply came."""
+    """The session a request went out on was lost before its reply came.
 
-    def __init__(self, why: StreamkitError | None) -> None:
+    ``written``: whether the request may have reached the hub, that is
+    was written to a connection (else it never left the client).
+    """
+
+    def __init__(self, why: StreamkitError | None, written: bool) -> None:
         super().__init__("the hub lost this client's session")
         self.why = why
+        self.written = written
 
 
 def _outcome_unknown(header: dict[str, Any], why: StreamkitError | None) -> str:
@@ -461,10 +466,12 @@ class HubClient(AsyncClosable):
     continue from their ``next_offset`` and producers resend their batch
     in flight with the same (producer id, epoch, sequence), so with a hub
     that keeps its streams (``data_dir``) a restart is invisible to them.
-    A request in flight when the session was lost is sent again if that is
-    harmless (``status``, ``finish``, ``create(exist_ok=True)``); any other
-    (``append``, ``append_many``, ``create``, ``delete``) raises
-    :class:`ConnectionLost` saying its outcome is unknown. After
+    A request made while the session was resuming, and so never written
+    to a connection, goes out on the new session. A request in flight when
+    the session was lost is sent again if that is harmless (``status``,
+    ``finish``, ``create(exist_ok=True)``); any other (``append``,
+    ``append_many``, ``create``, ``delete``) raises :class:`ConnectionLost`
+    saying its outcome is unknown. After
     ``reconnect_timeout`` every pending and later call raises
     :class:`ConnectionLost`; a session that fails with a
     :class:`~streamkit.errors.ProtocolError` ends the client at once with it.
@@ -485,8 +492,9 @@ class HubClient(AsyncClosable):
         self._renewed = asyncio.Event()  # set when a session replaces the last, or all fail
         self._random = random.Random()
         self._next_request = 0
-        # Each request's reply, and the session it went out on.
-        self._pending: dict[int, tuple[asyncio.Future[_Reply], ClientSession]] = {}
+        # Each request's reply, the session it went out on, and if that
+        # session had no connection then, how many it had had.
+        self._pending: dict[int, tuple[asyncio.Future[_Reply], ClientSession, int | None]] = {}
         self._reads: dict[int, Reader] = {}
         self._feeders: set[asyncio.Task[None]] = set()
         self._runner = asyncio.create_task(self._run())
@@ -543,9 +551,12 @@ class HubClient(AsyncClosable):
 
     def _lost(self, session: ClientSession, why: StreamkitError | None) -> None:
         """Tell each call whose request went out on ``session`` that it was lost."""
-        for future, sent_on in self._pending.values():
+        for future, sent_on, detached_at in self._pending.values():
             if sent_on is session and not future.done():
-                future.set_exception(_SessionLost(why))
+                # A request sent while the session had no connection, which
+                # got none since, was never written: it never left us.
+                written = detached_at is None or session.stats.connections != detached_at
+                future.set_exception(_SessionLost(why, written))
 
     async def _new_session(self, lost: StreamkitError | None) -> ClientSession:
         """A new session to the hub, within ``reconnect_timeout`` of losing the last one.
@@ -608,7 +619,7 @@ class HubClient(AsyncClosable):
         """End the client's calls and reads with ``error``, now and from now on."""
         if self._failure is None:
             self._failure = error
-        for future, _ in self._pending.values():
+        for future, _, _ in self._pending.values():
             if not future.done():
                 future.set_exception(error)
         for reader in list(self._reads.values()):
@@ -661,14 +672,17 @@ class HubClient(AsyncClosable):
 
         ``retry``: a request the hub would apply once however often it
         arrives, sent again on the next session if the one it went out on
-        is lost; without it, such a loss raises :class:`ConnectionLost`.
+        is lost; without it, such a loss raises :class:`ConnectionLost`,
+        unless the request was never written to a connection (it was sent
+        while the session was resuming, and the resume failed).
         """
         loop = asyncio.get_running_loop()
         while True:
             session = await self._current()
             request = self._new_request()
             future: asyncio.Future[_Reply] = loop.create_future()
-            self._pending[request] = (future, session)
+            detached_at = None if session.connected else session.stats.connections
+            self._pending[request] = (future, session, detached_at)
             try:
                 try:
                     await session.send(encode_message({**header, "id": request}, records))
@@ -679,7 +693,7 @@ class HubClient(AsyncClosable):
                 try:
                     reply, _ = await future
                 except _SessionLost as exc:
-                    if retry:
+                    if retry or not exc.written:
                         continue
                     raise ConnectionLost(_outcome_unknown(header, exc.why)) from exc.why
                 break
