@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from streamkit import hub
-from streamkit.errors import ConnectionLost, StreamkitError
+from streamkit.errors import ConnectionLost, SessionError, StreamkitError
 from streamkit.session import Backoff, ClientSession, SessionSettings
 
 SERVER = """
@@ -371,3 +371,22 @@ async def test_a_hub_closed_and_served_again_on_its_port_is_invisible_to_a_reade
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_closing_a_client_whose_hub_is_down_does_not_wait_for_it(tmp_path: Path) -> None:
+    process, port = await start_hub(tmp_path)
+    try:
+        # It would try to resume for a minute, longer than the test may take.
+        client = await hub.connect("127.0.0.1", port, **{**FAST, "reconnect_timeout": 60})
+        await client.create("s")
+        await kill(process)
+        await detached(client.session)
+        asking = asyncio.create_task(client.status("s"))
+        await asyncio.sleep(0)
+        await client.close()  # within the test's timeout, not close_timeout (30 s)
+        with pytest.raises(SessionError, match="closed"):
+            await asking
+        with pytest.raises(SessionError, match="the hub client is closed"):
+            await client.append("s", b"late")
+    finally:
+        await kill(process)

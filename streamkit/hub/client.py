@@ -909,8 +909,10 @@ class HubClient(AsyncClosable):
     async def close(self) -> None:
         """Cancel the resumable sources still running (their streams are finished), then close.
 
-        A client that is opening a new session stops trying; every pending
-        and later call raises :class:`SessionError`.
+        The session is closed gracefully if it has a connection, else
+        aborted: a client whose hub is down does not wait for it. A client
+        that is opening a new session stops trying; every pending and later
+        call raises :class:`SessionError`.
         """
         for task in self._feeders:
             task.cancel()
@@ -919,8 +921,12 @@ class HubClient(AsyncClosable):
         for reader in list(self._reads.values()):
             await reader.close()
         self._closing = True
-        with contextlib.suppress(StreamkitError, TimeoutError):
-            await self._session.close()
+        session = self._session
+        if session.connected:
+            with contextlib.suppress(StreamkitError, TimeoutError):
+                await session.close()
+        else:
+            session.abort()
         self._runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._runner
