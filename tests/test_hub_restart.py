@@ -196,6 +196,13 @@ async def test_a_live_reader_and_a_producer_ride_over_hub_restarts(tmp_path: Pat
             assert [record.data async for record in again] == expected  # no duplicate
     finally:
         await kill(process)
+    storage = hub.FileStorage(tmp_path)  # the log itself, read back
+    try:
+        info = storage.get("log")
+        assert info is not None and info.finished and info.next_offset == total
+        assert storage.read("log", 0, total, 1 << 20) == expected
+    finally:
+        storage.close()
 
 
 async def test_a_plain_call_in_flight_when_the_hub_restarts_has_an_unknown_outcome(
