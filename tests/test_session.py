@@ -531,8 +531,9 @@ async def test_client_of_another_version_is_rejected_by_the_server() -> None:
     [
         (b"\x7f", "unknown session message type 0x7f"),
         (b"", "empty session message"),
-        (b"\x02" + bytes(10), "malformed HELLO_RESUME message: 11 bytes, expected 61"),
-        (b"\x01" + struct.pack(">I", 0), "malformed HELLO_NEW message: max_frame=0"),
+        (b"\x02" + bytes(10), "malformed HELLO_RESUME message: 11 bytes, expected 73"),
+        (b"\x01" + struct.pack(">IIQ", 0, 1, 1), "malformed HELLO_NEW message: max_frame=0"),
+        (b"\x01" + struct.pack(">IIQ", 1, 1, 0), "max_unacked_bytes=0 (a window must be"),
     ],
 )
 async def test_bad_hello_closes_only_that_connection(
@@ -1242,3 +1243,89 @@ async def test_duplicate_frames_from_a_peer_are_dropped_and_counted() -> None:
 
 def data_frame(offset: int, payload: bytes) -> bytes:
     return frame(bytes([0x10]) + struct.pack(">Q", offset) + payload)
+
+
+# -- the receive window ----------------------------------------------------------
+
+
+def window_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "receive window" in r.getMessage()]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (session counters have no event to await) for up to 5 s."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met within 5 s")
+
+
+@pytest.mark.parametrize("receiver", ["server", "client"])
+@pytest.mark.parametrize(
+    ("window", "payload", "fits"),
+    [({"max_unacked_frames": 8}, b"x" * 10, 8), ({"max_unacked_bytes": 1000}, b"x" * 300, 3)],
+    ids=["frames", "bytes"],
+)
+async def test_a_sender_keeps_to_the_receivers_smaller_window(
+    receiver: str,
+    window: dict[str, int],
+    payload: bytes,
+    fits: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    total = 100
+    served: list[ServerSession] = []
+    release = asyncio.Event()
+    server_got: list[bytes] = []
+
+    async def handler(session: ServerSession) -> None:
+        served.append(session)
+        if receiver == "server":
+            await release.wait()
+            for _ in range(total):
+                server_got.append(await session.recv())
+        else:
+            for _ in range(total):
+                await session.send(payload)
+        await session.recv()  # until the client closes
+
+    # Only the receiver sets the small window: the sender (default settings)
+    # learns it from the handshake.
+    server_window = window if receiver == "server" else {}
+    client_window = window if receiver == "client" else {}
+    async with (
+        await serve_resumable(
+            handler, "127.0.0.1", 0, **server_window, **FAST, **QUICK_SHUTDOWN
+        ) as server,
+        connect_resumable("127.0.0.1", server.port, **client_window, **FAST) as session,
+    ):
+        await wait_until(lambda: bool(served))
+        peer = served[0]
+        if receiver == "server":
+            sender, receiving = session, peer
+
+            async def produce() -> None:
+                for _ in range(total):
+                    await session.send(payload)
+
+            task: asyncio.Task[None] | None = asyncio.create_task(produce())
+        else:
+            sender, receiving, task = peer, session, None
+        await wait_until(lambda: receiving.stats.frames_received == fits)
+        await asyncio.sleep(0.2)  # room for a frame past the window, were it sent
+        # The sender stopped at the receiver's window, not at its own (4096, 8 MiB).
+        assert sender.stats.frames_sent == fits
+        assert receiving.stats.frames_received == fits
+        if receiver == "server":
+            assert task is not None and not task.done()
+            release.set()
+            await asyncio.wait_for(task, 10)
+            await session.flush()
+            assert server_got == [payload] * total
+        else:
+            got = [await session.recv(timeout=5) for _ in range(total)]
+            assert got == [payload] * total
+        assert session.stats.connections == 1
+        assert window_errors(caplog) == []

@@ -168,37 +168,67 @@ def test_complete_needs_exactly_the_missing_bytes() -> None:
     "message",
     [
         HelloNew(1000),
-        HelloResume(b"\1" * 16, b"\2" * 32, 7, 2**32 - 10),
-        Welcome(False, b"\3" * 16, 0, b"\4" * 32, 1),
-        Welcome(True, b"\3" * 16, 12, max_frame=5000),
+        HelloNew(1, 2**32 - 1, 2**64 - 1),
+        HelloResume(b"\1" * 16, b"\2" * 32, 7, 2**32 - 10, 1, 1),
+        Welcome(False, b"\3" * 16, 0, b"\4" * 32, 1, 300, 5000),
+        Welcome(True, b"\3" * 16, 12, max_frame=5000, max_unacked_bytes=77),
     ],
 )
-def test_handshake_messages_round_trip_with_their_max_frame(
+def test_handshake_messages_round_trip_with_their_limits(
     message: HelloNew | HelloResume | Welcome,
 ) -> None:
     assert decode_message(message.encode()) == message
 
 
 def test_handshake_layouts_are_as_documented() -> None:
-    assert HelloNew(0x01020304).encode() == b"\x01\x01\x02\x03\x04"
-    resume = HelloResume(b"i" * 16, b"p" * 32, 5, 9).encode()
-    assert resume == b"\x02" + b"i" * 16 + b"p" * 32 + struct.pack(">QI", 5, 9)
-    welcome = Welcome(False, b"i" * 16, 0, b"t" * 32, 9).encode()
-    assert welcome == b"\x03\x00" + b"i" * 16 + struct.pack(">QI", 0, 9) + b"t" * 32
+    limits = struct.pack(">IIQ", 0x01020304, 0x05060708, 0x090A0B0C0D0E0F10)
+    assert HelloNew(0x01020304, 0x05060708, 0x090A0B0C0D0E0F10).encode() == b"\x01" + limits
+    assert len(HelloNew().encode()) == 17
+    resume = HelloResume(b"i" * 16, b"p" * 32, 5, 9, 10, 11).encode()
+    assert resume == b"\x02" + b"i" * 16 + b"p" * 32 + struct.pack(">QIIQ", 5, 9, 10, 11)
+    welcome = Welcome(False, b"i" * 16, 0, b"t" * 32, 9, 10, 11).encode()
+    assert welcome == b"\x03\x00" + b"i" * 16 + struct.pack(">QIIQ", 0, 9, 10, 11) + b"t" * 32
+    resumed = Welcome(True, b"i" * 16, 3, b"", 9, 10, 11).encode()
+    assert resumed == b"\x03\x01" + b"i" * 16 + struct.pack(">QIIQ", 3, 9, 10, 11)
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b"\x01", "malformed HELLO_NEW message: 1 bytes, expected 5"),
-        (b"\x01" + struct.pack(">I", 0), "malformed HELLO_NEW message: max_frame=0"),
-        (b"\x01" + struct.pack(">I", 2**32 - 1), "max_frame=4294967295"),
+        (b"\x01", "malformed HELLO_NEW message: 1 bytes, expected 17"),
+        (b"\x01" + struct.pack(">I", 1000), "malformed HELLO_NEW message: 5 bytes, expected 17"),
+        (b"\x01" + struct.pack(">IIQ", 0, 1, 1), "malformed HELLO_NEW message: max_frame=0"),
+        (b"\x01" + struct.pack(">IIQ", 2**32 - 1, 1, 1), "max_frame=4294967295"),
         (
-            b"\x02" + bytes(48) + struct.pack(">QI", 0, 0),
+            b"\x01" + struct.pack(">IIQ", 1, 0, 1),
+            r"malformed HELLO_NEW message: max_unacked_frames=0, max_unacked_bytes=1 "
+            r"\(a window must be at least 1\)",
+        ),
+        (b"\x01" + struct.pack(">IIQ", 1, 1, 0), "max_unacked_frames=1, max_unacked_bytes=0"),
+        (
+            b"\x02" + bytes(48) + struct.pack(">QI", 0, 1),
+            "malformed HELLO_RESUME message: 61 bytes, expected 73",
+        ),
+        (
+            b"\x02" + bytes(48) + struct.pack(">QIIQ", 0, 0, 1, 1),
             "malformed HELLO_RESUME message: max_frame=0",
         ),
-        (b"\x03\x01" + bytes(16) + struct.pack(">Q", 0), "malformed WELCOME message: 26 bytes"),
-        (b"\x03\x01" + bytes(16) + struct.pack(">QI", 0, 0), "malformed WELCOME message"),
+        (
+            b"\x02" + bytes(48) + struct.pack(">QIIQ", 0, 1, 0, 1),
+            "malformed HELLO_RESUME message: max_unacked_frames=0",
+        ),
+        (
+            b"\x03\x01" + bytes(16) + struct.pack(">QI", 0, 1),
+            r"malformed WELCOME message: 30 bytes \(expected 42 or 74\)",
+        ),
+        (
+            b"\x03\x01" + bytes(16) + struct.pack(">QIIQ", 0, 0, 1, 1),
+            "WELCOME message: max_frame=0",
+        ),
+        (
+            b"\x03\x01" + bytes(16) + struct.pack(">QIIQ", 0, 1, 1, 0),
+            "malformed WELCOME message: max_unacked_frames=1, max_unacked_bytes=0",
+        ),
     ],
 )
 def test_malformed_handshake_messages_are_protocol_errors(body: bytes, message: str) -> None:
@@ -210,6 +240,16 @@ def test_max_frame_setting_must_fit_the_wire() -> None:
     SessionSettings(max_frame=2**32 - 10)
     with pytest.raises(ValueError, match="max_frame must be <= 4294967286"):
         SessionSettings(max_frame=2**32 - 9)
+
+
+def test_window_settings_must_fit_the_wire() -> None:
+    SessionSettings(max_unacked_frames=2**32 - 1, max_unacked_bytes=2**64 - 1)
+    with pytest.raises(ValueError, match="max_unacked_frames must be <= 4294967295"):
+        SessionSettings(max_unacked_frames=2**32)
+    with pytest.raises(ValueError, match="max_unacked_bytes must be <= 18446744073709551615"):
+        SessionSettings(max_unacked_bytes=2**64)
+    with pytest.raises(ValueError, match="max_unacked_bytes must be >= 1"):
+        SessionSettings(max_unacked_bytes=0)
 
 
 # -- the replay buffer ----------------------------------------------------------

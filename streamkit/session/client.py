@@ -38,7 +38,7 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
-from streamkit.session.session import Session, SessionSettings, _Connection
+from streamkit.session.session import Session, SessionSettings, _Connection, _Limits
 from streamkit.stream import FramedStream
 
 __all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]
@@ -176,9 +176,9 @@ class ClientSession(Session):
     _ping_on_attach = True
 
     def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer_max_frame: int
+        self, stream: FramedStream[bytes], peer_received: int, peer: _Limits
     ) -> _Connection:
-        conn = super()._attach(stream, peer_received, peer_max_frame)
+        conn = super()._attach(stream, peer_received, peer)
         self._marks = self._progress_marks()
         return conn
 
@@ -213,7 +213,15 @@ class ClientSession(Session):
     def _resume_hello(self, nonce: bytes) -> bytes:
         received = self._recv_state.received
         proof = resume_proof(self._token, nonce, self._id, received)
-        return HelloResume(self._id, proof, received, self.settings.max_frame).encode()
+        settings = self.settings
+        return HelloResume(
+            self._id,
+            proof,
+            received,
+            settings.max_frame,
+            settings.max_unacked_frames,
+            settings.max_unacked_bytes,
+        ).encode()
 
     async def _resume_once(self) -> None:
         async with asyncio.timeout(self.settings.handshake_timeout):
@@ -222,7 +230,7 @@ class ClientSession(Session):
                 welcome = await _handshake(stream, self._resume_hello)
                 if not welcome.present or welcome.session_id != self._id:
                     raise ProtocolError("the server answered a resume with another session")
-                self._attach(stream, welcome.received, welcome.max_frame)
+                self._attach(stream, welcome.received, welcome)
             except BaseException:
                 stream.abort()
                 raise
@@ -285,7 +293,9 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
     async with asyncio.timeout(settings.handshake_timeout):
         stream = await opener()
         try:
-            hello = HelloNew(settings.max_frame).encode()
+            hello = HelloNew(
+                settings.max_frame, settings.max_unacked_frames, settings.max_unacked_bytes
+            ).encode()
             welcome = await _handshake(stream, lambda nonce: hello)
             if (
                 welcome.present
@@ -300,7 +310,7 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
             stream.abort()
             raise
     session = ClientSession(welcome.session_id, welcome.token, settings, opener)
-    session._attach(stream, welcome.received, welcome.max_frame)
+    session._attach(stream, welcome.received, welcome)
     return session
 
 

@@ -28,9 +28,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DATA_HEADER",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_UNACKED_BYTES",
+    "DEFAULT_MAX_UNACKED_FRAMES",
     "FRAMED_DATA_HEADER",
     "MAGIC",
     "MAX_FRAME_LIMIT",
+    "MAX_UNACKED_BYTES_LIMIT",
+    "MAX_UNACKED_FRAMES_LIMIT",
     "NONCE_SIZE",
     "PREFACE_SIZE",
     "SESSION_ID_SIZE",
@@ -63,7 +67,8 @@ __all__ = [
 ]
 
 MAGIC = b"SKSP"
-#: Version 2 added each side's ``max_frame`` to the handshake.
+#: Version 2 added each side's ``max_frame`` and receive window
+#: (``max_unacked_frames``, ``max_unacked_bytes``) to the handshake.
 VERSION = 2
 PREFACE_SIZE = len(MAGIC) + 1
 NONCE_SIZE = 16
@@ -73,11 +78,19 @@ _PROOF_SIZE = 32
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
+#: What every hello and welcome announces: max_frame, max_unacked_frames, max_unacked_bytes.
+_LIMITS = struct.Struct(">IIQ")
 #: The largest ``max_frame`` a side can announce: a DATA body (9 bytes more)
 #: must fit the ``u32`` length of its frame.
 MAX_FRAME_LIMIT = 2**32 - 1 - 9
 #: ``max_frame`` of the handshake messages when none is given.
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+#: The largest receive window a side can announce (``u32`` frames, ``u64`` bytes).
+MAX_UNACKED_FRAMES_LIMIT = 2**32 - 1
+MAX_UNACKED_BYTES_LIMIT = 2**64 - 1
+#: The receive window of the handshake messages when none is given.
+DEFAULT_MAX_UNACKED_FRAMES = 4096
+DEFAULT_MAX_UNACKED_BYTES = 8 * 1024 * 1024
 #: The first bytes of a DATA body: type, then the offset (the payload follows).
 DATA_HEADER = struct.Struct(">BQ")
 #: A DATA message's frame header on the wire: the ``LengthPrefixed(4)``
@@ -121,25 +134,36 @@ class RejectReason(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class HelloNew:
-    """Client: open a new session; ``max_frame`` is the largest payload it takes."""
+    """Client: open a new session.
+
+    ``max_frame`` is the largest payload the client takes;
+    ``max_unacked_frames`` / ``max_unacked_bytes`` its receive window.
+    """
 
     max_frame: int = DEFAULT_MAX_FRAME
+    max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
+    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
 
     def encode(self) -> bytes:
-        return bytes([MessageType.HELLO_NEW]) + _U32.pack(self.max_frame)
+        return bytes([MessageType.HELLO_NEW]) + _LIMITS.pack(
+            self.max_frame, self.max_unacked_frames, self.max_unacked_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class HelloResume:
     """Client: resume ``session_id``; ``received`` is the next offset it expects.
 
-    ``max_frame`` is the largest payload the client takes.
+    ``max_frame`` is the largest payload the client takes;
+    ``max_unacked_frames`` / ``max_unacked_bytes`` its receive window.
     """
 
     session_id: bytes
     proof: bytes
     received: int
     max_frame: int = DEFAULT_MAX_FRAME
+    max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
+    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
 
     def encode(self) -> bytes:
         return (
@@ -147,7 +171,7 @@ class HelloResume:
             + self.session_id
             + self.proof
             + _U64.pack(self.received)
-            + _U32.pack(self.max_frame)
+            + _LIMITS.pack(self.max_frame, self.max_unacked_frames, self.max_unacked_bytes)
         )
 
 
@@ -157,7 +181,8 @@ class Welcome:
 
     ``present`` tells whether an existing session was found (a resume);
     ``received`` is the next offset the server expects; ``token`` is set for
-    a new session only; ``max_frame`` is the largest payload the server takes.
+    a new session only; ``max_frame`` is the largest payload the server
+    takes, ``max_unacked_frames`` / ``max_unacked_bytes`` its receive window.
     """
 
     present: bool
@@ -165,13 +190,15 @@ class Welcome:
     received: int
     token: bytes = b""
     max_frame: int = DEFAULT_MAX_FRAME
+    max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
+    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
 
     def encode(self) -> bytes:
         return (
             bytes([MessageType.WELCOME, int(self.present)])
             + self.session_id
             + _U64.pack(self.received)
-            + _U32.pack(self.max_frame)
+            + _LIMITS.pack(self.max_frame, self.max_unacked_frames, self.max_unacked_bytes)
             + self.token
         )
 
@@ -313,11 +340,17 @@ def _need(body: bytes, size: int, what: str) -> None:
         raise ProtocolError(f"malformed {what} message: {len(body)} bytes, expected {size}")
 
 
-def _max_frame(body: bytes, at: int, what: str) -> int:
-    max_frame: int = _U32.unpack_from(body, at)[0]
+def _limits(body: bytes, at: int, what: str) -> tuple[int, int, int]:
+    """``max_frame``, ``max_unacked_frames`` and ``max_unacked_bytes`` of a hello or welcome."""
+    max_frame, max_unacked_frames, max_unacked_bytes = _LIMITS.unpack_from(body, at)
     if not 1 <= max_frame <= MAX_FRAME_LIMIT:
         raise ProtocolError(f"malformed {what} message: max_frame={max_frame}")
-    return max_frame
+    if not max_unacked_frames or not max_unacked_bytes:
+        raise ProtocolError(
+            f"malformed {what} message: max_unacked_frames={max_unacked_frames}, "
+            f"max_unacked_bytes={max_unacked_bytes} (a window must be at least 1)"
+        )
+    return max_frame, max_unacked_frames, max_unacked_bytes
 
 
 def decode_message(body: bytes) -> Message:
@@ -348,18 +381,17 @@ def decode_message(body: bytes) -> Message:
         _need(body, 1, "CLOSE_ACK")
         return CloseAck()
     if kind == MessageType.HELLO_NEW:
-        _need(body, 5, "HELLO_NEW")
-        return HelloNew(_max_frame(body, 1, "HELLO_NEW"))
+        _need(body, 1 + _LIMITS.size, "HELLO_NEW")
+        return HelloNew(*_limits(body, 1, "HELLO_NEW"))
     if kind == MessageType.HELLO_RESUME:
-        _need(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE + 8 + 4, "HELLO_RESUME")
+        _need(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE + 8 + _LIMITS.size, "HELLO_RESUME")
         session_id = body[1 : 1 + SESSION_ID_SIZE]
         proof = body[1 + SESSION_ID_SIZE : 1 + SESSION_ID_SIZE + _PROOF_SIZE]
         received = _U64.unpack_from(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE)[0]
-        return HelloResume(
-            session_id, proof, received, _max_frame(body, len(body) - 4, "HELLO_RESUME")
-        )
+        limits = _limits(body, len(body) - _LIMITS.size, "HELLO_RESUME")
+        return HelloResume(session_id, proof, received, *limits)
     if kind == MessageType.WELCOME:
-        base = 2 + SESSION_ID_SIZE + 8 + 4
+        base = 2 + SESSION_ID_SIZE + 8 + _LIMITS.size
         if len(body) not in (base, base + TOKEN_SIZE) or body[1] not in (0, 1):
             raise ProtocolError(
                 f"malformed WELCOME message: {len(body)} bytes (expected {base} or "
@@ -371,7 +403,7 @@ def decode_message(body: bytes) -> Message:
             session_id,
             _U64.unpack_from(body, 2 + SESSION_ID_SIZE)[0],
             body[base:],
-            _max_frame(body, base - 4, "WELCOME"),
+            *_limits(body, base - _LIMITS.size, "WELCOME"),
         )
     if kind == MessageType.REJECT:
         if len(body) < 2:

@@ -43,7 +43,7 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
-from streamkit.session.session import Session, SessionSettings, _Connection
+from streamkit.session.session import Session, SessionSettings, _Connection, _Limits
 from streamkit.stream import FramedStream
 
 __all__ = ["ResumableServer", "ServerSession", "serve_resumable", "serve_resumable_unix"]
@@ -79,12 +79,12 @@ class ServerSession(Session):
         return hmac.compare_digest(expected, proof)
 
     def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer_max_frame: int
+        self, stream: FramedStream[bytes], peer_received: int, peer: _Limits
     ) -> _Connection:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        return super()._attach(stream, peer_received, peer_max_frame)
+        return super()._attach(stream, peer_received, peer)
 
     def _on_detached(self) -> None:
         if not self._close_complete():
@@ -295,13 +295,12 @@ class ResumableServer(ServerBase):
             )
         session_id = secrets.token_bytes(SESSION_ID_SIZE)
         token = secrets.token_bytes(TOKEN_SIZE)
-        max_frame = self.settings.max_frame
         # Raises ConnectionLost if the client is gone already: then no
         # session is registered, which nothing would ever expire.
-        stream.send_nowait(Welcome(False, session_id, 0, token, max_frame).encode())
+        stream.send_nowait(self._welcome(False, session_id, 0, token).encode())
         session = ServerSession(session_id, token, self.settings, self)
         self._sessions[session_id] = session
-        conn = session._attach(stream, 0, hello.max_frame)
+        conn = session._attach(stream, 0, hello)
         task = asyncio.create_task(self._run_handler(session))
         session.handler_task = task
         self._handlers.add(task)
@@ -326,11 +325,24 @@ class ResumableServer(ServerBase):
             session._send_state.check_replay(hello.received)
         except ResumeRejected as exc:
             raise self._refuse(stream, RejectReason.BAD_OFFSET, str(exc)) from None
-        welcome = Welcome(
-            True, session._id, session._recv_state.received, max_frame=self.settings.max_frame
-        )
+        welcome = self._welcome(True, session._id, session._recv_state.received)
         stream.send_nowait(welcome.encode())
-        return session._attach(stream, hello.received, hello.max_frame)
+        return session._attach(stream, hello.received, hello)
+
+    def _welcome(
+        self, present: bool, session_id: bytes, received: int, token: bytes = b""
+    ) -> Welcome:
+        """A WELCOME announcing our max_frame and receive window."""
+        settings = self.settings
+        return Welcome(
+            present,
+            session_id,
+            received,
+            token,
+            settings.max_frame,
+            settings.max_unacked_frames,
+            settings.max_unacked_bytes,
+        )
 
 
 _HTTP_BODY = b"This port speaks the streamkit session protocol, not HTTP.\n"

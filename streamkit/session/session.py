@@ -29,12 +29,18 @@ from streamkit.errors import (
 from streamkit.session.protocol import (
     DATA_HEADER,
     DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_UNACKED_BYTES,
+    DEFAULT_MAX_UNACKED_FRAMES,
     FRAMED_DATA_HEADER,
     MAX_FRAME_LIMIT,
+    MAX_UNACKED_BYTES_LIMIT,
+    MAX_UNACKED_FRAMES_LIMIT,
     Ack,
     Close,
     CloseAck,
     Data,
+    HelloNew,
+    HelloResume,
     Message,
     MessageDecoder,
     MessageType,
@@ -43,6 +49,7 @@ from streamkit.session.protocol import (
     ReceiveState,
     SendState,
     SessionCodec,
+    Welcome,
 )
 from streamkit.stream import FramedStream
 
@@ -56,11 +63,10 @@ _FRAMED_DATA = FRAMED_DATA_HEADER
 _PING = Ping().encode()
 _PONG = Pong().encode()
 _CLOSE_ACK = CloseAck().encode()
+#: A peer's hello or welcome: its max_frame and receive window.
+_Limits = HelloNew | HelloResume | Welcome
 #: New frames written to the connection at once past this many bytes.
 _WRITE_SIZE = 64 * 1024
-
-KiB = 1024
-MiB = 1024 * KiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +96,14 @@ class SessionSettings:
       side announces its own in the handshake, and ``send`` refuses a
       payload over its own or the peer's; a larger one from a peer closes
       the connection.
-    - ``max_unacked_frames`` / ``max_unacked_bytes``: the send window: frames
-      sent but not yet consumed by the peer's application. A full window
-      makes ``send`` wait; it bounds the replay buffer and the peer's queue.
+    - ``max_unacked_frames`` / ``max_unacked_bytes`` (up to 2**32 - 1 and
+      2**64 - 1): the receive window, frames and payload bytes received
+      but not yet consumed by the application. Each side announces its own
+      in the handshake; a side's send window (frames sent and not yet
+      consumed by the peer's application) is its own setting or, if
+      smaller, the peer's. A full send window makes ``send`` wait (one
+      frame of any size fits an empty one); it bounds the replay buffer
+      and the peer's queue.
     - ``ack_every`` (frames) and ``ack_delay`` (seconds): acks are coalesced,
       sent after that many frames or that long, whichever comes first.
     - ``keepalive_interval`` / ``keepalive_timeout``: a ping every interval;
@@ -107,8 +118,8 @@ class SessionSettings:
     """
 
     max_frame: int = DEFAULT_MAX_FRAME
-    max_unacked_frames: int = 4096
-    max_unacked_bytes: int = 8 * MiB
+    max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
+    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
     ack_every: int = 64
     ack_delay: float = 0.01
     keepalive_interval: float = 5.0
@@ -134,8 +145,13 @@ class SessionSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)}")
-        if self.max_frame > MAX_FRAME_LIMIT:
-            raise ValueError(f"max_frame must be <= {MAX_FRAME_LIMIT}, not {self.max_frame}")
+        for name, limit in (
+            ("max_frame", MAX_FRAME_LIMIT),
+            ("max_unacked_frames", MAX_UNACKED_FRAMES_LIMIT),
+            ("max_unacked_bytes", MAX_UNACKED_BYTES_LIMIT),
+        ):
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name} must be <= {limit}, not {getattr(self, name)}")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must be longer than keepalive_interval")
 
@@ -510,16 +526,21 @@ class Session:
     # -- connections ----------------------------------------------------------
 
     def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer_max_frame: int
+        self, stream: FramedStream[bytes], peer_received: int, peer: _Limits
     ) -> _Connection:
         """Make ``stream`` the session's connection and replay what the peer lacks.
 
-        ``peer_received`` is the next offset the peer expects and
-        ``peer_max_frame`` the largest payload it takes. Raises
-        :class:`~streamkit.errors.ResumeRejected` if it cannot be served.
+        ``peer_received`` is the next offset the peer expects; ``peer`` is
+        its hello or welcome, with the largest payload it takes and its
+        receive window. Raises :class:`~streamkit.errors.ResumeRejected` if
+        it cannot be served.
         """
-        replayed = self._send_state.resume(peer_received)
-        self._max_frame = min(self.settings.max_frame, peer_max_frame)
+        settings = self.settings
+        send_state = self._send_state
+        replayed = send_state.resume(peer_received)
+        self._max_frame = min(settings.max_frame, peer.max_frame)
+        send_state.max_frames = min(settings.max_unacked_frames, peer.max_unacked_frames)
+        send_state.max_bytes = min(settings.max_unacked_bytes, peer.max_unacked_bytes)
         if self._send_limit >= 0:
             self._send_limit = self._max_frame
         limit = self.settings.framing_limit()
