@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -32,12 +33,14 @@ from streamkit.session.protocol import (
     MAGIC,
     NONCE_SIZE,
     PREFACE_SIZE,
+    Ack,
     Close,
     CloseAck,
     Data,
     HelloNew,
     HelloResume,
     Ping,
+    Pong,
     Reject,
     RejectReason,
     Welcome,
@@ -1259,6 +1262,140 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not met within 5 s")
+
+
+@pytest.mark.parametrize(
+    ("window", "payload", "over"),
+    [
+        ({"max_unacked_frames": 16}, b"f" * 10, "over max_unacked_frames=16 announced"),
+        ({"max_unacked_bytes": 4000}, b"b" * 1000, "over max_unacked_bytes=4000 announced"),
+    ],
+    ids=["frames", "bytes"],
+)
+async def test_a_peer_sending_past_the_receive_window_is_cut_off(
+    window: dict[str, int], payload: bytes, over: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    stalled: list[ServerSession] = []
+
+    async def handler(session: ServerSession) -> None:
+        if not stalled:  # the hostile peer's session: never read
+            stalled.append(session)
+            await asyncio.Event().wait()
+        await echo(session)
+
+    total = 2_000_000 // len(payload)  # 2 MB and more on the wire, far past the window
+    async with await serve_resumable(
+        handler, "127.0.0.1", 0, **window, **FAST, **QUICK_SHUTDOWN
+    ) as server:
+        _, writer, _ = await attached_raw_client(server.port)
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, total, 64):
+                writer.write(b"".join(data_frame(n, payload) for n in range(start, start + 64)))
+                await writer.drain()
+        await wait_until(lambda: bool(stalled) and not stalled[0].connected)
+        writer.close()
+        [error] = window_errors(caplog)
+        assert "the peer sent past the receive window: " in error
+        assert over in error
+        # What the session holds: the window and at most one batch (one read) more.
+        session = stalled[0]
+        frames, held = len(session._queue), sum(map(len, session._queue))
+        assert f"{frames} frames ({held} bytes) received and not yet consumed" in error
+        one_read = 256 * 1024
+        assert held <= window.get("max_unacked_bytes", 16 * len(payload)) + one_read
+        assert session.stats.frames_received == frames < total // 4
+        # The server goes on serving others.
+        async with connect_resumable("127.0.0.1", server.port, **FAST) as good:
+            await good.send(b"unaffected")
+            assert await good.recv(timeout=5) == b"unaffected"
+
+
+async def read_until(reader: asyncio.StreamReader, kind: type) -> list[object]:
+    """The messages a raw connection receives up to the first ``kind``."""
+    messages: list[object] = []
+    async with asyncio.timeout(5):
+        while not messages or not isinstance(messages[-1], kind):
+            size = struct.unpack(">I", await reader.readexactly(4))[0]
+            messages.append(decode_message(await reader.readexactly(size)))
+    return messages
+
+
+async def test_duplicates_and_replays_do_not_count_against_the_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    stalled: list[ServerSession] = []
+
+    async def handler(session: ServerSession) -> None:
+        stalled.append(session)
+        await asyncio.Event().wait()
+
+    async with await serve_resumable(
+        handler, "127.0.0.1", 0, max_unacked_frames=4, **FAST, **QUICK_SHUTDOWN
+    ) as server:
+        reader, writer, welcome = await attached_raw_client(server.port)
+        fill = b"".join(data_frame(n, b"%d" % n) for n in range(4))
+        # The window is full; the same frames again are duplicates, not more.
+        writer.write(fill + fill + frame(Ping().encode()))
+        await read_until(reader, Pong)
+        # A resume that replays them once more (they were received) is fine too.
+        port = server.port
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        writer2.write(make_preface())
+        await reader2.readexactly(PREFACE_SIZE)
+        nonce = await reader2.readexactly(NONCE_SIZE)
+        proof = resume_proof(welcome.token, nonce, welcome.session_id, 0)
+        writer2.write(frame(HelloResume(welcome.session_id, proof, 0).encode()))
+        resumed = (await read_until(reader2, Welcome))[-1]
+        assert isinstance(resumed, Welcome) and resumed.received == 4
+        assert resumed.max_unacked_frames == 4
+        writer2.write(fill + frame(Ping().encode()))
+        await read_until(reader2, Pong)
+        assert stalled[0].stats.duplicates_dropped == 8
+        assert window_errors(caplog) == []
+        # One frame more than the window closes the connection.
+        writer2.write(data_frame(4, b"4"))
+        assert await asyncio.wait_for(reader2.read(), 5) == b""
+        writer.close()
+        writer2.close()
+        [error] = window_errors(caplog)
+        assert "5 frames (5 bytes) received and not yet consumed" in error
+
+
+async def test_one_frame_over_the_byte_window_passes_only_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    consume = asyncio.Event()
+
+    async def handler(session: ServerSession) -> None:
+        await consume.wait()
+        await session.recv()  # frame 0, and nothing more
+
+    async with await serve_resumable(
+        handler, "127.0.0.1", 0, max_unacked_bytes=1000, **FAST, **QUICK_SHUTDOWN
+    ) as server:
+        reader, writer, _ = await attached_raw_client(server.port)
+        # Alone in the queue, a frame over the window is what a sender may send.
+        writer.write(data_frame(0, bytes(5000)) + frame(Ping().encode()))
+        await read_until(reader, Pong)
+        consume.set()
+        # Consumed: the queue is empty, so another one may come; behind it, nothing.
+        async with asyncio.timeout(5):
+            while not any(
+                isinstance(m, Ack) and m.consumed == 1 for m in await read_until(reader, Ack)
+            ):
+                pass
+        writer.write(data_frame(1, bytes(5000)) + frame(Ping().encode()))
+        await read_until(reader, Pong)
+        assert window_errors(caplog) == []
+        writer.write(data_frame(2, b"x"))
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        [error] = window_errors(caplog)
+        assert "2 frames (5001 bytes) received and not yet consumed" in error
+        assert "over max_unacked_bytes=1000" in error
 
 
 @pytest.mark.parametrize("receiver", ["server", "client"])

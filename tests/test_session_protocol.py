@@ -20,6 +20,7 @@ from streamkit.session.protocol import (
     Message,
     MessageDecoder,
     Ping,
+    ReceiveState,
     SendState,
     Welcome,
     decode_message,
@@ -285,6 +286,20 @@ def test_the_window_bounds_frames_and_bytes_but_one_frame_always_fits() -> None:
     assert not state.can_send(0)  # two frames held
     assert not state.push(b"")
     assert state.next_offset == 3
+
+
+def test_the_receive_window_allows_one_oversized_frame_alone() -> None:
+    state = ReceiveState(max_frames=3, max_bytes=100)
+    state.check_window([bytes(5000)])  # alone: what a sender may send into an empty window
+    state.check_window([bytes(50), bytes(50), b""])
+    with pytest.raises(
+        ProtocolError,
+        match=r"sent past the receive window: 2 frames \(101 bytes\) received and not yet "
+        r"consumed, over max_unacked_bytes=100 announced in the handshake",
+    ):
+        state.check_window([bytes(100), b"x"])
+    with pytest.raises(ProtocolError, match=r"4 frames \(0 bytes\) .* over max_unacked_frames=3"):
+        state.check_window([b""] * 4)
 
 
 # -- acks on the wire -----------------------------------------------------------

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -565,6 +566,16 @@ class ReceiveState:
     A :class:`MessageDecoder` checks offsets on the hot path; the session
     adds what it delivered to ``received`` and ``bytes_received``, and sets
     ``consumed`` before asking about acks.
+
+    ``max_frames`` / ``max_bytes`` is the receive window this side announced:
+    the peer may have at most that many frames and payload bytes received
+    and not yet consumed (one frame of any size when it is the only one).
+    ``marks`` holds ``(offset, bytes_received below offset)`` at the end of
+    each batch received; the session drops those below ``consumed`` after
+    each batch, so that ``bytes_received - marks[0][1]`` never exceeds the
+    payload bytes unconsumed, and equals them unless the application is
+    part way through a batch (whose rest it leaves out). That is the
+    per-batch test; :meth:`check_window` is the exact one behind it.
     """
 
     __slots__ = (
@@ -573,16 +584,26 @@ class ReceiveState:
         "bytes_received",
         "consumed",
         "duplicates",
+        "marks",
+        "max_bytes",
+        "max_frames",
         "received",
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_frames: int = DEFAULT_MAX_UNACKED_FRAMES,
+        max_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
+    ) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
         self.bytes_received = 0
         self.received = 0  # next offset expected
         self.consumed = 0  # frames handed to the application
         self.duplicates = 0
         self._acked_received = 0
         self.acked_consumed = 0  # consumed count in the last ack made
+        self.marks: deque[tuple[int, int]] = deque([(0, 0)])
 
     def ack_lag(self) -> int:
         """Frames received or consumed since the last ack was made."""
@@ -600,6 +621,28 @@ class ReceiveState:
         self._acked_received = self.received
         self.acked_consumed = self.consumed
         return Ack(self.received, self.consumed)
+
+    def check_window(self, unconsumed: Sequence[bytes]) -> None:
+        """Raise :class:`ProtocolError` if ``unconsumed`` (the frames held) overflows the window.
+
+        The session calls it only when the cheap test after a batch fails:
+        more than ``max_frames`` frames, or more than ``max_bytes`` bytes by
+        ``marks``. A peer that keeps to the window never gets there with
+        more than one frame held: it sends a frame over ``max_bytes`` only
+        when it knows every earlier frame consumed.
+        """
+        frames = len(unconsumed)
+        held = sum(map(len, unconsumed))
+        if frames > self.max_frames:
+            over = f"max_unacked_frames={self.max_frames}"
+        elif held > self.max_bytes and frames > 1:
+            over = f"max_unacked_bytes={self.max_bytes}"
+        else:
+            return
+        raise ProtocolError(
+            f"the peer sent past the receive window: {frames} frames ({held} bytes) received "
+            f"and not yet consumed, over {over} announced in the handshake"
+        )
 
 
 class MessageDecoder(Decoder["bytes | Message"]):

@@ -103,7 +103,8 @@ class SessionSettings:
       consumed by the peer's application) is its own setting or, if
       smaller, the peer's. A full send window makes ``send`` wait (one
       frame of any size fits an empty one); it bounds the replay buffer
-      and the peer's queue.
+      and the peer's queue. A peer that sends past our window has its
+      connection closed with a :class:`ProtocolError`.
     - ``ack_every`` (frames) and ``ack_delay`` (seconds): acks are coalesced,
       sent after that many frames or that long, whichever comes first.
     - ``keepalive_interval`` / ``keepalive_timeout``: a ping every interval;
@@ -218,7 +219,7 @@ class Session:
         self._replayed = 0
         self._pongs = 0  # PONG messages received, on any connection
         self._send_state = SendState(settings.max_unacked_frames, settings.max_unacked_bytes)
-        self._recv_state = ReceiveState()
+        self._recv_state = ReceiveState(settings.max_unacked_frames, settings.max_unacked_bytes)
         self._queue: deque[bytes] = deque()
         # recv() looks at acks only once the queue is this short (see _ack_check).
         self._ack_low_water = -1
@@ -694,6 +695,12 @@ class Session:
         decoder = conn.decoder
         state = self._recv_state
         queue = self._queue
+        # The receive window we announced, checked once per batch with a
+        # compare or two (see ReceiveState). A peer that keeps to it never
+        # trips it: acks lag, so it counts at least as many frames
+        # unconsumed as we hold; duplicates are never queued.
+        marks = state.marks
+        max_frames, max_bytes = state.max_frames, state.max_bytes
         messages = 0  # decoder.messages as of the last batch
         payload_bytes = 0  # decoder.payload_bytes as of the last batch
         reason: BaseException | None = None
@@ -704,8 +711,11 @@ class Session:
                 if decoder.messages == messages:
                     # Payloads only, all new and in order: the hot path.
                     queue.extend(cast("list[bytes]", batch))
-                    state.received += len(batch)
-                    state.bytes_received += decoder.payload_bytes - payload_bytes
+                    received = state.received = state.received + len(batch)
+                    bytes_received = state.bytes_received = (
+                        state.bytes_received + decoder.payload_bytes - payload_bytes
+                    )
+                    marks.append((received, bytes_received))
                 else:
                     messages = decoder.messages
                     try:
@@ -713,9 +723,18 @@ class Session:
                     finally:
                         if queue:
                             self._readable.set()
+                    received, bytes_received = state.received, state.bytes_received
+                    if marks[-1][0] != received:
+                        marks.append((received, bytes_received))
                 payload_bytes = decoder.payload_bytes
                 if queue:
                     self._readable.set()
+                unconsumed = len(queue)
+                consumed = received - unconsumed
+                while marks[0][0] < consumed:
+                    marks.popleft()
+                if unconsumed > max_frames or bytes_received - marks[0][1] > max_bytes:
+                    state.check_window(queue)
                 self._ack_check()
         except (EndOfStream, IncompleteFrame, ConnectionLost, OSError) as exc:
             reason = exc  # the connection ended or broke, possibly mid-frame
