@@ -397,3 +397,26 @@ async def test_closing_a_client_whose_hub_is_down_does_not_wait_for_it(tmp_path:
             await client.append("s", b"late")
     finally:
         await kill(process)
+
+
+async def test_a_reader_whose_stream_came_back_shorter_fails_instead_of_skipping(
+    tmp_path: Path,
+) -> None:
+    process, port = await start_hub(tmp_path)
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("s")
+            await client.append_many("s", [b"r0", b"r1", b"r2"])
+            async with client.read("s", 0, live=True) as reader:
+                assert [(await anext(reader)).data for _ in range(3)] == [b"r0", b"r1", b"r2"]
+                await kill(process)
+                storage = hub.FileStorage(tmp_path)  # meanwhile, "s" is made anew
+                storage.delete("s")
+                storage.create("s", ttl=None, content_type=None)
+                storage.append("s", [b"new"])
+                storage.close()
+                process, _ = await start_hub(tmp_path, port)
+                with pytest.raises(hub.StreamGone, match=r"holds 1 records .* fewer than the 3"):
+                    await anext(reader)
+    finally:
+        await kill(process)

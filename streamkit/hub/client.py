@@ -604,16 +604,58 @@ class HubClient(AsyncClosable):
         ) from last
 
     async def _reissue(self, session: ClientSession) -> None:
-        """Issue every read that went out on an earlier session again, on ``session``."""
-        for reader in list(self._reads.values()):
-            if reader._session is None or reader._session is session:
-                continue  # not issued yet, or already on this session
-            if reader._request not in self._reads:
-                continue  # closed meanwhile
-            try:
+        """Issue every read that went out on an earlier session again, on ``session``.
+
+        A stream that now holds fewer records than a reader has read is not
+        the one it was reading (it was deleted and created again, or the hub
+        lost records): that reader fails with :class:`StreamGone` rather
+        than silently skip the records that come at offsets it has passed.
+        Reads with nothing to check go first, at once (a ``"now"`` read
+        must not wait behind the checks of others).
+        """
+        readers = [
+            reader
+            for reader in self._reads.values()
+            if reader._session is not None and reader._session is not session
+        ]
+        checked = [reader for reader in readers if reader._known and reader.next_offset > 0]
+        ends: dict[str, int | None] = {}  # each stream's end, asked once
+        try:
+            for reader in readers:
+                if reader not in checked and self._reissuable(reader, session):
+                    await session.send(reader._issue_on(session))
+            for reader in checked:
+                name = reader._header["name"]
+                if name not in ends:
+                    ends[name] = await self._stream_end(name)
+                end = ends[name]
+                if not self._reissuable(reader, session):
+                    continue
+                if end is not None and end < reader.next_offset:
+                    reader._fail(
+                        StreamGone(
+                            f"stream {name!r} holds {end} records after the hub lost this"
+                            f" client's session, fewer than the {reader.next_offset} this"
+                            " reader has read: it is not the stream it was reading (deleted"
+                            " and created again, or records lost with the hub)"
+                        )
+                    )
+                    continue
                 await session.send(reader._issue_on(session))
-            except StreamkitError:
-                return  # this session is lost too: the next one issues them
+        except StreamkitError:
+            return  # this session is lost too: the next one issues them
+
+    def _reissuable(self, reader: Reader, session: ClientSession) -> bool:
+        """Whether ``reader`` still reads and is not yet issued on ``session``."""
+        return reader._request in self._reads and reader._session is not session
+
+    async def _stream_end(self, name: str) -> int | None:
+        """The stream's next offset, or ``None`` if it is absent or that is unknown."""
+        try:
+            status = await self.status(name)
+        except HubError:
+            return None
+        return None if status is None else status.next_offset
 
     def _fail_all(self, error: StreamkitError) -> None:
         """End the client's calls and reads with ``error``, now and from now on."""
