@@ -1466,3 +1466,25 @@ async def test_a_sender_keeps_to_the_receivers_smaller_window(
             assert got == [payload] * total
         assert session.stats.connections == 1
         assert window_errors(caplog) == []
+
+
+async def test_frames_over_the_receivers_byte_window_go_one_at_a_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    async with (
+        echo_server(max_unacked_bytes=1000) as server,
+        connect_resumable("127.0.0.1", server.port, **FAST) as session,
+    ):
+        payloads = [bytes([n]) * 3000 for n in range(20)]
+
+        async def produce() -> None:
+            for payload in payloads:
+                await session.send(payload)
+
+        task = asyncio.create_task(produce())
+        got = [await session.recv(timeout=5) for _ in payloads]
+        await task
+        assert got == payloads
+        assert session.stats.connections == 1
+        assert window_errors(caplog) == []
