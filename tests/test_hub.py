@@ -822,3 +822,24 @@ async def test_a_source_whose_records_are_refused_still_finishes_its_stream(
         assert reader.finished
     assert b"x" * 101 not in got
     assert "were not appended" in caplog.text or "failed" in caplog.text
+
+
+async def test_a_read_that_expects_another_incarnation_of_its_stream_is_gone() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        await client.append("s", b"r0")
+        async with client.read("s", 0) as reader:
+            assert [record.data async for record in reader] == [b"r0"]
+            created = reader._created
+        assert isinstance(created, float)  # the read's first message says it
+        await client.delete("s")
+        await client.create("s")
+        again = client.read("s", 0)
+        again._created = created  # as a re-issued read sends it
+        with pytest.raises(hub.StreamGone, match="deleted and created again since this read"):
+            await asyncio.wait_for(anext(again), 5)
+        for bad, error in (("x", "created must be a number"), (math.inf, "finite")):
+            odd = client.read("s", 0)
+            odd._created = bad  # type: ignore[assignment]  # as a client without checks would
+            with pytest.raises(hub.BadRequest, match=rf"'created'.*{error}"):
+                await asyncio.wait_for(anext(odd), 5)

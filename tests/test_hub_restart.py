@@ -420,3 +420,24 @@ async def test_a_reader_whose_stream_came_back_shorter_fails_instead_of_skipping
                     await anext(reader)
     finally:
         await kill(process)
+
+
+async def test_a_reader_whose_stream_was_made_anew_and_longer_fails_too(tmp_path: Path) -> None:
+    process, port = await start_hub(tmp_path)
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("s")
+            await client.append_many("s", [b"r0", b"r1"])
+            async with client.read("s", 0, live=True) as reader:
+                assert [(await anext(reader)).data for _ in range(2)] == [b"r0", b"r1"]
+                await kill(process)
+                storage = hub.FileStorage(tmp_path)  # meanwhile, "s" is made anew, longer
+                storage.delete("s")
+                storage.create("s", ttl=None, content_type=None)
+                storage.append("s", [b"n0", b"n1", b"n2", b"n3"])
+                storage.close()
+                process, _ = await start_hub(tmp_path, port)
+                with pytest.raises(hub.StreamGone, match="deleted and created again"):
+                    await anext(reader)  # not b"n2"
+    finally:
+        await kill(process)

@@ -170,7 +170,8 @@ class Reader(AsyncClosable):
     the reader yields no gap and no duplicate (a ``"now"`` reader that had
     not heard from the hub yet asks for ``"now"`` again). A stream the hub
     no longer has then (a hub without ``data_dir`` restarted) raises
-    :class:`StreamNotFound`.
+    :class:`StreamNotFound`; one deleted and created again meanwhile, or
+    holding fewer records than the reader has read, :class:`StreamGone`.
     """
 
     def __init__(self, client: HubClient, request: int, header: dict[str, Any]) -> None:
@@ -180,6 +181,7 @@ class Reader(AsyncClosable):
         self._started = False  # iteration began: the read was (or is being) issued
         self._session: ClientSession | None = None  # the session its read went out on
         self._reissued = False  # its read went out again on a new session
+        self._created: float | None = None  # when its stream was created, the hub says
         offset = header["offset"]
         # A "now" read learns where the stream's end was from the hub.
         self._known = offset != "now"
@@ -210,11 +212,16 @@ class Reader(AsyncClosable):
         self._messages.clear()
         self._consumed = self._reported = 0
         self._caught_up = False
-        offset = self.next_offset if self._known else "now"
-        return encode_message({**self._header, "offset": offset})
+        header = {**self._header, "offset": self.next_offset if self._known else "now"}
+        if self._created is not None:
+            header["created"] = self._created  # the stream it was reading, not a new one
+        return encode_message(header)
 
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
         op = header["op"]
+        created = header.get("created")
+        if created is not None:
+            self._created = created
         if op == "records":
             first = header["offset"]
             if not self._known:

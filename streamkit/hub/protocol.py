@@ -32,6 +32,7 @@ __all__ = [
     "MAX_PRODUCER_ID",
     "check_content_type",
     "check_counter",
+    "check_created",
     "check_flag",
     "check_name",
     "check_offset",
@@ -185,6 +186,17 @@ def check_counter(field: str, value: object) -> int:
     if not 0 <= value <= MAX_COUNTER:
         raise ValueError(f"{field} must be 0..{MAX_COUNTER}, not {value}")
     return value
+
+
+def check_created(created: object) -> float | None:
+    """A stream's creation time (Unix seconds) a read expects: ``None`` or a finite number."""
+    if created is None:
+        return None
+    if isinstance(created, bool) or not isinstance(created, int | float):
+        raise TypeError(f"created must be a number or None, not {type(created).__name__}")
+    if not math.isfinite(created):
+        raise ValueError(f"created must be a finite number, not {created!r}")
+    return float(created)
 
 
 def check_window(window: object) -> int | None:

@@ -17,6 +17,7 @@ from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import (
     check_content_type,
     check_counter,
+    check_created,
     check_flag,
     check_name,
     check_offset,
@@ -270,10 +271,18 @@ class HubServer(ServerBase):
             live = _field(header, "live", functools.partial(check_flag, "live"), False)
             start = _field(header, "offset", check_offset, 0)
             window = _field(header, "window", check_window)
+            expected = _field(header, "created", check_created)
             first = storage.get(name)
             if first is None:
                 raise StreamNotFound(f"no stream named {name!r}")
+            if expected is not None and expected != first.created:
+                raise StreamGone(
+                    f"stream {name!r} was deleted and created again since this read began"
+                )
             offset = first.next_offset if start == "now" else start
+            # The read's first message says which stream it reads (when it
+            # was created), so a client that asks again can name it.
+            stamp = {"created": first.created}
             # Records of one message fit a session frame, with its header
             # and a length per record.
             frame_room = session.settings.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
@@ -293,7 +302,8 @@ class HubServer(ServerBase):
                         await flow.more.wait()
                         continue
                     records = storage.read(name, offset, _READ_BATCH, read_bytes)
-                    count = await _send_records(session, request, offset, records)
+                    count = await _send_records(session, request, offset, records, stamp)
+                    stamp = {}
                     sent += records_size(records[:count])
                     offset += count
                     caught_up_sent = False
@@ -306,15 +316,18 @@ class HubServer(ServerBase):
                                 "id": request,
                                 "next_offset": offset,
                                 "finished": info.finished,
+                                **stamp,
                             }
                         )
                     )
                     return
                 if not caught_up_sent:
                     await session.send(
-                        encode_message({"op": "caught_up", "id": request, "next_offset": offset})
+                        encode_message(
+                            {"op": "caught_up", "id": request, "next_offset": offset, **stamp}
+                        )
                     )
-                    caught_up_sent = True
+                    caught_up_sent, stamp = True, {}
                 assert change is not None  # live
                 await _wait(change, info.expires_at)
         except HubError as exc:
@@ -328,11 +341,19 @@ class HubServer(ServerBase):
 
 
 async def _send_records(
-    session: ServerSession, request: int, offset: int, records: list[bytes]
+    session: ServerSession,
+    request: int,
+    offset: int,
+    records: list[bytes],
+    stamp: dict[str, float],
 ) -> int:
-    """Send ``records`` (from ``offset``) in as few messages as fit; return how many."""
+    """Send ``records`` (from ``offset``) in as few messages as fit; return how many.
+
+    ``stamp`` goes into the first message's header.
+    """
     while True:
-        message = encode_message({"op": "records", "id": request, "offset": offset}, records)
+        header = {"op": "records", "id": request, "offset": offset, **stamp}
+        message = encode_message(header, records)
         try:
             await session.send(message)
         except FrameTooLarge as exc:  # the peer's max_frame may be below ours
