@@ -441,3 +441,22 @@ async def test_a_reader_whose_stream_was_made_anew_and_longer_fails_too(tmp_path
                     await anext(reader)  # not b"n2"
     finally:
         await kill(process)
+
+
+async def test_a_batch_that_crashes_every_hub_fails_after_three_sessions(tmp_path: Path) -> None:
+    process, port = await start_hub(tmp_path, crash_at=0)  # every hub dies on batch 0
+    try:
+        async with hub.connect("127.0.0.1", port, **FAST) as client:
+            await client.create("s")
+            producer = client.producer("s", "p")
+            producer.append_nowait(b"poison")
+            flushing = asyncio.create_task(producer.flush())
+            for _ in range(3):
+                await process.wait()
+                process, _ = await start_hub(tmp_path, port, crash_at=0)
+            with pytest.raises(ConnectionLost, match="in flight on 3 sessions in a row"):
+                await flushing
+            status = await client.status("s")  # the client goes on
+            assert status is not None and status.next_offset == 1  # appended once
+    finally:
+        await kill(process)

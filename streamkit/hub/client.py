@@ -70,6 +70,9 @@ _RECORD_LENGTH = 4
 _FINISH_TIMEOUT = 10.0
 #: Seconds a client keeps trying to get back to its hub (see :func:`connect`).
 DEFAULT_RECONNECT_TIMEOUT = 60.0
+#: Sessions in a row a request may be lost with (written, unanswered) before
+#: it fails: a request that makes the hub crash must not do so forever.
+_MAX_LOSSES = 3
 
 _Reply = tuple[dict[str, Any], memoryview]
 
@@ -478,7 +481,9 @@ class HubClient(AsyncClosable):
     the session was lost is sent again if that is harmless (``status``,
     ``finish``, ``create(exist_ok=True)``); any other (``append``,
     ``append_many``, ``create``, ``delete``) raises :class:`ConnectionLost`
-    saying its outcome is unknown. After
+    saying its outcome is unknown. A request sent again that is in flight
+    on three sessions in a row the hub loses raises :class:`ConnectionLost`
+    (it may be what crashes the hub). After
     ``reconnect_timeout`` every pending and later call raises
     :class:`ConnectionLost`; a session that fails with a
     :class:`~streamkit.errors.ProtocolError` ends the client at once with it.
@@ -726,6 +731,7 @@ class HubClient(AsyncClosable):
         while the session was resuming, and the resume failed).
         """
         loop = asyncio.get_running_loop()
+        losses = 0  # sessions lost with this request written and unanswered
         while True:
             session = await self._current()
             request = self._new_request()
@@ -742,9 +748,18 @@ class HubClient(AsyncClosable):
                 try:
                     reply, _ = await future
                 except _SessionLost as exc:
-                    if retry or not exc.written:
+                    if not exc.written:
                         continue
-                    raise ConnectionLost(_outcome_unknown(header, exc.why)) from exc.why
+                    losses += 1
+                    if not retry:
+                        raise ConnectionLost(_outcome_unknown(header, exc.why)) from exc.why
+                    if losses >= _MAX_LOSSES:
+                        raise ConnectionLost(
+                            f"{header['op']} of stream {header.get('name')!r} was in flight on"
+                            f" {losses} sessions in a row that the hub lost: it may be what"
+                            " makes the hub fail; not sending it again"
+                        ) from exc.why
+                    continue
                 break
             finally:
                 self._pending.pop(request, None)
