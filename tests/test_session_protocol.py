@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import struct
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
-from streamkit.session import ServerSession, SessionSettings, serve_resumable
+from streamkit.session import Backoff, ServerSession, SessionSettings, serve_resumable
 from streamkit.session.protocol import (
     Ack,
     Data,
@@ -251,6 +252,14 @@ def test_window_settings_must_fit_the_wire() -> None:
         SessionSettings(max_unacked_bytes=2**64)
     with pytest.raises(ValueError, match="max_unacked_bytes must be >= 1"):
         SessionSettings(max_unacked_bytes=0)
+
+
+def test_backoff_delays_double_up_to_the_maximum_within_their_jitter() -> None:
+    delays = Backoff(initial=0.1, maximum=0.5, jitter=0).delays(random.Random(1))
+    assert [next(delays) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    jittered = Backoff(initial=0.1, maximum=0.5, jitter=0.5).delays(random.Random(1))
+    for ceiling in (0.1, 0.2, 0.4, 0.5, 0.5):
+        assert ceiling / 2 <= next(jittered) <= ceiling
 
 
 # -- the replay buffer ----------------------------------------------------------

@@ -588,8 +588,7 @@ class HubClient(AsyncClosable):
             budget -= settings.max_reconnect_time
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
-        backoff = settings.reconnect_backoff
-        delay = backoff.initial
+        delays = settings.reconnect_backoff.delays(self._random)
         last: BaseException | None = lost
         logger.warning("hub session %s lost (%s); opening a new session", self._session.id, why)
         while (remaining := deadline - loop.time()) > 0:
@@ -607,9 +606,7 @@ class HubClient(AsyncClosable):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            pause = self._random.uniform(delay * (1 - backoff.jitter), delay)
-            await asyncio.sleep(min(remaining, pause))
-            delay = min(delay * 2, backoff.maximum)
+            await asyncio.sleep(min(remaining, next(delays)))
         raise ConnectionLost(
             f"lost the hub ({why}) and could not open a new session within"
             f" reconnect_timeout={self.reconnect_timeout} s; last error: {last!r}"

@@ -155,9 +155,9 @@ class ClientSession(Session):
         # acknowledged, frames received, PONGs received.
         self._marks = (0, 0, 0)
         # While connections make no progress: when the session gives up,
-        # the next backoff delay, resumes the server accepted and the last error.
+        # the next backoff delays, resumes the server accepted and the last error.
         self._retry_deadline: float | None = None
-        self._retry_delay = settings.reconnect_backoff.initial
+        self._retry_delays = settings.reconnect_backoff.delays(self._random)
         self._dropped = 0  # connections in a row that ended without progress
         self._last_error: BaseException | None = None
         self._last_dropped = False  # the last failure was such a connection
@@ -196,7 +196,7 @@ class ClientSession(Session):
         if not pause:
             # A new run of reconnects: its own deadline, first try at once.
             self._retry_deadline = self._loop.time() + self.settings.max_reconnect_time
-            self._retry_delay = self.settings.reconnect_backoff.initial
+            self._retry_delays = self.settings.reconnect_backoff.delays(self._random)
             self._dropped = 0
         if not progressed:
             self._dropped += 1
@@ -237,7 +237,6 @@ class ClientSession(Session):
 
     async def _reconnect(self, pause: bool) -> None:
         """Resume the session, backing off while nothing gets through."""
-        backoff = self.settings.reconnect_backoff
         deadline = self._retry_deadline
         assert deadline is not None
         while True:
@@ -246,11 +245,7 @@ class ClientSession(Session):
                 if remaining <= 0:
                     self._give_up()
                     return
-                delay = self._retry_delay
-                await asyncio.sleep(
-                    min(remaining, self._random.uniform(delay * (1 - backoff.jitter), delay))
-                )
-                self._retry_delay = min(delay * 2, backoff.maximum)
+                await asyncio.sleep(min(remaining, next(self._retry_delays)))
             pause = True
             try:
                 await self._resume_once()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
@@ -86,6 +88,13 @@ class Backoff:
             raise ValueError(f"need 0 < initial <= maximum, got {self.initial}, {self.maximum}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be within 0..1, not {self.jitter}")
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        """The pauses of one run of retries, jittered with ``rng``: endless."""
+        delay = self.initial
+        while True:
+            yield rng.uniform(delay * (1 - self.jitter), delay)
+            delay = min(delay * 2, self.maximum)
 
 
 @dataclass(frozen=True, slots=True)
