@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from streamkit import hub
+from streamkit.errors import DecodeError
 from streamkit.hub import HubClient, HubServer, Limits, MemoryStorage
 from streamkit.hub import server as hub_server
 
@@ -130,6 +131,12 @@ async def test_json_helpers() -> None:
         await client.append_json("j", [1, "two"])
         got = [item async for item in client.read_json("j")]
         assert got == [(0, {"a": 1}), (1, [1, "two"])]
+        await client.append("j", b"{not json")
+        values = client.read_json("j")
+        assert [await anext(values), await anext(values)] == got
+        with pytest.raises(DecodeError, match="record 2 of stream 'j' is not JSON") as info:
+            await anext(values)
+        assert info.value.frame_number == 2
 
 
 async def test_producer_batches_and_retries_are_exactly_once() -> None:

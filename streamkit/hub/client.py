@@ -17,7 +17,7 @@ from itertools import count
 from typing import Any, Literal, NamedTuple
 
 from streamkit._lifecycle import AsyncClosable
-from streamkit.errors import ConnectionLost, SessionError, StreamkitError
+from streamkit.errors import ConnectionLost, DecodeError, SessionError, StreamkitError
 from streamkit.hub.protocol import (
     check_content_type,
     check_counter,
@@ -854,10 +854,21 @@ class HubClient(AsyncClosable):
     async def read_json(
         self, name: str, offset: int | Literal["now"] = 0, *, live: bool = False
     ) -> AsyncIterator[tuple[int, Any]]:
-        """``(offset, value)`` for each JSON record of ``name``."""
+        """``(offset, value)`` for each JSON record of ``name``.
+
+        A record that is not JSON raises :class:`~streamkit.errors.DecodeError`
+        naming its offset (``frame_number``); the records before it were yielded.
+        """
         async with self.read(name, offset, live=live) as reader:
             async for record in reader:
-                yield record.offset, json.loads(record.data)
+                try:
+                    value = json.loads(record.data)
+                except (ValueError, RecursionError) as exc:
+                    raise DecodeError(
+                        f"record {record.offset} of stream {name!r} is not JSON: {exc}",
+                        frame_number=record.offset,
+                    ) from exc
+                yield record.offset, value
 
     def producer(
         self,
