@@ -84,8 +84,9 @@ class FaultProxy(ServerBase):
     - ``delay`` (seconds, settable at any time) holds each chunk that long
       before forwarding it. Chunks go in order, one at a time, so a delay
       also caps throughput at 64 KiB per ``delay`` in each direction.
-    - ``blackhole()`` stops forwarding both ways while every connection stays
-      open; ``restore()`` resumes. Nothing is dropped: bytes wait, as TCP's
+    - ``blackhole()`` stops forwarding both ways (``blackhole("up")`` or
+      ``"down"``: one way) while every connection stays open; ``restore()``
+      resumes. Nothing is dropped: bytes wait, as TCP's
       retransmissions would on a dead route, so a restored connection carries
       the same byte stream. Flow control stops the senders meanwhile.
     - ``stats`` counts connections, cuts and bytes forwarded each way.
@@ -123,8 +124,13 @@ class FaultProxy(ServerBase):
         self._server: asyncio.Server | None = None
         self._cutter: asyncio.Task[None] | None = None
         self._closing = False
-        self._open = asyncio.Event()
-        self._open.set()
+        # Forwarding "up" (client to target) and "down" is on while set.
+        self._open: dict[Direction, asyncio.Event] = {
+            "up": asyncio.Event(),
+            "down": asyncio.Event(),
+        }
+        for event in self._open.values():
+            event.set()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -161,7 +167,7 @@ class FaultProxy(ServerBase):
     @property
     def blackholed(self) -> bool:
         """True between ``blackhole()`` and ``restore()``."""
-        return not self._open.is_set()
+        return not all(event.is_set() for event in self._open.values())
 
     def close(self) -> None:
         """Stop listening, stop cutting and cut every connection (not counted as cuts)."""
@@ -234,13 +240,18 @@ class FaultProxy(ServerBase):
             self._cutter.add_done_callback(self._tasks.discard)
             self._cutter = None
 
-    def blackhole(self) -> None:
-        """Stop forwarding, both ways, keeping every connection open (half-open)."""
-        self._open.clear()
+    def blackhole(self, direction: Direction | None = None) -> None:
+        """Stop forwarding, both ways or one, keeping every connection open (half-open)."""
+        if direction not in (None, "up", "down"):
+            raise ValueError(f"direction must be 'up', 'down' or None, not {direction!r}")
+        for way, event in self._open.items():
+            if direction in (None, way):
+                event.clear()
 
     def restore(self) -> None:
         """Forward again after ``blackhole()``, starting with the bytes held meanwhile."""
-        self._open.set()
+        for event in self._open.values():
+            event.set()
 
     async def _cut_loop(self, interval: float, jitter: float) -> None:
         rng = self._rng
@@ -307,7 +318,7 @@ class FaultProxy(ServerBase):
         direction: Direction,
     ) -> None:
         """Forward ``reader`` to ``writer`` until end of stream, a cut or an error."""
-        is_open = self._open
+        is_open = self._open[direction]
         try:
             while data := await reader.read(_CHUNK):
                 if self.delay:

@@ -254,6 +254,33 @@ async def test_blackhole_holds_traffic_with_the_connection_open_and_restore_deli
         writer.close()
 
 
+async def test_a_one_way_blackhole_holds_only_that_direction() -> None:
+    async with echo_behind_proxy() as proxy:
+        reader, writer = await asyncio.open_connection(*proxy.address)
+        proxy.blackhole("down")
+        assert proxy.blackholed
+        writer.write(b"ping")
+        await writer.drain()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(1), 0.1)
+        # It reached the server; its echo is held.
+        assert (proxy.stats.bytes_up, proxy.stats.bytes_down) == (4, 0)
+        proxy.restore()
+        assert await reader.readexactly(4) == b"ping"
+        proxy.blackhole("up")
+        writer.write(b"pong")
+        await writer.drain()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(1), 0.1)
+        assert proxy.stats.bytes_up == 4  # held before the server
+        proxy.restore()
+        assert not proxy.blackholed
+        assert await reader.readexactly(4) == b"pong"
+        with pytest.raises(ValueError, match="direction must be 'up', 'down' or None"):
+            proxy.blackhole("sideways")  # type: ignore[arg-type]
+        writer.close()
+
+
 async def test_blackhole_holds_the_end_of_stream_too() -> None:
     async with echo_behind_proxy() as proxy:
         reader, writer = await asyncio.open_connection(*proxy.address)
