@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -49,23 +48,58 @@ FAST = {
 }
 
 
-async def start_hub(
-    data_dir: Path | None, port: int = 0, *, crash_at: int = -1
-) -> tuple[asyncio.subprocess.Process, int]:
-    """A hub in a subprocess (in memory without ``data_dir``); ``crash_at``: see SERVER."""
-    where = "" if data_dir is None else str(data_dir)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        SERVER,
-        where,
-        str(port),
-        str(crash_at),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 20)
-    return process, int(line)
+class HubProcess:
+    """A hub in a subprocess (in memory without ``data_dir``), restarted on its port.
+
+    ``crash_at``: see SERVER. ``async with`` starts it and kills it on the way out.
+    """
+
+    def __init__(self, data_dir: Path | None, *, crash_at: int = -1) -> None:
+        self.data_dir = data_dir
+        self.crash_at = crash_at
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, *, crash_at: int | None = None) -> HubProcess:
+        """Start the hub (again, on the same port)."""
+        where = "" if self.data_dir is None else str(self.data_dir)
+        crash = self.crash_at if crash_at is None else crash_at
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            SERVER,
+            where,
+            str(self.port),
+            str(crash),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self.process = process
+        assert process.stdout is not None
+        self.port = int(await asyncio.wait_for(process.stdout.readline(), 20))
+        return self
+
+    @property
+    def running(self) -> asyncio.subprocess.Process:
+        assert self.process is not None
+        return self.process
+
+    async def kill(self) -> None:
+        process = self.running
+        if process.returncode is None:
+            process.send_signal(signal.SIGKILL)
+        await process.wait()
+
+    async def restart(self) -> None:
+        """Kill the hub and start it again on its port."""
+        await self.kill()
+        await self.start(crash_at=-1)
+
+    async def __aenter__(self) -> HubProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            await self.kill()
 
 
 async def until(event: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
@@ -90,18 +124,11 @@ async def detached(session: ClientSession) -> None:
     raise AssertionError(f"{session} still has its connection")
 
 
-async def kill(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGKILL)
-    await process.wait()
-
-
 async def test_killed_hub_serves_every_acknowledged_record_after_restart(tmp_path: Path) -> None:
-    process, port = await start_hub(tmp_path)
     acknowledged: dict[int, bytes] = {}
     enough = asyncio.Event()
-    try:
-        async with hub.connect("127.0.0.1", port, reconnect_timeout=0.5) as client:
+    async with HubProcess(tmp_path) as hub_process:
+        async with hub.connect("127.0.0.1", hub_process.port, reconnect_timeout=0.5) as client:
             await client.create("log")
 
             async def append_forever() -> None:
@@ -116,18 +143,12 @@ async def test_killed_hub_serves_every_acknowledged_record_after_restart(tmp_pat
 
             appender = asyncio.create_task(append_forever())
             await enough.wait()
-            os.kill(process.pid, signal.SIGKILL)  # mid-append: requests are in flight
-            await process.wait()
+            await hub_process.kill()  # mid-append: requests are in flight
             with pytest.raises(StreamkitError):  # the session fails: its server is gone
                 await appender
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
-    process, port = await start_hub(tmp_path)
-    try:
-        async with hub.connect("127.0.0.1", port) as client:
+        await hub_process.start()
+        async with hub.connect("127.0.0.1", hub_process.port) as client:
             status = await client.status("log")
             assert status is not None
             async with client.read("log", 0) as reader:
@@ -138,18 +159,15 @@ async def test_killed_hub_serves_every_acknowledged_record_after_restart(tmp_pat
             assert record.data.startswith(b"record %d " % record.offset)  # nothing corrupt
         for offset, data in acknowledged.items():
             assert records[offset].data == data
-    finally:
-        process.kill()
-        await process.wait()
 
 
 async def test_a_live_reader_and_a_producer_ride_over_hub_restarts(tmp_path: Path) -> None:
     # The first hub dies right after appending the producer's batch 20 and
     # before acknowledging it: the producer sends that batch again to the
     # next hub, which must drop it. The second is killed while records flow.
-    process, port = await start_hub(tmp_path, crash_at=20)
     total = 600
-    try:
+    async with HubProcess(tmp_path, crash_at=20) as hub_process:
+        port = hub_process.port
         async with (
             hub.connect("127.0.0.1", port, **FAST) as tail,
             hub.connect("127.0.0.1", port, **FAST) as writer,
@@ -177,11 +195,10 @@ async def test_a_live_reader_and_a_producer_ride_over_hub_restarts(tmp_path: Pat
 
             collecting = asyncio.create_task(collect())
             producing = asyncio.create_task(produce())
-            await process.wait()  # the crash after batch 20
-            process, _ = await start_hub(tmp_path, port)
+            await hub_process.running.wait()  # the crash after batch 20
+            await hub_process.start(crash_at=-1)
             await until(enough, producing, collecting)
-            await kill(process)  # records are flowing
-            process, _ = await start_hub(tmp_path, port)
+            await hub_process.restart()  # records are flowing
             await asyncio.gather(producing, collecting)
             assert tail.session is not first_sessions[0]
             assert writer.session is not first_sessions[1]
@@ -194,8 +211,6 @@ async def test_a_live_reader_and_a_producer_ride_over_hub_restarts(tmp_path: Pat
             client.read("log", 0) as again,
         ):
             assert [record.data async for record in again] == expected  # no duplicate
-    finally:
-        await kill(process)
     storage = hub.FileStorage(tmp_path)  # the log itself, read back
     try:
         info = storage.get("log")
@@ -208,15 +223,15 @@ async def test_a_live_reader_and_a_producer_ride_over_hub_restarts(tmp_path: Pat
 async def test_a_plain_call_in_flight_when_the_hub_restarts_has_an_unknown_outcome(
     tmp_path: Path,
 ) -> None:
-    process, port = await start_hub(tmp_path)
-    try:
+    async with HubProcess(tmp_path) as hub_process:
+        port = hub_process.port
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("s")
-            process.send_signal(signal.SIGSTOP)  # it takes requests and never answers
+            hub_process.running.send_signal(signal.SIGSTOP)  # it takes requests and never answers
             in_flight = asyncio.create_task(client.append("s", b"maybe"))
             await asyncio.sleep(0)  # written to the connection
             assert client.session.connected and len(client._pending) == 1
-            await kill(process)
+            await hub_process.kill()
             await detached(client.session)
             # Sent while the session resumes, never written to a connection:
             # these go out again on the new session.
@@ -224,7 +239,7 @@ async def test_a_plain_call_in_flight_when_the_hub_restarts_has_an_unknown_outco
             asking = asyncio.create_task(client.status("s"))
             await asyncio.sleep(0)
             assert len(client._pending) == 3
-            process, _ = await start_hub(tmp_path, port)
+            await hub_process.start()
             with pytest.raises(ConnectionLost, match="append of stream 's' was in flight") as lost:
                 await in_flight
             assert "whether the hub applied it is unknown" in str(lost.value)
@@ -232,32 +247,28 @@ async def test_a_plain_call_in_flight_when_the_hub_restarts_has_an_unknown_outco
             status = await asking
             assert status is not None
             assert await client.append("s", b"sure") == 1  # later calls go on
-    finally:
-        await kill(process)
 
 
 async def test_a_reader_of_a_memory_hub_that_restarted_finds_no_such_stream() -> None:
-    process, port = await start_hub(None)
-    try:
+    async with HubProcess(None) as hub_process:
+        port = hub_process.port
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("s")
             await client.append("s", b"r0")
             async with client.read("s", 0, live=True) as reader:
                 assert (await anext(reader)).data == b"r0"
-                await kill(process)
-                process, _ = await start_hub(None, port)
+                await hub_process.kill()
+                await hub_process.start()
                 with pytest.raises(hub.StreamNotFound, match=r"no stream named 's'.*data_dir"):
                     await anext(reader)
                 assert reader.next_offset == 1
-    finally:
-        await kill(process)
 
 
 async def test_a_client_whose_hub_never_comes_back_fails_after_reconnect_timeout(
     tmp_path: Path,
 ) -> None:
-    process, port = await start_hub(tmp_path)
-    try:
+    async with HubProcess(tmp_path) as hub_process:
+        port = hub_process.port
         options = {**FAST, "reconnect_timeout": 0.5}
         async with hub.connect("127.0.0.1", port, **options) as client:
             await client.create("s")
@@ -265,7 +276,7 @@ async def test_a_client_whose_hub_never_comes_back_fails_after_reconnect_timeout
             producer = client.producer("s", "p")
             await client.append("s", b"r0")
             assert (await anext(reader)).data == b"r0"
-            await kill(process)
+            await hub_process.kill()
             producer.append_nowait(b"lost")
             asking = asyncio.create_task(client.status("s"))
             for waiting in (anext(reader), producer.flush(), asking):
@@ -273,8 +284,6 @@ async def test_a_client_whose_hub_never_comes_back_fails_after_reconnect_timeout
                     await waiting
             with pytest.raises(ConnectionLost, match="could not open a new session"):
                 await client.append("s", b"later")  # at once
-    finally:
-        await kill(process)
 
 
 def test_a_bad_reconnect_timeout_raises_at_the_call() -> None:
@@ -286,8 +295,8 @@ def test_a_bad_reconnect_timeout_raises_at_the_call() -> None:
 
 
 async def test_readers_of_every_kind_continue_after_a_restart(tmp_path: Path) -> None:
-    process, port = await start_hub(tmp_path)
-    try:
+    async with HubProcess(tmp_path) as hub_process:
+        port = hub_process.port
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("j", content_type="application/json")
             await client.create("k")
@@ -298,8 +307,8 @@ async def test_readers_of_every_kind_continue_after_a_restart(tmp_path: Path) ->
             assert (await anext(plain)).offset == 0
             assert await anext(values) == (10, {"n": 10})
             later = asyncio.create_task(anext(now))
-            await kill(process)
-            process, _ = await start_hub(tmp_path, port)
+            await hub_process.kill()
+            await hub_process.start()
             assert await client.status("k") is not None  # asked again on the new session
             await client.append("k", b"new")
             assert await later == (0, b"new")
@@ -308,37 +317,34 @@ async def test_readers_of_every_kind_continue_after_a_restart(tmp_path: Path) ->
             assert rest == [(n, {"n": n}) for n in range(11, 50)]
             await values.aclose()
             await now.close()
-    finally:
-        await kill(process)
 
 
 async def test_a_resumable_stream_and_its_reader_ride_over_a_restart(tmp_path: Path) -> None:
-    process, port = await start_hub(tmp_path)
     items: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     async def source() -> AsyncIterator[bytes]:
         while (item := await items.get()) is not None:
             yield item
 
-    try:
-        async with hub.connect("127.0.0.1", port, **FAST) as client:
-            reader = await client.resumable("gen", source())
-            for n in range(10):
-                items.put_nowait(b"item %d" % n)
-            seen = [await anext(reader) for _ in range(10)]
-            await kill(process)
-            for n in range(10, 20):
-                items.put_nowait(b"item %d" % n)  # appended through the restart
-            process, _ = await start_hub(tmp_path, port)
-            items.put_nowait(None)  # the source ends: its stream is finished
-            seen += [record async for record in reader]
-            assert reader.finished
-            assert [record.data for record in seen] == [b"item %d" % n for n in range(20)]
-            assert [record.offset for record in seen] == list(range(20))
-            status = await client.status("gen")
-            assert status is not None and status.finished and status.next_offset == 20
-    finally:
-        await kill(process)
+    async with (
+        HubProcess(tmp_path) as hub_process,
+        hub.connect("127.0.0.1", hub_process.port, **FAST) as client,
+    ):
+        reader = await client.resumable("gen", source())
+        for n in range(10):
+            items.put_nowait(b"item %d" % n)
+        seen = [await anext(reader) for _ in range(10)]
+        await hub_process.kill()
+        for n in range(10, 20):
+            items.put_nowait(b"item %d" % n)  # appended through the restart
+        await hub_process.start()
+        items.put_nowait(None)  # the source ends: its stream is finished
+        seen += [record async for record in reader]
+        assert reader.finished
+        assert [record.data for record in seen] == [b"item %d" % n for n in range(20)]
+        assert [record.offset for record in seen] == list(range(20))
+        status = await client.status("gen")
+        assert status is not None and status.finished and status.next_offset == 20
 
 
 async def test_reconnect_timeout_is_the_sessions_max_reconnect_time_unless_given() -> None:
@@ -381,12 +387,12 @@ async def test_a_hub_closed_and_served_again_on_its_port_is_invisible_to_a_reade
 
 
 async def test_closing_a_client_whose_hub_is_down_does_not_wait_for_it(tmp_path: Path) -> None:
-    process, port = await start_hub(tmp_path)
-    try:
+    async with HubProcess(tmp_path) as hub_process:
+        port = hub_process.port
         # It would try to resume for a minute, longer than the test may take.
         client = await hub.connect("127.0.0.1", port, **{**FAST, "reconnect_timeout": 60})
         await client.create("s")
-        await kill(process)
+        await hub_process.kill()
         await detached(client.session)
         asking = asyncio.create_task(client.status("s"))
         await asyncio.sleep(0)
@@ -395,68 +401,60 @@ async def test_closing_a_client_whose_hub_is_down_does_not_wait_for_it(tmp_path:
             await asking
         with pytest.raises(SessionError, match="the hub client is closed"):
             await client.append("s", b"late")
-    finally:
-        await kill(process)
 
 
 async def test_a_reader_whose_stream_came_back_shorter_fails_instead_of_skipping(
     tmp_path: Path,
 ) -> None:
-    process, port = await start_hub(tmp_path)
-    try:
+    async with HubProcess(tmp_path) as hub_process:
+        port = hub_process.port
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("s")
             await client.append_many("s", [b"r0", b"r1", b"r2"])
             async with client.read("s", 0, live=True) as reader:
                 assert [(await anext(reader)).data for _ in range(3)] == [b"r0", b"r1", b"r2"]
-                await kill(process)
+                await hub_process.kill()
                 storage = hub.FileStorage(tmp_path)  # meanwhile, "s" is made anew
                 storage.delete("s")
                 storage.create("s", ttl=None, content_type=None)
                 storage.append("s", [b"new"])
                 storage.close()
-                process, _ = await start_hub(tmp_path, port)
+                await hub_process.start()
                 with pytest.raises(hub.StreamGone, match=r"holds 1 records .* fewer than the 3"):
                     await anext(reader)
-    finally:
-        await kill(process)
 
 
 async def test_a_reader_whose_stream_was_made_anew_and_longer_fails_too(tmp_path: Path) -> None:
-    process, port = await start_hub(tmp_path)
-    try:
+    async with HubProcess(tmp_path) as hub_process:
+        port = hub_process.port
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("s")
             await client.append_many("s", [b"r0", b"r1"])
             async with client.read("s", 0, live=True) as reader:
                 assert [(await anext(reader)).data for _ in range(2)] == [b"r0", b"r1"]
-                await kill(process)
+                await hub_process.kill()
                 storage = hub.FileStorage(tmp_path)  # meanwhile, "s" is made anew, longer
                 storage.delete("s")
                 storage.create("s", ttl=None, content_type=None)
                 storage.append("s", [b"n0", b"n1", b"n2", b"n3"])
                 storage.close()
-                process, _ = await start_hub(tmp_path, port)
+                await hub_process.start()
                 with pytest.raises(hub.StreamGone, match="deleted and created again"):
                     await anext(reader)  # not b"n2"
-    finally:
-        await kill(process)
 
 
 async def test_a_batch_that_crashes_every_hub_fails_after_three_sessions(tmp_path: Path) -> None:
-    process, port = await start_hub(tmp_path, crash_at=0)  # every hub dies on batch 0
-    try:
+    async with HubProcess(tmp_path, crash_at=0) as hub_process:  # every hub dies on batch 0
+        port = hub_process.port
         async with hub.connect("127.0.0.1", port, **FAST) as client:
             await client.create("s")
             producer = client.producer("s", "p")
             producer.append_nowait(b"poison")
             flushing = asyncio.create_task(producer.flush())
             for _ in range(3):
-                await process.wait()
-                process, _ = await start_hub(tmp_path, port, crash_at=0)
+                await hub_process.running.wait()
+                await hub_process.start()
             with pytest.raises(ConnectionLost, match="in flight on 3 sessions in a row"):
                 await flushing
             status = await client.status("s")  # the client goes on
             assert status is not None and status.next_offset == 1  # appended once
-    finally:
-        await kill(process)
