@@ -8,6 +8,8 @@ import logging
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -1488,3 +1490,33 @@ async def test_frames_over_the_receivers_byte_window_go_one_at_a_time(
         assert got == payloads
         assert session.stats.connections == 1
         assert window_errors(caplog) == []
+
+
+LEFT_OPEN = """
+import asyncio
+from streamkit import connect_resumable, serve_resumable
+
+async def handler(session):
+    async for message in session:
+        await session.send(message)
+
+async def main():
+    server = await serve_resumable(handler, "127.0.0.1", 0)
+    session = await connect_resumable("127.0.0.1", server.port)
+    await session.send(b"x")
+    assert await session.recv() == b"x"
+    print("returning with the session and its server open", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_session_left_open_when_asyncio_run_returns_ends_quietly() -> None:
+    """The loop's shutdown cancels the session's tasks: it ends, with no reconnect
+    started on a closing loop (no 'Task was destroyed', no 'Event loop is closed')."""
+    result = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "returning with the session and its server open\n"
+    assert result.stderr == ""

@@ -750,6 +750,13 @@ class Session:
         except ProtocolError as exc:
             logger.warning("session %s: protocol error from %s: %s", self.id, stream.peername, exc)
             reason = exc
+        except asyncio.CancelledError:
+            if conn is self._conn:
+                # Cancelled from outside, not by a drop of ours: the event
+                # loop is shutting down (say, asyncio.run returned with the
+                # session open). End the session rather than reconnect.
+                self.abort()
+            raise
         finally:
             self._connection_lost(conn, reason)
 
