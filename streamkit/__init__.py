@@ -62,7 +62,14 @@ _LAZY = {
 }
 
 
+#: The layers' modules, attributes of the package once loaded (as when
+#: ``streamkit/__init__`` imported them eagerly).
+_LAYERS = frozenset(_LAZY.values())
+
+
 def __getattr__(name: str) -> Any:
+    if name in _LAYERS:
+        return importlib.import_module(f"streamkit.{name}")
     layer = _LAZY.get(name)
     if layer is None:
         raise AttributeError(f"module 'streamkit' has no attribute {name!r}")

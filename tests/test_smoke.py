@@ -66,6 +66,13 @@ def test_importing_the_codecs_loads_no_asyncio() -> None:
     assert result.stdout.split("\n")[:2] == ["[]", "True"]
 
 
+def test_the_layers_are_attributes_of_the_package() -> None:
+    code = "import streamkit as sk\nprint(sk.session.Session is sk.Session, sk.net.serve)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("True <function serve")
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = streamkit.nope  # type: ignore[attr-defined]
