@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import ssl as _ssl
@@ -25,6 +24,7 @@ from streamkit.hub.protocol import (
     check_name,
     check_offset,
     check_producer_id,
+    check_seconds,
     check_ttl,
     check_window,
     decode_message,
@@ -97,14 +97,6 @@ def _outcome_unknown(header: dict[str, Any], why: StreamkitError | None) -> str:
         f" this client's session ({reason}): whether the hub applied it is unknown"
         " (look with status() or read() before doing it again)"
     )
-
-
-def _check_reconnect_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"reconnect_timeout must be a number of seconds, not {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"reconnect_timeout must be a finite number of seconds > 0, not {value!r}")
-    return float(value)
 
 
 class Record(NamedTuple):
@@ -498,7 +490,7 @@ class HubClient(AsyncClosable):
     ) -> None:
         self._session = session
         self._reopen = reopen  # opens a new session; None: a lost session is the end
-        self.reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
+        self.reconnect_timeout = check_seconds("reconnect_timeout", reconnect_timeout)
         self._closing = False
         self._failure: StreamkitError | None = None  # every call raises it from now on
         self._renewed = asyncio.Event()  # set when a session replaces the last, or all fail
@@ -886,10 +878,7 @@ class HubClient(AsyncClosable):
         ``linger`` seconds >= 0, ``max_batch_bytes`` >= 1; a bad argument
         raises :class:`TypeError` or :class:`ValueError` here.
         """
-        if isinstance(linger, bool) or not isinstance(linger, int | float):
-            raise TypeError(f"linger must be a number of seconds, not {linger!r}")
-        if not (math.isfinite(linger) and linger >= 0):
-            raise ValueError(f"linger must be a finite number of seconds >= 0, not {linger!r}")
+        linger = check_seconds("linger", linger, allow_zero=True)
         if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int):
             raise TypeError(f"max_batch_bytes must be an int, not {max_batch_bytes!r}")
         if max_batch_bytes < 1:
@@ -1052,7 +1041,7 @@ def connect(
     session settings (see ``connect_resumable``). The first connection's
     errors are raised at the ``await``.
     """
-    reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
+    reconnect_timeout = check_seconds("reconnect_timeout", reconnect_timeout)
     options = _session_options(options, reconnect_timeout)
     return Connector(
         lambda: _open(lambda: connect_resumable(host, port, ssl=ssl, **options), reconnect_timeout),
@@ -1067,7 +1056,7 @@ def connect_unix(
     **options: Any,
 ) -> Connector[HubClient]:
     """Connect to a hub on a Unix socket; otherwise as :func:`connect`."""
-    reconnect_timeout = _check_reconnect_timeout(reconnect_timeout)
+    reconnect_timeout = check_seconds("reconnect_timeout", reconnect_timeout)
     options = _session_options(options, reconnect_timeout)
     return Connector(
         lambda: _open(lambda: connect_resumable_unix(path, **options), reconnect_timeout),

@@ -37,6 +37,7 @@ __all__ = [
     "check_name",
     "check_offset",
     "check_producer_id",
+    "check_seconds",
     "check_ttl",
     "check_window",
     "decode_message",
@@ -143,15 +144,19 @@ def check_name(name: object) -> str:
     return _text("a stream name", name, None)
 
 
+def check_seconds(field: str, value: object, *, allow_zero: bool = False) -> float:
+    """A duration: a finite number of seconds > 0 (>= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{field} must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field} must be a finite number of seconds {bound}, not {value!r}")
+    return float(value)
+
+
 def check_ttl(ttl: object) -> float | None:
     """A TTL: ``None`` (no expiry) or a finite number of seconds > 0."""
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    if not (math.isfinite(ttl) and ttl > 0):
-        raise ValueError(f"ttl must be a finite number of seconds > 0, not {ttl!r}")
-    return float(ttl)
+    return None if ttl is None else check_seconds("ttl", ttl)
 
 
 def check_content_type(content_type: object) -> str | None:
