@@ -283,9 +283,9 @@ class HubServer(ServerBase):
             # The read's first message says which stream it reads (when it
             # was created), so a client that asks again can name it.
             stamp = {"created": first.created}
-            # Records of one message fit a session frame, with its header
-            # and a length per record.
-            frame_room = session.settings.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
+            # Records of one message fit a session frame (the smaller of
+            # ours and the client's), with its header and a length per record.
+            frame_room = session.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
             read_bytes = max(1, min(_READ_BYTES, frame_room, window or _READ_BYTES))
             sent = 0  # bytes of records messages, for the window
             caught_up_sent = False
@@ -356,7 +356,7 @@ async def _send_records(
         message = encode_message(header, records)
         try:
             await session.send(message)
-        except FrameTooLarge as exc:  # the peer's max_frame may be below ours
+        except FrameTooLarge as exc:  # a lone large record, or many empty ones in tiny frames
             if len(records) == 1:
                 raise LimitExceeded(
                     f"record {offset} of {len(records[0])} bytes does not fit in one"
