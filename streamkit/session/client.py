@@ -213,15 +213,7 @@ class ClientSession(Session):
     def _resume_hello(self, nonce: bytes) -> bytes:
         received = self._recv_state.received
         proof = resume_proof(self._token, nonce, self._id, received)
-        settings = self.settings
-        return HelloResume(
-            self._id,
-            proof,
-            received,
-            settings.max_frame,
-            settings.max_unacked_frames,
-            settings.max_unacked_bytes,
-        ).encode()
+        return HelloResume(self._id, proof, received, *self.settings.announced()).encode()
 
     async def _resume_once(self) -> None:
         async with asyncio.timeout(self.settings.handshake_timeout):
@@ -288,9 +280,7 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
     async with asyncio.timeout(settings.handshake_timeout):
         stream = await opener()
         try:
-            hello = HelloNew(
-                settings.max_frame, settings.max_unacked_frames, settings.max_unacked_bytes
-            ).encode()
+            hello = HelloNew(*settings.announced()).encode()
             welcome = await _handshake(stream, lambda nonce: hello)
             if (
                 welcome.present

@@ -333,16 +333,7 @@ class ResumableServer(ServerBase):
         self, present: bool, session_id: bytes, received: int, token: bytes = b""
     ) -> Welcome:
         """A WELCOME announcing our max_frame and receive window."""
-        settings = self.settings
-        return Welcome(
-            present,
-            session_id,
-            received,
-            token,
-            settings.max_frame,
-            settings.max_unacked_frames,
-            settings.max_unacked_bytes,
-        )
+        return Welcome(present, session_id, received, token, *self.settings.announced())
 
 
 _HTTP_BODY = b"This port speaks the streamkit session protocol, not HTTP.\n"

@@ -165,6 +165,10 @@ class SessionSettings:
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must be longer than keepalive_interval")
 
+    def announced(self) -> tuple[int, int, int]:
+        """What a hello or welcome announces: ``max_frame`` and the receive window."""
+        return self.max_frame, self.max_unacked_frames, self.max_unacked_bytes
+
     def framing_limit(self) -> int:
         """``max_frame`` of the connection's message framing."""
         return self.max_frame + DATA_HEADER.size
