@@ -125,10 +125,7 @@ class FaultProxy(ServerBase):
         self._cutter: asyncio.Task[None] | None = None
         self._closing = False
         # Forwarding "up" (client to target) and "down" is on while set.
-        self._open: dict[Direction, asyncio.Event] = {
-            "up": asyncio.Event(),
-            "down": asyncio.Event(),
-        }
+        self._open: dict[Direction, asyncio.Event] = {way: asyncio.Event() for way in _ARROWS}
         for event in self._open.values():
             event.set()
 
@@ -242,7 +239,7 @@ class FaultProxy(ServerBase):
 
     def blackhole(self, direction: Direction | None = None) -> None:
         """Stop forwarding, both ways or one, keeping every connection open (half-open)."""
-        if direction not in (None, "up", "down"):
+        if direction is not None and direction not in _ARROWS:
             raise ValueError(f"direction must be 'up', 'down' or None, not {direction!r}")
         for way, event in self._open.items():
             if direction in (None, way):
