@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from streamkit import hub
+from streamkit.bench import receive_from_child
 
 RECORD = b"r" * 256
 
@@ -43,10 +44,11 @@ def _start(data_dir: str | None = None) -> tuple[multiprocessing.Process, int]:
     reader, writer = multiprocessing.Pipe(duplex=False)
     process = multiprocessing.Process(target=_server_main, args=(data_dir, writer), daemon=True)
     process.start()
+    writer.close()  # the child's copy remains
     if not reader.poll(30):
         process.terminate()
         raise RuntimeError("the hub server process did not start")
-    return process, int(reader.recv())
+    return process, int(receive_from_child(reader, process, "hub server"))
 
 
 async def _single_appends(port: int, count: int) -> float:

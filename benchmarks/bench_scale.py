@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from streamkit import FramedStream, LengthPrefixed, serve
+from streamkit.bench import receive_from_child
 
 PAYLOAD = b"s" * 64
 FRAME = len(PAYLOAD).to_bytes(4, "big") + PAYLOAD
@@ -125,8 +126,9 @@ def _run(kind: str, count: int) -> dict[str, Any]:
     ours, theirs = context.Pipe()
     process = context.Process(target=_server, args=(kind, theirs))
     process.start()
+    theirs.close()  # the child's copy remains
     try:
-        port, rss_before = ours.recv()
+        port, rss_before = receive_from_child(ours, process, "server")
         connect_s, round_s, rss_after = asyncio.run(_clients(port, count, ours))
         ours.send("done")
     finally:

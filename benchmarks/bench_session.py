@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from streamkit import EndOfStream, FramedStream, LengthPrefixed, connect, serve
+from streamkit.bench import receive_from_child
 from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
 from streamkit.testing import FaultProxy
 
@@ -205,15 +206,15 @@ def _in_processes(sink: tuple[Any, ...], sender: Any, args: tuple[Any, ...]) -> 
     port_in, port_out = _SPAWN.Pipe(duplex=False)
     sink_process = _SPAWN.Process(target=_sink_main, args=(*sink, port_out), daemon=True)
     sink_process.start()
+    port_out.close()  # the child's copy remains
     try:
-        port = int(port_in.recv())
+        port = int(receive_from_child(port_in, sink_process, "sink"))
         result_in, result_out = _SPAWN.Pipe(duplex=False)
         sender_process = _SPAWN.Process(target=sender, args=(port, *args, result_out))
         sender_process.start()
+        result_out.close()
         try:
-            result: dict[str, Any] = result_in.recv()
-        except EOFError:
-            raise RuntimeError("the sending process failed (see its traceback above)") from None
+            result: dict[str, Any] = receive_from_child(result_in, sender_process, "sender")
         finally:
             sender_process.join()
         return result

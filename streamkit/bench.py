@@ -193,8 +193,12 @@ def _run_loop(coro: Any, use_uvloop: bool) -> Any:
     return asyncio.run(coro)
 
 
-def _receive(pipe: Connection, process: BaseProcess, role: str) -> Any:
-    """What a child process sends; a clear error if it died first (its traceback is above)."""
+def receive_from_child(pipe: Connection, process: BaseProcess, role: str) -> Any:
+    """What a child process sends; a clear error if it died first (its traceback is above).
+
+    Close the parent's copy of the child's end of ``pipe`` once the child
+    has started: only then does a child that dies end the pipe.
+    """
     try:
         return pipe.recv()
     except EOFError:
@@ -434,7 +438,7 @@ def run(
             receiver.start()
         theirs.close()  # the child's copy remains: a child that dies ends the pipe
         try:
-            addresses = _receive(ours, receiver, "receiver")
+            addresses = receive_from_child(ours, receiver, "receiver")
             with fixed_malloc():
                 sender = context.Process(
                     target=_sender_process,
@@ -443,7 +447,7 @@ def run(
                 sender.start()
             sender_end.close()
             try:
-                rows += _receive(results, sender, "sender")
+                rows += receive_from_child(results, sender, "sender")
             finally:
                 sender.join(10)
                 if sender.is_alive():
