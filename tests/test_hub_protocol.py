@@ -7,7 +7,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamkit.errors import ProtocolError
-from streamkit.hub.protocol import decode_message, decode_records, encode_message
+from streamkit.hub.protocol import (
+    MAX_QUOTE,
+    MAX_REQUEST_ID,
+    check_request_id,
+    decode_message,
+    decode_records,
+    encode_message,
+    quote,
+)
+
+#: What a peer can put in a header field: any JSON value, some of them huge.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=3000)
+    | st.sampled_from(["\\" * 10_000, "\x00" * 10_000, "\U0010ffff" * 10_000, 10**4000]),
+    lambda children: st.lists(children, max_size=30) | st.dictionaries(st.text(), children),
+    max_leaves=200,
+)
 
 
 @given(st.lists(st.binary(max_size=300), max_size=50), st.integers(0, 2**40))
@@ -62,3 +82,39 @@ def test_any_bytes_decode_or_raise_protocol_error(raw: bytes) -> None:
         decode_records(body)
     except ProtocolError:
         pass
+
+
+@given(JSON_VALUES)
+def test_quote_is_repr_for_small_values_and_bounded_for_any(value: object) -> None:
+    quoted = quote(value)
+    assert len(quoted) < 1000
+    if isinstance(value, str) and len(value) <= MAX_QUOTE:
+        assert quoted == repr(value)
+
+
+def test_quote_shows_a_prefix_and_the_length() -> None:
+    assert quote("ab") == "'ab'"
+    assert quote("x" * 1000) == repr("x" * MAX_QUOTE) + "... (1000 characters)"
+    assert quote(b"\0" * 100) == repr(b"\0" * MAX_QUOTE) + "... (100 bytes)"
+    assert quote(10**5000) == "an int of 16610 bits"
+    assert quote([[[[1]]]]) == "[[...]]"
+
+
+@pytest.mark.parametrize(
+    ("request_id", "error", "message"),
+    [
+        (None, TypeError, "must be an int, not NoneType"),
+        (True, TypeError, "not bool"),
+        ("1", TypeError, "not str"),
+        (-1, ValueError, "not -1"),
+        (MAX_REQUEST_ID + 1, ValueError, f"0..{MAX_REQUEST_ID}, not {MAX_REQUEST_ID + 1}"),
+        (10**4000, ValueError, "not an int of 13288 bits"),
+    ],
+)
+def test_a_request_id_is_an_int_within_63_bits(
+    request_id: object, error: type[Exception], message: str
+) -> None:
+    assert check_request_id(0) == 0
+    assert check_request_id(MAX_REQUEST_ID) == MAX_REQUEST_ID
+    with pytest.raises(error, match=message):
+        check_request_id(request_id)

@@ -80,6 +80,21 @@ def test_limits_give_clear_errors(storage: StreamTable) -> None:
     storage.append("b", [b"x" * 60, b"y" * 50])  # deleting gave the bytes back
 
 
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_a_batch_over_max_batch_is_refused_whole_at_its_edge(kind: str, tmp_path: Path) -> None:
+    limits = Limits(max_batch=50)
+    store = MemoryStorage(limits) if kind == "memory" else FileStorage(tmp_path, limits=limits)
+    try:
+        store.create("s", ttl=None, content_type=None)
+        edge = [b"x" * 10] * 3 + [b""]  # 4 + 3 x (4 + 10) + 4: exactly 50, the limit
+        assert store.append("s", edge) == 0
+        with pytest.raises(LimitExceeded, match=r"4 records \(51 bytes .*max_batch=50"):
+            store.append("s", [b"x" * 10] * 3 + [b"y"])
+        assert store.read("s", 0, 100, 1 << 20) == edge  # nothing of it was kept
+    finally:
+        store.close()
+
+
 def test_total_bytes_count_every_record_with_its_overhead_up_to_the_edge(
     storage: StreamTable, tmp_path: Path
 ) -> None:

@@ -14,12 +14,17 @@ sides: the client calls them so a bad argument raises at the call, the
 server so a bad request gets an error reply instead of hurting the hub.
 Each raises :class:`TypeError` for a value of the wrong type and
 :class:`ValueError` for one out of range, naming the field.
+
+Every message that quotes what a peer sent (an error reply, a log line)
+quotes it through :func:`quote`, which bounds it: a reply must fit the
+peer's ``max_frame`` however large the field it answers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from itertools import accumulate, pairwise
 from typing import Any, Literal
@@ -30,6 +35,8 @@ __all__ = [
     "MAX_CONTENT_TYPE",
     "MAX_COUNTER",
     "MAX_PRODUCER_ID",
+    "MAX_QUOTE",
+    "MAX_REQUEST_ID",
     "check_content_type",
     "check_counter",
     "check_created",
@@ -37,12 +44,14 @@ __all__ = [
     "check_name",
     "check_offset",
     "check_producer_id",
+    "check_request_id",
     "check_seconds",
     "check_ttl",
     "check_window",
     "decode_message",
     "decode_records",
     "encode_message",
+    "quote",
     "records_size",
 ]
 
@@ -51,9 +60,43 @@ MAX_CONTENT_TYPE = 255
 MAX_PRODUCER_ID = 255
 #: The largest producer epoch or batch sequence (they are stored as u64).
 MAX_COUNTER = 2**63 - 1
+#: The largest request id (a request's ``"id"`` is an integer 0..this).
+MAX_REQUEST_ID = 2**63 - 1
+#: The most characters of a peer's string that :func:`quote` shows.
+MAX_QUOTE = 80
 
 _HEADER_SIZE = struct.Struct(">I")
 _COUNT = struct.Struct(">I")
+
+#: Longer integers are quoted by their size (their digits may not even convert).
+_MAX_QUOTED_BITS = 256
+# reprlib bounds every kind of value (containers by item count and depth);
+# strings and bytes get a prefix and their length from quote() itself.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 1
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = MAX_QUOTE
+for _container in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_REPR, _container, 4)
+
+
+def quote(value: object) -> str:
+    """``repr(value)``, bounded: how a message quotes a value a peer sent.
+
+    A string or bytes value longer than :data:`MAX_QUOTE` is shown as the
+    repr of its first ``MAX_QUOTE`` characters (or bytes), then ``...`` and
+    its length; an integer too long to show, as its size; any other value is
+    cut by :mod:`reprlib`. The result is at most a few hundred characters
+    whatever ``value`` is, so an error reply that quotes a field fits any
+    session frame.
+    """
+    if isinstance(value, str | bytes | bytearray):
+        if len(value) <= MAX_QUOTE:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:MAX_QUOTE]!r}... ({len(value)} {unit})"
+    if isinstance(value, int) and value.bit_length() > _MAX_QUOTED_BITS:
+        return f"an int of {value.bit_length()} bits"
+    return _REPR.repr(value)
 
 
 def encode_message(header: dict[str, Any], records: list[bytes] | None = None) -> bytes:
@@ -133,7 +176,7 @@ def _text(field: str, value: object, max_bytes: int | None) -> str:
     try:
         size = len(value.encode())
     except UnicodeEncodeError as exc:
-        raise ValueError(f"{field} {value!r} is not valid Unicode: {exc.reason}") from exc
+        raise ValueError(f"{field} {quote(value)} is not valid Unicode: {exc.reason}") from exc
     if max_bytes is not None and not 1 <= size <= max_bytes:
         raise ValueError(f"{field} must be 1..{max_bytes} bytes (UTF-8), not {size}")
     return value
@@ -150,7 +193,7 @@ def check_seconds(field: str, value: object, *, allow_zero: bool = False) -> flo
         raise TypeError(f"{field} must be a number of seconds, not {type(value).__name__}")
     if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{field} must be a finite number of seconds {bound}, not {value!r}")
+        raise ValueError(f"{field} must be a finite number of seconds {bound}, not {quote(value)}")
     return float(value)
 
 
@@ -171,11 +214,11 @@ def check_offset(offset: object) -> int | Literal["now"]:
     if offset == "now":
         return "now"
     if isinstance(offset, str):
-        raise ValueError(f"offset must be an int >= 0 or 'now', not {offset!r}")
+        raise ValueError(f"offset must be an int >= 0 or 'now', not {quote(offset)}")
     if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int >= 0 or 'now', not {offset!r}")
+        raise TypeError(f"offset must be an int >= 0 or 'now', not {quote(offset)}")
     if offset < 0:
-        raise ValueError(f"offset must be an int >= 0 or 'now', not {offset}")
+        raise ValueError(f"offset must be an int >= 0 or 'now', not {quote(offset)}")
     return offset
 
 
@@ -189,8 +232,17 @@ def check_counter(field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{field} must be an int, not {type(value).__name__}")
     if not 0 <= value <= MAX_COUNTER:
-        raise ValueError(f"{field} must be 0..{MAX_COUNTER}, not {value}")
+        raise ValueError(f"{field} must be 0..{MAX_COUNTER}, not {quote(value)}")
     return value
+
+
+def check_request_id(request: object) -> int:
+    """A request's ``"id"``: an ``int`` in 0..``MAX_REQUEST_ID`` (not a ``bool``)."""
+    if isinstance(request, bool) or not isinstance(request, int):
+        raise TypeError(f"a request id must be an int, not {type(request).__name__}")
+    if not 0 <= request <= MAX_REQUEST_ID:
+        raise ValueError(f"a request id must be 0..{MAX_REQUEST_ID}, not {quote(request)}")
+    return request
 
 
 def check_created(created: object) -> float | None:
@@ -200,7 +252,7 @@ def check_created(created: object) -> float | None:
     if isinstance(created, bool) or not isinstance(created, int | float):
         raise TypeError(f"created must be a number or None, not {type(created).__name__}")
     if not math.isfinite(created):
-        raise ValueError(f"created must be a finite number, not {created!r}")
+        raise ValueError(f"created must be a finite number, not {quote(created)}")
     return float(created)
 
 
@@ -211,7 +263,7 @@ def check_window(window: object) -> int | None:
     if isinstance(window, bool) or not isinstance(window, int):
         raise TypeError(f"a read window must be an int or None, not {type(window).__name__}")
     if window < 1:
-        raise ValueError(f"a read window must be >= 1 byte, not {window}")
+        raise ValueError(f"a read window must be >= 1 byte, not {quote(window)}")
     return window
 
 

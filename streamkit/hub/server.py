@@ -12,7 +12,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from streamkit._lifecycle import ServerBase
-from streamkit.errors import EndOfStream, FrameTooLarge, ProtocolError, StreamkitError
+from streamkit.errors import (
+    EndOfStream,
+    FrameTooLarge,
+    ProtocolError,
+    SessionError,
+    StreamkitError,
+)
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import (
     check_content_type,
@@ -22,11 +28,13 @@ from streamkit.hub.protocol import (
     check_name,
     check_offset,
     check_producer_id,
+    check_request_id,
     check_ttl,
     check_window,
     decode_message,
     decode_records,
     encode_message,
+    quote,
     records_size,
 )
 from streamkit.hub.storage import (
@@ -78,11 +86,17 @@ class HubServer(ServerBase):
     """Serves named streams; ``async with``, ``serve_forever()``, ``port``, ``close()``.
 
     Every client session gets its own handler; requests are answered in
-    order, reads run as tasks of that session and end with it.
+    order, reads run as tasks of that session and end with it. Every
+    request gets an answer: a reply that cannot be sent within the
+    session's ``max_frame`` is replaced by a small ``limit`` error with the
+    request's id. A request whose id a running read of the session holds
+    gets ``bad_request``; a read past ``limits.max_reads`` at once gets
+    ``limit``.
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, limits: Limits | None = None) -> None:
         self.storage = storage
+        self.limits = limits or Limits()
         self._changed: dict[str, asyncio.Event] = {}
         self._server: ResumableServer | None = None
         self._expiry: asyncio.Task[None] | None = None
@@ -138,20 +152,13 @@ class HubServer(ServerBase):
     # -- sessions -------------------------------------------------------------
 
     async def _serve_session(self, session: ServerSession) -> None:
-        reads: dict[int, _Read] = {}
+        reads: dict[int, _Read] = {}  # the reads running, by request id
+        tasks: set[asyncio.Task[None]] = set()  # every task the session started
         try:
             async for message in session:
                 header, body = decode_message(message)
                 op = header["op"]
-                request = header.get("id")
-                if not isinstance(request, int):
-                    raise ProtocolError(f"hub request {op!r} without an integer 'id'")
-                if op == "read":
-                    header = self._from_now(header)
-                    read = reads[request] = _Read()
-                    read.task = asyncio.create_task(self._read(session, request, header, read))
-                    read.task.add_done_callback(functools.partial(_forget, reads, request))
-                    continue
+                request = _request_id(op, header)
                 if op == "consumed":
                     running = reads.get(request)
                     consumed = header.get("bytes")
@@ -159,25 +166,58 @@ class HubServer(ServerBase):
                         running.credit(consumed)
                     continue  # no reply; one for a read that ended is moot
                 if op == "cancel":
-                    running = reads.get(request)
+                    running = reads.pop(request, None)  # its id is free at once
                     if running is not None and running.task is not None:
                         running.task.cancel()
+                    continue
+                if request in reads:
+                    # Its replies could not be told from the read's.
+                    in_use = BadRequest(f"request id {request} is in use by a read that is running")
+                    await _answer(session, _error_reply(request, in_use, session))
+                    continue
+                if op == "read":
+                    if len(reads) < self.limits.max_reads:
+                        self._start_read(session, request, header, reads, tasks)
+                        continue
+                    too_many = LimitExceeded(
+                        f"this session runs max_reads={self.limits.max_reads} reads at once;"
+                        " cancel one or wait for one to end"
+                    )
+                    await _answer(session, _error_reply(request, too_many, session))
                     continue
                 try:
                     records = _Records(body, session.settings.max_frame - _MESSAGE_HEADROOM)
                     reply = {"op": "ok", "id": request, **self._handle(op, header, records)}
                 except Exception as exc:
                     reply = _error_reply(request, exc, session)
-                await session.send(encode_message(reply))
+                await _answer(session, reply)
         except EndOfStream:
             pass
+        except _Unanswerable as exc:
+            logger.warning("hub session %s: %s; ending it", session.id, exc)
         except ProtocolError as exc:
             logger.warning("hub session %s sent a bad request: %s", session.id, exc)
+        except SessionError as exc:  # ended under us (expired, or aborted by a read)
+            logger.info("hub session %s ended: %s", session.id, exc)
         finally:
-            tasks = [read.task for read in reads.values() if read.task is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_read(
+        self,
+        session: ServerSession,
+        request: int,
+        header: dict[str, Any],
+        reads: dict[int, _Read],
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        """Start a read as a task of the session; it holds ``request`` until it ends."""
+        read = reads[request] = _Read()
+        header = self._from_now(header)
+        read.task = task = asyncio.create_task(self._read(session, request, header, read))
+        tasks.add(task)
+        task.add_done_callback(functools.partial(_forget, reads, tasks, request, read))
 
     def _from_now(self, header: dict[str, Any]) -> dict[str, Any]:
         """A ``"now"`` read's header with the offset of the stream's end as it comes in.
@@ -194,7 +234,7 @@ class HubServer(ServerBase):
 
     def _handle(self, op: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
         if op not in _REQUESTS:
-            raise BadRequest(f"unknown hub request {op!r}")
+            raise BadRequest(f"unknown hub request {quote(op)}")
         storage = self.storage
         name = _field(header, "name", check_name)
         if op == "append":
@@ -245,7 +285,7 @@ class HubServer(ServerBase):
         state = self.storage.producer(name, producer)
         if state is not None and epoch < state.epoch:
             raise ProducerFenced(
-                f"producer {producer!r} epoch {epoch} is fenced off by epoch {state.epoch}"
+                f"producer {quote(producer)} epoch {epoch} is fenced off by epoch {state.epoch}"
             )
         if state is not None and epoch == state.epoch:
             if seq <= state.seq:
@@ -254,10 +294,12 @@ class HubServer(ServerBase):
                 return {"offset": offset, "duplicate": True}
             if seq != state.seq + 1:
                 raise HubError(
-                    f"producer {producer!r} sent batch {seq} after batch {state.seq}: a gap"
+                    f"producer {quote(producer)} sent batch {seq} after batch {state.seq}: a gap"
                 )
         elif seq != 0:  # a new producer, or a new epoch
-            raise HubError(f"producer {producer!r} epoch {epoch} must start at batch 0, not {seq}")
+            raise HubError(
+                f"producer {quote(producer)} epoch {epoch} must start at batch 0, not {seq}"
+            )
         first = self.storage.append(name, records, (producer, epoch, seq))
         self._notify(name)
         return {"offset": first, "duplicate": False}
@@ -265,79 +307,78 @@ class HubServer(ServerBase):
     async def _read(
         self, session: ServerSession, request: int, header: dict[str, Any], flow: _Read
     ) -> None:
-        storage = self.storage
+        """Serve a read until it ends; its error, if any, is its last message."""
         try:
-            name = _field(header, "name", check_name)
-            live = _field(header, "live", functools.partial(check_flag, "live"), False)
-            start = _field(header, "offset", check_offset, 0)
-            window = _field(header, "window", check_window)
-            expected = _field(header, "created", check_created)
-            first = storage.get(name)
-            if first is None:
-                raise StreamNotFound(f"no stream named {name!r}")
-            if expected is not None and expected != first.created:
-                raise StreamGone(
-                    f"stream {name!r} was deleted and created again since this read began"
-                )
-            offset = first.next_offset if start == "now" else start
-            # The read's first message says which stream it reads (when it
-            # was created), so a client that asks again can name it.
-            stamp = {"created": first.created}
-            # Records of one message fit a session frame (the smaller of
-            # ours and the client's), with its header and a length per record.
-            frame_room = session.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
-            read_bytes = max(1, min(_READ_BYTES, frame_room, window or _READ_BYTES))
-            sent = 0  # bytes of records messages, for the window
-            caught_up_sent = False
-            while True:
-                change = self._next_change(name) if live else None
-                info = storage.get(name)
-                if info is None or info.created != first.created:
-                    raise StreamGone(f"stream {name!r} was deleted or expired")
-                if offset < info.next_offset:
-                    if window is not None and sent - flow.consumed >= window:
-                        # The reader holds a window of records it has not
-                        # consumed: wait until it reports some consumed.
-                        flow.more.clear()
-                        await flow.more.wait()
-                        continue
-                    records = storage.read(name, offset, _READ_BATCH, read_bytes)
-                    count = await _send_records(session, request, offset, records, stamp)
-                    stamp = {}
-                    sent += records_size(records[:count])
-                    offset += count
-                    caught_up_sent = False
-                    continue
-                if info.finished or not live:
-                    await session.send(
-                        encode_message(
-                            {
-                                "op": "end",
-                                "id": request,
-                                "next_offset": offset,
-                                "finished": info.finished,
-                                **stamp,
-                            }
-                        )
-                    )
-                    return
-                if not caught_up_sent:
-                    await session.send(
-                        encode_message(
-                            {"op": "caught_up", "id": request, "next_offset": offset, **stamp}
-                        )
-                    )
-                    caught_up_sent, stamp = True, {}
-                assert change is not None  # live
-                await _wait(change, info.expires_at)
-        except HubError as exc:
-            with contextlib.suppress(StreamkitError):
-                await session.send(encode_message(_error_reply(request, exc, session)))
+            try:
+                await self._serve_read(session, request, header, flow)
+            except StreamkitError as exc:
+                if not isinstance(exc, HubError):
+                    raise  # the session ended: its client reads again on a new one
+                await _answer(session, _error_reply(request, exc, session))
+            except Exception as exc:  # a bug must not leave the reader waiting forever
+                await _answer(session, _error_reply(request, exc, session))
+        except _Unanswerable as exc:
+            # Nothing can tell the reader: end the session, so its client knows.
+            logger.warning("hub session %s: %s; ending it", session.id, exc)
+            session.abort()
         except StreamkitError:
-            pass  # the session ended; its client resumes reads on a new one
-        except Exception as exc:  # a bug must not leave the reader waiting forever
-            with contextlib.suppress(StreamkitError):
-                await session.send(encode_message(_error_reply(request, exc, session)))
+            pass
+
+    async def _serve_read(
+        self, session: ServerSession, request: int, header: dict[str, Any], flow: _Read
+    ) -> None:
+        storage = self.storage
+        name = _field(header, "name", check_name)
+        live = _field(header, "live", functools.partial(check_flag, "live"), False)
+        start = _field(header, "offset", check_offset, 0)
+        window = _field(header, "window", check_window)
+        expected = _field(header, "created", check_created)
+        first = storage.get(name)
+        if first is None:
+            raise StreamNotFound(f"no stream named {quote(name)}")
+        if expected is not None and expected != first.created:
+            raise StreamGone(
+                f"stream {quote(name)} was deleted and created again since this read began"
+            )
+        offset = first.next_offset if start == "now" else start
+        # The read's first message says which stream it reads (when it
+        # was created), so a client that asks again can name it.
+        stamp = {"created": first.created}
+        # Records of one message fit a session frame (the smaller of
+        # ours and the client's), with its header and a length per record.
+        frame_room = session.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
+        read_bytes = max(1, min(_READ_BYTES, frame_room, window or _READ_BYTES))
+        sent = 0  # bytes of records messages, for the window
+        caught_up_sent = False
+        while True:
+            change = self._next_change(name) if live else None
+            info = storage.get(name)
+            if info is None or info.created != first.created:
+                raise StreamGone(f"stream {quote(name)} was deleted or expired")
+            if offset < info.next_offset:
+                if window is not None and sent - flow.consumed >= window:
+                    # The reader holds a window of records it has not
+                    # consumed: wait until it reports some consumed.
+                    flow.more.clear()
+                    await flow.more.wait()
+                    continue
+                records = storage.read(name, offset, _READ_BATCH, read_bytes)
+                count = await _send_records(session, request, offset, records, stamp)
+                stamp = {}
+                sent += records_size(records[:count])
+                offset += count
+                caught_up_sent = False
+                continue
+            if info.finished or not live:
+                end = {"op": "end", "id": request, "next_offset": offset}
+                await _answer(session, {**end, "finished": info.finished, **stamp})
+                return
+            if not caught_up_sent:
+                caught_up = {"op": "caught_up", "id": request, "next_offset": offset}
+                await _answer(session, {**caught_up, **stamp})
+                caught_up_sent, stamp = True, {}
+            assert change is not None  # live
+            await _wait(change, info.expires_at)
 
 
 async def _send_records(
@@ -415,6 +456,52 @@ class _Records:
         return records
 
 
+class _Unanswerable(ProtocolError):
+    """Not even a small error reply fits the session's frames: nothing can answer."""
+
+
+def _request_id(op: str, header: dict[str, Any]) -> int:
+    """The request's id; a header without a valid one is no hub request at all."""
+    try:
+        return check_request_id(header.get("id"))
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"hub request {quote(op)} without a valid 'id': {exc}") from exc
+
+
+async def _answer(session: ServerSession, reply: dict[str, Any]) -> None:
+    """Send ``reply`` (a message with a request's ``id``), or an error in its place.
+
+    No request goes unanswered: a reply that cannot be encoded, or is over
+    the session's ``max_frame`` (ours or the client's), is replaced by a
+    small error reply with the same id (``limit``, or ``error`` for one
+    that cannot be encoded). Raises :class:`_Unanswerable` if even that
+    does not fit, and the session's error if it ended.
+    """
+    request = reply["id"]
+    substitute: Exception
+    try:
+        message = encode_message(reply)
+    except (TypeError, ValueError) as exc:  # a bug: the reader must still hear of it
+        substitute = exc
+    else:
+        try:
+            await session.send(message)
+            return
+        except FrameTooLarge as exc:
+            done = " (the request was carried out)" if reply["op"] == "ok" else ""
+            substitute = LimitExceeded(
+                f"the hub's {quote(reply['op'])} reply to request {request}{done}"
+                f" could not be sent: {exc}"
+            )
+    try:
+        await session.send(encode_message(_error_reply(request, substitute, session)))
+    except FrameTooLarge as exc:
+        raise _Unanswerable(
+            f"its max_frame={session.max_frame} cannot carry even an error reply"
+            f" (to request {request})"
+        ) from exc
+
+
 def _error_reply(request: int, exc: Exception, session: ServerSession) -> dict[str, Any]:
     """The error reply to a request that failed; an unexpected failure is logged."""
     if isinstance(exc, HubError):
@@ -424,7 +511,7 @@ def _error_reply(request: int, exc: Exception, session: ServerSession) -> dict[s
         "op": "error",
         "id": request,
         "code": HubError.code,
-        "message": f"the hub failed to serve the request: {exc!r}",
+        "message": f"the hub failed to serve the request: {quote(exc)}",
     }
 
 
@@ -444,8 +531,17 @@ class _Read:
             self.more.set()
 
 
-def _forget(reads: dict[int, _Read], request: int, task: object) -> None:
-    reads.pop(request, None)
+def _forget(
+    reads: dict[int, _Read],
+    tasks: set[asyncio.Task[None]],
+    request: int,
+    read: _Read,
+    task: asyncio.Task[None],
+) -> None:
+    """A read's task ended: free its request id (unless a new read holds it now)."""
+    tasks.discard(task)
+    if reads.get(request) is read:
+        del reads[request]
 
 
 def _storage(
@@ -480,7 +576,7 @@ async def serve_hub(
     bounds streams, record size and memory; ``storage`` replaces the
     storage backend; other keywords go to :func:`serve_resumable`.
     """
-    hub = HubServer(storage or _storage(data_dir, limits, fsync))
+    hub = HubServer(storage or _storage(data_dir, limits, fsync), limits)
     return await _start(hub, lambda: serve_resumable(hub._serve_session, host, port, **options))
 
 
@@ -494,5 +590,5 @@ async def serve_hub_unix(
     **options: Any,
 ) -> HubServer:
     """Serve a hub on a Unix socket; otherwise as :func:`serve_hub`."""
-    hub = HubServer(storage or _storage(data_dir, limits, fsync))
+    hub = HubServer(storage or _storage(data_dir, limits, fsync), limits)
     return await _start(hub, lambda: serve_resumable_unix(hub._serve_session, path, **options))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from streamkit.errors import StreamkitError
-from streamkit.hub.protocol import check_content_type, check_ttl
+from streamkit.hub.protocol import check_content_type, check_ttl, quote, records_size
 
 __all__ = [
     "PRODUCER_OVERHEAD",
@@ -110,18 +110,27 @@ class Limits:
     """Bounds that turn resource exhaustion into clear errors.
 
     ``max_streams`` streams at once; ``max_record`` bytes per record;
+    ``max_batch`` bytes per appended batch, counted as the batch travels
+    (:func:`~streamkit.hub.protocol.records_size`: 4, plus 4 and its
+    length for each record), which bounds every entry a log holds;
     ``max_total_bytes`` over every stream, each record counting its length
     plus :data:`RECORD_OVERHEAD`, and each producer a stream knows its id's
     length plus :data:`PRODUCER_OVERHEAD`; ``max_name`` UTF-8 bytes per
-    stream name. The hub server also refuses a record it could not send
-    back in one message of the session (about ``max_frame`` less 512
-    bytes), whatever ``max_record`` says.
+    stream name. Past any of them a request gets :class:`LimitExceeded`
+    (:class:`BadRequest` for a name), and nothing is stored.
+
+    The hub server also runs at most ``max_reads`` reads at once on one
+    client session (a read past it gets :class:`LimitExceeded`), and
+    refuses a record it could not send back in one message of the session
+    (about ``max_frame`` less 512 bytes), whatever ``max_record`` says.
     """
 
     max_streams: int = 10_000
     max_record: int = 4 * MiB
+    max_batch: int = 16 * MiB
     max_total_bytes: int = 1024 * MiB
     max_name: int = 255
+    max_reads: int = 1000
 
 
 @dataclass(slots=True)
@@ -239,7 +248,7 @@ class StreamTable:
     def _stream(self, name: str) -> _Stream:
         stream = self._live(name)
         if stream is None:
-            raise StreamNotFound(f"no stream named {name!r}")
+            raise StreamNotFound(f"no stream named {quote(name)}")
         return stream
 
     def _add(self, info: StreamInfo) -> _Stream:
@@ -251,7 +260,7 @@ class StreamTable:
     def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
         if name in self._streams:
             if self._live(name) is not None:
-                raise StreamExists(f"stream {name!r} exists")
+                raise StreamExists(f"stream {quote(name)} exists")
             self._remove(name)  # expired, not swept yet
         try:
             ttl = check_ttl(ttl)
@@ -284,7 +293,7 @@ class StreamTable:
         stream = self._stream(name)
         info = stream.info
         if info.finished:
-            raise StreamFinished(f"stream {name!r} is finished; no more appends")
+            raise StreamFinished(f"stream {quote(name)} is finished; no more appends")
         size = 0
         for record in records:
             if len(record) > self.limits.max_record:
@@ -292,6 +301,12 @@ class StreamTable:
                     f"record of {len(record)} bytes exceeds max_record={self.limits.max_record}"
                 )
             size += len(record)
+        batch = records_size(records)
+        if batch > self.limits.max_batch:
+            raise LimitExceeded(
+                f"a batch of {len(records)} records ({batch} bytes with their lengths)"
+                f" exceeds max_batch={self.limits.max_batch}"
+            )
         cost = size + RECORD_OVERHEAD * len(records)
         new_producer = ""
         if producer is not None and producer[0] not in stream.producers:
