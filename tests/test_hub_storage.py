@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,43 +220,99 @@ def log_file(data_dir: Path) -> Path:
     return path
 
 
-@settings(max_examples=60, deadline=None)
+def entry_spans(log: bytes) -> list[tuple[int, int]]:
+    """Where each entry of an undamaged log starts and ends."""
+    spans, start = [], 0
+    while start < len(log):
+        (length,) = struct.unpack_from(">I", log, start + 1)
+        spans.append((start, start + 9 + length))
+        start += 9 + length
+    return spans
+
+
+#: Records in each DATA entry that fill() writes: batch n holds n % 3 + 1.
+FILL_BATCHES = [n % 3 + 1 for n in range(20)]
+
+
+@settings(max_examples=100, deadline=None)
 @given(data=st.data())
-def test_a_torn_or_corrupt_tail_is_cut_never_served(
+def test_a_torn_tail_is_cut_and_damage_inside_is_kept_and_neither_is_served(
     tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
 ) -> None:
     data_dir = tmp_path_factory.mktemp("log")
     records = fill(data_dir)
     path = log_file(data_dir)
-    size = path.stat().st_size
+    original = path.read_bytes()
+    spans = entry_spans(original)
     # Positions are drawn as fractions: the log's size varies with its timestamp.
     scale = 10_000
-    cut = data.draw(st.integers(0, scale), label="cut") * size // scale
+    cut = data.draw(st.integers(0, scale), label="cut") * len(original) // scale
     flip_at = data.draw(st.none() | st.integers(0, scale - 1), label="flip")
-    flip = None if flip_at is None else flip_at * size // scale
-    content = bytearray(path.read_bytes()[:cut])
+    flip = None if flip_at is None else flip_at * len(original) // scale
+    content = bytearray(original[:cut])
     if flip is not None and flip < cut:
         content[flip] ^= 0x20
     path.write_bytes(content)
+    # The first damaged entry (cut short or flipped), and whether a whole,
+    # undamaged entry follows it: then it is damage inside the log.
+    hurt = [end > cut or (flip is not None and start <= flip < end) for start, end in spans]
+    damaged = hurt.index(True) if True in hurt else len(spans)
+    inside = not all(hurt[damaged:])
 
     store = FileStorage(data_dir)
     try:
         info = store.get("log")
-        if info is None:  # the CREATE entry itself was lost: the file is gone
-            assert not path.exists()
+        if damaged == 0:  # no valid CREATE entry: no stream, but no data thrown away
+            assert info is None and not path.exists()
+            aside = list(data_dir.glob("*.corrupt"))
+            assert [file.read_bytes() for file in aside] == ([content] if aside else [])
+            assert aside or not inside
             return
-        got = store.read("log", 0, 1000, 1 << 20)
-        assert got == records[: len(got)]  # a prefix: nothing corrupt, nothing reordered
-        assert info.next_offset == len(got)
-        if flip is None and cut == size:
-            assert got == records
-        assert path.stat().st_size <= cut  # the bad tail is cut from the file
+        assert info is not None
+        served = sum(FILL_BATCHES[: damaged - 1])
+        got = store.read("log", 0, 1000, 1 << 20) if served else []
+        assert got == records[:served] and info.next_offset == served
+        if inside:  # kept whole, served up to the damage, closed to appends
+            message = rf"'log' is read-only.*byte {spans[damaged][0]} .*offset {served} on"
+            with pytest.raises(HubError, match=message):
+                store.append("log", [b"next"])
+            assert path.read_bytes() == content
+            return
+        good = spans[damaged][0] if damaged < len(spans) else cut
+        assert path.stat().st_size == good  # a torn tail is cut
         store.append("log", [b"next"])  # and later appends land after the good part
     finally:
         store.close()
     store = FileStorage(data_dir)
     try:
         assert store.read("log", 0, 1000, 1 << 20) == [*got, b"next"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("last", [True, False], ids=["last-entry", "entries-after"])
+def test_a_batch_over_a_lowered_max_batch_is_kept_not_cut(tmp_path: Path, last: bool) -> None:
+    big = [b"x" * 5000, b"y" * 5000]
+    store = FileStorage(tmp_path)
+    store.create("s", ttl=None, content_type=None)
+    store.append("s", [b"small"])
+    store.append("s", big)
+    if not last:
+        store.append("s", [b"after"])
+    store.close()
+    content = log_file(tmp_path).read_bytes()
+    store = FileStorage(tmp_path, limits=Limits(max_batch=1000))  # lowered: the entry is too long
+    try:
+        assert store.read("s", 0, 10, 1 << 20) == [b"small"]
+        with pytest.raises(HubError, match=r"read-only.*over the \d+ that max_batch=1000 allows"):
+            store.append("s", [b"more"])
+    finally:
+        store.close()
+    assert log_file(tmp_path).read_bytes() == content  # nothing cut
+    store = FileStorage(tmp_path)  # the limit raised again: all of it is served
+    try:
+        expected = [b"small", *big] + ([] if last else [b"after"])
+        assert store.read("s", 0, 10, 1 << 20) == expected
     finally:
         store.close()
 

@@ -11,14 +11,42 @@ endian; the CRC covers the kind byte and the payload). Kinds:
   retried batch is recognised after a restart;
 - ``FINISH``: empty.
 
-Every append is one ``write`` of one entry. On open, each log is read back;
-the first entry that is short (torn by a crash mid-write), fails its CRC or
-does not parse ends the log: the file is truncated there, so a corrupt tail
-is never served. A file whose CREATE entry is torn (a create cut short) is
-removed; one whose CREATE entry is bad in any other way is no stream the
-hub can trust, but may hold data: it is renamed to ``<file>.corrupt``.
+Every append is one ``write`` of one entry, so no entry the hub writes is
+larger than one batch can make: a payload of at most ``Limits.max_batch``
+plus the DATA header (or a CREATE entry's JSON, for a long ``max_name``).
 Records are read back with ``pread`` through an in-memory index (two
 integers per record).
+
+Recovery. On open, each log is read back entry by entry. An entry is
+*damaged* if its header is short, its length is over the largest entry the
+hub can write (checked before anything is read or allocated) or runs past
+the end of the file, its CRC fails, or it does not parse (a kind out of
+place, a record running past its entry). What is done about it depends on
+what follows:
+
+- a *torn tail*: nothing valid follows the damaged entry (it is the last
+  thing in the file, or no valid entry starts where the next one could: see
+  below). A crash cut an append short; that append was never acknowledged.
+  The file is truncated at the damaged entry and later appends go there.
+- *damage inside the log*: a valid entry follows. Acknowledged records may
+  lie beyond the damage, so nothing is cut and nothing past the damage is
+  served: the stream serves the records before it, refuses appends (and
+  ``finish``) with a :class:`HubError` naming the stream, the file, the
+  byte and the first record offset not served, and the hub logs it at
+  ERROR. Deleting (or expiring) such a stream renames its file to
+  ``<file>.corrupt`` rather than removing it.
+
+A valid entry follows the damage if, anywhere from the byte after the
+damaged entry's start up to where the next entry could start at the
+latest (the damaged entry's start, plus the largest entry the hub can
+write), there is an entry header of a kind that may follow (DATA or
+FINISH, FINISH with an empty payload), a length within the bound and within
+the file, and a payload whose CRC checks; or if the damaged entry's length
+is over the bound but leads exactly to the end of the file or to such an
+entry (an entry written under a larger ``max_batch`` than this hub's: it is
+kept, not cut). A file whose first (CREATE) entry is damaged is no stream
+the hub can trust: it is removed if it was torn with nothing valid after
+it (a create cut short), and otherwise renamed to ``<file>.corrupt``.
 
 Durability: an append is acknowledged once its entry is written to the OS,
 so it survives the hub process being killed; with ``fsync=True`` each entry
@@ -33,14 +61,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import zlib
 from array import array
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
-from streamkit.hub.protocol import check_content_type, check_ttl
+from streamkit.hub.protocol import (
+    MAX_CONTENT_TYPE,
+    MAX_PRODUCER_ID,
+    check_content_type,
+    check_ttl,
+    quote,
+)
 from streamkit.hub.storage import HubError, Limits, StreamInfo, StreamTable, take_within
 
 __all__ = ["FileStorage"]
@@ -52,22 +87,52 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _PRODUCER = struct.Struct(">QQ")
 _CREATE, _DATA, _FINISH = 1, 2, 3
+#: The bytes of a DATA payload beside its batch's lengths and records: the
+#: producer flag, the longest producer id with its length, epoch and seq,
+#: and the record count.
+_DATA_OVERHEAD = 1 + _U16.size + MAX_PRODUCER_ID + _PRODUCER.size + _U32.size
+#: A CREATE payload's JSON beside its name and content type, which JSON may
+#: escape to 6 characters a byte.
+_CREATE_OVERHEAD = 256
+#: Where an entry that may follow damage could start: a DATA or FINISH header.
+_NEXT_KINDS = re.compile(b"[%s]" % re.escape(bytes((_DATA, _FINISH))))
 _LOCK_FILE = "LOCK"
 _T = TypeVar("_T")
 
 
+def _max_entry_payload(limits: Limits) -> int:
+    """The largest entry payload a hub with ``limits`` writes.
+
+    A DATA entry is one appended batch, at most ``limits.max_batch`` bytes
+    as it travels (``count`` and a length per record, which the entry holds
+    too) plus the producer's header; a CREATE entry is JSON of at most
+    ``max_name`` and ``MAX_CONTENT_TYPE`` bytes, each escaped to at most 6.
+    """
+    data = _DATA_OVERHEAD + limits.max_batch
+    create = _CREATE_OVERHEAD + 6 * (limits.max_name + MAX_CONTENT_TYPE)
+    return max(data, create)
+
+
 class _Corrupt(Exception):
-    """An entry that cannot be trusted; the log ends before it."""
+    """A damaged entry: the log's valid entries end before it."""
 
 
 class _Torn(_Corrupt):
     """An entry cut short by the end of the file: a write a crash interrupted."""
 
 
+class _TooLong(_Corrupt):
+    """An entry longer than any this hub writes; ``end`` is where its length says it ends."""
+
+    def __init__(self, message: str, end: int) -> None:
+        super().__init__(message)
+        self.end = end
+
+
 class _Log:
     """One stream's open log file and the position of each of its records."""
 
-    __slots__ = ("end", "fd", "lengths", "path", "positions")
+    __slots__ = ("damage", "end", "fd", "lengths", "path", "positions")
 
     def __init__(self, path: Path, fd: int, end: int) -> None:
         self.path = path
@@ -75,6 +140,8 @@ class _Log:
         self.end = end  # bytes of valid entries
         self.positions = array("Q")  # file position of each record's bytes
         self.lengths = array("Q")
+        # Why the log takes no appends (damage inside it), or None.
+        self.damage: str | None = None
 
 
 def _recovered(
@@ -111,6 +178,7 @@ class FileStorage(StreamTable):
         self, data_dir: str | os.PathLike[str], *, limits: Limits | None = None, fsync: bool = False
     ) -> None:
         super().__init__(limits)
+        self._max_payload = _max_entry_payload(self.limits)
         self.data_dir = Path(data_dir)
         self.fsync = fsync
         self._logs: dict[str, _Log] = {}
@@ -128,55 +196,112 @@ class FileStorage(StreamTable):
 
     def _recover(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        size = os.fstat(fd).st_size
         log = _Log(path, fd, 0)
         info: StreamInfo | None = None
-        problem: Exception | None = None  # what was wrong with the first entry
+        damage: _Corrupt | None = None  # the first damaged entry, at log.end
         with open(path, "rb") as file:
-            while True:
-                start = log.end
-                header = file.read(_ENTRY.size)
-                if not header:
-                    break
+            while log.end < size:
                 try:
-                    if len(header) < _ENTRY.size:
-                        raise _Torn("a torn entry header")
-                    kind, length, crc = _ENTRY.unpack(header)
-                    payload = file.read(length)
-                    if len(payload) < length:
-                        raise _Torn(f"a torn entry ({len(payload)} of {length} bytes)")
-                    if zlib.crc32(payload, zlib.crc32(bytes((kind,)))) != crc:
-                        raise _Corrupt("a CRC mismatch")
-                    info = self._replay(log, info, kind, payload, start + _ENTRY.size)
-                except (_Corrupt, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
-                    if info is None:
-                        problem = exc
-                        break
-                    logger.warning(
-                        "%s: cutting a corrupt tail at byte %d (%s)", path.name, start, exc
-                    )
-                    os.ftruncate(fd, start)
+                    kind, payload = self._read_entry(file, log.end, size)
+                    info = self._replay(log, info, kind, payload, log.end + _ENTRY.size)
+                except _Corrupt as exc:
+                    damage = exc
                     break
-                log.end = start + _ENTRY.size + length
+                except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+                    damage = _Corrupt(f"an entry that does not parse ({exc!r})")
+                    break
+                log.end += _ENTRY.size + len(payload)
+        if damage is None and info is not None:
+            self._logs[info.name] = log
+            return
+        followed = damage is not None and self._followed(fd, log.end, size, damage)
         if info is None:
             os.close(fd)
-            if problem is None or isinstance(problem, _Torn):
+            if damage is None or (isinstance(damage, _Torn) and not followed):
                 path.unlink()  # empty, or a create that a crash cut short
             else:
-                self._set_aside(path, problem)
+                self._set_aside(path, f"no valid CREATE entry ({damage})")
             return
+        assert damage is not None
+        if followed:
+            log.damage = (
+                f"stream {quote(info.name)} is read-only: its log {path.name} is damaged at"
+                f" byte {log.end} ({damage}) with valid entries after it; records from"
+                f" offset {info.next_offset} on are not served, and appends are refused,"
+                " until the log is repaired"
+            )
+            logger.error("%s", log.damage)
+        else:
+            logger.warning("%s: cutting a torn tail at byte %d (%s)", path.name, log.end, damage)
+            os.ftruncate(fd, log.end)
         self._logs[info.name] = log
 
-    def _set_aside(self, path: Path, problem: Exception) -> None:
-        """Rename a log whose CREATE entry is bad: not a stream, but maybe someone's data."""
+    def _read_entry(self, file: BinaryIO, start: int, size: int) -> tuple[int, bytes]:
+        """The entry at ``start`` (where ``file`` is): its kind and payload, checked.
+
+        Its length is checked against the file and the largest entry this
+        hub writes before anything is read.
+        """
+        header = file.read(_ENTRY.size)
+        if len(header) < _ENTRY.size:
+            raise _Torn("a torn entry header")
+        kind, length, crc = _ENTRY.unpack(header)
+        end = start + _ENTRY.size + length
+        if length > self._max_payload:
+            raise _TooLong(
+                f"an entry length of {length} bytes, over the {self._max_payload} that"
+                f" max_batch={self.limits.max_batch} allows",
+                end,
+            )
+        if end > size:
+            raise _Torn(f"a torn entry ({size - start - _ENTRY.size} of {length} bytes)")
+        payload = file.read(length)
+        if len(payload) < length:
+            raise _Torn(f"a torn entry ({len(payload)} of {length} bytes)")
+        if zlib.crc32(payload, zlib.crc32(bytes((kind,)))) != crc:
+            raise _Corrupt("a CRC mismatch")
+        return kind, payload
+
+    def _followed(self, fd: int, start: int, size: int, damage: _Corrupt) -> bool:
+        """Whether a valid entry follows the damaged entry at ``start`` (see the module doc)."""
+        if isinstance(damage, _TooLong) and (
+            damage.end == size or self._valid_at(fd, damage.end, size)
+        ):
+            return True
+        # The next entry starts at most one largest entry after this one's start.
+        window = os.pread(fd, 2 * _ENTRY.size + self._max_payload, start)
+        view = memoryview(window)
+        return any(
+            self._valid_at(fd, start + match.start(), size, view[match.start() :])
+            for match in _NEXT_KINDS.finditer(window, 1, len(window) - _ENTRY.size + 1)
+        )
+
+    def _valid_at(self, fd: int, start: int, size: int, head: bytes | memoryview = b"") -> bool:
+        """Whether a valid DATA or FINISH entry is at ``start`` (``head``: the bytes there)."""
+        if len(head) < _ENTRY.size + 1:
+            head = os.pread(fd, _ENTRY.size + 1, start)
+            if len(head) < _ENTRY.size:
+                return False
+        kind, length, crc = _ENTRY.unpack_from(head)
+        if kind not in (_DATA, _FINISH) or (kind == _FINISH) != (length == 0):
+            return False
+        if length > self._max_payload or start + _ENTRY.size + length > size:
+            return False
+        if kind == _DATA and head[_ENTRY.size] > 1:  # its producer flag is 0 or 1
+            return False
+        payload = os.pread(fd, length, start + _ENTRY.size)
+        return bool(zlib.crc32(payload, zlib.crc32(bytes((kind,)))) == crc)
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Rename a log the hub cannot serve (or delete) in full: it may hold someone's data."""
         aside = path.with_name(path.name + ".corrupt")
         number = 0
         while aside.exists():
             number += 1
             aside = path.with_name(f"{path.name}.corrupt.{number}")
         path.rename(aside)
-        logger.warning(
-            "%s: no valid CREATE entry (%s); moved to %s", path.name, problem, aside.name
-        )
+        logger.warning("%s: %s; moved to %s", path.name, why, aside.name)
 
     def _replay(
         self, log: _Log, info: StreamInfo | None, kind: int, payload: bytes, base: int
@@ -192,7 +317,7 @@ class FileStorage(StreamTable):
                 created=float(meta["created"]),
             )
             if info.name in self._streams:
-                raise _Corrupt(f"a second log for stream {info.name!r}")
+                raise _Corrupt(f"a second log for stream {quote(info.name)}")
             self._add(info)
             return info
         if kind == _DATA and not info.finished:
@@ -277,10 +402,16 @@ class FileStorage(StreamTable):
             raise
         self._logs[info.name] = log
 
+    def _writable(self, name: str) -> _Log:
+        log = self._logs[name]
+        if log.damage is not None:
+            raise HubError(log.damage)
+        return log
+
     def _store_append(
         self, name: str, records: list[bytes], producer: tuple[str, int, int] | None
     ) -> None:
-        log = self._logs[name]
+        log = self._writable(name)
         parts = [b"\x00"]
         if producer is not None:
             producer_id, epoch, seq = producer
@@ -313,12 +444,15 @@ class FileStorage(StreamTable):
         ]
 
     def _store_finish(self, name: str) -> None:
-        self._write(self._logs[name], _entry(_FINISH, []))
+        self._write(self._writable(name), _entry(_FINISH, []))
 
     def _store_delete(self, name: str) -> None:
         log = self._logs.pop(name)
         os.close(log.fd)
-        log.path.unlink(missing_ok=True)
+        if log.damage is not None:  # what lies past the damage may be someone's records
+            self._set_aside(log.path, f"stream {quote(name)} deleted with a damaged log")
+        else:
+            log.path.unlink(missing_ok=True)
         if self.fsync:
             self._sync_dir()
 
