@@ -7,8 +7,10 @@ hand-made hub messages (as a client without the hub client's checks would).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -200,6 +202,26 @@ async def test_reads_past_max_reads_are_refused_and_the_others_go_on() -> None:
             await raw.send({"op": "cancel", "id": 1})  # a read that ends makes room
             again = await raw.ask({"op": "read", "id": 5, "name": "s", "live": True})
             assert (again["op"], again["id"]) == ("records", 5)
+
+
+async def test_a_running_read_does_not_pin_what_else_its_request_carried() -> None:
+    # Each read carries 1 MB the hub has no use for; a live read of a quiet
+    # stream runs for ever, and must not keep it.
+    padding = "x" * 1_000_000
+    async with hub_and_client() as (server, client):
+        await client.create("quiet")
+        async with raw_client(server) as raw:
+            tracemalloc.start()
+            try:
+                before, _ = tracemalloc.get_traced_memory()
+                for request in range(1, 21):
+                    read = {"op": "read", "id": request, "name": "quiet", "live": True}
+                    assert (await raw.ask({**read, "pad": padding}))["op"] == "caught_up"
+                gc.collect()
+                held, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+    assert held - before < 5_000_000, f"20 reads hold {held - before} bytes"
 
 
 # -- peers that are not hub clients at all ------------------------------------------------

@@ -64,6 +64,8 @@ _MESSAGE_HEADROOM = 512
 #: Seconds between TTL sweeps.
 _EXPIRY_INTERVAL = 1.0
 
+#: The fields of a read request.
+_READ_FIELDS = ("name", "offset", "live", "window", "created")
 #: The requests answered with one reply ("read" and "cancel" are not).
 _REQUESTS = frozenset(("append", "produce", "create", "status", "finish", "delete", "producer"))
 
@@ -212,9 +214,14 @@ class HubServer(ServerBase):
         reads: dict[int, _Read],
         tasks: set[asyncio.Task[None]],
     ) -> None:
-        """Start a read as a task of the session; it holds ``request`` until it ends."""
+        """Start a read as a task of the session; it holds ``request`` until it ends.
+
+        The task keeps only the read's own fields, not the whole header: a
+        read may run for ever, and must not pin whatever else a client
+        packed into its request.
+        """
         read = reads[request] = _Read()
-        header = self._from_now(header)
+        header = self._from_now({key: header[key] for key in _READ_FIELDS if key in header})
         read.task = task = asyncio.create_task(self._read(session, request, header, read))
         tasks.add(task)
         task.add_done_callback(functools.partial(_forget, reads, tasks, request, read))
