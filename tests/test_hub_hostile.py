@@ -19,11 +19,11 @@ import pytest
 
 from streamkit import hub
 from streamkit.errors import EndOfStream, SessionError
-from streamkit.hub import HubClient, HubServer, Limits
+from streamkit.hub import HubServer, Limits
 from streamkit.hub.protocol import decode_message, encode_message
-from streamkit.session import ClientSession, connect_resumable
+from streamkit.session import Session, connect_resumable
+from tests.test_hub import FAST, hub_and_client
 
-FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
 #: A 1.5 MB stream name whose repr (and JSON) doubles it: its error reply
 #: quoted in full (6 MB) would exceed the default max_frame (4 MiB).
 HUGE_NAME = "\\" * 1_500_000
@@ -31,19 +31,10 @@ HUGE_NAME = "\\" * 1_500_000
 BOUNDED = 1000
 
 
-@asynccontextmanager
-async def hub_and_client(**options: Any) -> AsyncIterator[tuple[HubServer, HubClient]]:
-    async with (
-        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **{**FAST, **options}) as server,
-        hub.connect("127.0.0.1", server.port, **FAST) as client,
-    ):
-        yield server, client
-
-
 class RawClient:
     """A session client that sends hand-made hub messages and reads the replies."""
 
-    def __init__(self, session: ClientSession) -> None:
+    def __init__(self, session: Session) -> None:
         self.session = session
 
     async def send(self, header: dict[str, Any]) -> None:

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from streamkit import hub
+from tests.test_hub import FAST, read_all
 from tests.test_hub_storage import entry_spans, log_file
-
-FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
 
 #: A hub in a process whose address space is limited (argv: data_dir, bytes).
 LIMITED_HUB = """
@@ -72,11 +71,6 @@ async def write_log(data_dir: Path, batches: list[list[bytes]]) -> Path:
         for batch in batches:
             await client.append_many("s", batch)
     return log_file(data_dir)
-
-
-async def read_all(client: hub.HubClient, name: str) -> list[bytes]:
-    async with client.read(name) as reader:
-        return [record.data async for record in reader]
 
 
 # -- 4. a length field that is never trusted ------------------------------------
