@@ -19,8 +19,9 @@ import pytest
 
 from streamkit import hub
 from streamkit.errors import EndOfStream, SessionError
-from streamkit.hub import HubServer, Limits
+from streamkit.hub import HubServer, Limits, MemoryStorage
 from streamkit.hub.protocol import decode_message, encode_message
+from streamkit.hub.storage import StreamInfo
 from streamkit.session import Session, connect_resumable
 from tests.test_hub import FAST, hub_and_client
 
@@ -143,6 +144,33 @@ async def test_a_reply_too_large_for_the_clients_frame_becomes_an_error_with_its
         async with small_client.read(name) as reader:  # a read's messages do not quote it
             assert reader.next_offset == 0
             assert [record async for record in reader] == []
+
+
+class UnencodableStatus(MemoryStorage):
+    """A storage (with a bug) whose stream status cannot be encoded as JSON."""
+
+    def get(self, name: str) -> StreamInfo | None:
+        info = super().get(name)
+        if info is not None and name == "odd":
+            info.content_type = b"bytes, not str"  # type: ignore[assignment]
+        return info
+
+
+async def test_a_reply_that_cannot_be_encoded_becomes_an_error_with_its_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = UnencodableStatus()
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, storage=storage, grace_period=0.2, **FAST) as server,
+        hub.connect("127.0.0.1", server.port, **FAST) as client,
+    ):
+        await client.create("odd")
+        session = client.session
+        with pytest.raises(hub.HubError, match="failed to serve the request: TypeError"):
+            await asyncio.wait_for(client.status("odd"), 10)
+        assert await client.append("odd", b"still here") == 0
+        assert client.session is session
+    assert "request 2 failed" in caplog.text  # logged with its traceback, as a bug
 
 
 # -- 3. request ids in use, and the tasks of a session ------------------------------------
