@@ -92,13 +92,12 @@ class HubServer(ServerBase):
     request gets an answer: a reply that cannot be sent within the
     session's ``max_frame`` is replaced by a small ``limit`` error with the
     request's id. A request whose id a running read of the session holds
-    gets ``bad_request``; a read past ``limits.max_reads`` at once gets
-    ``limit``.
+    gets ``bad_request``; a read past the storage's ``limits.max_reads``
+    at once gets ``limit``.
     """
 
-    def __init__(self, storage: Storage, limits: Limits | None = None) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.limits = limits or Limits()
         self._changed: dict[str, asyncio.Event] = {}
         self._server: ResumableServer | None = None
         self._expiry: asyncio.Task[None] | None = None
@@ -178,11 +177,12 @@ class HubServer(ServerBase):
                     await _answer(session, _error_reply(request, in_use, session))
                     continue
                 if op == "read":
-                    if len(reads) < self.limits.max_reads:
+                    max_reads = self.storage.limits.max_reads
+                    if len(reads) < max_reads:
                         self._start_read(session, request, header, reads, tasks)
                         continue
                     too_many = LimitExceeded(
-                        f"this session runs max_reads={self.limits.max_reads} reads at once;"
+                        f"this session runs max_reads={max_reads} reads at once;"
                         " cancel one or wait for one to end"
                     )
                     await _answer(session, _error_reply(request, too_many, session))
@@ -583,7 +583,7 @@ async def serve_hub(
     bounds streams, record size and memory; ``storage`` replaces the
     storage backend; other keywords go to :func:`serve_resumable`.
     """
-    hub = HubServer(storage or _storage(data_dir, limits, fsync), limits)
+    hub = HubServer(storage or _storage(data_dir, limits, fsync))
     return await _start(hub, lambda: serve_resumable(hub._serve_session, host, port, **options))
 
 
@@ -597,5 +597,5 @@ async def serve_hub_unix(
     **options: Any,
 ) -> HubServer:
     """Serve a hub on a Unix socket; otherwise as :func:`serve_hub`."""
-    hub = HubServer(storage or _storage(data_dir, limits, fsync), limits)
+    hub = HubServer(storage or _storage(data_dir, limits, fsync))
     return await _start(hub, lambda: serve_resumable_unix(hub._serve_session, path, **options))

@@ -170,6 +170,9 @@ class Storage(Protocol):
     a request that cannot be served. Offsets are record numbers from 0.
     """
 
+    #: The limits the backend enforces.
+    limits: Limits
+
     def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo: ...
 
     def get(self, name: str) -> StreamInfo | None:
