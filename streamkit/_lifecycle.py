@@ -4,13 +4,31 @@ Two shapes of closing exist here: streams and servers have ``close()`` plus
 ``await wait_closed()`` (:class:`Closable`); hub readers, producers and
 clients have one ``await close()`` (:class:`AsyncClosable`). Each base gives
 ``async with`` from those methods, returning the object itself.
+:func:`wait_all` waits for a set of tasks an object owns.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Set
 from types import TracebackType
 from typing import Any, Self
+
+
+async def wait_all(tasks: Set[asyncio.Task[Any]]) -> None:
+    """Wait until every task in ``tasks`` is done, tasks added meanwhile included.
+
+    ``tasks`` is a set that tasks add themselves to and leave from a
+    done-callback. A task that is done may still be in it (its callback
+    is queued), so this never awaits a done task: since Python 3.12,
+    ``gather()`` of done futures returns without yielding, and a loop on
+    it would spin in one event-loop step, never letting those callbacks
+    run. Each turn here waits for at least one unfinished task, so it
+    yields. The tasks' results and errors are theirs to report; cancelling
+    this wait cancels none of them.
+    """
+    while pending := [task for task in tasks if not task.done()]:
+        await asyncio.wait(pending)
 
 
 class Closable:

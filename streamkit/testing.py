@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from streamkit import _args
-from streamkit._lifecycle import ServerBase
+from streamkit._lifecycle import ServerBase, wait_all
 
 __all__ = ["Direction", "FaultProxy", "ProxyStats", "main"]
 
@@ -180,8 +180,7 @@ class FaultProxy(ServerBase):
 
     async def wait_closed(self) -> None:
         """Wait until every task of the proxy has ended."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await wait_all(self._tasks)
         if self._server is not None:
             await self._server.wait_closed()
 

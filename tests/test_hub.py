@@ -546,6 +546,28 @@ async def test_a_refused_batch_names_its_records_and_later_batches_go_on() -> No
         assert await read_all(client, "p") == [b"r0", b"r3", b"q1"]
 
 
+@pytest.mark.timeout(10)
+async def test_flush_in_the_loop_step_in_which_a_batch_ended_returns() -> None:
+    # on_error runs inside the batch's delivery task, as its last act: the
+    # test wakes in the step in which that task ends, before its
+    # done-callbacks run. On 3.12+, gather() of a done task returns without
+    # yielding, so a flush() that looped on it never let them run.
+    refused: list[BaseException] = []
+    reported = asyncio.Event()
+
+    def on_error(error: BaseException) -> None:
+        refused.append(error)
+        reported.set()
+
+    async with hub_and_client() as (_, client):
+        producer = client.producer("absent", "w", max_batch_bytes=1, on_error=on_error)
+        producer.append_nowait(b"r0")  # a full batch: sent at once
+        await reported.wait()
+        await producer.flush()
+        (error,) = refused
+        assert isinstance(error, hub.StreamNotFound) and error.records == (b"r0",)
+
+
 async def test_a_new_epoch_must_start_at_batch_zero() -> None:
     async with hub_and_client() as (_, client):
         await client.create("e")

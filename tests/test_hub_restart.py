@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -284,6 +285,40 @@ async def test_a_client_whose_hub_never_comes_back_fails_after_reconnect_timeout
                     await waiting
             with pytest.raises(ConnectionLost, match="could not open a new session"):
                 await client.append("s", b"later")  # at once
+
+
+@pytest.mark.timeout(20)
+async def test_flush_after_the_hub_died_raises_instead_of_spinning() -> None:
+    # The reproduction of issue 10 with the hub command. The batch is in
+    # flight when the client gives up: its delivery task ends in the loop
+    # step that also wakes the reader, so flush() runs before that task's
+    # done-callbacks do. On 3.12+, gather() of a done task does not yield:
+    # a loop on it spun at 100% CPU, deaf even to wait_for's timer.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamkit", "hub", "--port", "0", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        found = re.search(rb":(\d+)\b", line)
+        assert found is not None, f"the hub printed no port: {line!r}"
+        async with hub.connect("127.0.0.1", int(found[1]), reconnect_timeout=0.5) as client:
+            await client.create("s")
+            reader = client.read("s", 0, live=True)
+            producer = client.producer("s", "p")
+            await client.append("s", b"r0")
+            assert (await anext(reader)).data == b"r0"
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            producer.append_nowait(b"lost")
+            with pytest.raises(ConnectionLost, match=r"reconnect_timeout=0\.5 s"):
+                await anext(reader)
+            with pytest.raises(ConnectionLost, match=r"reconnect_timeout=0\.5 s"):
+                await asyncio.wait_for(producer.flush(), 6)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
 
 
 def test_a_bad_reconnect_timeout_raises_at_the_call() -> None:

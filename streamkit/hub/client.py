@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Literal, NamedTuple
 
-from streamkit._lifecycle import AsyncClosable
+from streamkit._lifecycle import AsyncClosable, wait_all
 from streamkit.errors import ConnectionLost, DecodeError, SessionError, StreamkitError
 from streamkit.hub.protocol import (
     check_content_type,
@@ -439,10 +439,12 @@ class Producer(AsyncClosable):
             self._error = error
 
     async def flush(self) -> None:
-        """Send the pending batch and wait until every batch is appended."""
+        """Send the pending batch and wait until every batch is appended.
+
+        Cancelling ``flush()`` cancels no batch: those in flight go on.
+        """
         self._send_batch()
-        while self._sending:
-            await asyncio.gather(*self._sending)
+        await wait_all(self._sending)
         if self._error is not None and self._on_error is None:
             error, self._error = self._error, None
             raise error
