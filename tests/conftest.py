@@ -1,10 +1,17 @@
-"""Test support: run ``async def`` tests with ``asyncio.run`` under a timeout."""
+"""Test support: run ``async def`` tests with ``asyncio.run`` under a timeout.
+
+Warnings are errors (pyproject.toml), and every test ends with a garbage
+collection: an unclosed transport or socket warns from its ``__del__``, and
+collecting here makes that fail the test that leaked it, not a later one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +37,23 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     asyncio.run(run())
     return True
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what exists once the tests are collected: it lives to the end anyway.
+
+    The collection after each test then looks only at newer objects, which
+    keeps it fast.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Collect what the test left behind while its warning filters still apply."""
+    yield
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -25,17 +25,16 @@ CLI = [sys.executable, "-m", "streamkit"]
 @contextmanager
 def running(*args: str, address_on: str = "stdout") -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Start ``python -m streamkit *args``; yield it and its first line (the address)."""
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        stream = process.stdout if address_on == "stdout" else process.stderr
-        assert stream is not None
-        yield process, stream.readline().strip()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    ) as process:  # closes its pipes and waits for it on the way out
+        try:
+            stream = process.stdout if address_on == "stdout" else process.stderr
+            assert stream is not None
+            yield process, stream.readline().strip()
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:

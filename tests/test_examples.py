@@ -5,21 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def test_echo_client_gets_every_frame_back_from_echo_server() -> None:
-    server = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "echo_server.py"), "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
+    with ExitStack() as stack:
+        server, line = start(stack, str(EXAMPLES / "echo_server.py"), "0")
         assert line.startswith("echo server on 127.0.0.1:"), line
         port = line.rsplit(":", 1)[1].strip()
         client = subprocess.run(
@@ -33,32 +27,39 @@ def test_echo_client_gets_every_frame_back_from_echo_server() -> None:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=10) == 0
         assert "Traceback" not in server.stderr.read()  # type: ignore[union-attr]
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
-def start(*argv: str) -> tuple[subprocess.Popen[str], str]:
-    """Start a long-running process and return it with its first line of output."""
-    process = subprocess.Popen(
-        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def start(stack: ExitStack, *argv: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a long-running process and return it with its first line of output.
+
+    When ``stack`` closes, the process is killed (if still running), its
+    pipes are closed and it is waited for.
+    """
+    process = stack.enter_context(
+        subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     )
+    stack.callback(process.kill)  # first, then Popen's exit: close the pipes, wait
     assert process.stdout is not None
     return process, process.stdout.readline().strip()
 
 
 def test_resume_client_survives_the_cutting_proxy_of_its_docstring() -> None:
     """resume_server + ``python -m streamkit proxy --cut-every`` + resume_client, as documented."""
-    processes = []
-    try:
-        server, line = start(str(EXAMPLES / "resume_server.py"), "0")
-        processes.append(server)
+    with ExitStack() as stack:
+        _, line = start(stack, str(EXAMPLES / "resume_server.py"), "0")
         port = line.rsplit(":", 1)[1]
-        proxy, line = start(
-            "-m", "streamkit", "proxy", "--target", f"127.0.0.1:{port}", "--cut-every", "0.1"
+        _, line = start(
+            stack,
+            "-m",
+            "streamkit",
+            "proxy",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--cut-every",
+            "0.1",
         )
-        processes.append(proxy)
         proxy_port = line.split()[2].rsplit(":", 1)[1]
         client = subprocess.run(
             [sys.executable, str(EXAMPLES / "resume_client.py"), proxy_port, "1500"],
@@ -70,10 +71,6 @@ def test_resume_client_survives_the_cutting_proxy_of_its_docstring() -> None:
         assert "all 1500 messages answered in order" in client.stdout
         reconnects = int(client.stdout.split("reconnects=")[1].split(",")[0])
         assert reconnects >= 1
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
 
 
 def test_hub_chat_prints_every_message_once_in_order() -> None:

@@ -651,33 +651,32 @@ async def test_close_cancels_an_endless_source_and_finishes_its_stream() -> None
 def test_hub_command_serves_on_a_unix_socket(tmp_path: Path) -> None:
     path, data_dir = tmp_path / "hub.sock", tmp_path / "data"
     command = [sys.executable, "-m", "streamkit", "hub", "--unix", str(path)]
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [*command, "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        ready, _, _ = select.select([process.stdout], [], [], 20)
-        assert ready, "the hub printed no address"
-        assert process.stdout.readline().strip() == f"hub on {path} (logs in {data_dir})"
+    ) as process:  # closes its pipes and waits for it on the way out
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            ready, _, _ = select.select([process.stdout], [], [], 20)
+            assert ready, "the hub printed no address"
+            assert process.stdout.readline().strip() == f"hub on {path} (logs in {data_dir})"
 
-        async def use() -> list[bytes]:
-            async with hub.connect_unix(path) as client:
-                await client.create("cli")
-                await client.append("cli", b"over the unix socket")
-                return await read_all(client, "cli")
+            async def use() -> list[bytes]:
+                async with hub.connect_unix(path) as client:
+                    await client.create("cli")
+                    await client.append("cli", b"over the unix socket")
+                    return await read_all(client, "cli")
 
-        assert asyncio.run(asyncio.wait_for(use(), 20)) == [b"over the unix socket"]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-        assert "Traceback" not in process.stderr.read()
-        assert list(data_dir.glob("*.log"))  # the stream is on disk
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+            assert asyncio.run(asyncio.wait_for(use(), 20)) == [b"over the unix socket"]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+            assert "Traceback" not in process.stderr.read()
+            assert list(data_dir.glob("*.log"))  # the stream is on disk
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 async def test_a_name_of_exactly_max_name_bytes_is_allowed() -> None:

@@ -269,6 +269,17 @@ async def test_wait_closed_returns_as_soon_as_the_handlers_finish() -> None:
     assert server.handlers == 0
 
 
+# CPython's own leak, not streamkit's (gh-109564, in 3.11 to 3.13): a connection
+# the event loop accepted just before Server.close() fails in Server._attach
+# before asyncio hands it over, and asyncio drops its socket unclosed; on 3.13
+# the half-made transport's __del__ then raises TypeError in Server._wakeup.
+@pytest.mark.filterwarnings(
+    r"ignore:unclosed (transport <_SelectorSocketTransport|<socket\.socket):ResourceWarning"
+)
+@pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in. <function _SelectorTransport\.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 @pytest.mark.parametrize("turns", range(8))
 async def test_a_connection_accepted_around_close_never_outlives_wait_closed(turns: int) -> None:
     """However many loop turns pass between a connect and close(), no handler

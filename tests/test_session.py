@@ -280,18 +280,18 @@ async def test_keepalive_detects_half_open_connection() -> None:
 async def raw_handshake(port: int, hello: bytes | None = None) -> tuple[object, bytes]:
     """Open a raw connection, exchange prefaces, send ``hello``; return the reply and nonce."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(make_preface())
-    preface = await reader.readexactly(PREFACE_SIZE)
-    assert preface == make_preface()
-    nonce = await reader.readexactly(NONCE_SIZE)
-    if hello is None:
+    try:
+        writer.write(make_preface())
+        preface = await reader.readexactly(PREFACE_SIZE)
+        assert preface == make_preface()
+        nonce = await reader.readexactly(NONCE_SIZE)
+        if hello is None:
+            return None, nonce
+        writer.write(struct.pack(">I", len(hello)) + hello)
+        size = struct.unpack(">I", await reader.readexactly(4))[0]
+        return decode_message(await reader.readexactly(size)), nonce
+    finally:
         writer.close()
-        return None, nonce
-    writer.write(struct.pack(">I", len(hello)) + hello)
-    size = struct.unpack(">I", await reader.readexactly(4))[0]
-    reply = decode_message(await reader.readexactly(size))
-    writer.close()
-    return reply, nonce
 
 
 async def test_wrong_token_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
@@ -1116,11 +1116,13 @@ async def test_a_server_closing_in_its_nonce_is_a_lost_connection_not_another_pr
 
 async def test_client_of_a_server_speaking_another_version_gets_a_clear_error() -> None:
     async def other_version(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readexactly(PREFACE_SIZE)
-        writer.write(MAGIC + bytes([1]) + bytes(NONCE_SIZE))  # an older server
-        await writer.drain()
-        await reader.read()  # until the client closes
-        writer.close()
+        try:
+            await reader.readexactly(PREFACE_SIZE)
+            writer.write(MAGIC + bytes([1]) + bytes(NONCE_SIZE))  # an older server
+            await writer.drain()
+            await reader.read()  # until the client closes
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(other_version, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
