@@ -266,15 +266,6 @@ class Server(ServerBase, Generic[FrameT]):
         """Whether the server accepts new connections."""
         return self._server is not None and self._server.is_serving()
 
-    async def serve_forever(self) -> None:
-        """Serve until cancelled; then close gracefully."""
-        assert self._server is not None
-        try:
-            await self._server.serve_forever()
-        finally:
-            self.close()
-            await self.wait_closed()
-
     def close(self) -> None:
         """Stop accepting connections; running handlers keep going for now."""
         if self._closing_since is None:
