@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +23,12 @@ from streamkit.errors import ConnectionLost, EndOfStream
 
 __all__ = ["FramedStream"]
 
+logger = logging.getLogger("streamkit")
+
 FrameT = TypeVar("FrameT")
+
+#: Default seconds ``wait_closed()`` waits after ``close()`` before aborting the connection.
+DEFAULT_CLOSE_TIMEOUT = 10.0
 
 #: Bytes asked of the reader per read: the reader returns what it has, up to
 #: this; 64 KiB measured best of 64 KiB..1 MiB (benchmarks/bench_streams.py).
@@ -66,6 +72,9 @@ class FramedStream(Closable, Generic[FrameT]):
     ``write_buffer_high`` / ``write_buffer_low`` set the transport's write
     buffer limits (asyncio's defaults, 64 KiB / 16 KiB, when ``None``); the
     reader's ``limit`` bounds what it buffers on the receive side.
+    ``close_timeout`` (seconds, default 10; ``None``: no bound) bounds
+    ``wait_closed()`` after ``close()``: a peer that never takes the last
+    bytes, or never answers TLS's close_notify, has the connection aborted.
     """
 
     def __init__(
@@ -76,7 +85,10 @@ class FramedStream(Closable, Generic[FrameT]):
         *,
         write_buffer_high: int | None = None,
         write_buffer_low: int | None = None,
+        close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
+        if close_timeout is not None and not close_timeout > 0:
+            raise ValueError(f"close_timeout must be > 0 or None, not {close_timeout}")
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport
@@ -95,6 +107,8 @@ class FramedStream(Closable, Generic[FrameT]):
         self._wrote_at_once = False
         self._loop = asyncio.get_running_loop()
         self._eof_received = False
+        self._close_timeout = close_timeout
+        self._close_deadline: float | None = None  # when close() gives up and aborts
         self._large_frames = False  # the last frame was read in one piece
         if write_buffer_high is not None or write_buffer_low is not None:
             self._transport.set_write_buffer_limits(write_buffer_high, write_buffer_low)
@@ -450,7 +464,14 @@ class FramedStream(Closable, Generic[FrameT]):
             self._writer.write_eof()
 
     def close(self) -> None:
-        """Send the frames buffered so far and close the connection."""
+        """Send the frames buffered so far and close the connection.
+
+        ``await wait_closed()`` then waits until the peer has the last bytes
+        (and, with TLS, the close handshake is done), at most
+        ``close_timeout`` seconds from this call.
+        """
+        if self._close_deadline is None and self._close_timeout is not None:
+            self._close_deadline = self._loop.time() + self._close_timeout
         self._flush()
         self._writer.close()
 
@@ -467,12 +488,42 @@ class FramedStream(Closable, Generic[FrameT]):
         return self._transport.is_closing()
 
     async def wait_closed(self) -> None:
-        """Wait until the connection is closed; a reset while closing is not an error."""
+        """Wait until the connection is closed; a reset while closing is not an error.
+
+        After ``close()``, waits at most ``close_timeout`` seconds from it,
+        then aborts the connection (dropping what the peer did not take)
+        and returns once that is done. Without ``close()`` it waits for the
+        connection to end, however long that takes.
+        """
         with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+            deadline = self._close_deadline
+            if deadline is None:
+                await self._writer.wait_closed()
+                return
+            closed = asyncio.ensure_future(self._writer.wait_closed())
+            closed.add_done_callback(_retrieve)  # if we are cancelled before it ends
+            try:
+                async with asyncio.timeout_at(deadline):
+                    # Shielded: a timeout must not cancel the close waiter,
+                    # which every later wait_closed() awaits as well.
+                    await asyncio.shield(closed)
+            except TimeoutError:
+                logger.debug(
+                    "closing the connection to %s took over close_timeout=%s s: aborted",
+                    self.peername,
+                    self._close_timeout,
+                )
+                self._transport.abort()
+                await closed
 
     def __repr__(self) -> str:
         return f"<FramedStream {self._codec!r} peer={self.peername!r}>"
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a task's exception as retrieved (a reset while closing is no error)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _parts_encoder(codec: Codec[Any]) -> Callable[[Any], tuple[Buffer, ...]] | None:
