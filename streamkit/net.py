@@ -1,4 +1,11 @@
-"""connect / serve: framed streams over TCP and Unix sockets, with TLS and graceful shutdown."""
+"""connect / serve: framed streams over TCP and Unix sockets, with TLS and graceful shutdown.
+
+Every function here opens or serves one :class:`Endpoint`, a TCP host and
+port or a Unix socket path: :func:`connect_endpoint` is the one place that
+opens a connection and :func:`serve_endpoint` the one place that listens.
+``connect`` / ``connect_unix`` and ``serve`` / ``serve_unix`` are thin
+wrappers over them, and so are the session and hub layers' functions.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,16 @@ import os
 import socket
 import ssl as _ssl
 import stat
+import sys
+import warnings
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from streamkit._lifecycle import ServerBase
+from streamkit._lifecycle import Closable, ServerBase
 from streamkit.codecs import Codec
-from streamkit.stream import FramedStream
+from streamkit.stream import DEFAULT_CLOSE_TIMEOUT, FramedStream
 
 __all__ = ["Connector", "Server", "connect", "connect_unix", "serve", "serve_unix"]
 
@@ -29,18 +39,27 @@ Handler = Callable[[FramedStream[FrameT]], Awaitable[Any]]
 DEFAULT_LIMIT = 256 * 1024
 #: Default seconds that running handlers get to finish once a server closes.
 DEFAULT_GRACE_PERIOD = 5.0
+#: Default seconds a server gives a new connection to complete its TLS handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: File descriptors that the default ``max_connections`` leaves to the rest of
+#: the process (files, logs, outgoing connections), at most half of them all.
+FD_RESERVE = 64
+#: The default ``max_connections`` where the process has no open-file limit.
+_UNLIMITED_FDS_CONNECTIONS = 100_000
+#: Seconds between two log lines about connections refused over ``max_connections``.
+REFUSALS_LOG_INTERVAL = 10.0
 
 
 ConnT = TypeVar("ConnT")
 
 
 class Connector(Generic[ConnT]):
-    """The pending result of a connect call: ``await`` it or use ``async with``.
+    """The pending result of a connect or serve call: ``await`` it or use ``async with``.
 
-    ``conn = await connect(...)`` gives a connection that the caller closes;
-    ``async with connect(...) as conn:`` closes it on exit (``release`` is
-    called with the connection and the exception that ended the block, if
-    any).
+    ``conn = await connect(...)`` gives a connection (``server = await
+    serve(...)`` a server) that the caller closes; ``async with connect(...)
+    as conn:`` closes it on exit (``release`` is called with the connection
+    and the exception that ended the block, if any).
     """
 
     def __init__(
@@ -70,26 +89,101 @@ class Connector(Generic[ConnT]):
             await self._release(conn, exc)
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a connection goes or a server listens: TCP ``host``:``port``, or a Unix socket.
+
+    With ``path`` set it is the Unix socket at ``path`` (on Linux, a name
+    starting with ``"\\0"`` is abstract: no file), and ``mode`` is the
+    permission bits its file gets when served (e.g. ``0o660``); otherwise
+    it is TCP ``host``:``port`` (``host=None``: every interface, when
+    served). Build one with :meth:`tcp` or :meth:`unix`.
+    """
+
+    host: str | None = None
+    port: int | str | None = None
+    path: str | None = None
+    mode: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            if self.mode is not None:
+                raise ValueError("mode applies to a Unix socket file only")
+        elif self.path.startswith("\0") and self.mode is not None:
+            raise ValueError("mode does not apply to an abstract socket name (no file)")
+
+    @classmethod
+    def tcp(cls, host: str | None, port: int | str | None) -> Endpoint:
+        """TCP ``host``:``port``."""
+        return cls(host=host, port=port)
+
+    @classmethod
+    def unix(cls, path: str | os.PathLike[str], mode: int | None = None) -> Endpoint:
+        """The Unix socket at ``path`` (its file gets ``mode`` when served)."""
+        return cls(path=os.fspath(path), mode=mode)
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        host = self.host or "*"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def _check_timeout(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be > 0 or None, not {value}")
+
+
 async def _close_stream(stream: FramedStream[Any], exc: BaseException | None) -> None:
     stream.close()
     await stream.wait_closed()
 
 
 async def _open(
-    open_streams: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    endpoint: Endpoint,
     codec: Codec[FrameT],
     timeout: float | None,
-    write_buffer_high: int | None,
-    write_buffer_low: int | None,
+    stream_options: dict[str, Any],
+    kwargs: dict[str, Any],
 ) -> FramedStream[FrameT]:
     async with asyncio.timeout(timeout):
-        reader, writer = await open_streams
-    return FramedStream(
-        reader,
-        writer,
-        codec,
-        write_buffer_high=write_buffer_high,
-        write_buffer_low=write_buffer_low,
+        if endpoint.path is not None:
+            reader, writer = await asyncio.open_unix_connection(endpoint.path, **kwargs)
+        else:
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, **kwargs)
+    return FramedStream(reader, writer, codec, **stream_options)
+
+
+def connect_endpoint(
+    endpoint: Endpoint,
+    *,
+    codec: Codec[FrameT],
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    timeout: float | None = None,
+    limit: int = DEFAULT_LIMIT,
+    write_buffer_high: int | None = None,
+    write_buffer_low: int | None = None,
+    close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+    **kwargs: Any,
+) -> Connector[FramedStream[FrameT]]:
+    """Open a connection to ``endpoint``: :func:`connect` and :func:`connect_unix` in one.
+
+    The one place that opens a connection, for the layers above (users call
+    :func:`connect` / :func:`connect_unix`). Arguments as :func:`connect`.
+    """
+    _check_timeout("close_timeout", close_timeout)
+    options: dict[str, Any] = {"ssl": ssl, "server_hostname": server_hostname, "limit": limit}
+    if ssl and close_timeout is not None:
+        options["ssl_shutdown_timeout"] = close_timeout
+    options.update(kwargs)
+    stream_options = {
+        "write_buffer_high": write_buffer_high,
+        "write_buffer_low": write_buffer_low,
+        "close_timeout": close_timeout,
+    }
+    return Connector(
+        lambda: _open(endpoint, codec, timeout, stream_options, options), _close_stream
     )
 
 
@@ -104,6 +198,7 @@ def connect(
     limit: int = DEFAULT_LIMIT,
     write_buffer_high: int | None = None,
     write_buffer_low: int | None = None,
+    close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     **kwargs: Any,
 ) -> Connector[FramedStream[FrameT]]:
     """Open a TCP connection (TLS with ``ssl``) and frame it with ``codec``.
@@ -113,24 +208,22 @@ def connect(
     ``TimeoutError``); connection failures raise the ``OSError`` the OS
     gave. ``limit`` is the reader's buffer limit and ``write_buffer_high`` /
     ``write_buffer_low`` the transport's write-buffer water marks (see
-    :class:`FramedStream`). Other keywords go to ``asyncio.open_connection``.
+    :class:`FramedStream`). ``close_timeout`` (seconds, default 10;
+    ``None``: no bound) bounds closing the stream, TLS's close handshake
+    included: past it the connection is aborted. Other keywords go to
+    ``asyncio.open_connection``.
     """
-    return Connector(
-        lambda: _open(
-            asyncio.open_connection(
-                host,
-                port,
-                ssl=ssl,
-                server_hostname=server_hostname,
-                limit=limit,
-                **kwargs,
-            ),
-            codec,
-            timeout,
-            write_buffer_high,
-            write_buffer_low,
-        ),
-        _close_stream,
+    return connect_endpoint(
+        Endpoint.tcp(host, port),
+        codec=codec,
+        ssl=ssl,
+        server_hostname=server_hostname,
+        timeout=timeout,
+        limit=limit,
+        write_buffer_high=write_buffer_high,
+        write_buffer_low=write_buffer_low,
+        close_timeout=close_timeout,
+        **kwargs,
     )
 
 
@@ -144,25 +237,50 @@ def connect_unix(
     limit: int = DEFAULT_LIMIT,
     write_buffer_high: int | None = None,
     write_buffer_low: int | None = None,
+    close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     **kwargs: Any,
 ) -> Connector[FramedStream[FrameT]]:
     """Open a Unix-socket connection at ``path``; otherwise as :func:`connect`."""
-    return Connector(
-        lambda: _open(
-            asyncio.open_unix_connection(
-                os.fspath(path),
-                ssl=ssl,
-                server_hostname=server_hostname,
-                limit=limit,
-                **kwargs,
-            ),
-            codec,
-            timeout,
-            write_buffer_high,
-            write_buffer_low,
-        ),
-        _close_stream,
+    return connect_endpoint(
+        Endpoint.unix(path),
+        codec=codec,
+        ssl=ssl,
+        server_hostname=server_hostname,
+        timeout=timeout,
+        limit=limit,
+        write_buffer_high=write_buffer_high,
+        write_buffer_low=write_buffer_low,
+        close_timeout=close_timeout,
+        **kwargs,
     )
+
+
+def default_max_connections(sessions: int | None = None) -> int:
+    """The default ``max_connections`` of a server started now.
+
+    Every connection holds a file descriptor, so the default is what the
+    process may open (its soft ``RLIMIT_NOFILE``, ``ulimit -n``) less
+    :data:`FD_RESERVE` for everything else: a flood of connections is
+    refused before it starves the process of descriptors (when ``accept``
+    fails for want of one, asyncio stops accepting for a second, and the
+    process cannot open a file). For a server of at most ``sessions``
+    sessions it is also at most ``sessions`` plus a tenth (at least 10)
+    for handshakes and resumes in progress: with the default
+    ``max_sessions`` of 10,000, 11,000 connections.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - no open-file limit to read (Windows)
+        budget = _UNLIMITED_FDS_CONNECTIONS
+    else:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            budget = _UNLIMITED_FDS_CONNECTIONS
+        else:
+            budget = soft - min(FD_RESERVE, soft // 2)
+    if sessions is not None:
+        budget = min(budget, sessions + max(10, sessions // 10))
+    return max(1, budget)
 
 
 class Server(ServerBase, Generic[FrameT]):
@@ -172,6 +290,14 @@ class Server(ServerBase, Generic[FrameT]):
     cancelled. ``close()`` stops accepting at once; ``await wait_closed()``
     then gives running handlers ``grace_period`` seconds to finish before
     cancelling them, and returns when every handler and connection is done.
+
+    At most ``max_connections`` connections are open at once (those still
+    in their TLS handshake included); one past it is closed as soon as it
+    is accepted, and logged (the first at once, then a count every
+    :data:`REFUSALS_LOG_INTERVAL` seconds while refusals go on). With
+    ``ssl``, each connection's TLS handshake must finish within
+    ``handshake_timeout`` seconds, or the connection is dropped and logged;
+    no handler runs for it.
     """
 
     def __init__(
@@ -179,15 +305,36 @@ class Server(ServerBase, Generic[FrameT]):
         handler: Handler[FrameT],
         codec: Codec[FrameT],
         *,
-        grace_period: float,
-        write_buffer_high: int | None,
-        write_buffer_low: int | None,
+        ssl: _ssl.SSLContext | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        write_buffer_high: int | None = None,
+        write_buffer_low: int | None = None,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
+        _check_timeout("handshake_timeout", handshake_timeout)
+        _check_timeout("close_timeout", close_timeout)
+        if max_connections is None:
+            max_connections = default_max_connections()
+        elif max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {max_connections}")
         self._handler = handler
         self._codec = codec
+        self._ssl = ssl
         self._grace_period = grace_period
-        self._write_buffer_high = write_buffer_high
-        self._write_buffer_low = write_buffer_low
+        self._handshake_timeout = handshake_timeout
+        self._max_connections = max_connections
+        self._stream_options: dict[str, Any] = {
+            "write_buffer_high": write_buffer_high,
+            "write_buffer_low": write_buffer_low,
+            "close_timeout": close_timeout,
+        }
+        self._tls_options: dict[str, Any] = {"ssl_handshake_timeout": handshake_timeout}
+        if sys.version_info >= (3, 12) and close_timeout is not None:
+            # Bounds a TLS close nobody waits for too (StreamWriter.start_tls
+            # takes it since 3.12; before, wait_closed's abort is the bound).
+            self._tls_options["ssl_shutdown_timeout"] = close_timeout
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -195,12 +342,23 @@ class Server(ServerBase, Generic[FrameT]):
         self._closing_since: float | None = None
         self._unix_path: str | None = None
         self._unix_inode: tuple[int, int] | None = None
+        # Refusals over max_connections since the last log line about them
+        # (None: none is due, the next one is logged at once).
+        self._refused: int | None = None
+        self._refusals_report: asyncio.TimerHandle | None = None
 
     def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closing_since is not None:
             # Accepted by the event loop just before close(): refuse it.
             writer.close()
             return
+        if len(self._tasks) >= self._max_connections:
+            self._refuse(writer)
+            return
+        if self._ssl is not None:
+            # The handler's task does the TLS handshake: until it starts,
+            # the ClientHello must stay in the socket, not in the reader.
+            cast(asyncio.Transport, writer.transport).pause_reading()
         # Tracked from the moment of accepting, so that a close() right
         # after it still gives this handler its grace period, then cancels it.
         task = asyncio.get_running_loop().create_task(self._run_handler(reader, writer))
@@ -215,21 +373,71 @@ class Server(ServerBase, Generic[FrameT]):
 
         task.add_done_callback(done)
 
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection over ``max_connections`` now; log it, or count it for the log."""
+        writer.transport.abort()
+        if self._refused is not None:
+            self._refused += 1
+            return
+        logger.warning(
+            "refused a connection from %s: max_connections=%d are open "
+            "(further refusals are counted and logged every %.0f s)",
+            writer.get_extra_info("peername"),
+            self._max_connections,
+            REFUSALS_LOG_INTERVAL,
+        )
+        self._refused = 0
+        self._refusals_report = asyncio.get_running_loop().call_later(
+            REFUSALS_LOG_INTERVAL, self._report_refusals
+        )
+
+    def _report_refusals(self) -> None:
+        """Log how many connections were refused since the last line; stop when none was."""
+        refused, self._refused = self._refused, None
+        self._refusals_report = None
+        if refused:
+            logger.warning(
+                "refused %d more connection(s) in the last %.0f s: max_connections=%d were open",
+                refused,
+                REFUSALS_LOG_INTERVAL,
+                self._max_connections,
+            )
+            self._refused = 0
+            self._refusals_report = asyncio.get_running_loop().call_later(
+                REFUSALS_LOG_INTERVAL, self._report_refusals
+            )
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
+        """Do the server's side of the TLS handshake; False if it failed (logged, dropped)."""
+        assert self._ssl is not None
+        peer = writer.get_extra_info("peername")
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                await writer.start_tls(self._ssl, **self._tls_options)
+        except TimeoutError:
+            logger.warning(
+                "TLS handshake with %s failed: not done within handshake_timeout=%s s",
+                peer,
+                self._handshake_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError included
+            logger.warning("TLS handshake with %s failed: %s", peer, exc)
+        else:
+            return True
+        writer.transport.abort()
+        return False
+
     async def _run_handler(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        stream: FramedStream[FrameT] | None = None
         try:
-            stream = FramedStream(
-                reader,
-                writer,
-                self._codec,
-                write_buffer_high=self._write_buffer_high,
-                write_buffer_low=self._write_buffer_low,
-            )
+            if self._ssl is not None and not await self._start_tls(writer):
+                return
+            stream = FramedStream(reader, writer, self._codec, **self._stream_options)
             try:
                 await self._handler(stream)
             except asyncio.CancelledError:
-                stream.abort()
                 raise
             except Exception:
                 logger.exception("handler for %s failed; closing its connection", stream.peername)
@@ -238,9 +446,13 @@ class Server(ServerBase, Generic[FrameT]):
                 stream.close()
             await stream.wait_closed()
         except asyncio.CancelledError:
-            # Cancelled after the grace period or at loop shutdown: end
-            # normally, so that nothing logs the cancelled task as an error.
-            pass
+            # Cancelled after the grace period or at loop shutdown: drop the
+            # connection and end normally, so that nothing logs the
+            # cancelled task as an error.
+            if stream is not None:
+                stream.abort()
+            else:
+                writer.transport.abort()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -259,8 +471,13 @@ class Server(ServerBase, Generic[FrameT]):
 
     @property
     def handlers(self) -> int:
-        """How many connection handlers are running."""
+        """How many connections are open: their handlers, or TLS handshakes, are running."""
         return len(self._tasks)
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections open at once; more are closed as they come."""
+        return self._max_connections
 
     def is_serving(self) -> bool:
         """Whether the server accepts new connections."""
@@ -273,6 +490,11 @@ class Server(ServerBase, Generic[FrameT]):
         if self._server is not None:
             self._server.close()
         self._remove_unix_socket()
+        if self._refusals_report is not None:
+            self._refusals_report.cancel()
+            self._refusals_report = None
+            self._refused = 0  # the line of the refusals not reported yet, now
+            self._report_refusals()
 
     async def wait_closed(self) -> None:
         """Wait for handlers up to the grace period from ``close()``, then cancel the rest."""
@@ -305,10 +527,47 @@ class Server(ServerBase, Generic[FrameT]):
                 os.unlink(path)
 
 
-async def serve(
+async def close_server(server: Closable, exc: BaseException | None) -> None:
+    """Close ``server`` gracefully: how ``async with serve...(...)`` ends."""
+    server.close()
+    await server.wait_closed()
+
+
+def _renamed(kwargs: dict[str, Any], old: str, new: str, value: float | None) -> float | None:
+    """``kwargs[old]`` if given (a deprecated name of ``new``), else ``value``."""
+    if old not in kwargs:
+        return value
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=4)
+    renamed: float | None = kwargs.pop(old)
+    return renamed
+
+
+async def _listen(server: Server[FrameT], endpoint: Endpoint, kwargs: dict[str, Any]) -> None:
+    """Start ``server`` listening on ``endpoint``; ``kwargs`` go to ``asyncio.start_server``."""
+    if endpoint.path is None:
+        server._server = await asyncio.start_server(
+            server._on_connection, endpoint.host, endpoint.port, **kwargs
+        )
+        return
+    path = endpoint.path
+    sock = _bind_unix(path)
+    try:
+        if endpoint.mode is not None:
+            os.chmod(path, endpoint.mode)
+        if not path.startswith("\0"):
+            info = os.stat(path)
+            server._unix_path = path
+            server._unix_inode = (info.st_dev, info.st_ino)
+        server._server = await asyncio.start_unix_server(server._on_connection, sock=sock, **kwargs)
+    except BaseException:
+        sock.close()
+        server._remove_unix_socket()
+        raise
+
+
+def serve_endpoint(
     handler: Handler[FrameT],
-    host: str | None,
-    port: int,
+    endpoint: Endpoint,
     *,
     codec: Codec[FrameT],
     ssl: _ssl.SSLContext | None = None,
@@ -316,27 +575,103 @@ async def serve(
     write_buffer_high: int | None = None,
     write_buffer_low: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+    max_connections: int | None = None,
     **kwargs: Any,
-) -> Server[FrameT]:
+) -> Connector[Server[FrameT]]:
+    """Serve on ``endpoint``: :func:`serve` and :func:`serve_unix` in one.
+
+    The one place that listens, for the layers above (users call
+    :func:`serve` / :func:`serve_unix`). Arguments as :func:`serve`; bad
+    ones raise ``ValueError`` here, before anything listens.
+    """
+    kwargs = dict(kwargs)
+    handshake_timeout = _renamed(
+        kwargs, "ssl_handshake_timeout", "handshake_timeout", handshake_timeout
+    )
+    close_timeout = _renamed(kwargs, "ssl_shutdown_timeout", "close_timeout", close_timeout)
+    _check_timeout("handshake_timeout", handshake_timeout)
+    _check_timeout("close_timeout", close_timeout)
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, not {max_connections}")
+    kwargs["limit"] = limit
+
+    async def start() -> Server[FrameT]:
+        server = Server(
+            handler,
+            codec,
+            ssl=ssl,
+            grace_period=grace_period,
+            write_buffer_high=write_buffer_high,
+            write_buffer_low=write_buffer_low,
+            handshake_timeout=handshake_timeout,
+            close_timeout=close_timeout,
+            max_connections=max_connections,
+        )
+        await _listen(server, endpoint, kwargs)
+        return server
+
+    return Connector(start, close_server)
+
+
+def serve(
+    handler: Handler[FrameT],
+    host: str | None,
+    port: int | str | None,
+    *,
+    codec: Codec[FrameT],
+    ssl: _ssl.SSLContext | None = None,
+    limit: int = DEFAULT_LIMIT,
+    write_buffer_high: int | None = None,
+    write_buffer_low: int | None = None,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+    max_connections: int | None = None,
+    **kwargs: Any,
+) -> Connector[Server[FrameT]]:
     """Listen on TCP ``host``:``port`` and call ``await handler(stream)`` per connection.
 
-    ``port=0`` picks a free port (see :attr:`Server.port`). A handler that
-    raises is logged on the ``streamkit`` logger and closes only its own
-    connection; when it returns, its stream is closed. ``ssl`` makes it a TLS
-    server. ``limit``, ``write_buffer_high`` and ``write_buffer_low`` apply
-    to every connection; other keywords go to ``asyncio.start_server``.
+    ``server = await serve(...)`` (close it with ``close()`` and ``await
+    wait_closed()``) or ``async with serve(...) as server:`` (closed
+    gracefully on exit). ``port=0`` picks a free port (see
+    :attr:`Server.port`). A handler that raises is logged on the
+    ``streamkit`` logger and closes only its own connection; when it
+    returns, its stream is closed.
+
+    - ``ssl`` makes it a TLS server; each TLS handshake must finish within
+      ``handshake_timeout`` seconds (default 10; ``None``: asyncio's 60 s),
+      or the connection is dropped and logged. (``ssl_handshake_timeout``
+      is its deprecated name.)
+    - ``max_connections`` bounds the connections open at once; one more
+      is closed as soon as it is accepted, and logged (one line, then a
+      count every 10 s while refusals go on). Default: what the process's
+      open-file limit allows (see :func:`default_max_connections`).
+    - ``close_timeout`` (seconds, default 10; ``None``: no bound) bounds
+      closing each connection, TLS's close handshake included: past it
+      the connection is aborted. (``ssl_shutdown_timeout`` is its
+      deprecated name.)
+    - ``grace_period``: seconds running handlers get once the server
+      closes, before they are cancelled.
+    - ``limit``, ``write_buffer_high`` and ``write_buffer_low`` apply to
+      every connection (see :class:`FramedStream`); other keywords go to
+      ``asyncio.start_server``.
     """
-    server: Server[FrameT] = Server(
+    return serve_endpoint(
         handler,
-        codec,
-        grace_period=grace_period,
+        Endpoint.tcp(host, port),
+        codec=codec,
+        ssl=ssl,
+        limit=limit,
         write_buffer_high=write_buffer_high,
         write_buffer_low=write_buffer_low,
+        grace_period=grace_period,
+        handshake_timeout=handshake_timeout,
+        close_timeout=close_timeout,
+        max_connections=max_connections,
+        **kwargs,
     )
-    server._server = await asyncio.start_server(
-        server._on_connection, host, port, ssl=ssl, limit=limit, **kwargs
-    )
-    return server
 
 
 def _bind_unix(path: str) -> socket.socket:
@@ -378,7 +713,7 @@ def _bind_unix(path: str) -> socket.socket:
     return sock
 
 
-async def serve_unix(
+def serve_unix(
     handler: Handler[FrameT],
     path: str | os.PathLike[str],
     *,
@@ -389,8 +724,11 @@ async def serve_unix(
     write_buffer_high: int | None = None,
     write_buffer_low: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+    max_connections: int | None = None,
     **kwargs: Any,
-) -> Server[FrameT]:
+) -> Connector[Server[FrameT]]:
     """Listen on a Unix socket at ``path``; otherwise as :func:`serve`.
 
     A stale socket file (nothing listening) is replaced; a live server's
@@ -399,30 +737,17 @@ async def serve_unix(
     file. The file is removed when the server closes, if it is still ours.
     On Linux a ``path`` starting with ``"\\0"`` is an abstract name: no file.
     """
-    path_str = os.fspath(path)
-    abstract = path_str.startswith("\0")
-    if abstract and mode is not None:
-        raise ValueError("mode does not apply to an abstract socket name (no file)")
-    sock = _bind_unix(path_str)
-    server: Server[FrameT] = Server(
+    return serve_endpoint(
         handler,
-        codec,
-        grace_period=grace_period,
+        Endpoint.unix(path, mode),
+        codec=codec,
+        ssl=ssl,
+        limit=limit,
         write_buffer_high=write_buffer_high,
         write_buffer_low=write_buffer_low,
+        grace_period=grace_period,
+        handshake_timeout=handshake_timeout,
+        close_timeout=close_timeout,
+        max_connections=max_connections,
+        **kwargs,
     )
-    try:
-        if mode is not None:
-            os.chmod(path_str, mode)
-        if not abstract:
-            info = os.stat(path_str)
-            server._unix_path = path_str
-            server._unix_inode = (info.st_dev, info.st_ino)
-        server._server = await asyncio.start_unix_server(
-            server._on_connection, sock=sock, ssl=ssl, limit=limit, **kwargs
-        )
-    except BaseException:
-        sock.close()
-        server._remove_unix_socket()
-        raise
-    return server
