@@ -12,7 +12,13 @@ from streamkit.session.server import (
     serve_resumable,
     serve_resumable_unix,
 )
-from streamkit.session.session import Backoff, Session, SessionSettings, SessionStats
+from streamkit.session.session import (
+    Backoff,
+    Session,
+    SessionOptions,
+    SessionSettings,
+    SessionStats,
+)
 
 __all__ = [
     "Backoff",
@@ -20,6 +26,7 @@ __all__ = [
     "ResumableServer",
     "ServerSession",
     "Session",
+    "SessionOptions",
     "SessionSettings",
     "SessionStats",
     "connect_resumable",

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import random
 import ssl as _ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Unpack
 
 from streamkit.codecs import LengthPrefixed
 from streamkit.errors import (
@@ -20,7 +19,7 @@ from streamkit.errors import (
     SessionExpired,
     StreamkitError,
 )
-from streamkit.net import Connector, connect, connect_unix
+from streamkit.net import Connector, Endpoint, connect_endpoint
 from streamkit.session.protocol import (
     NONCE_SIZE,
     PREFACE_SIZE,
@@ -38,7 +37,14 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
-from streamkit.session.session import Session, SessionSettings, _Connection, _Limits
+from streamkit.session.session import (
+    Session,
+    SessionOptions,
+    SessionSettings,
+    _Connection,
+    _Limits,
+    resolve_settings,
+)
 from streamkit.stream import FramedStream
 
 __all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]
@@ -306,8 +312,33 @@ async def _release(session: Session, exc: BaseException | None) -> None:
         session.abort()
 
 
-def _settings(settings: SessionSettings | None, options: dict[str, Any]) -> SessionSettings:
-    return dataclasses.replace(settings or SessionSettings(), **options)
+def connect_resumable_endpoint(
+    endpoint: Endpoint,
+    *,
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    settings: SessionSettings | None = None,
+    **options: Unpack[SessionOptions],
+) -> Connector[ClientSession]:
+    """Open a resumable session to ``endpoint``: both connect functions in one.
+
+    For the layers above (users call :func:`connect_resumable` /
+    :func:`connect_resumable_unix`). Arguments as :func:`connect_resumable`.
+    """
+    resolved = resolve_settings(settings, options)
+    codec = LengthPrefixed(max_frame=resolved.framing_limit())
+
+    def opener() -> Awaitable[FramedStream[bytes]]:
+        connecting = connect_endpoint(
+            endpoint,
+            codec=codec,
+            ssl=ssl,
+            server_hostname=server_hostname,
+            close_timeout=resolved.close_timeout,
+        )
+        return _open_tls(connecting, str(endpoint)) if ssl else connecting
+
+    return Connector(lambda: _open_session(opener, resolved), _release)
 
 
 def connect_resumable(
@@ -317,7 +348,7 @@ def connect_resumable(
     ssl: _ssl.SSLContext | bool | None = None,
     server_hostname: str | None = None,
     settings: SessionSettings | None = None,
-    **options: Any,
+    **options: Unpack[SessionOptions],
 ) -> Connector[ClientSession]:
     """Open a resumable session to a :func:`serve_resumable` server over TCP.
 
@@ -325,21 +356,24 @@ def connect_resumable(
     connect_resumable(...) as session:`` (closed gracefully on exit, aborted
     on an exception). Settings come from ``settings`` with any
     :class:`SessionSettings` field overridden by keyword, e.g.
-    ``connect_resumable(host, port, resume_timeout=5)``. The first
+    ``connect_resumable(host, port, resume_timeout=5)`` (a keyword that is
+    no field raises ``TypeError``; see :class:`SessionOptions`). The first
     connection's errors are raised (``OSError``, ``TimeoutError``,
     :class:`ProtocolError` for a peer that is no session server,
     :class:`ConnectionLost` saying why for one that drops the handshake,
     such as a plain server a TLS client connects to, with the OS error as
     ``__cause__``); after that the session reconnects by itself.
+    ``handshake_timeout`` bounds each connection's connect, TLS handshake
+    and session handshake; ``close_timeout`` bounds the session's graceful
+    close, and closing each of its connections (TLS's close included).
     """
-    resolved = _settings(settings, options)
-    codec = LengthPrefixed(max_frame=resolved.framing_limit())
-
-    def opener() -> Awaitable[FramedStream[bytes]]:
-        connecting = connect(host, port, codec=codec, ssl=ssl, server_hostname=server_hostname)
-        return _open_tls(connecting, f"{host}:{port}") if ssl else connecting
-
-    return Connector(lambda: _open_session(opener, resolved), _release)
+    return connect_resumable_endpoint(
+        Endpoint.tcp(host, port),
+        ssl=ssl,
+        server_hostname=server_hostname,
+        settings=settings,
+        **options,
+    )
 
 
 def connect_resumable_unix(
@@ -348,14 +382,13 @@ def connect_resumable_unix(
     ssl: _ssl.SSLContext | bool | None = None,
     server_hostname: str | None = None,
     settings: SessionSettings | None = None,
-    **options: Any,
+    **options: Unpack[SessionOptions],
 ) -> Connector[ClientSession]:
     """Open a resumable session over a Unix socket; otherwise as :func:`connect_resumable`."""
-    resolved = _settings(settings, options)
-    codec = LengthPrefixed(max_frame=resolved.framing_limit())
-
-    def opener() -> Awaitable[FramedStream[bytes]]:
-        connecting = connect_unix(path, codec=codec, ssl=ssl, server_hostname=server_hostname)
-        return _open_tls(connecting, os.fspath(path)) if ssl else connecting
-
-    return Connector(lambda: _open_session(opener, resolved), _release)
+    return connect_resumable_endpoint(
+        Endpoint.unix(path),
+        ssl=ssl,
+        server_hostname=server_hostname,
+        settings=settings,
+        **options,
+    )

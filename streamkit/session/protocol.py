@@ -34,6 +34,7 @@ __all__ = [
     "FRAMED_DATA_HEADER",
     "MAGIC",
     "MAX_FRAME_LIMIT",
+    "MAX_HANDSHAKE_MESSAGE",
     "MAX_UNACKED_BYTES_LIMIT",
     "MAX_UNACKED_FRAMES_LIMIT",
     "NONCE_SIZE",
@@ -86,6 +87,11 @@ _LIMITS = struct.Struct(">IIQ")
 MAX_FRAME_LIMIT = 2**32 - 1 - 9
 #: ``max_frame`` of the handshake messages when none is given.
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+#: The largest handshake message body (HELLO, WELCOME, REJECT) on the wire. A
+#: hello is 73 bytes at most: a server closes a connection whose first
+#: message's length header announces more, before reading any of its body,
+#: so a connection costs little memory until its handshake completes.
+MAX_HANDSHAKE_MESSAGE = 1024
 #: The largest receive window a side can announce (``u32`` frames, ``u64`` bytes).
 MAX_UNACKED_FRAMES_LIMIT = 2**32 - 1
 MAX_UNACKED_BYTES_LIMIT = 2**64 - 1

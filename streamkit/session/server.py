@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
 import os
@@ -12,20 +11,30 @@ import secrets
 import ssl as _ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Unpack
 
 from streamkit._lifecycle import ServerBase
 from streamkit.codecs import LengthPrefixed
 from streamkit.errors import (
     ConnectionLost,
     EndOfStream,
+    FrameTooLarge,
     ProtocolError,
     ResumeRejected,
     SessionExpired,
     StreamkitError,
 )
-from streamkit.net import DEFAULT_GRACE_PERIOD, Server, serve, serve_unix
+from streamkit.net import (
+    DEFAULT_GRACE_PERIOD,
+    Connector,
+    Endpoint,
+    Server,
+    close_server,
+    default_max_connections,
+    serve_endpoint,
+)
 from streamkit.session.protocol import (
+    MAX_HANDSHAKE_MESSAGE,
     NONCE_SIZE,
     PREFACE_SIZE,
     SESSION_ID_SIZE,
@@ -43,7 +52,14 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
-from streamkit.session.session import Session, SessionSettings, _Connection, _Limits
+from streamkit.session.session import (
+    Session,
+    SessionOptions,
+    SessionSettings,
+    _Connection,
+    _Limits,
+    resolve_settings,
+)
 from streamkit.stream import FramedStream
 
 __all__ = ["ResumableServer", "ServerSession", "serve_resumable", "serve_resumable_unix"]
@@ -56,6 +72,10 @@ SessionHandler = Callable[["ServerSession"], Awaitable[Any]]
 DEFAULT_MAX_SESSIONS = 10_000
 #: Ended session ids remembered, to tell a late resume why it is refused.
 _ENDED_MEMORY = 4096
+#: The framing of a connection until its handshake completes (the session
+#: then frames it with its own limits): a hello announcing more than a
+#: handshake message can be closes the connection before its body is read.
+_HANDSHAKE_CODEC = LengthPrefixed(max_frame=MAX_HANDSHAKE_MESSAGE)
 
 
 class _Refused(Exception):
@@ -277,7 +297,14 @@ class ResumableServer(ServerBase):
                 RejectReason.UNSUPPORTED_VERSION,
                 f"client speaks session protocol version {version}; this server speaks {VERSION}",
             )
-        hello = decode_message(await stream.recv())
+        try:
+            hello = decode_message(await stream.recv())
+        except FrameTooLarge as exc:
+            raise ProtocolError(
+                f"the client's first message is over the {MAX_HANDSHAKE_MESSAGE} bytes a "
+                f"connection may send before its handshake completes ({exc}); closed "
+                "before reading it"
+            ) from None
         if isinstance(hello, HelloNew):
             return self._new_session(stream, hello)
         if isinstance(hello, HelloResume):
@@ -357,25 +384,49 @@ async def _answer_http(stream: FramedStream[bytes]) -> None:
     stream.writer.write(_HTTP_REPLY)
 
 
-async def _start(
-    server: ResumableServer, start: Callable[[], Awaitable[Server[bytes]]]
-) -> ResumableServer:
-    server._server = await start()
-    return server
-
-
-def _make_server(
+def serve_resumable_endpoint(
     handler: SessionHandler,
-    settings: SessionSettings | None,
-    options: dict[str, Any],
-    max_sessions: int,
-    grace_period: float,
-) -> ResumableServer:
-    resolved = dataclasses.replace(settings or SessionSettings(), **options)
-    return ResumableServer(handler, resolved, max_sessions=max_sessions, grace_period=grace_period)
+    endpoint: Endpoint,
+    *,
+    ssl: _ssl.SSLContext | None = None,
+    settings: SessionSettings | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    max_connections: int | None = None,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    **options: Unpack[SessionOptions],
+) -> Connector[ResumableServer]:
+    """Serve resumable sessions on ``endpoint``: both serve functions in one.
+
+    For the layers above (users call :func:`serve_resumable` /
+    :func:`serve_resumable_unix`). Arguments as :func:`serve_resumable`.
+    """
+    resolved = resolve_settings(settings, options)
+    if max_sessions < 1:
+        raise ValueError(f"max_sessions must be >= 1, not {max_sessions}")
+    if max_connections is None:
+        max_connections = default_max_connections(max_sessions)
+    server = ResumableServer(
+        handler, resolved, max_sessions=max_sessions, grace_period=grace_period
+    )
+    serving = serve_endpoint(
+        server._on_connection,
+        endpoint,
+        codec=_HANDSHAKE_CODEC,
+        ssl=ssl,
+        grace_period=grace_period,
+        handshake_timeout=resolved.handshake_timeout,
+        close_timeout=resolved.close_timeout,
+        max_connections=max_connections,
+    )
+
+    async def start() -> ResumableServer:
+        server._server = await serving
+        return server
+
+    return Connector(start, close_server)
 
 
-async def serve_resumable(
+def serve_resumable(
     handler: SessionHandler,
     host: str | None,
     port: int,
@@ -383,27 +434,48 @@ async def serve_resumable(
     ssl: _ssl.SSLContext | None = None,
     settings: SessionSettings | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
+    max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
-    **options: Any,
-) -> ResumableServer:
+    **options: Unpack[SessionOptions],
+) -> Connector[ResumableServer]:
     """Serve resumable sessions on TCP ``host``:``port``; ``handler(session)`` once per session.
 
+    ``server = await serve_resumable(...)`` or ``async with
+    serve_resumable(...) as server:`` (closed gracefully on exit).
     Settings come from ``settings`` with any :class:`SessionSettings` field
-    overridden by keyword. ``max_sessions`` bounds sessions held at once
-    (new ones are refused beyond it). A bad handshake or bad input from a
-    peer closes that connection and is logged on ``streamkit.session``.
+    overridden by keyword (a keyword that is no field raises ``TypeError``;
+    see :class:`SessionOptions`). A bad handshake or bad input from a peer
+    closes that connection and is logged on ``streamkit.session``.
+
+    - ``max_sessions`` (default 10,000) bounds sessions held at once: a new
+      one past it is refused with ``REJECT(BUSY)``.
+    - ``max_connections`` bounds connections open at once (each session has
+      at most one; handshakes in progress count too): one past it is
+      closed as soon as it is accepted, and logged. Default: ``max_sessions``
+      plus a tenth, within what the open-file limit allows (see
+      :func:`streamkit.net.default_max_connections`).
+    - ``handshake_timeout`` (a setting, default 10 s) bounds the TLS
+      handshake, then the session handshake, of each connection; a
+      connection's first message (its hello) may announce at most
+      1 KiB (:data:`~streamkit.session.protocol.MAX_HANDSHAKE_MESSAGE`),
+      or it is closed before any more of it is read.
+    - ``close_timeout`` (a setting, default 30 s) bounds a session's
+      graceful close, and closing each connection (TLS's close included).
+    - ``grace_period``: seconds handlers get once the server closes.
     """
-    server = _make_server(handler, settings, options, max_sessions, grace_period)
-    codec = LengthPrefixed(max_frame=server.settings.framing_limit())
-    return await _start(
-        server,
-        lambda: serve(
-            server._on_connection, host, port, codec=codec, ssl=ssl, grace_period=grace_period
-        ),
+    return serve_resumable_endpoint(
+        handler,
+        Endpoint.tcp(host, port),
+        ssl=ssl,
+        settings=settings,
+        max_sessions=max_sessions,
+        max_connections=max_connections,
+        grace_period=grace_period,
+        **options,
     )
 
 
-async def serve_resumable_unix(
+def serve_resumable_unix(
     handler: SessionHandler,
     path: str | os.PathLike[str],
     *,
@@ -411,15 +483,22 @@ async def serve_resumable_unix(
     ssl: _ssl.SSLContext | None = None,
     settings: SessionSettings | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
+    max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
-    **options: Any,
-) -> ResumableServer:
-    """Serve resumable sessions on a Unix socket; otherwise as :func:`serve_resumable`."""
-    server = _make_server(handler, settings, options, max_sessions, grace_period)
-    codec = LengthPrefixed(max_frame=server.settings.framing_limit())
-    return await _start(
-        server,
-        lambda: serve_unix(
-            server._on_connection, path, codec=codec, mode=mode, ssl=ssl, grace_period=grace_period
-        ),
+    **options: Unpack[SessionOptions],
+) -> Connector[ResumableServer]:
+    """Serve resumable sessions on a Unix socket; otherwise as :func:`serve_resumable`.
+
+    ``mode`` (e.g. ``0o660``) is applied to the socket file (see
+    :func:`streamkit.serve_unix`).
+    """
+    return serve_resumable_endpoint(
+        handler,
+        Endpoint.unix(path, mode),
+        ssl=ssl,
+        settings=settings,
+        max_sessions=max_sessions,
+        max_connections=max_connections,
+        grace_period=grace_period,
+        **options,
     )

@@ -14,10 +14,10 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 from streamkit.errors import (
     ConnectionLost,
@@ -55,7 +55,7 @@ from streamkit.session.protocol import (
 )
 from streamkit.stream import FramedStream
 
-__all__ = ["Backoff", "Session", "SessionSettings", "SessionStats"]
+__all__ = ["Backoff", "Session", "SessionOptions", "SessionSettings", "SessionStats"]
 
 logger = logging.getLogger("streamkit.session")
 
@@ -172,6 +172,48 @@ class SessionSettings:
     def framing_limit(self) -> int:
         """``max_frame`` of the connection's message framing."""
         return self.max_frame + DATA_HEADER.size
+
+
+class SessionOptions(TypedDict, total=False):
+    """The :class:`SessionSettings` fields, as keywords of the connect and serve functions.
+
+    ``connect_resumable(host, port, resume_timeout=5)`` is ``settings=
+    SessionSettings(resume_timeout=5)``; a type checker flags a misspelt
+    keyword, and at run time it raises ``TypeError``.
+    """
+
+    max_frame: int
+    max_unacked_frames: int
+    max_unacked_bytes: int
+    ack_every: int
+    ack_delay: float
+    keepalive_interval: float
+    keepalive_timeout: float
+    resume_timeout: float
+    reconnect_backoff: Backoff
+    max_reconnect_time: float
+    handshake_timeout: float
+    close_timeout: float
+
+
+def resolve_settings(
+    settings: SessionSettings | None, options: Mapping[str, Any]
+) -> SessionSettings:
+    """``settings`` (or the defaults) with the fields in ``options`` replaced.
+
+    Raises ``TypeError`` naming a keyword that is no setting, and
+    ``ValueError`` for a bad value.
+    """
+    unknown = options.keys() - _SETTING_NAMES
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {', '.join(map(repr, sorted(unknown)))}: "
+            f"not a SessionSettings field (those are {', '.join(sorted(_SETTING_NAMES))})"
+        )
+    return replace(settings or SessionSettings(), **options)
+
+
+_SETTING_NAMES = frozenset(f.name for f in fields(SessionSettings))
 
 
 @dataclass(slots=True)
