@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Unpack
 
 from streamkit._lifecycle import AsyncClosable, wait_all
 from streamkit.errors import ConnectionLost, DecodeError, SessionError, StreamkitError
@@ -41,8 +41,10 @@ from streamkit.hub.storage import (
     StreamGone,
     StreamNotFound,
 )
-from streamkit.net import Connector
-from streamkit.session import ClientSession, connect_resumable, connect_resumable_unix
+from streamkit.net import Connector, Endpoint
+from streamkit.session import ClientSession, SessionOptions, SessionSettings
+from streamkit.session.client import connect_resumable_endpoint
+from streamkit.session.session import resolve_settings
 
 __all__ = ["HubClient", "Producer", "Reader", "Record", "StreamStatus", "connect", "connect_unix"]
 
@@ -1014,11 +1016,28 @@ async def _release(client: HubClient, exc: BaseException | None) -> None:
     await client.close()
 
 
-def _session_options(options: dict[str, Any], reconnect_timeout: float) -> dict[str, Any]:
-    """Session settings: ``max_reconnect_time`` is ``reconnect_timeout`` unless given."""
-    if "max_reconnect_time" not in options and options.get("settings") is None:
-        options["max_reconnect_time"] = reconnect_timeout
-    return options
+def _connect(
+    endpoint: Endpoint,
+    ssl: _ssl.SSLContext | bool | None,
+    server_hostname: str | None,
+    settings: SessionSettings | None,
+    reconnect_timeout: float,
+    options: SessionOptions,
+) -> Connector[HubClient]:
+    """Connect to a hub at ``endpoint``: what :func:`connect` and :func:`connect_unix` do."""
+    reconnect_timeout = check_seconds("reconnect_timeout", reconnect_timeout)
+    if settings is None and "max_reconnect_time" not in options:
+        options = {**options, "max_reconnect_time": reconnect_timeout}
+    resolved = resolve_settings(settings, options)
+    return Connector(
+        lambda: _open(
+            lambda: connect_resumable_endpoint(
+                endpoint, ssl=ssl, server_hostname=server_hostname, settings=resolved
+            ),
+            reconnect_timeout,
+        ),
+        _release,
+    )
 
 
 def connect(
@@ -1026,8 +1045,10 @@ def connect(
     port: int,
     *,
     ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    settings: SessionSettings | None = None,
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-    **options: Any,
+    **options: Unpack[SessionOptions],
 ) -> Connector[HubClient]:
     """Connect to a hub: ``await connect(...)`` or ``async with connect(...)``.
 
@@ -1039,28 +1060,26 @@ def connect(
     sessions, backing off, until ``reconnect_timeout`` has passed since the
     loss; then every pending and later call raises :class:`ConnectionLost`
     (see :class:`HubClient`). A bad ``reconnect_timeout`` raises
-    :class:`TypeError` or :class:`ValueError` here. Other keywords are
-    session settings (see ``connect_resumable``). The first connection's
-    errors are raised at the ``await``.
+    :class:`TypeError` or :class:`ValueError` here. ``ssl``,
+    ``server_hostname``, ``settings`` and the
+    :class:`~streamkit.session.SessionSettings` fields as keywords are those
+    of :func:`~streamkit.session.connect_resumable` (a keyword that is none
+    of these raises ``TypeError`` here). The first connection's errors are
+    raised at the ``await``.
     """
-    reconnect_timeout = check_seconds("reconnect_timeout", reconnect_timeout)
-    options = _session_options(options, reconnect_timeout)
-    return Connector(
-        lambda: _open(lambda: connect_resumable(host, port, ssl=ssl, **options), reconnect_timeout),
-        _release,
+    return _connect(
+        Endpoint.tcp(host, port), ssl, server_hostname, settings, reconnect_timeout, options
     )
 
 
 def connect_unix(
     path: str | os.PathLike[str],
     *,
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    settings: SessionSettings | None = None,
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-    **options: Any,
+    **options: Unpack[SessionOptions],
 ) -> Connector[HubClient]:
     """Connect to a hub on a Unix socket; otherwise as :func:`connect`."""
-    reconnect_timeout = check_seconds("reconnect_timeout", reconnect_timeout)
-    options = _session_options(options, reconnect_timeout)
-    return Connector(
-        lambda: _open(lambda: connect_resumable_unix(path, **options), reconnect_timeout),
-        _release,
-    )
+    return _connect(Endpoint.unix(path), ssl, server_hostname, settings, reconnect_timeout, options)

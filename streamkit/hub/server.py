@@ -7,9 +7,10 @@ import contextlib
 import functools
 import logging
 import os
+import ssl as _ssl
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, Unpack
 
 from streamkit._lifecycle import ServerBase
 from streamkit.errors import (
@@ -50,7 +51,10 @@ from streamkit.hub.storage import (
     StreamInfo,
     StreamNotFound,
 )
-from streamkit.session import ResumableServer, ServerSession, serve_resumable, serve_resumable_unix
+from streamkit.net import DEFAULT_GRACE_PERIOD, Connector, Endpoint, close_server
+from streamkit.session import ResumableServer, ServerSession, SessionOptions, SessionSettings
+from streamkit.session.server import DEFAULT_MAX_SESSIONS, serve_resumable_endpoint
+from streamkit.session.session import resolve_settings
 
 __all__ = ["HubServer", "serve_hub", "serve_hub_unix"]
 
@@ -559,13 +563,29 @@ def _storage(
     return FileStorage(data_dir, limits=limits, fsync=fsync)
 
 
-async def _start(hub: HubServer, start: Callable[[], Awaitable[ResumableServer]]) -> HubServer:
-    hub._server = await start()
-    hub._expiry = asyncio.create_task(hub._expire_loop())
-    return hub
+def _serve_hub(
+    endpoint: Endpoint,
+    make_storage: Callable[[], Storage],
+    serve_options: dict[str, Any],
+) -> Connector[HubServer]:
+    """Serve a hub on ``endpoint``: what :func:`serve_hub` and :func:`serve_hub_unix` do."""
+
+    async def start() -> HubServer:
+        hub = HubServer(make_storage())
+        try:
+            hub._server = await serve_resumable_endpoint(
+                hub._serve_session, endpoint, **serve_options
+            )
+        except BaseException:
+            hub.storage.close()
+            raise
+        hub._expiry = asyncio.create_task(hub._expire_loop())
+        return hub
+
+    return Connector(start, close_server)
 
 
-async def serve_hub(
+def serve_hub(
     host: str | None,
     port: int,
     *,
@@ -573,29 +593,64 @@ async def serve_hub(
     limits: Limits | None = None,
     fsync: bool = False,
     storage: Storage | None = None,
-    **options: Any,
-) -> HubServer:
+    ssl: _ssl.SSLContext | None = None,
+    settings: SessionSettings | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    max_connections: int | None = None,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    **options: Unpack[SessionOptions],
+) -> Connector[HubServer]:
     """Serve a hub of named streams on TCP ``host``:``port``.
 
-    Streams live in memory, or in an append-only log per stream under
-    ``data_dir`` (recovered on restart; ``fsync=True`` flushes each append
-    to disk before acknowledging it, see :class:`FileStorage`). ``limits``
-    bounds streams, record size and memory; ``storage`` replaces the
-    storage backend; other keywords go to :func:`serve_resumable`.
+    ``hub = await serve_hub(...)`` or ``async with serve_hub(...) as hub:``
+    (closed gracefully on exit). Streams live in memory, or in an
+    append-only log per stream under ``data_dir`` (recovered on restart;
+    ``fsync=True`` flushes each append to disk before acknowledging it,
+    see :class:`FileStorage`). ``limits`` bounds streams, record size and
+    memory; ``storage`` replaces the storage backend. ``ssl``,
+    ``settings``, ``max_sessions``, ``max_connections`` (default: 11,000
+    with the default ``max_sessions``, within the open-file limit),
+    ``grace_period`` and the :class:`~streamkit.session.SessionSettings`
+    fields as keywords are those of :func:`~streamkit.session.serve_resumable`
+    (a keyword that is none of these raises ``TypeError`` here).
     """
-    hub = HubServer(storage or _storage(data_dir, limits, fsync))
-    return await _start(hub, lambda: serve_resumable(hub._serve_session, host, port, **options))
+    return _serve_hub(
+        Endpoint.tcp(host, port),
+        lambda: storage or _storage(data_dir, limits, fsync),
+        {
+            "ssl": ssl,
+            "settings": resolve_settings(settings, options),
+            "max_sessions": max_sessions,
+            "max_connections": max_connections,
+            "grace_period": grace_period,
+        },
+    )
 
 
-async def serve_hub_unix(
+def serve_hub_unix(
     path: str | os.PathLike[str],
     *,
+    mode: int | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
     fsync: bool = False,
     storage: Storage | None = None,
-    **options: Any,
-) -> HubServer:
-    """Serve a hub on a Unix socket; otherwise as :func:`serve_hub`."""
-    hub = HubServer(storage or _storage(data_dir, limits, fsync))
-    return await _start(hub, lambda: serve_resumable_unix(hub._serve_session, path, **options))
+    ssl: _ssl.SSLContext | None = None,
+    settings: SessionSettings | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    max_connections: int | None = None,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    **options: Unpack[SessionOptions],
+) -> Connector[HubServer]:
+    """Serve a hub on a Unix socket (its file gets ``mode``); otherwise as :func:`serve_hub`."""
+    return _serve_hub(
+        Endpoint.unix(path, mode),
+        lambda: storage or _storage(data_dir, limits, fsync),
+        {
+            "ssl": ssl,
+            "settings": resolve_settings(settings, options),
+            "max_sessions": max_sessions,
+            "max_connections": max_connections,
+            "grace_period": grace_period,
+        },
+    )
