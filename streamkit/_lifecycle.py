@@ -59,10 +59,11 @@ class Closable:
 
 
 class ServerBase(Closable):
-    """A :class:`Closable` server: ``serve_forever()``, and ``port`` / ``sockets``.
+    """A :class:`Closable` server: ``serve_forever()``, ``port``, ``sockets``, ``connections``.
 
     A server built on another streamkit server keeps it in ``_server``; its
-    ``port`` and ``sockets`` are the inner server's.
+    ``port``, ``sockets``, ``connections`` and ``max_connections`` are the
+    inner server's.
     """
 
     _server: Any = None
@@ -86,6 +87,18 @@ class ServerBase(Closable):
     def sockets(self) -> tuple[Any, ...]:
         """The listening sockets."""
         return tuple(self._server.sockets) if self._server is not None else ()
+
+    @property
+    def connections(self) -> int:
+        """How many connections are open (handshakes in progress included)."""
+        return int(self._server.connections) if self._server is not None else 0
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections open at once; more are closed as they come."""
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        return int(self._server.max_connections)
 
 
 class AsyncClosable:

@@ -84,6 +84,22 @@ def _add_listen(parser: argparse.ArgumentParser, port: int) -> None:
     where.add_argument("--unix", metavar="PATH", help="a Unix socket instead of TCP")
 
 
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-connections",
+        type=_args.count,
+        metavar="N",
+        help="refuse connections past N open ones (default: what the open-file limit allows)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_args.positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="drop a connection whose TLS (or session) handshake takes longer (10 s)",
+    )
+
+
 def _add_codec(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--codec",
@@ -120,6 +136,7 @@ def _build_parser() -> tuple[_args.Parser, dict[str, _args.Parser]]:
     _add_codec(server)
     server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
     server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    _add_limits(server)
 
     send = commands.add_parser(
         "send",
@@ -164,6 +181,7 @@ def _build_parser() -> tuple[_args.Parser, dict[str, _args.Parser]]:
     _add_listen(hub, 8766)
     hub.add_argument("--data-dir", metavar="DIR", help="keep streams in logs under DIR")
     hub.add_argument("--fsync", action="store_true", help="fsync each append (with --data-dir)")
+    _add_limits(hub)
 
     return parser, commands.choices
 
@@ -208,13 +226,14 @@ async def _listen(
     handler: Callable[[FramedStream[Any]], Awaitable[None]],
     codec: Codec[Any],
     context: ssl.SSLContext | None,
+    **limits: Any,
 ) -> tuple[Server[Any], str]:
     """Serve on ``--unix`` or ``--host``/``--port``: the server and its address."""
     where = args.unix or _args.host_port(args.host, args.port)
     try:
         if args.unix:
-            return await serve_unix(handler, args.unix, codec=codec, ssl=context), where
-        server = await serve(handler, args.host, args.port, codec=codec, ssl=context)
+            return await serve_unix(handler, args.unix, codec=codec, ssl=context, **limits), where
+        server = await serve(handler, args.host, args.port, codec=codec, ssl=context, **limits)
     except OSError as exc:  # name the address: the OS error may not
         raise _Failed(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return server, _args.host_port(args.host, server.port)
@@ -243,7 +262,14 @@ async def _serve_echo(args: argparse.Namespace) -> None:
         finally:
             streams.discard(stream)
 
-    server, where = await _listen(args, echo, codec, context)
+    server, where = await _listen(
+        args,
+        echo,
+        codec,
+        context,
+        max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout,
+    )
     print(f"echo server on {where} ({args.codec}{', TLS' if context else ''})", flush=True)
 
     async def close() -> None:
@@ -392,7 +418,12 @@ async def _recv(args: argparse.Namespace) -> None:
 async def _hub(args: argparse.Namespace) -> None:
     from streamkit import hub
 
-    options = {"data_dir": args.data_dir, "fsync": args.fsync}
+    options = {
+        "data_dir": args.data_dir,
+        "fsync": args.fsync,
+        "max_connections": args.max_connections,
+        "handshake_timeout": args.handshake_timeout,
+    }
     if args.unix:
         server = await hub.serve_hub_unix(args.unix, **options)
         where = args.unix

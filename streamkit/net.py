@@ -382,7 +382,7 @@ class Server(ServerBase, Generic[FrameT]):
         logger.warning(
             "refused a connection from %s: max_connections=%d are open "
             "(further refusals are counted and logged every %.0f s)",
-            writer.get_extra_info("peername"),
+            writer.get_extra_info("peername") or "a Unix-socket peer",
             self._max_connections,
             REFUSALS_LOG_INTERVAL,
         )
@@ -402,10 +402,11 @@ class Server(ServerBase, Generic[FrameT]):
                 REFUSALS_LOG_INTERVAL,
                 self._max_connections,
             )
-            self._refused = 0
-            self._refusals_report = asyncio.get_running_loop().call_later(
-                REFUSALS_LOG_INTERVAL, self._report_refusals
-            )
+            if self._closing_since is None:  # more may come: count them
+                self._refused = 0
+                self._refusals_report = asyncio.get_running_loop().call_later(
+                    REFUSALS_LOG_INTERVAL, self._report_refusals
+                )
 
     async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
         """Do the server's side of the TLS handshake; False if it failed (logged, dropped)."""
@@ -470,8 +471,13 @@ class Server(ServerBase, Generic[FrameT]):
         raise ValueError("this server listens on no TCP socket")
 
     @property
+    def connections(self) -> int:
+        """How many connections are open (those in their TLS handshake included)."""
+        return len(self._tasks)
+
+    @property
     def handlers(self) -> int:
-        """How many connections are open: their handlers, or TLS handshakes, are running."""
+        """How many connection handlers are running: one per open connection."""
         return len(self._tasks)
 
     @property
@@ -492,9 +498,7 @@ class Server(ServerBase, Generic[FrameT]):
         self._remove_unix_socket()
         if self._refusals_report is not None:
             self._refusals_report.cancel()
-            self._refusals_report = None
-            self._refused = 0  # the line of the refusals not reported yet, now
-            self._report_refusals()
+            self._report_refusals()  # the refusals not logged yet, now
 
     async def wait_closed(self) -> None:
         """Wait for handlers up to the grace period from ``close()``, then cancel the rest."""

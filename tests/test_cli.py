@@ -16,7 +16,18 @@ from pathlib import Path
 import pytest
 import trustme
 
-from streamkit import LengthPrefixed, Lines, bench, cli, connect, connect_unix, demo, hub
+from streamkit import (
+    ConnectionLost,
+    EndOfStream,
+    LengthPrefixed,
+    Lines,
+    bench,
+    cli,
+    connect,
+    connect_unix,
+    demo,
+    hub,
+)
 from streamkit.cli import main
 
 CLI = [sys.executable, "-m", "streamkit"]
@@ -437,3 +448,30 @@ def test_bench_fails_in_one_line_when_a_benchmark_process_dies(tmp_path: Path) -
     last = result.stderr.strip().splitlines()[-1]
     assert last == "bench: the benchmark's receiver process failed (exit status 1)"
     assert "asyncio" in result.stdout  # the rows measured before it failed
+
+
+@pytest.mark.parametrize("command", ["serve", "hub"])
+def test_server_commands_take_max_connections(command: str) -> None:
+    args = ["serve", "--echo"] if command == "serve" else ["hub"]
+    with running(*args, "--port", "0", "--max-connections", "1") as (server, line):
+        port = int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
+
+        async def second_is_refused() -> bool:
+            # The first connection holds the one place (a hub waits for its
+            # session handshake), the second is closed at once.
+            async with (
+                connect("127.0.0.1", port, codec=LengthPrefixed()),
+                connect("127.0.0.1", port, codec=LengthPrefixed()) as second,
+            ):
+                try:
+                    await second.send(b"anyone?")
+                    await second.recv(timeout=5)
+                except (EndOfStream, ConnectionLost):
+                    return True
+                return False
+
+        assert asyncio.run(second_is_refused())
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        assert server.stderr is not None
+        assert "max_connections=1 are open" in server.stderr.read()

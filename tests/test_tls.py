@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from pathlib import Path
@@ -17,12 +19,14 @@ from streamkit import (
     ProtocolError,
     connect,
     connect_unix,
+    hub,
     serve,
     serve_unix,
 )
 from streamkit.session import ServerSession, connect_resumable, serve_resumable
 from streamkit.session.client import connect_resumable_unix
 from streamkit.session.server import serve_resumable_unix
+from streamkit.testing import FaultProxy
 
 CODEC = LengthPrefixed()
 
@@ -181,3 +185,189 @@ async def test_resumable_session_over_tls_on_a_unix_socket(
         for frame in frames:
             await session.send(frame)
         assert [await session.recv(timeout=10) for _ in frames] == frames
+
+
+# -- handshake_timeout and close_timeout ----------------------------------------------------
+
+#: A TLS record header announcing a 512-byte ClientHello, then its first 5 bytes.
+HALF_A_CLIENT_HELLO = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03"
+
+
+async def dropped_after(port: int, sends: bytes) -> float:
+    """Connect, send ``sends`` and nothing more: seconds until the server drops us."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = loop.time()
+    try:
+        writer.write(sends)
+        async with asyncio.timeout(10):  # asyncio's own TLS handshake timeout is 60 s
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""
+        return loop.time() - started
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("sends", [b"", HALF_A_CLIENT_HELLO], ids=["nothing", "half-a-hello"])
+@pytest.mark.parametrize("layer", ["serve", "serve_unix", "serve_resumable", "serve_hub"])
+async def test_a_tls_handshake_that_never_finishes_ends_at_handshake_timeout(
+    layer: str,
+    sends: bytes,
+    tmp_path: Path,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tls = {"ssl": server_context, "handshake_timeout": 0.5}
+    if layer == "serve_unix":
+        path = tmp_path / "tls.sock"
+        async with serve_unix(echo, path, codec=CODEC, **tls):
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_unix_connection(path)
+            started = loop.time()
+            writer.write(sends)
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+            assert loop.time() - started >= 0.45
+            writer.close()
+            await writer.wait_closed()
+            async with connect_unix(
+                path, codec=CODEC, ssl=client_context, server_hostname="localhost"
+            ) as stream:
+                await stream.send(b"served")
+                assert await stream.recv(timeout=10) == b"served"
+    else:
+        servers = {
+            "serve": lambda: serve(echo, "127.0.0.1", 0, codec=CODEC, **tls),
+            "serve_resumable": lambda: serve_resumable(echo_session, "127.0.0.1", 0, **tls),
+            "serve_hub": lambda: hub.serve_hub("127.0.0.1", 0, **tls),
+        }
+        async with servers[layer]() as server:
+            assert await dropped_after(server.port, sends) >= 0.45
+            assert server.connections == 0
+    [line] = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert "failed: not done within handshake_timeout=0.5 s" in line
+
+
+async def test_a_tls_handshake_past_handshake_timeout_leaves_good_clients_alone(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    async with (
+        serve(echo, "127.0.0.1", 0, codec=CODEC, ssl=server_context, handshake_timeout=1) as server,
+        connect("127.0.0.1", server.port, codec=CODEC, ssl=client_context) as good,
+    ):
+        stalled = asyncio.create_task(dropped_after(server.port, HALF_A_CLIENT_HELLO))
+        for n in range(20):
+            await good.send(b"%d" % n)
+            assert await good.recv(timeout=10) == b"%d" % n
+        assert await stalled >= 0.9
+        await good.send(b"after")
+        assert await good.recv(timeout=10) == b"after"
+
+
+async def test_ssl_handshake_timeout_is_the_deprecated_name_of_handshake_timeout(
+    server_context: ssl.SSLContext,
+) -> None:
+    with pytest.warns(
+        DeprecationWarning, match="ssl_handshake_timeout is deprecated: use handshake_timeout"
+    ):
+        starting = serve(
+            echo, "127.0.0.1", 0, codec=CODEC, ssl=server_context, ssl_handshake_timeout=0.5
+        )
+    async with starting as server:
+        assert await dropped_after(server.port, b"") < 5
+
+
+async def test_a_tls_handshake_failure_is_one_warning_and_no_handler_runs(
+    server_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: list[object] = []
+
+    async def handler(stream: FramedStream[bytes]) -> None:
+        handled.append(stream)
+
+    async with serve(handler, "127.0.0.1", 0, codec=CODEC, ssl=server_context) as server:
+        await dropped_after(server.port, b"GET / HTTP/1.1\r\n\r\n")
+    assert handled == []
+    [line] = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert line.startswith("TLS handshake with ('127.0.0.1', ") and "failed: " in line
+
+
+async def test_closing_a_tls_stream_to_a_black_holed_peer_ends_at_close_timeout(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with (
+        serve(echo, "127.0.0.1", 0, codec=CODEC, ssl=server_context) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        stream = await connect(
+            "127.0.0.1", proxy.port, codec=CODEC, ssl=client_context, close_timeout=0.5
+        )
+        await stream.send(b"hello")
+        assert await stream.recv(timeout=10) == b"hello"
+        proxy.blackhole()  # the server's close_notify will never come back
+        started = loop.time()
+        async with asyncio.timeout(10):  # asyncio's TLS shutdown timeout is 30 s
+            stream.close()
+            await stream.wait_closed()
+        assert loop.time() - started >= 0.45
+        assert stream.is_closing()
+
+
+async def test_a_tls_server_closes_a_black_holed_connection_within_close_timeout(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    black_holed = asyncio.Event()
+
+    async def handler(stream: FramedStream[bytes]) -> None:
+        await stream.send(await stream.recv())
+        await black_holed.wait()  # then return: the server closes the stream
+
+    loop = asyncio.get_running_loop()
+    server = await serve(
+        handler, "127.0.0.1", 0, codec=CODEC, ssl=server_context, close_timeout=0.5, grace_period=30
+    )
+    try:
+        async with (
+            FaultProxy("127.0.0.1", server.port) as proxy,
+            connect("127.0.0.1", proxy.port, codec=CODEC, ssl=client_context) as client,
+        ):
+            await client.send(b"hello")
+            assert await client.recv(timeout=10) == b"hello"
+            proxy.blackhole()
+            black_holed.set()
+            started = loop.time()
+            server.close()
+            async with asyncio.timeout(10):  # not the grace period, not TLS's 30 s
+                await server.wait_closed()
+            assert loop.time() - started >= 0.45
+            proxy.cut()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_closing_a_tls_session_to_a_black_holed_peer_ends_at_close_timeout(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    quick = {"close_timeout": 0.5, "keepalive_interval": 5.0, "keepalive_timeout": 30.0}
+    loop = asyncio.get_running_loop()
+    async with (
+        serve_resumable(
+            echo_session, "127.0.0.1", 0, ssl=server_context, grace_period=1, **quick
+        ) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        session = await connect_resumable("127.0.0.1", proxy.port, ssl=client_context, **quick)
+        await session.send(b"hello")
+        assert await session.recv(timeout=10) == b"hello"
+        proxy.blackhole()
+        started = loop.time()
+        async with asyncio.timeout(10):
+            with pytest.raises(TimeoutError):
+                await session.close()
+        assert loop.time() - started >= 0.45
+        assert session.closed

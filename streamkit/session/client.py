@@ -58,8 +58,8 @@ class _Finished(SessionError):
 
 #: Why a server may drop a connection in the middle of the handshake.
 _HANDSHAKE_HINT = (
-    "is it a streamkit session server, and does it use TLS exactly when this client does "
-    "(a TLS server drops a plain client)?"
+    "is it a streamkit session server, does it use TLS exactly when this client does "
+    "(a TLS server drops a plain client), and is it below its max_connections?"
 )
 
 
