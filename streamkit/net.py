@@ -595,24 +595,22 @@ def serve_endpoint(
         kwargs, "ssl_handshake_timeout", "handshake_timeout", handshake_timeout
     )
     close_timeout = _renamed(kwargs, "ssl_shutdown_timeout", "close_timeout", close_timeout)
-    _check_timeout("handshake_timeout", handshake_timeout)
-    _check_timeout("close_timeout", close_timeout)
-    if max_connections is not None and max_connections < 1:
-        raise ValueError(f"max_connections must be >= 1, not {max_connections}")
     kwargs["limit"] = limit
+    server = Server(
+        handler,
+        codec,
+        ssl=ssl,
+        grace_period=grace_period,
+        write_buffer_high=write_buffer_high,
+        write_buffer_low=write_buffer_low,
+        handshake_timeout=handshake_timeout,
+        close_timeout=close_timeout,
+        max_connections=max_connections,
+    )
 
     async def start() -> Server[FrameT]:
-        server = Server(
-            handler,
-            codec,
-            ssl=ssl,
-            grace_period=grace_period,
-            write_buffer_high=write_buffer_high,
-            write_buffer_low=write_buffer_low,
-            handshake_timeout=handshake_timeout,
-            close_timeout=close_timeout,
-            max_connections=max_connections,
-        )
+        if server._server is not None or server._closing_since is not None:
+            raise RuntimeError("this serve call has started its server already")
         await _listen(server, endpoint, kwargs)
         return server
 
