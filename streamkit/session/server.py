@@ -73,8 +73,9 @@ DEFAULT_MAX_SESSIONS = 10_000
 #: Ended session ids remembered, to tell a late resume why it is refused.
 _ENDED_MEMORY = 4096
 #: The framing of a connection until its handshake completes (the session
-#: then frames it with its own limits): a hello announcing more than a
-#: handshake message can be closes the connection before its body is read.
+#: then frames it with its own limits): a first message whose header
+#: announces more than a handshake message can be closes the connection
+#: before any of its body is read.
 _HANDSHAKE_CODEC = LengthPrefixed(max_frame=MAX_HANDSHAKE_MESSAGE)
 
 
