@@ -34,7 +34,6 @@ from streamkit import (
 from streamkit._lifecycle import ServerBase
 from streamkit.net import Endpoint
 from streamkit.session import (
-    ServerSession,
     SessionOptions,
     SessionSettings,
     connect_resumable,
@@ -42,18 +41,9 @@ from streamkit.session import (
     serve_resumable,
     serve_resumable_unix,
 )
+from tests._handlers import echo, echo_session
 
 CODEC = LengthPrefixed()
-
-
-async def echo(stream: FramedStream[bytes]) -> None:
-    async for frame in stream:
-        await stream.send(frame)
-
-
-async def echo_session(session: ServerSession) -> None:
-    async for payload in session:
-        await session.send(payload)
 
 
 async def framed_round_trip(opening: Connector[FramedStream[bytes]]) -> None:

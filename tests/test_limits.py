@@ -34,7 +34,6 @@ from streamkit import (
 )
 from streamkit.net import FD_RESERVE, default_max_connections
 from streamkit.session import (
-    ServerSession,
     connect_resumable,
     connect_resumable_unix,
     serve_resumable,
@@ -48,19 +47,10 @@ from streamkit.session.protocol import (
     make_preface,
 )
 from streamkit.session.server import DEFAULT_MAX_SESSIONS
+from tests._handlers import echo, echo_session
 
 CODEC = LengthPrefixed()
 QUICK = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "handshake_timeout": 2.0}
-
-
-async def echo(stream: FramedStream[bytes]) -> None:
-    async for frame in stream:
-        await stream.send(frame)
-
-
-async def echo_session(session: ServerSession) -> None:
-    async for payload in session:
-        await session.send(payload)
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

@@ -23,10 +23,11 @@ from streamkit import (
     serve,
     serve_unix,
 )
-from streamkit.session import ServerSession, connect_resumable, serve_resumable
+from streamkit.session import connect_resumable, serve_resumable
 from streamkit.session.client import connect_resumable_unix
 from streamkit.session.server import serve_resumable_unix
 from streamkit.testing import FaultProxy
+from tests._handlers import echo, echo_session
 
 CODEC = LengthPrefixed()
 
@@ -48,16 +49,6 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return context
-
-
-async def echo(stream: FramedStream[bytes]) -> None:
-    async for frame in stream:
-        await stream.send(frame)
-
-
-async def echo_session(session: ServerSession) -> None:
-    async for payload in session:
-        await session.send(payload)
 
 
 async def test_tls_round_trip_over_tcp(
