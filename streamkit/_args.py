@@ -1,22 +1,63 @@
-"""Argument parsing shared by the command lines (``python -m streamkit`` and its parts).
+"""Argument parsing and messages shared by the command lines (``python -m streamkit ...``).
 
 Each type raises ``argparse.ArgumentTypeError`` with a one-line message,
 which :class:`Parser` turns into one line, ``PROG: error: ...``, and exit
-status 2.
+status 2. :func:`os_reason` and :func:`cannot_listen` word OS errors the
+same way in every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-from typing import NoReturn
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+#: How the usage lines name the program when not run as the ``streamkit`` script.
+_MODULE_PROG = "python -m streamkit"
+
+
+def program() -> str:
+    """``streamkit`` when run as the console script, else ``python -m streamkit``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "streamkit" if name in ("streamkit", "streamkit.exe") else _MODULE_PROG
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (not argparse's usage, then the error)."""
+    """An argument parser whose errors are one line (not argparse's usage, then the error).
+
+    A ``prog`` starting with ``python -m streamkit`` names the program as it
+    was run (see :func:`program`).
+    """
+
+    def __init__(self, prog: str | None = None, **kwargs: Any) -> None:
+        if prog is not None and prog.startswith(_MODULE_PROG):
+            prog = program() + prog.removeprefix(_MODULE_PROG)
+        super().__init__(prog=prog, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def os_reason(exc: OSError) -> str:
+    """Why an OS call failed, in a few words: ``Address already in use``, never blank.
+
+    The OS's words for its error number, else the error's own message.
+    """
+    if exc.errno is not None and exc.errno in errno.errorcode and not isinstance(exc, ssl.SSLError):
+        # asyncio's own words ("Connect call failed ('::1', 1)", "error while
+        # attempting to bind on address ...") repeat the address the caller names.
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def cannot_listen(where: str, exc: OSError) -> str:
+    """The message of every server command that cannot listen on ``where``."""
+    return f"cannot listen on {where}: {os_reason(exc)}"
 
 
 def address(text: str) -> tuple[str, int]:

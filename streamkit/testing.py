@@ -394,12 +394,15 @@ def _build_parser() -> argparse.ArgumentParser:
 async def _run_proxy(args: argparse.Namespace) -> None:
     host, port = args.target or (None, None)
     proxy = FaultProxy(host, port, target_unix=args.target_unix, seed=args.seed, delay=args.delay)
-    if args.listen_unix:
-        await proxy.start_unix(args.listen_unix)
-        where = args.listen_unix
-    else:
-        await proxy.start(*args.listen)
-        where = _args.host_port(*proxy.address)
+    where = args.listen_unix or _args.host_port(*args.listen)
+    try:
+        if args.listen_unix:
+            await proxy.start_unix(args.listen_unix)
+        else:
+            await proxy.start(*args.listen)
+            where = _args.host_port(*proxy.address)
+    except OSError as exc:  # the same words as every server command
+        raise OSError(_args.cannot_listen(where, exc)) from exc
     target = args.target_unix or _args.host_port(*args.target)
     print(f"proxy on {where} -> {target}", flush=True)
     if args.cut_every:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +63,11 @@ def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:
     [
         [],
         ["nonsense"],
-        ["serve"],  # --echo is the only mode, and required
+        ["serve", "--newline", "crlf"],  # the line codecs only
+        ["send", "1", "--hex", "--codec", "lines"],  # binary codecs only
+        ["hub", "read"],  # a verb needs a stream's name
+        ["hub", "read", "x", "--from", "-1"],
+        ["hub", "append", "x", "--connect", "nowhere"],
         ["serve", "--echo", "--codec", "protobuf"],
         ["serve", "--echo", "--port", "99999"],
         ["serve", "--echo", "--port", "80", "--unix", "/tmp/x.sock"],
@@ -475,3 +481,379 @@ def test_server_commands_take_max_connections(command: str) -> None:
         assert server.wait(timeout=10) == 0
         assert server.stderr is not None
         assert "max_connections=1 are open" in server.stderr.read()
+
+
+# -- what a user reaches for first ------------------------------------------------
+
+
+def test_version_and_the_console_scripts_own_name() -> None:
+    from streamkit import __version__
+
+    result = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=20)
+    assert (result.returncode, result.stdout) == (0, f"streamkit {__version__}\n")
+    script = Path(sys.executable).with_name("streamkit")
+    if not script.exists():
+        pytest.skip("the streamkit console script is not installed next to this Python")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=20)
+    assert (result.returncode, result.stdout) == (0, f"streamkit {__version__}\n")
+    result = subprocess.run([script, "serve", "--help"], capture_output=True, text=True)
+    assert result.stdout.startswith("usage: streamkit serve ")
+    result = subprocess.run([script, "demo", "--frames", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("streamkit demo: error: ")
+
+
+def port_of(line: str) -> str:
+    """The port in a server's first line ("echo server on 127.0.0.1:PORT (...)")."""
+    return next(word for word in line.split() if ":" in word).rsplit(":", 1)[1]
+
+
+def send(*args: str, input: str | bytes = "1\n") -> subprocess.CompletedProcess[str]:
+    data = input.encode() if isinstance(input, str) else input
+    result = subprocess.run([*CLI, "send", *args], input=data, capture_output=True, timeout=30)
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+def test_serve_echoes_without_the_echo_flag() -> None:
+    with running("serve", "--port", "0", "--codec", "lines") as (server, line):
+        result = send(f"127.0.0.1:{port_of(line)}", "--codec", "lines", input="no flag\n")
+        assert (result.returncode, result.stdout) == (0, "no flag\n"), result.stderr
+        stop(server)
+
+
+@contextmanager
+def fake_server(answer: bytes, *, read_first: bool) -> Iterator[int]:
+    """A TCP server answering each connection with ``answer`` bytes, then closing it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed: the test is over
+            with conn:
+                if read_first:
+                    conn.recv(1024)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone may not)
+        listener.close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("answer", "codec", "expected"),
+    [
+        (b"SKSP\x02" + b"\x80" * 16, "length4", "look like the streamkit session protocol"),
+        (b"SKSP\x02" + b"\x80" * 16, "lines", "look like the streamkit session protocol"),
+        (b"\x15\x03\x03\x00\x02\x02\x46", "length4", "look like a TLS alert"),
+        (b"\x15\x03\x03\x00\x02\x02\x46", "jsonl", "look like a TLS alert"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "varint", "look like HTTP"),
+    ],
+)
+def test_send_says_what_a_peer_of_another_protocol_answered(
+    answer: bytes, codec: str, expected: str
+) -> None:
+    with fake_server(answer, read_first=True) as port:
+        result = send(f"127.0.0.1:{port}", "--codec", codec)
+    assert result.returncode == 1
+    [message] = result.stderr.splitlines()
+    assert message.startswith(f"send: 127.0.0.1:{port} ") and expected in message, message
+    assert result.stdout == ""
+
+
+def test_send_says_a_server_closed_without_answering(tmp_path: Path) -> None:
+    hint = "without answering 1 frame: it may speak another protocol"
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    servers = [
+        ("serve", "--port", "0"),  # lines into a length4 server, below
+        ("serve", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)),
+        ("hub", "--port", "0"),
+    ]
+    for argv, codec in zip(servers, ["lines", "length4", "length4"], strict=True):
+        with running(*argv) as (server, line):
+            address = f"127.0.0.1:{port_of(line)}"
+            result = send(address, "--codec", codec)
+            assert result.returncode == 1, (argv, result)
+            assert result.stderr.startswith(f"send: {address} closed the connection {hint}")
+            assert len(result.stderr.splitlines()) == 1
+            stop(server)
+
+
+def test_tls_send_to_a_plain_server_says_why(tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    with running("serve", "--port", "0") as (server, line):
+        address = f"127.0.0.1:{port_of(line)}"
+        result = send(address, "--tls-ca", str(ca_file))
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"send: cannot connect to {address}: the TLS handshake failed "
+            "(ConnectionResetError): the server may not use TLS on this port\n"
+        )
+        stop(server)
+
+
+def test_send_no_reply_to_recv_and_recv_hex() -> None:
+    with running("recv", "--port", "0", "--hex", address_on="stderr") as (receiver, line):
+        result = send(f"127.0.0.1:{port_of(line)}", "--no-reply", input=b"\x00\xff\nab\n")
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+        assert receiver.wait(timeout=10) == 0
+        assert receiver.stdout is not None and receiver.stdout.read() == "00ff\n6162\n"
+    # Without --no-reply, a server that says nothing is reported.
+    with running("recv", "--port", "0", address_on="stderr") as (receiver, line):
+        result = send(f"127.0.0.1:{port_of(line)}")
+        assert result.returncode == 1 and "or never answer (then use --no-reply)" in result.stderr
+        assert receiver.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize(
+    ("codec", "stdin", "returncode", "output"),
+    [
+        ("lines", "one line ü\n", 0, "one line ü\n"),
+        ("lines", "two\nlines\n", 1, "send: with --codec lines a frame is one line"),
+        ("jsonl", '{\n  "a": [1,\n 2]\n}\n', 0, '{"a": [1, 2]}\n'),
+        ("jsonl", "{not json", 1, "send: stdin is not JSON lines"),
+    ],
+)
+def test_send_raw_with_the_line_codecs(
+    codec: str, stdin: str, returncode: int, output: str
+) -> None:
+    with running("serve", "--port", "0", "--codec", codec) as (server, line):
+        result = send(f"127.0.0.1:{port_of(line)}", "--codec", codec, "--raw", input=stdin)
+        assert result.returncode == returncode, result.stderr
+        assert (result.stdout if returncode == 0 else result.stderr).startswith(output)
+        assert "Traceback" not in result.stderr
+        stop(server)
+
+
+def test_send_refuses_a_line_over_max_frame_before_buffering_more() -> None:
+    with running("serve", "--port", "0", "--codec", "lines") as (server, line):
+        result = send(f"127.0.0.1:{port_of(line)}", "--codec", "lines", input="x" * 200_000)
+        assert result.returncode == 1
+        assert result.stderr == (
+            "send: line 1 of stdin is over 65536 bytes, the most one frame or record holds\n"
+        )
+        stop(server)
+
+
+def exchange(port: str, data: bytes) -> bytes:
+    """Send ``data`` to a server, half-close, and return all it answers."""
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_echo_server_skips_invalid_text_and_warns_once_per_peer() -> None:
+    with running("serve", "--port", "0", "--codec", "lines") as (server, line):
+        port = port_of(line)
+        # Invalid UTF-8 skips that line only; a last line without "\n" ends it.
+        assert exchange(port, b"ok\n\xff\nstill\n\xfe\nlast") == b"ok\nstill\n"
+        assert exchange(port, b"fine\n") == b"fine\n"  # a good peer: no warning
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        assert server.stderr is not None
+        log = server.stderr.read()
+    warnings = [entry for entry in log.splitlines() if " WARNING " in entry]
+    assert len(warnings) == 1, log
+    assert "sent a frame --codec lines cannot read, skipped: invalid utf-8 in line 2" in warnings[0]
+    assert "Traceback" not in log
+
+
+def test_echo_server_gives_a_wrong_codec_one_warning_and_the_traceback_at_debug() -> None:
+    for debug in ([], ["--debug"]):
+        with running("serve", "--port", "0", *debug) as (server, line):
+            assert exchange(port_of(line), b"hello\n") == b""  # lines into length4
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=10) == 0
+            assert server.stderr is not None
+            log = server.stderr.read()
+        [warning] = [entry for entry in log.splitlines() if " WARNING " in entry]
+        assert "closing the connection from" in warning and "b'hell' looks like text" in warning
+        assert ("Traceback" in log) == bool(debug)
+
+
+def test_newline_crlf_for_twisted_line_receivers() -> None:
+    command = ("serve", "--port", "0", "--codec", "lines", "--newline", "crlf")
+    with running(*command) as (server, line):
+        assert exchange(port_of(line), b"hi\nthere\r\n") == b"hi\r\nthere\r\n"
+        stop(server)
+
+
+def test_send_writes_crlf_with_newline_crlf() -> None:
+    received: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def take() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(1024):
+                received.append(chunk)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    with listener:
+        port = listener.getsockname()[1]
+        args = ["--codec", "lines", "--newline", "crlf", "--no-reply"]
+        result = send(f"127.0.0.1:{port}", *args, input="a\nb\n")
+        thread.join(timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert b"".join(received) == b"a\r\nb\r\n"
+
+
+def test_recv_exits_0_on_sigterm_with_or_without_a_connection() -> None:
+    with running("recv", "--port", "0", address_on="stderr") as (receiver, _):
+        stop(receiver)
+    with (
+        running("recv", "--port", "0", address_on="stderr") as (receiver, line),
+        socket.create_connection(("127.0.0.1", int(port_of(line)))) as sock,
+    ):
+        sock.sendall(b"\x00\x00\x00\x02hi")
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline() == "hi\n"
+        stop(receiver)
+
+
+def test_a_bad_key_file_says_what_it_must_hold(tmp_path: Path) -> None:
+    cert, bad = tmp_path / "cert.pem", tmp_path / "bad.pem"
+    trustme.CA().issue_cert("localhost").cert_chain_pems[0].write_to_path(str(cert))
+    bad.write_text("not a key\n")
+    result = subprocess.run(
+        [*CLI, "serve", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1
+    [message] = result.stderr.splitlines()
+    assert message.startswith(
+        f"serve: cannot load --tls-cert / --tls-key {cert} / {bad}: "
+        "not a PEM certificate and the private key that matches it ([SSL] PEM lib"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--port", "{port}"],
+        ["recv", "--port", "{port}"],
+        ["hub", "--port", "{port}"],
+        ["proxy", "--listen", "{port}", "--target", "127.0.0.1:1"],
+    ],
+)
+def test_every_server_words_a_busy_port_the_same(argv: list[str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        argv = [arg.replace("{port}", str(port)) for arg in argv]
+        result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"{argv[0]}: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def hub_cli(*args: str, input: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "hub", *args], input=input, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_hub_verbs_from_the_shell(tmp_path: Path) -> None:
+    with running("hub", "serve", "--port", "0") as (server, line):
+        hub_at = ["--connect", f"127.0.0.1:{port_of(line)}"]
+        created = hub_cli("create", "events", "--content-type", "text/plain", *hub_at)
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["state"] == "open"
+        assert hub_cli("create", "events", *hub_at).stderr == "hub create: stream 'events' exists\n"
+        assert hub_cli("create", "events", "--exist-ok", *hub_at).returncode == 0
+
+        appended = hub_cli("append", "events", *hub_at, input="one\r\ntwo\nthree")
+        assert appended.stdout == "appended 3 records to 'events' at offsets 0-2\n"
+        raw = hub_cli("append", "events", "--raw", *hub_at, input="four\nlines")
+        assert raw.stdout == "appended 1 record to 'events' at offset 3\n"
+
+        follower = subprocess.Popen(
+            [*CLI, "hub", "read", "events", "--from", "2", "--follow", "--offsets", *hub_at],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            assert [follower.stdout.readline() for _ in range(3)] == [
+                "2\tthree\n",
+                "3\tfour\n",
+                "lines\n",
+            ]
+            hub_cli("append", "events", *hub_at, input="live\n")
+            assert follower.stdout.readline() == "4\tlive\n"
+            finished = hub_cli("finish", "events", *hub_at)
+            assert json.loads(finished.stdout)["state"] == "finished"
+            assert follower.wait(timeout=10) == 0  # a finished stream ends the follow
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+            follower.wait()
+
+        read = hub_cli("read", "events", "--from", "1", *hub_at)
+        assert read.stdout == "two\nthree\nfour\nlines\nlive\n"
+        status = json.loads(hub_cli("status", "events", *hub_at).stdout)
+        assert (status["name"], status["next_offset"], status["content_type"]) == (
+            "events",
+            5,
+            "text/plain",
+        )
+        assert hub_cli("delete", "events", *hub_at).returncode == 0
+        for verb in ("status", "read", "delete", "finish", "append"):
+            missing = hub_cli(verb, "events", *hub_at, input="x\n")
+            assert missing.returncode == 3, (verb, missing)
+            assert missing.stderr == (
+                f"hub {verb}: no stream named 'events' (on the hub at {hub_at[1]})\n"
+            )
+        stop(server)
+    unreachable = hub_cli("status", "events", *hub_at)
+    assert unreachable.returncode == 1
+    assert unreachable.stderr == (
+        f"hub status: cannot connect to the hub at {hub_at[1]}: Connection refused\n"
+    )
+
+
+def test_hub_verbs_over_a_unix_socket_and_follow_stops_on_sigterm(tmp_path: Path) -> None:
+    path = str(tmp_path / "hub.sock")
+    with running("hub", "--unix", path) as (server, _):
+        assert hub_cli("create", "s", "--unix", path).returncode == 0
+        assert hub_cli("append", "s", "--unix", path, input="old\n").returncode == 0
+        now = hub_cli("read", "s", "--from", "now", "--unix", path)
+        assert (now.returncode, now.stdout) == (0, "")  # nothing after now, and no --follow
+        follower = subprocess.Popen(
+            [*CLI, "hub", "read", "s", "--from", "1", "--follow", "--unix", path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            hub_cli("append", "s", "--unix", path, input="new\n")
+            assert follower.stdout.readline() == "new\n"
+            stop(follower)  # Ctrl-C or SIGTERM ends a --follow with status 0
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+            follower.wait()
+        stop(server)

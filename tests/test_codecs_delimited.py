@@ -73,6 +73,14 @@ def test_lines_read_lf_and_crlf_and_write_their_newline() -> None:
     assert decode_all(Lines("latin-1"), b"\xe9\r\n") == ["é"]
 
 
+def test_json_lines_write_their_newline_and_read_both() -> None:
+    codec = JsonLines(newline="\r\n")  # for peers that expect CRLF, as LineReceiver does
+    assert codec.encode({"a": 1}) == b'{"a":1}\r\n'
+    assert codec.encode_many([1, "x"]) == b'1\r\n"x"\r\n'
+    assert JsonLines().encode([1]) == b"[1]\n"
+    assert decode_all(codec, b'1\r\n2\n"x"\r\n') == [1, 2, "x"]
+
+
 def test_lines_keep_a_carriage_return_inside_a_line() -> None:
     assert decode_all(Lines(), b"a\rb\n") == ["a\rb"]
     assert Lines().encode("a\rb") == b"a\rb\n"
@@ -373,6 +381,7 @@ def test_encode_rejects_values_that_have_no_encoding() -> None:
         (lambda: Lines(newline=""), "newline must be '\\n' or '\\r\\n', not ''"),
         (lambda: Lines(max_frame=-1), "max_frame must be >= 0, not -1"),
         (lambda: JsonLines(max_frame=-1), "max_frame must be >= 0, not -1"),
+        (lambda: JsonLines(newline="\n\r"), "newline must be '\\n' or '\\r\\n', not '\\n\\r'"),
     ],
 )
 def test_constructor_rejects_bad_settings(make: Any, message: str) -> None:

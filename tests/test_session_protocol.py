@@ -26,6 +26,7 @@ from streamkit.session.protocol import (
     Welcome,
     decode_message,
     encode_data_header,
+    guess_protocol,
     make_preface,
 )
 
@@ -412,3 +413,23 @@ async def test_bad_frames_pipelined_behind_the_hello_drop_the_connection(
                 pass
         writer.close()
         assert "offset 5 but offset 0 was expected" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "guess"),
+    [
+        (b"\x16\x03\x01\x02\x00", "a TLS handshake (is TLS enabled on one side only?)"),
+        (b"\x15\x03\x03\x00\x02", "a TLS alert (is TLS enabled on one side only?)"),
+        (b"SKSP\x02" + bytes(16), "the streamkit session protocol (a session server or a hub"),
+        (b"HTTP/1.1 400 Bad Request", "HTTP"),
+        (b"GET / HTTP/1.1", "HTTP"),
+        (b"\x00\x00\x00\x05hello", "a length-prefixed frame"),
+    ],
+)
+def test_guess_protocol_names_what_a_peer_speaks(first_bytes: bytes, guess: str) -> None:
+    assert (guess_protocol(first_bytes) or "").startswith(guess)
+
+
+def test_guess_protocol_is_none_for_anything_else() -> None:
+    assert guess_protocol(b"hello\n") is None
+    assert guess_protocol(b"") is None

@@ -320,6 +320,12 @@ def _split_lines(data: memoryview, encoding: str, max_frame: int) -> list[str] |
     return lines
 
 
+def _check_newline(newline: str) -> None:
+    """The line endings a line codec writes: ``"\\n"`` or ``"\\r\\n"``."""
+    if newline not in ("\n", "\r\n"):
+        raise ValueError(f"newline must be '\\n' or '\\r\\n', not {newline!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Lines(_DelimitedBase[str], EncodeMany[str]):
     """Text lines as ``str`` frames.
@@ -340,8 +346,7 @@ class Lines(_DelimitedBase[str], EncodeMany[str]):
     _bulk: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.newline not in ("\n", "\r\n"):
-            raise ValueError(f"newline must be '\\n' or '\\r\\n', not {self.newline!r}")
+        _check_newline(self.newline)
         if self.max_frame < 0:
             raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
         # Unknown encodings fail here, not at the first frame; lines are split
@@ -404,19 +409,24 @@ class JsonLines(_DelimitedBase[Any], EncodeMany[Any]):
     """One JSON value per line (NDJSON / JSON Lines), UTF-8.
 
     Encodes compactly (no spaces, non-ASCII kept as UTF-8) followed by
-    ``\\n``; decodes lines ending in ``\\n`` or ``\\r\\n`` and skips blank
-    lines. ``max_frame`` (default 1 MiB) bounds the bytes of a line. Invalid
-    UTF-8 or JSON raises :class:`DecodeError` naming the line number; that
-    line is consumed and the decoder can go on with the next one.
+    ``newline`` (``"\\n"``, or ``"\\r\\n"`` for peers that expect it);
+    decodes lines ending in ``\\n`` or ``\\r\\n`` and skips blank lines.
+    ``max_frame`` (default 1 MiB) bounds the bytes of a line. Invalid UTF-8 or
+    JSON raises :class:`DecodeError` naming the line number; that line is
+    consumed and the decoder can go on with the next one.
     """
 
     max_frame: int = 1 * MiB
+    newline: str = "\n"
     delimiter = b"\n"
     _slack = 1
+    _newline_bytes: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check_newline(self.newline)
         if self.max_frame < 0:
             raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        object.__setattr__(self, "_newline_bytes", self.newline.encode())
 
     def _encode_value(self, frame: Any) -> bytes:
         data = json.dumps(
@@ -432,12 +442,12 @@ class JsonLines(_DelimitedBase[Any], EncodeMany[Any]):
         Raises ``TypeError``/``ValueError`` for a value JSON cannot hold and
         :class:`FrameTooLarge` over ``max_frame``.
         """
-        return self._encode_value(frame) + b"\n"
+        return self._encode_value(frame) + self._newline_bytes
 
     def encode_into(self, out: bytearray, frame: Any) -> None:
         """Append the wire bytes of ``frame`` to ``out``."""
         out += self._encode_value(frame)
-        out += b"\n"
+        out += self._newline_bytes
 
     def _convert_many(self, data: memoryview) -> list[Any] | None:
         lines = _split_lines(data, "utf-8", self.max_frame)

@@ -63,6 +63,7 @@ __all__ = [
     "check_preface",
     "decode_message",
     "encode_data_header",
+    "guess_protocol",
     "looks_like_http",
     "make_preface",
     "resume_proof",
@@ -300,25 +301,40 @@ def check_preface(preface: bytes, peer: str) -> int:
     """
     if preface[: len(MAGIC)] == MAGIC and len(preface) == PREFACE_SIZE:
         return preface[len(MAGIC)]
-    if preface[:1] == b"\x16" and preface[1:2] == b"\x03":
-        guess = "a TLS handshake (is TLS enabled on one side only?)"
-    elif preface[:1] == b"\x15" and preface[1:2] == b"\x03":
-        guess = "a TLS alert (is TLS enabled on one side only?)"
-    elif looks_like_http(preface):
-        guess = "HTTP"
-    elif preface[:2] == b"\0\0":
-        # A big-endian length under 64 KiB, as streamkit's default framing
-        # (LengthPrefixed, 4 bytes) starts a small frame.
-        guess = (
-            "a length-prefixed frame (a plain streamkit stream, or another framing, "
-            "rather than a session?)"
-        )
-    else:
-        guess = "an unknown protocol"
+    guess = guess_protocol(preface) or "an unknown protocol"
     raise ProtocolError(
         f"the {peer} is not speaking the streamkit session protocol: got {preface!r}, "
         f"which looks like {guess}; expected {MAGIC!r} and a version byte"
     )
+
+
+def guess_protocol(data: bytes) -> str | None:
+    """What a peer whose first bytes are ``data`` seems to speak, for error messages.
+
+    ``"a TLS alert (is TLS enabled on one side only?)"``, ``"HTTP"``, ...,
+    or ``None`` when they look like nothing known. Used wherever a peer turns out to speak
+    something else (the session handshake, ``python -m streamkit send``), so
+    the diagnosis reads the same everywhere.
+    """
+    if data[:1] == b"\x16" and data[1:2] == b"\x03":
+        return "a TLS handshake (is TLS enabled on one side only?)"
+    if data[:1] == b"\x15" and data[1:2] == b"\x03":
+        return "a TLS alert (is TLS enabled on one side only?)"
+    if data[: len(MAGIC)] == MAGIC:
+        return (
+            "the streamkit session protocol (a session server or a hub: connect with "
+            "connect_resumable or hub.connect)"
+        )
+    if looks_like_http(data):
+        return "HTTP"
+    if data[:2] == b"\0\0":
+        # A big-endian length under 64 KiB, as streamkit's default framing
+        # (LengthPrefixed, 4 bytes) starts a small frame.
+        return (
+            "a length-prefixed frame (a plain streamkit stream, or another framing, "
+            "rather than a session?)"
+        )
+    return None
 
 
 def check_partial_preface(partial: bytes, peer: str) -> None:
