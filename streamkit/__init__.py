@@ -1,6 +1,7 @@
 """streamkit: framed stream protocols over TCP and Unix sockets, pure asyncio."""
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from streamkit.codecs import (
@@ -83,6 +84,11 @@ def __dir__() -> list[str]:
 
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes: without this, a
+# warning from streamkit reaches stderr unformatted through logging's last
+# resort in an application that configured no logging.
+logging.getLogger("streamkit").addHandler(logging.NullHandler())
 
 __all__ = [
     "Codec",
