@@ -1231,6 +1231,46 @@ async def test_stats_count_bytes_and_replays_exactly_across_a_cut() -> None:
         assert (peer.frames_sent, peer.bytes_sent, peer.frames_replayed) == (0, 0, 0)
 
 
+async def test_frames_sent_during_an_outage_are_not_counted_as_replayed() -> None:
+    """Only frames written to the lost connection are replayed; the rest go out once."""
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handler(session: ServerSession) -> None:
+        async for payload in session:
+            got.append(payload)
+            if len(got) == 22:
+                done.set()
+
+    async with (
+        await serve_resumable(handler, "127.0.0.1", 0, **FAST, **QUICK_SHUTDOWN) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+        connect_resumable("127.0.0.1", proxy.port, **FAST) as session,
+    ):
+        acknowledged = [b"a%d" % n for n in range(10)]
+        lost = [b"b%d" % n for n in range(5)]
+        during_outage = [b"c%d" % n for n in range(7)]
+        for payload in acknowledged:
+            await session.send(payload)
+        await session.flush()
+        proxy.blackhole()  # written to the connection, never delivered...
+        for payload in lost:
+            await session.send(payload)
+        proxy.cut()  # ...and lost with it; the black hole holds the reconnects too
+        async with asyncio.timeout(5):
+            while session.connected:
+                await asyncio.sleep(0.005)
+        for payload in during_outage:  # queued: no connection is attached
+            await session.send(payload)
+        assert not session.connected
+        proxy.restore()
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == acknowledged + lost + during_outage
+        stats = session.stats
+        assert stats.frames_sent == 22
+        assert stats.frames_replayed == 5  # the lost frames; not the 7 sent while away
+
+
 async def test_duplicate_frames_from_a_peer_are_dropped_and_counted() -> None:
     received = asyncio.get_running_loop().create_future()
 

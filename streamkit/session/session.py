@@ -226,6 +226,9 @@ class SessionStats:
     bytes_sent: int = 0
     frames_received: int = 0
     bytes_received: int = 0
+    #: Frames written again on a new connection because the peer had not
+    #: received them on the last one (frames sent while disconnected count
+    #: only in ``frames_sent``).
     frames_replayed: int = 0
     duplicates_dropped: int = 0
 
@@ -593,7 +596,11 @@ class Session:
         """
         settings = self.settings
         send_state = self._send_state
-        replayed = send_state.resume(peer_received)
+        send_state.resume(peer_received)
+        # Replayed: frames written to an earlier connection that the peer
+        # lacks, so written again. Frames sent while no connection was
+        # attached go out for the first time.
+        replayed = max(0, self._written - peer_received)
         self._max_frame = min(settings.max_frame, peer.max_frame)
         send_state.max_frames = min(settings.max_unacked_frames, peer.max_unacked_frames)
         send_state.max_bytes = min(settings.max_unacked_bytes, peer.max_unacked_bytes)
