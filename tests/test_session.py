@@ -1133,6 +1133,23 @@ async def test_client_of_a_server_speaking_another_version_gets_a_clear_error() 
             await connect_resumable("127.0.0.1", port, handshake_timeout=5)
 
 
+async def test_a_silent_server_times_out_saying_what_was_tried() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the preface and hello, answers nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(TimeoutError) as info:
+            await connect_resumable("127.0.0.1", port, handshake_timeout=0.2)
+    assert str(info.value) == (
+        f"no answer to the session handshake from 127.0.0.1:{port} within "
+        "handshake_timeout=0.2 s: the peer accepted the connection but sent no session "
+        "preface (is it a streamkit session server?)"
+    )
+
+
 # -- abort ------------------------------------------------------------------------
 
 
@@ -1258,7 +1275,8 @@ async def test_frames_sent_during_an_outage_are_not_counted_as_replayed() -> Non
             await session.send(payload)
         proxy.cut()  # ...and lost with it; the black hole holds the reconnects too
         async with asyncio.timeout(5):
-            while session.connected:
+            # No event tells a detach: poll the public property, bounded.
+            while session.connected:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
         for payload in during_outage:  # queued: no connection is attached
             await session.send(payload)

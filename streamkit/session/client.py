@@ -282,24 +282,43 @@ class ClientSession(Session):
         self._teardown()
 
 
+def _handshake_timeout(stream: FramedStream[bytes] | None, timeout: float) -> TimeoutError:
+    """The error of a handshake that did not complete within ``handshake_timeout``."""
+    if stream is None:
+        return TimeoutError(f"no connection within handshake_timeout={timeout:g} s")
+    peer = stream.peername
+    where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    return TimeoutError(
+        f"no answer to the session handshake from {where} within handshake_timeout="
+        f"{timeout:g} s: the peer accepted the connection but sent no session preface "
+        "(is it a streamkit session server?)"
+    )
+
+
 async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSession:
-    async with asyncio.timeout(settings.handshake_timeout):
-        stream = await opener()
-        try:
-            hello = HelloNew(*settings.announced()).encode()
-            welcome = await _handshake(stream, lambda nonce: hello)
-            if (
-                welcome.present
-                or len(welcome.session_id) != SESSION_ID_SIZE
-                or len(welcome.token) != TOKEN_SIZE
-            ):
-                raise ProtocolError("malformed WELCOME for a new session")
-        except _Finished as exc:
-            stream.abort()
-            raise SessionError(str(exc)) from None
-        except BaseException:
-            stream.abort()
-            raise
+    stream: FramedStream[bytes] | None = None
+    try:
+        async with asyncio.timeout(settings.handshake_timeout):
+            stream = await opener()
+            try:
+                hello = HelloNew(*settings.announced()).encode()
+                welcome = await _handshake(stream, lambda nonce: hello)
+                if (
+                    welcome.present
+                    or len(welcome.session_id) != SESSION_ID_SIZE
+                    or len(welcome.token) != TOKEN_SIZE
+                ):
+                    raise ProtocolError("malformed WELCOME for a new session")
+            except _Finished as exc:
+                stream.abort()
+                raise SessionError(str(exc)) from None
+            except BaseException:
+                stream.abort()
+                raise
+    except TimeoutError as exc:  # asyncio's says nothing: say what was tried, and where
+        if stream is None and exc.errno is not None:
+            raise  # the OS's own connect timeout, which says so
+        raise _handshake_timeout(stream, settings.handshake_timeout) from exc
     session = ClientSession(welcome.session_id, welcome.token, settings, opener)
     session._attach(stream, welcome.received, welcome)
     return session
