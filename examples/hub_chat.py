@@ -3,8 +3,9 @@
     python examples/hub_chat.py
 
 Starts a hub on loopback; alice and bob post to the "room" stream while a
-third client tails it live. The tail's connection is cut twice mid-chat;
-it resumes and prints every message exactly once, in order.
+third client tails it live through a FaultProxy, which cuts the tail's
+connection twice mid-chat; it resumes and prints every message exactly once,
+in order.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from streamkit import hub
+from streamkit.testing import FaultProxy
 
 LINES = [
     ("alice", "hi bob"),
@@ -32,7 +34,11 @@ async def post(port: int, user: str, texts: list[str]) -> None:
 
 async def main() -> None:
     server = await hub.serve_hub("127.0.0.1", 0)
-    async with server, hub.connect("127.0.0.1", server.port) as tail:
+    async with (
+        server,
+        FaultProxy("127.0.0.1", server.port) as proxy,  # the tail's link, to cut
+        hub.connect("127.0.0.1", proxy.port) as tail,
+    ):
         await tail.create("room", content_type="application/json")
         posters = asyncio.gather(
             post(server.port, "alice", [t for u, t in LINES if u == "alice"]),
@@ -44,7 +50,7 @@ async def main() -> None:
             seen += 1
             if seen in (2, 4):
                 print("        -- the tail's connection is cut; it resumes --")
-                tail.session.reconnect()
+                proxy.cut()  # both sides see the connection die, as on a real network
             if seen == len(LINES):
                 break
         await posters
