@@ -110,3 +110,4 @@ def test_hub_chat_prints_every_message_once_in_order() -> None:
     assert result.returncode == 0, result.stderr
     for user, text in [("alice", "hi bob"), ("bob", "bye")]:
         assert result.stdout.count(f"{user}: {text}") == 1, result.stdout
+    assert "reconnects: 2" in result.stdout  # each FaultProxy cut was resumed
