@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -448,26 +447,33 @@ async def _serve_echo(args: argparse.Namespace) -> None:
     await server.wait_closed()
 
 
-def _read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue[bytes | OSError]) -> None:
+def _read_stdin(
+    loop: asyncio.AbstractEventLoop,
+    chunks: asyncio.Queue[bytes | OSError],
+    room: threading.Semaphore,
+) -> None:
     """Thread body: put stdin's bytes on ``chunks``, then ``b""`` at its end (or the error).
 
     A daemon thread rather than ``asyncio.to_thread``: when the peer ends the
     stream first, ``send`` exits even though this read is still blocked on
     stdin. It reads the file descriptor, not ``sys.stdin``, so that it holds
-    no lock the interpreter needs at exit.
+    no lock the interpreter needs at exit, and hands chunks over with
+    ``call_soon_threadsafe``, so that a loop that has ended leaves no
+    coroutine behind. ``room`` bounds the chunks waiting in the queue: a
+    slow connection slows the reading down.
     """
-    try:
-        while True:
-            try:
-                chunk: bytes | OSError = os.read(0, _STDIN_CHUNK)
-            except OSError as exc:
-                chunk = exc
-            # Waiting for the put makes a slow connection slow the reading down.
-            asyncio.run_coroutine_threadsafe(chunks.put(chunk), loop).result()
-            if not chunk or isinstance(chunk, OSError):
-                return
-    except (RuntimeError, concurrent.futures.CancelledError):
-        return  # the event loop has ended: send is exiting
+    while True:
+        room.acquire()
+        try:
+            chunk: bytes | OSError = os.read(0, _STDIN_CHUNK)
+        except OSError as exc:
+            chunk = exc
+        try:
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+        except RuntimeError:
+            return  # the event loop has ended: the command is exiting
+        if not chunk or isinstance(chunk, OSError):
+            return
 
 
 async def stdin_records(raw: bool, max_size: int) -> AsyncIterator[list[bytes]]:
@@ -477,12 +483,16 @@ async def stdin_records(raw: bool, max_size: int) -> AsyncIterator[list[bytes]]:
     stdin) over ``max_size`` bytes fails at once, before more is buffered.
     Used by ``send`` and ``hub append``.
     """
-    chunks: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=4)
+    chunks: asyncio.Queue[bytes | OSError] = asyncio.Queue()
+    room = threading.Semaphore(4)  # chunks read ahead of the connection, at most
     loop = asyncio.get_running_loop()
-    threading.Thread(target=_read_stdin, args=(loop, chunks), name="stdin", daemon=True).start()
+    reader = threading.Thread(
+        target=_read_stdin, args=(loop, chunks, room), name="stdin", daemon=True
+    )
+    reader.start()
     pending = bytearray()
     line_number = 1
-    while chunk := await chunks.get():
+    while chunk := await _next_chunk(chunks, room):
         if isinstance(chunk, OSError):
             raise _Failed(f"cannot read stdin: {_args.os_reason(chunk)}") from chunk
         pending += chunk
@@ -498,6 +508,14 @@ async def stdin_records(raw: bool, max_size: int) -> AsyncIterator[list[bytes]]:
         _check_size(pending, max_size, "stdin" if raw else f"line {line_number} of stdin")
     if pending:
         yield [bytes(pending) if raw else bytes(pending).removesuffix(b"\r")]
+
+
+async def _next_chunk(
+    chunks: asyncio.Queue[bytes | OSError], room: threading.Semaphore
+) -> bytes | OSError:
+    chunk = await chunks.get()
+    room.release()
+    return chunk
 
 
 def _check_size(data: Buffer, max_size: int, what: str) -> None:
