@@ -788,16 +788,11 @@ def test_hub_verbs_from_the_shell(tmp_path: Path) -> None:
         raw = hub_cli("append", "events", "--raw", *hub_at, input="four\nlines")
         assert raw.stdout == "appended 1 record to 'events' at offset 3\n"
 
-        follower = subprocess.Popen(
-            [*CLI, "hub", "read", "events", "--from", "2", "--follow", "--offsets", *hub_at],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        follow = ("read", "events", "--from", "2", "--follow", "--offsets", *hub_at)
+        with running("hub", *follow) as (follower, first):
             assert follower.stdout is not None
-            assert [follower.stdout.readline() for _ in range(3)] == [
-                "2\tthree\n",
+            assert [first, follower.stdout.readline(), follower.stdout.readline()] == [
+                "2\tthree",
                 "3\tfour\n",
                 "lines\n",
             ]
@@ -806,10 +801,6 @@ def test_hub_verbs_from_the_shell(tmp_path: Path) -> None:
             finished = hub_cli("finish", "events", *hub_at)
             assert json.loads(finished.stdout)["state"] == "finished"
             assert follower.wait(timeout=10) == 0  # a finished stream ends the follow
-        finally:
-            if follower.poll() is None:
-                follower.kill()
-            follower.wait()
 
         read = hub_cli("read", "events", "--from", "1", *hub_at)
         assert read.stdout == "two\nthree\nfour\nlines\nlive\n"
@@ -841,19 +832,10 @@ def test_hub_verbs_over_a_unix_socket_and_follow_stops_on_sigterm(tmp_path: Path
         assert hub_cli("append", "s", "--unix", path, input="old\n").returncode == 0
         now = hub_cli("read", "s", "--from", "now", "--unix", path)
         assert (now.returncode, now.stdout) == (0, "")  # nothing after now, and no --follow
-        follower = subprocess.Popen(
-            [*CLI, "hub", "read", "s", "--from", "1", "--follow", "--unix", path],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert follower.stdout is not None
+        follow = ("read", "s", "--from", "0", "--follow", "--unix", path)
+        with running("hub", *follow) as (follower, first):
+            assert first == "old"
             hub_cli("append", "s", "--unix", path, input="new\n")
-            assert follower.stdout.readline() == "new\n"
+            assert follower.stdout is not None and follower.stdout.readline() == "new\n"
             stop(follower)  # Ctrl-C or SIGTERM ends a --follow with status 0
-        finally:
-            if follower.poll() is None:
-                follower.kill()
-            follower.wait()
         stop(server)

@@ -9,6 +9,7 @@ at it, the one change it makes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -49,24 +50,22 @@ def test_the_readme_has_snippets_and_few_are_not_run() -> None:
 def test_readme_snippet_runs(line: int, code: str, server: str | None, tmp_path: Path) -> None:
     if code.startswith(NOT_RUN):
         pytest.skip(code.splitlines()[0])
-    process = None
-    if server is not None:
-        argv = [sys.executable, "-m", "streamkit", *server.split(), "--port", "0"]
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert process.stdout is not None
-        first = process.stdout.readline()  # "echo server on 127.0.0.1:PORT (...)"
-        port = first.split()[3].rsplit(":", 1)[1]
-        assert "8765" in code, "a snippet that needs a server talks to port 8765"
-        code = code.replace("8765", port)
-    try:
+    with contextlib.ExitStack() as stack:
+        if server is not None:
+            argv = [sys.executable, "-m", "streamkit", *server.split(), "--port", "0"]
+            process = stack.enter_context(
+                subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+            stack.callback(process.terminate)  # first, then Popen's exit closes pipes, waits
+            assert process.stdout is not None
+            first = process.stdout.readline()  # "echo server on 127.0.0.1:PORT (...)"
+            port = first.split()[3].rsplit(":", 1)[1]
+            assert "8765" in code, "a snippet that needs a server talks to port 8765"
+            code = code.replace("8765", port)
         script = tmp_path / "snippet.py"
         script.write_text(code)
         result = subprocess.run(
             [sys.executable, str(script)], capture_output=True, text=True, timeout=60
         )
-    finally:
-        if process is not None:
-            process.terminate()
-            process.communicate(timeout=10)
     assert result.returncode == 0, f"README line {line}:\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
