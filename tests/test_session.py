@@ -1134,15 +1134,23 @@ async def test_client_of_a_server_speaking_another_version_gets_a_clear_error() 
 
 
 async def test_a_silent_server_times_out_saying_what_was_tried() -> None:
+    closed = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # reads the preface and hello, answers nothing
-        writer.close()
+        try:
+            await reader.read()  # reads the preface and hello, answers nothing
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            closed.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
         with pytest.raises(TimeoutError) as info:
             await connect_resumable("127.0.0.1", port, handshake_timeout=0.2)
+        await asyncio.wait_for(closed.wait(), 5)  # the client gave up and closed
     assert str(info.value) == (
         f"no answer to the session handshake from 127.0.0.1:{port} within "
         "handshake_timeout=0.2 s: the peer accepted the connection but sent no session "
