@@ -75,30 +75,19 @@ def test_resume_client_survives_the_cutting_proxy_of_its_docstring() -> None:
 
 def test_resume_client_starts_a_new_session_when_the_server_restarts() -> None:
     """ResumeRejected after a restart: a new session, from the first unanswered message."""
-    server, line = start(str(EXAMPLES / "resume_server.py"), "0")
-    port = line.rsplit(":", 1)[1]
-    argv = [sys.executable, str(EXAMPLES / "resume_client.py"), port, "3000"]
-    restarted = None
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as client:
-        try:
-            assert client.stdout is not None
-            assert "200 answered" in client.stdout.readline()  # the stream is flowing
-            server.kill()
-            server.communicate()
-            restarted, line = start(str(EXAMPLES / "resume_server.py"), port)
-            assert line.endswith(f":{port}")
-            out, err = client.communicate(timeout=60)
-            assert client.returncode == 0, out + err
-            assert "session lost (server rejected the session: no session" in out
-            assert "all 3000 messages answered in order" in out
-        finally:
-            client.kill()
-            for process in (server, restarted):
-                if process is not None:
-                    process.kill()
-                    process.communicate()
+    with ExitStack() as stack:
+        server, line = start(stack, str(EXAMPLES / "resume_server.py"), "0")
+        port = line.rsplit(":", 1)[1]
+        client, first = start(stack, str(EXAMPLES / "resume_client.py"), port, "3000")
+        assert "200 answered" in first  # the stream is flowing
+        server.kill()
+        server.wait()
+        _, line = start(stack, str(EXAMPLES / "resume_server.py"), port)
+        assert line.endswith(f":{port}")
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, out + err
+        assert "session lost (server rejected the session: no session" in out
+        assert "all 3000 messages answered in order" in out
 
 
 def test_hub_chat_prints_every_message_once_in_order() -> None:
