@@ -316,8 +316,8 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
                 stream.abort()
                 raise
     except TimeoutError as exc:  # asyncio's says nothing: say what was tried, and where
-        if stream is None and exc.errno is not None:
-            raise  # the OS's own connect timeout, which says so
+        if stream is None and (exc.errno is not None or exc.args):
+            raise  # the OS's connect timeout, or the TLS handshake's: they say so
         raise _handshake_timeout(stream, settings.handshake_timeout) from exc
     session = ClientSession(welcome.session_id, welcome.token, settings, opener)
     session._attach(stream, welcome.received, welcome)
