@@ -45,11 +45,11 @@ from streamkit.hub.storage import (
     Limits,
     MemoryStorage,
     ProducerFenced,
-    Storage,
     StreamExists,
     StreamGone,
     StreamInfo,
     StreamNotFound,
+    StreamTable,
 )
 from streamkit.net import DEFAULT_GRACE_PERIOD, Connector, Endpoint, close_server
 from streamkit.session import ResumableServer, ServerSession, SessionOptions, SessionSettings
@@ -100,7 +100,7 @@ class HubServer(ServerBase):
     at once gets ``limit``.
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: StreamTable) -> None:
         self.storage = storage
         self._changed: dict[str, asyncio.Event] = {}
         self._server: ResumableServer | None = None
@@ -557,7 +557,7 @@ def _forget(
 
 def _storage(
     data_dir: str | os.PathLike[str] | None, limits: Limits | None, fsync: bool
-) -> Storage:
+) -> StreamTable:
     if data_dir is None:
         return MemoryStorage(limits)
     return FileStorage(data_dir, limits=limits, fsync=fsync)
@@ -565,7 +565,7 @@ def _storage(
 
 def _serve_hub(
     endpoint: Endpoint,
-    make_storage: Callable[[], Storage],
+    make_storage: Callable[[], StreamTable],
     serve_options: dict[str, Any],
 ) -> Connector[HubServer]:
     """Serve a hub on ``endpoint``: what :func:`serve_hub` and :func:`serve_hub_unix` do."""
@@ -592,7 +592,7 @@ def serve_hub(
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
     fsync: bool = False,
-    storage: Storage | None = None,
+    storage: StreamTable | None = None,
     ssl: _ssl.SSLContext | None = None,
     settings: SessionSettings | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
@@ -634,7 +634,7 @@ def serve_hub_unix(
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
     fsync: bool = False,
-    storage: Storage | None = None,
+    storage: StreamTable | None = None,
     ssl: _ssl.SSLContext | None = None,
     settings: SessionSettings | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,

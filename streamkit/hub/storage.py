@@ -1,17 +1,28 @@
-"""Hub storage: named append-only streams of records, in memory or in files.
+"""Hub storage: the interface every backend implements, and the local backends' bookkeeping.
 
-Sans-IO with respect to the network: the server calls these synchronously.
-``MemoryStorage`` keeps everything in memory; ``FileStorage`` keeps an
-append-only log per stream in a directory and recovers it on restart.
+The hub server keeps live readers and speaks the protocol; a storage backend
+keeps streams of records. The interface, :class:`Storage`, is async: a
+backend may live in this process (``MemoryStorage``, ``FileStorage``) or in
+an engine several hub processes share (``RedisStorage``). Everything that
+must be atomic across those processes is one call: ``produce`` decides
+(with :func:`decide_produce`, the one rule every backend applies) and
+appends in one step.
+
+Offsets are record numbers from 0. Each appended batch is stored as one
+unit with a lineage *tag* (:func:`new_tag`): a reader that comes back
+names the tag of the last batch it read, and a stream whose history from
+there was lost and rewritten (a failover, a log without ``fsync`` after a
+power loss) tells it so instead of serving someone else's records.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from streamkit.errors import StreamkitError
 from streamkit.hub.protocol import check_content_type, check_ttl, quote, records_size
@@ -20,19 +31,24 @@ __all__ = [
     "PRODUCER_OVERHEAD",
     "RECORD_OVERHEAD",
     "BadRequest",
+    "Batch",
     "HubError",
     "LimitExceeded",
     "Limits",
     "MemoryStorage",
+    "Produced",
     "ProducerFenced",
     "ProducerState",
     "Storage",
+    "StorageUnavailable",
     "StreamExists",
     "StreamFinished",
     "StreamGone",
     "StreamInfo",
     "StreamNotFound",
     "StreamTable",
+    "decide_produce",
+    "new_tag",
 ]
 
 logger = logging.getLogger("streamkit.hub")
@@ -65,7 +81,7 @@ class StreamNotFound(HubError):
 
 
 class StreamGone(StreamNotFound):
-    """The stream was deleted or expired while it was being read."""
+    """The stream a read was reading is gone: deleted, expired, or its history rewritten."""
 
     code = "gone"
 
@@ -92,6 +108,16 @@ class ProducerFenced(HubError):
     """An idempotent producer with an older epoch than the stream has seen."""
 
     code = "fenced"
+
+
+class StorageUnavailable(HubError):
+    """The storage engine (a Redis server, say) cannot be reached right now.
+
+    Raised within a bounded time, never after waiting indefinitely; the
+    request may succeed later.
+    """
+
+    code = "unavailable"
 
 
 #: What a record costs against ``Limits.max_total_bytes`` beside its bytes:
@@ -163,58 +189,164 @@ class StreamInfo:
         return self.ttl is not None and now >= self.created + self.ttl
 
 
+class Produced(NamedTuple):
+    """What ``Storage.produce`` did with an idempotent producer's batch."""
+
+    #: Offset of the batch's first record; ``None`` for a retry of a batch
+    #: older than the last one the stream has of that producer.
+    offset: int | None
+    #: Whether the batch was a retry, acknowledged without appending it again.
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What ``Storage.read`` returns."""
+
+    #: Consecutive records from the offset asked for; ``[]`` at the end.
+    records: list[bytes]
+    #: The stream's state as of this read (``next_offset``, ``finished``, ...).
+    info: StreamInfo
+    #: Lineage tag of the stored batch holding the last record returned
+    #: (``None`` if no records were returned).
+    tag: str | None
+
+
+def new_tag() -> str:
+    """A new batch's lineage tag: 64 random bits in hex.
+
+    Two batches ever stored at the same offset of a stream differ in tag
+    with overwhelming probability, whatever their records.
+    """
+    return os.urandom(8).hex()
+
+
+def decide_produce(
+    state: ProducerState | None, producer_id: str, epoch: int, seq: int
+) -> Produced | None:
+    """The idempotent-producer rule of docs/protocol.md section 3.3, pure.
+
+    ``state`` is what the stream has of ``producer_id`` (``None``: nothing).
+    Returns ``None`` for "append it"; a ``Produced(offset, duplicate=True)``
+    for a retry to acknowledge without appending (the offset of the last
+    batch when ``seq`` is its sequence, ``None`` for an older one). Raises
+    :class:`ProducerFenced` for an epoch older than the stored one and
+    :class:`HubError` for a sequence gap, or a new epoch (or producer) not
+    starting at batch 0. Every backend calls it (memory, file) or mirrors
+    it exactly (the Redis script, comparing epoch and seq as integers of
+    up to 2**63-1, never as floating-point numbers).
+    """
+    if state is not None:
+        if epoch < state.epoch:
+            raise ProducerFenced(
+                f"producer {producer_id!r} epoch {epoch} is fenced off by epoch {state.epoch}"
+            )
+        if epoch == state.epoch:
+            if seq <= state.seq:
+                # A retry of a batch already appended: exactly once.
+                return Produced(state.first_offset if seq == state.seq else None, True)
+            if seq != state.seq + 1:
+                raise HubError(
+                    f"producer {producer_id!r} sent batch {seq} after batch {state.seq}: a gap"
+                )
+            return None
+    if seq != 0:  # a new producer, or a new epoch
+        raise HubError(f"producer {producer_id!r} epoch {epoch} must start at batch 0, not {seq}")
+    return None
+
+
 class Storage(Protocol):
     """What the hub server needs of a storage backend.
 
-    Every method is synchronous and raises a :class:`HubError` subclass for
-    a request that cannot be served. Offsets are record numbers from 0.
+    Every method but ``subscribe`` is a coroutine, and raises a
+    :class:`HubError` subclass for a request that cannot be served
+    (:class:`StreamNotFound`, :class:`StreamExists`, :class:`StreamFinished`,
+    :class:`LimitExceeded`, :class:`ProducerFenced`, :class:`BadRequest`),
+    or :class:`StorageUnavailable`, within a bounded time, when its engine
+    cannot be reached. A stream whose TTL has passed is absent for every
+    method. Offsets are record numbers from 0.
     """
 
     #: The limits the backend enforces.
     limits: Limits
+    #: Seconds between re-checks of a caught-up live reader, for a backend
+    #: several processes share (its change notifications are hints that can
+    #: be lost); ``None`` when every change goes through this process.
+    recheck_interval: float | None
 
-    def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo: ...
+    async def start(self) -> None:
+        """Connect and check the engine's settings; called once before any request."""
+        ...
 
-    def get(self, name: str) -> StreamInfo | None:
+    async def close(self) -> None:
+        """Release everything: connections, files, threads. No request may follow."""
+        ...
+
+    async def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
+        """Create a stream; :class:`StreamExists`, :class:`LimitExceeded`, :class:`BadRequest`."""
+        ...
+
+    async def get(self, name: str) -> StreamInfo | None:
         """The stream's metadata, or ``None`` if it is absent (or expired)."""
         ...
 
-    def names(self) -> list[str]:
-        """The streams present (not expired)."""
+    async def append(self, name: str, records: list[bytes]) -> int:
+        """Append ``records`` as one batch; return the offset of the first."""
         ...
 
-    def append(
-        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None = None
-    ) -> int:
-        """Append records; return the offset of the first.
+    async def produce(
+        self, name: str, records: list[bytes], producer_id: str, epoch: int, seq: int
+    ) -> Produced:
+        """An idempotent producer's batch: decide and append, atomically.
 
-        ``producer`` is ``(producer_id, epoch, seq)`` of an idempotent
-        producer's batch: its state is recorded atomically with the records
-        (in the same log entry on disk), so a retried batch is recognised
-        even after a restart.
+        Applies :func:`decide_produce` to the producer's stored state and,
+        if it says so, appends ``records`` as one batch with the producer's
+        new state stored with it, as one step even across processes that
+        share the backend. A duplicate is acknowledged only once the batch
+        it repeats is as durable as an append.
         """
         ...
 
-    def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> list[bytes]:
-        """Records from ``offset`` on (at least one if any exist), bounded by both limits."""
+    async def producer(self, name: str, producer_id: str) -> ProducerState | None:
+        """What the stream has of an idempotent producer, or ``None``."""
         ...
 
-    def finish(self, name: str) -> StreamInfo: ...
+    async def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> Batch:
+        """Records from ``offset`` on, within both bounds, with the stream's state.
 
-    def delete(self, name: str) -> None: ...
-
-    def producer(self, name: str, producer_id: str) -> ProducerState | None: ...
-
-    def expire(self, now: float) -> list[str]:
-        """Delete the streams whose TTL has passed; return their names.
-
-        A stream is absent for every other method as soon as its TTL has
-        passed; ``expire`` frees what it held. One stream that cannot be
-        deleted must not keep the others from expiring.
+        At least one record if any exist at ``offset`` (even one larger than
+        ``max_bytes``); :class:`StreamNotFound` if the stream is absent.
         """
         ...
 
-    def close(self) -> None: ...
+    async def tag_at(self, name: str, offset: int) -> str | None:
+        """The lineage tag of the batch holding record ``offset``, or ``None`` if there is none."""
+        ...
+
+    async def finish(self, name: str) -> StreamInfo:
+        """Mark the stream finished (no more appends); idempotent."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Delete the stream and its records."""
+        ...
+
+    async def expire(self, now: float) -> list[str]:
+        """Free the streams whose TTL has passed by ``now``; return their names.
+
+        One stream that cannot be freed must not keep the others from
+        expiring. A backend whose engine expires streams itself returns ``[]``.
+        """
+        ...
+
+    def subscribe(self, on_change: Callable[[str | None], None]) -> None:
+        """Call ``on_change(name)`` when stream ``name`` may have changed through another process.
+
+        ``on_change(None)``: anything may have changed (say, the backend's
+        notification channel reconnected). A backend only this process
+        writes never calls it. Not a coroutine.
+        """
+        ...
 
 
 class _Stream:
