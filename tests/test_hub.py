@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 import select
 import signal
 import subprocess
@@ -400,11 +401,14 @@ async def test_a_read_with_a_bad_offset_gets_an_error_not_a_hang(
     async with hub_and_client() as (_, client):
         await client.create("s")
         await client.append("s", b"r")
-        reader = client.read("s", 0, live=True)
         # As a client without checks would send it:
-        reader.next_offset = offset  # type: ignore[assignment]
-        with pytest.raises(hub.BadRequest, match=f"'offset'.*{message}"):
-            await asyncio.wait_for(anext(reader), 5)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        client._pending[99_999] = (reply, client.session, None)
+        read = {"op": "read", "id": 99_999, "name": "s", "offset": offset, "live": True}
+        await client.session.send(hub_server.encode_message(read))
+        header, _ = await asyncio.wait_for(reply, 5)
+        assert (header["op"], header["code"]) == ("error", "bad_request")
+        assert re.search(f"'offset'.*{message}", header["message"])
         assert await read_all(client, "s") == [b"r"]  # the session lives
 
 
@@ -786,7 +790,9 @@ async def test_a_reader_that_stops_iterating_holds_a_bounded_window() -> None:
     records = [b"%04d" % n + b"x" * 996 for n in range(1000)]  # 1 MB in all
 
     def buffered(reader: hub.Reader) -> int:
-        return sum(len(record.data) for record in reader._records)
+        held = reader._current[reader._position :]
+        held += [record for message in reader._queue for record in message.records]
+        return sum(len(record.data) for record in held)
 
     async with hub_and_client() as (_, client):
         await client.create("s")

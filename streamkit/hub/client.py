@@ -12,7 +12,7 @@ import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, repeat
 from typing import Any, Literal, NamedTuple, Unpack
 
 from streamkit._lifecycle import AsyncClosable, wait_all
@@ -147,6 +147,18 @@ def _error(header: dict[str, Any]) -> HubError:
     return _ERRORS.get(header.get("code", ""), HubError)(header.get("message", "hub error"))
 
 
+class _Message(NamedTuple):
+    """A records message a reader holds: its records, its body's size, its lineage tag."""
+
+    records: list[Record]
+    size: int
+    tag: str | None
+
+
+#: ``Record``s made in C: ``map(_new_record, repeat(Record), zip(offsets, data))``.
+_new_record = tuple.__new__
+
+
 class Reader(AsyncClosable):
     """Records of one stream from an offset: ``async for record in reader``.
 
@@ -170,7 +182,8 @@ class Reader(AsyncClosable):
     not heard from the hub yet asks for ``"now"`` again). A stream the hub
     no longer has then (a hub without ``data_dir`` restarted) raises
     :class:`StreamNotFound`; one deleted and created again meanwhile, or
-    holding fewer records than the reader has read, :class:`StreamGone`.
+    whose records the reader has read are no longer the stream's (the hub
+    lost them, and maybe stored others at their offsets), :class:`StreamGone`.
     """
 
     def __init__(self, client: HubClient, request: int, header: dict[str, Any]) -> None:
@@ -184,36 +197,59 @@ class Reader(AsyncClosable):
         offset = header["offset"]
         # A "now" read learns where the stream's end was from the hub.
         self._known = offset != "now"
-        self.next_offset = offset if self._known else 0
+        # The records being handed out: those of one message, from _position
+        # on; _offset is the offset of its first (of the next record, when
+        # there is none), so next_offset is _offset + _position.
+        self._current: list[Record] = []
+        self._position = 0
+        self._offset: int = offset if self._known else 0
+        self._current_size = 0
+        self._current_tag: str | None = None
+        self._queue: deque[_Message] = deque()  # the messages after it
+        # The last offset and tag of the last records message handed out in
+        # full: what a re-issued read names as the history it continues.
+        self._lineage: tuple[int, str] | None = None
         self._caught_up = False  # the server said so (records may still be buffered)
         self._finished = False
-        self._records: deque[Record] = deque()
         self._ended = False
         self._error: StreamkitError | None = None
         self._event = asyncio.Event()
-        # Flow control: the last offset and size of each records message
-        # not yet consumed in full, the bytes consumed, and those reported.
+        # Flow control: the body sizes of the records messages handed out
+        # in full, and what was reported to the hub.
         window = header.get("window")
         self._report_every = None if window is None else max(1, window // 2)
-        self._messages: deque[tuple[int, int]] = deque()
         self._consumed = self._reported = 0
+
+    @property
+    def next_offset(self) -> int:
+        """The offset of the next record this reader yields."""
+        return self._offset + self._position
 
     def _issue_on(self, session: ClientSession) -> bytes:
         """The read request for ``session``, from ``next_offset``; forget the last session's.
 
         What an earlier session sent and the reader has not yielded is
         dropped (it comes again), and the window counts from zero, as the
-        hub's new read does.
+        hub's new read does. The request names the history the reader has
+        yielded (``after``: the last offset and tag of the message its last
+        record came in), so a hub that no longer holds it says so.
         """
         self._reissued = self._session is not None
         self._session = session
-        self._records.clear()
-        self._messages.clear()
+        if self._position and self._current_tag is not None:
+            # Part of a message was handed out: name that message.
+            self._lineage = (self._current[-1].offset, self._current_tag)
+        elif self._position:
+            self._lineage = None  # from a hub that tags nothing
+        self._offset, self._position, self._current = self.next_offset, 0, []
+        self._queue.clear()
         self._consumed = self._reported = 0
         self._caught_up = False
-        header = {**self._header, "offset": self.next_offset if self._known else "now"}
+        header = {**self._header, "offset": self._offset if self._known else "now"}
         if self._created is not None:
             header["created"] = self._created  # the stream it was reading, not a new one
+        if self._lineage is not None:
+            header["after"] = {"offset": self._lineage[0], "tag": self._lineage[1]}
         return encode_message(header)
 
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
@@ -224,11 +260,13 @@ class Reader(AsyncClosable):
         if op == "records":
             first = header["offset"]
             if not self._known:
-                self._known, self.next_offset = True, first
-            records = decode_records(body)
-            self._records.extend(map(Record, count(first), records))
-            if records:
-                self._messages.append((first + len(records) - 1, len(body)))
+                self._known, self._offset = True, first
+            data = decode_records(body)
+            if data:
+                records: list[Record] = list(
+                    map(_new_record, repeat(Record), zip(count(first), data))
+                )
+                self._queue.append(_Message(records, len(body), header.get("tag")))
             self._caught_up = False
         elif op == "caught_up":
             self._caught_up = True
@@ -249,21 +287,26 @@ class Reader(AsyncClosable):
             self._fail(error)
         self._event.set()
 
+    def _buffered(self) -> bool:
+        """Whether records received are still to be yielded."""
+        return self._position < len(self._current) or bool(self._queue)
+
     def _at_end(self, next_offset: int) -> None:
         # Buffered records move next_offset as they are yielded; without
         # any, the server says where the end is (for a "now" reader).
-        if not self._records:
-            self._known, self.next_offset = True, next_offset
+        if not self._buffered():
+            self._handed_out()
+            self._known, self._offset = True, next_offset
 
     @property
     def caught_up(self) -> bool:
         """Whether a live reader has yielded every record up to the current end."""
-        return self._caught_up and not self._records
+        return self._caught_up and not self._buffered()
 
     @property
     def finished(self) -> bool:
         """Whether the stream was finished and this reader yielded its every record."""
-        return self._finished and not self._records
+        return self._finished and not self._buffered()
 
     def _fail(self, error: StreamkitError) -> None:
         self._error = error
@@ -274,26 +317,46 @@ class Reader(AsyncClosable):
         return self
 
     async def __anext__(self) -> Record:
+        position = self._position
+        current = self._current
+        if position < len(current):  # the hot path: a record at hand
+            self._position = position + 1
+            return current[position]
+        return await self._next_message()
+
+    async def _next_message(self) -> Record:
+        """The first record of the next message, once the current one is handed out."""
         if not self._started:
             self._started = True
             await self._client._issue(self)
-        while not self._records:
+        if self._current:
+            self._handed_out()
+            if self._report_every is not None and (
+                self._consumed - self._reported >= self._report_every
+            ):
+                await self._report()
+        while not self._queue:
             if self._error is not None:
                 raise self._error
             if self._ended:
                 raise StopAsyncIteration
             self._event.clear()
             await self._event.wait()
-        record = self._records.popleft()
-        self.next_offset = record.offset + 1
-        messages = self._messages
-        if messages and record.offset == messages[0][0]:
-            self._consumed += messages.popleft()[1]
-            if self._report_every is not None and (
-                self._consumed - self._reported >= self._report_every
-            ):
-                await self._report()
-        return record
+        message = self._queue.popleft()
+        self._current, self._current_size, self._current_tag = message
+        self._offset, self._position = message.records[0].offset, 1
+        return message.records[0]
+
+    def _handed_out(self) -> None:
+        """The current message's records were all yielded: count it consumed."""
+        current = self._current
+        if not current:
+            return
+        last = current[-1].offset
+        self._offset, self._position, self._current = last + 1, 0, []
+        self._consumed += self._current_size
+        tag = self._current_tag
+        self._lineage = None if tag is None else (last, tag)
 
     async def _report(self) -> None:
         """Tell the hub what was consumed, so it sends more."""
