@@ -10,10 +10,12 @@ from streamkit.errors import ProtocolError
 from streamkit.hub.protocol import (
     MAX_QUOTE,
     MAX_REQUEST_ID,
+    Records,
     check_request_id,
     decode_message,
     decode_records,
     encode_message,
+    encode_records,
     quote,
 )
 
@@ -118,3 +120,63 @@ def test_a_request_id_is_an_int_within_63_bits(
     assert check_request_id(MAX_REQUEST_ID) == MAX_REQUEST_ID
     with pytest.raises(error, match=message):
         check_request_id(request_id)
+
+
+# -- Records: batches kept packed ------------------------------------------------------
+
+batches = st.lists(st.binary(max_size=40), max_size=30)
+
+
+@given(batches, st.integers(-35, 35), st.integers(-35, 35))
+def test_records_index_and_slice_as_a_list_does(
+    records: list[bytes], start: int, stop: int
+) -> None:
+    packed = Records.unpack(encode_records(records))
+    assert packed == records and list(packed) == records and len(packed) == len(records)
+    assert [packed[n] for n in range(-len(records), len(records))] == records + records
+    part = packed[start:stop]
+    assert part == records[start:stop]
+    assert decode_records(part.body) == records[start:stop]  # its body is a whole batch
+    assert part.size == sum(map(len, records[start:stop]))
+    assert part.largest() == max(map(len, records[start:stop]), default=0)
+    assert Records.unpack(part.body)[1:] == records[start:stop][1:]  # and slices again
+    with pytest.raises(IndexError):
+        packed[len(records)]
+
+
+@given(batches)
+def test_a_whole_batch_is_sent_as_it_came(records: list[bytes]) -> None:
+    body = encode_records(records)
+    packed = Records.unpack(body)
+    assert packed.body == body and packed[:].body is packed.body
+    assert Records.pack(records) == records and Records.pack(packed) is packed
+    assert encode_message({"op": "x"}, packed) == encode_message({"op": "x"}, records)
+
+
+@given(st.lists(batches, max_size=6), st.data())
+def test_joined_records_are_one_batch(parts: list[list[bytes]], data: st.DataObject) -> None:
+    views = []
+    for records in parts:  # slices of packed batches, as a read takes them
+        start = data.draw(st.integers(0, len(records)))
+        views.append(Records.pack(records)[start:])
+    joined = Records.join(views)
+    expected = [record for view in views for record in view]
+    assert joined == expected and decode_records(joined.body) == expected
+    lengths = [len(record) for record in expected]
+    assert Records.from_lengths(lengths, b"".join(expected)) == expected
+
+
+@given(batches, st.integers(0, 200))
+def test_fit_counts_the_leading_records_within_a_size(records: list[bytes], limit: int) -> None:
+    fits = Records.pack(records).fit(limit)
+    assert sum(map(len, records[:fits])) <= limit
+    assert fits == len(records) or sum(map(len, records[: fits + 1])) > limit
+
+
+def test_records_refuse_steps_and_compare_only_with_sequences() -> None:
+    packed = Records.pack([b"a", b"b"])
+    with pytest.raises(ValueError, match="no step"):
+        packed[::2]
+    assert packed != b"ab" and packed != {b"a", b"b"}
+    assert packed == (b"a", b"b") and packed != [b"a"]
+    assert repr(packed) == "<Records: 2 records, 2 bytes>"

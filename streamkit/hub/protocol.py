@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import reprlib
 import struct
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, pairwise
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from streamkit.errors import ProtocolError
 
@@ -37,6 +41,9 @@ __all__ = [
     "MAX_PRODUCER_ID",
     "MAX_QUOTE",
     "MAX_REQUEST_ID",
+    "MAX_TAG",
+    "Records",
+    "check_after",
     "check_content_type",
     "check_counter",
     "check_created",
@@ -50,7 +57,9 @@ __all__ = [
     "check_window",
     "decode_message",
     "decode_records",
+    "encode_head",
     "encode_message",
+    "encode_records",
     "quote",
     "records_size",
 ]
@@ -64,6 +73,8 @@ MAX_COUNTER = 2**63 - 1
 MAX_REQUEST_ID = 2**63 - 1
 #: The most characters of a peer's string that :func:`quote` shows.
 MAX_QUOTE = 80
+#: The longest lineage tag a read may name, in UTF-8 bytes.
+MAX_TAG = 64
 
 _HEADER_SIZE = struct.Struct(">I")
 _COUNT = struct.Struct(">I")
@@ -99,19 +110,33 @@ def quote(value: object) -> str:
     return _REPR.repr(value)
 
 
-def encode_message(header: dict[str, Any], records: list[bytes] | None = None) -> bytes:
+def encode_message(header: dict[str, Any], records: Sequence[bytes] | None = None) -> bytes:
     """One hub message: ``header`` and optional ``records``."""
+    head = encode_head(header)
+    return head + encode_records(records) if records else head
+
+
+def encode_head(header: dict[str, Any]) -> bytes:
+    """A message's header, length-prefixed: a body (:func:`encode_records`) may follow."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    message = _HEADER_SIZE.pack(len(head)) + head
-    if records:
-        count = len(records)
-        message = b"".join(
-            (message, _COUNT.pack(count), struct.pack(f">{count}I", *map(len, records)), *records)
-        )
-    return message
+    return _HEADER_SIZE.pack(len(head)) + head
 
 
-def records_size(records: list[bytes]) -> int:
+def encode_records(records: Sequence[bytes]) -> bytes:
+    """The body a message carries ``records`` in (``b""`` for none).
+
+    Encoded once, it can follow the heads of many messages (a batch sent
+    to every reader of a stream).
+    """
+    if isinstance(records, Records):
+        return records.body
+    if not records:
+        return b""
+    count = len(records)
+    return b"".join((_COUNT.pack(count), struct.pack(f">{count}I", *map(len, records)), *records))
+
+
+def records_size(records: Sequence[bytes]) -> int:
     """The size of the body :func:`encode_message` makes of ``records``.
 
     A read's flow control counts records messages by this size, the same
@@ -119,7 +144,8 @@ def records_size(records: list[bytes]) -> int:
     """
     if not records:
         return 0
-    return _COUNT.size + 4 * len(records) + sum(map(len, records))
+    size = records.size if isinstance(records, Records) else sum(map(len, records))
+    return _COUNT.size + 4 * len(records) + size
 
 
 def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -146,25 +172,162 @@ def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
 
 def decode_records(body: memoryview | bytes) -> list[bytes]:
     """The records of a message body; raises :class:`ProtocolError` if malformed."""
-    size = len(body)
-    if size == 0:
+    if not body:
         return []  # a message without records has no body
-    if size < _COUNT.size:
-        raise ProtocolError(
-            f"hub records body of {size} bytes is too short (at least {_COUNT.size})"
-        )
-    (count,) = _COUNT.unpack_from(body)
-    start = _COUNT.size + 4 * count
-    if start > size:
-        raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
-    lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
-    ends = list(accumulate(lengths, initial=start))
-    if ends[-1] != size:
-        raise ProtocolError(
-            f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
-        )
-    data = bytes(body)
+    records = Records.unpack(body)
+    data, ends = records._body, records._ends
     return [data[begin:end] for begin, end in pairwise(ends)]
+
+
+class Records(Sequence[bytes]):
+    """A batch of records as a message body packs them: ``count``, the lengths, the bytes.
+
+    What the hub stores and sends: kept as it came, a batch is checked,
+    stored, sliced and sent again without a Python object per record.
+    Indexing makes the ``bytes`` of one record; slicing (step 1) makes a
+    :class:`Records` of the slice, sharing the bytes; ``body`` is the packed
+    form (the one it came as, for a whole batch). Equal to any sequence of
+    the same records. Immutable.
+    """
+
+    __slots__ = ("_body", "_ends", "_high", "_low")
+
+    def __init__(self, body: bytes, ends: array[int], low: int, high: int) -> None:
+        # ``body`` is a whole packed batch; ``ends[i]`` is where its record
+        # i - 1 ends (``ends[0]``: where the records begin); this holds its
+        # records ``low`` up to ``high``. Use the class methods.
+        self._body = body
+        self._ends = ends
+        self._low = low
+        self._high = high
+
+    @classmethod
+    def pack(cls, records: Iterable[bytes]) -> Records:
+        """The records packed (a :class:`Records` as it is)."""
+        if isinstance(records, Records):
+            return records
+        records = list(records)
+        return cls._trusted(encode_records(records), map(len, records), len(records))
+
+    @classmethod
+    def unpack(cls, body: bytes | bytearray | memoryview) -> Records:
+        """The records of a message body (copied); :class:`ProtocolError` if it is malformed."""
+        size = len(body)
+        if size == 0:
+            return _NO_RECORDS
+        if size < _COUNT.size:
+            raise ProtocolError(
+                f"hub records body of {size} bytes is too short (at least {_COUNT.size})"
+            )
+        (count,) = _COUNT.unpack_from(body)
+        start = _COUNT.size + 4 * count
+        if start > size:
+            raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
+        lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
+        ends = array("q", accumulate(lengths, initial=start))
+        if ends[-1] != size:
+            raise ProtocolError(
+                f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
+            )
+        return cls(bytes(body), ends, 0, count)
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], data: bytes) -> Records:
+        """Records of the given ``lengths`` whose bytes, back to back, are ``data``."""
+        count = len(lengths)
+        head = _COUNT.pack(count) + struct.pack(f">{count}I", *lengths)
+        return cls._trusted(head + data, lengths, count)
+
+    @classmethod
+    def join(cls, parts: Sequence[Records]) -> Records:
+        """The records of ``parts``, one after another."""
+        if len(parts) == 1:
+            return parts[0]
+        count = sum(map(len, parts))
+        heads = [part._body[4 + 4 * part._low : 4 + 4 * part._high] for part in parts]
+        data = [part._body[part._ends[part._low] : part._ends[part._high]] for part in parts]
+        head = b"".join((_COUNT.pack(count), *heads))
+        lengths = struct.unpack_from(f">{count}I", head, _COUNT.size)
+        return cls._trusted(b"".join((head, *data)), lengths, count)
+
+    @classmethod
+    def _trusted(cls, body: bytes, lengths: Iterable[int], count: int) -> Records:
+        ends = array("q", accumulate(lengths, initial=_COUNT.size + 4 * count))
+        return cls(body, ends, 0, count)
+
+    @property
+    def body(self) -> bytes:
+        """The records packed as a message body (``b""`` for none)."""
+        low, high, body = self._low, self._high, self._body
+        if low == 0 and high == len(self._ends) - 1:
+            return body
+        if low == high:
+            return b""
+        ends = self._ends
+        return b"".join(
+            (
+                _COUNT.pack(high - low),
+                body[4 + 4 * low : 4 + 4 * high],
+                body[ends[low] : ends[high]],
+            )
+        )
+
+    @property
+    def size(self) -> int:
+        """The bytes of the records (without their lengths)."""
+        return self._ends[self._high] - self._ends[self._low]
+
+    def largest(self) -> int:
+        """The length of the largest record (0 for none)."""
+        if self._low == self._high:
+            return 0
+        return int(max(struct.unpack_from(f">{len(self)}I", self._body, 4 + 4 * self._low)))
+
+    def fit(self, max_bytes: int) -> int:
+        """How many of the leading records add up to at most ``max_bytes`` (maybe none)."""
+        low, ends = self._low, self._ends
+        return bisect_right(ends, ends[low] + max_bytes, low + 1, self._high + 1) - low - 1
+
+    def __len__(self) -> int:
+        return self._high - self._low
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Records: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | Records:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("Records slices take no step")
+            stop = max(start, stop)
+            return Records(self._body, self._ends, self._low + start, self._low + stop)
+        count = len(self)
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError(f"record {index} of {count}")
+        ends = self._ends
+        return self._body[ends[self._low + index] : ends[self._low + index + 1]]
+
+    def __iter__(self) -> Iterator[bytes]:
+        body, ends, low, high = self._body, self._ends, self._low, self._high
+        return map(body.__getitem__, map(slice, ends[low:high], ends[low + 1 : high + 1]))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Records | list | tuple):
+            return len(self) == len(other) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<Records: {len(self)} records, {self.size} bytes>"
+
+
+_NO_RECORDS = Records(b"", array("q", [0]), 0, 0)
 
 
 # -- request fields -------------------------------------------------------------
@@ -243,6 +406,23 @@ def check_request_id(request: object) -> int:
     if not 0 <= request <= MAX_REQUEST_ID:
         raise ValueError(f"a request id must be 0..{MAX_REQUEST_ID}, not {quote(request)}")
     return request
+
+
+def check_after(after: object) -> tuple[int, str] | None:
+    """A re-issued read's ``after``: ``None``, or ``{"offset": int >= 0, "tag": str}``.
+
+    The tag is 1..``MAX_TAG`` UTF-8 bytes. Returns ``(offset, tag)``.
+    """
+    if after is None:
+        return None
+    if not isinstance(after, dict):
+        raise TypeError(f"after must be an object or None, not {type(after).__name__}")
+    offset = after.get("offset")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"after's offset must be an int, not {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"after's offset must be >= 0, not {quote(offset)}")
+    return offset, _text("after's tag", after.get("tag"), MAX_TAG)
 
 
 def check_created(created: object) -> float | None:
