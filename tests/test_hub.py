@@ -375,7 +375,8 @@ async def test_a_bad_request_gets_an_error_reply_and_the_session_goes_on(
         with pytest.raises(hub.BadRequest, match=message):
             await client._call(request_header)
         assert await client.append("s", b"still here") == 0  # the session lives
-        assert server.storage.names() == ["s"]  # nothing bad was stored
+        assert isinstance(server.storage, MemoryStorage)
+        assert await server.storage.names() == ["s"]  # nothing bad was stored
 
 
 async def test_a_malformed_records_body_gets_an_error_reply() -> None:
@@ -459,7 +460,8 @@ async def test_a_stream_past_its_ttl_is_gone_at_once_for_every_request() -> None
         with pytest.raises(hub.StreamGone, match="deleted or expired"):
             await asyncio.wait_for(waiting, 5)
         assert (await client.create("brief")).next_offset == 0  # a new stream of that name
-        assert server.storage.names() == ["brief"]
+        assert isinstance(server.storage, MemoryStorage)
+        assert await server.storage.names() == ["brief"]
 
 
 class _FailingSweep(MemoryStorage):
@@ -470,11 +472,11 @@ class _FailingSweep(MemoryStorage):
         self.sweeps = 0
         self.expired = asyncio.Event()
 
-    def expire(self, now: float) -> list[str]:
+    async def expire(self, now: float) -> list[str]:
         self.sweeps += 1
         if self.sweeps == 1:
             raise RuntimeError("a sweep that fails")
-        gone = super().expire(now)
+        gone = await super().expire(now)
         if gone:
             self.expired.set()
         return gone
@@ -496,15 +498,15 @@ async def test_a_failed_ttl_sweep_does_not_stop_expiry(
     assert "hub TTL sweep failed" in caplog.text
 
 
-def test_one_stream_that_cannot_expire_does_not_keep_the_others(
+async def test_one_stream_that_cannot_expire_does_not_keep_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     storage = MemoryStorage()
     for name in ("a", "bad", "c"):
-        storage.create(name, ttl=1.0, content_type=None)
+        await storage.create(name, ttl=1.0, content_type=None)
     storage._streams["bad"].info.ttl = "abc"  # type: ignore[assignment]  # as an old bug stored
     with caplog.at_level(logging.ERROR, logger="streamkit.hub"):
-        assert storage.expire(time.time() + 2) == ["a", "c"]
+        assert await storage.expire(time.time() + 2) == ["a", "c"]
     assert "could not expire stream 'bad'" in caplog.text
 
 

@@ -149,8 +149,8 @@ async def test_a_reply_too_large_for_the_clients_frame_becomes_an_error_with_its
 class UnencodableStatus(MemoryStorage):
     """A storage (with a bug) whose stream status cannot be encoded as JSON."""
 
-    def get(self, name: str) -> StreamInfo | None:
-        info = super().get(name)
+    async def get(self, name: str) -> StreamInfo | None:
+        info = await super().get(name)
         if info is not None and name == "odd":
             info.content_type = b"bytes, not str"  # type: ignore[assignment]
         return info

@@ -14,7 +14,7 @@ import pytest
 
 from streamkit import hub
 from tests.test_hub import FAST, read_all
-from tests.test_hub_storage import entry_spans, log_file
+from tests.test_hub_filelog import entry_spans, log_file
 
 #: A hub in a process whose address space is limited (argv: data_dir, bytes).
 LIMITED_HUB = """

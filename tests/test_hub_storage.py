@@ -1,16 +1,23 @@
-"""Hub storage backends: the same contract in memory and on disk, and log recovery."""
+"""Hub storage: one conformance suite every backend passes, and the producer rule.
+
+Every test here takes ``backend`` (every backend) or ``local_backend`` (the
+backends in this process, whose TTL sweep and internals a test may use).
+Adding a backend is one more ``backend`` param: a :class:`Backend` whose
+``make(limits)`` returns a storage not yet started; with ``persistent``, a
+storage made after the last one was closed sees what it stored.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-import time
-from collections.abc import Iterator
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamkit.hub import (
@@ -21,311 +28,176 @@ from streamkit.hub import (
     LimitExceeded,
     Limits,
     MemoryStorage,
+    ProducerFenced,
     StreamExists,
     StreamFinished,
     StreamNotFound,
-    filelog,
 )
 from streamkit.hub.filelog import FileStorage
-from streamkit.hub.storage import StreamTable
+from streamkit.hub.protocol import MAX_COUNTER
+from streamkit.hub.storage import (
+    Produced,
+    ProducerState,
+    Storage,
+    StreamTable,
+    decide_produce,
+)
+
+LIMITS = Limits(max_streams=3, max_record=100, max_total_bytes=1000, max_name=10)
+BIG = 1 << 20
+
+
+@dataclass
+class Backend:
+    """How the suite makes a storage of one kind."""
+
+    name: str
+    make: Callable[[Limits | None], Storage]
+    #: A storage made after the last was closed still has its streams.
+    persistent: bool
+
+
+def _local(kind: str, data_dir: Path) -> Backend:
+    if kind == "memory":
+        return Backend("memory", MemoryStorage, persistent=False)
+    return Backend("file", lambda limits: FileStorage(data_dir, limits=limits), persistent=True)
 
 
 @pytest.fixture(params=["memory", "file"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StreamTable]:
-    limits = Limits(max_streams=3, max_record=100, max_total_bytes=1000, max_name=10)
-    store: StreamTable
-    if request.param == "memory":
-        store = MemoryStorage(limits)
-    else:
-        store = FileStorage(tmp_path / "data", limits=limits)
-    yield store
-    store.close()
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Every storage backend, one per param."""
+    return _local(request.param, tmp_path / "data")
 
 
-def test_append_and_read_back(storage: StreamTable) -> None:
-    storage.create("s", ttl=None, content_type="text/plain")
-    assert storage.append("s", [b"a", b"bb"]) == 0
-    assert storage.append("s", [b"", b"dddd"]) == 2
-    assert storage.read("s", 0, 10, 1 << 20) == [b"a", b"bb", b"", b"dddd"]
-    assert storage.read("s", 1, 2, 1 << 20) == [b"bb", b""]
-    assert storage.read("s", 4, 10, 1 << 20) == []
-    assert storage.read("s", 99, 10, 1 << 20) == []
-    info = storage.get("s")
-    assert info is not None
-    assert (info.next_offset, info.size_bytes, info.content_type) == (4, 7, "text/plain")
+@pytest.fixture(params=["memory", "file"])
+def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """The backends that live in this process (their TTL sweep runs here)."""
+    return _local(request.param, tmp_path / "data")
 
 
-def test_read_is_bounded_by_bytes_but_returns_at_least_one_record(storage: StreamTable) -> None:
-    storage.create("s", ttl=None, content_type=None)
-    storage.append("s", [b"x" * 40, b"y" * 40, b"z" * 40])
-    assert storage.read("s", 0, 10, 80) == [b"x" * 40, b"y" * 40]
-    assert storage.read("s", 0, 10, 10) == [b"x" * 40]
-
-
-def test_limits_give_clear_errors(storage: StreamTable) -> None:
-    with pytest.raises(HubError, match=r"1\.\.10 bytes"):
-        storage.create("a-very-long-name", ttl=None, content_type=None)
-    for name in "abc":
-        storage.create(name, ttl=None, content_type=None)
-    with pytest.raises(StreamExists, match="'a' exists"):
-        storage.create("a", ttl=None, content_type=None)
-    with pytest.raises(LimitExceeded, match="max_streams=3"):
-        storage.create("d", ttl=None, content_type=None)
-    with pytest.raises(LimitExceeded, match="101 bytes exceeds max_record=100"):
-        storage.append("a", [b"x" * 101])
-    storage.append("a", [b"x" * 100] * 6)  # 6 x (100 + RECORD_OVERHEAD) = 888
-    with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
-        storage.append("b", [b"x" * 60, b"y" * 50])  # 110 + 2 x RECORD_OVERHEAD more
-    assert storage.read("b", 0, 10, 1 << 20) == []  # nothing of a refused batch is kept
-    storage.delete("a")
-    storage.append("b", [b"x" * 60, b"y" * 50])  # deleting gave the bytes back
-
-
-@pytest.mark.parametrize("kind", ["memory", "file"])
-def test_a_batch_over_max_batch_is_refused_whole_at_its_edge(kind: str, tmp_path: Path) -> None:
-    limits = Limits(max_batch=50)
-    store = MemoryStorage(limits) if kind == "memory" else FileStorage(tmp_path, limits=limits)
+@asynccontextmanager
+async def opened(backend: Backend, limits: Limits | None = LIMITS) -> AsyncIterator[Storage]:
+    storage = backend.make(limits)
+    await storage.start()
     try:
-        store.create("s", ttl=None, content_type=None)
-        edge = [b"x" * 10] * 3 + [b""]  # 4 + 3 x (4 + 10) + 4: exactly 50, the limit
-        assert store.append("s", edge) == 0
-        with pytest.raises(LimitExceeded, match=r"4 records \(51 bytes .*max_batch=50"):
-            store.append("s", [b"x" * 10] * 3 + [b"y"])
-        assert store.read("s", 0, 100, 1 << 20) == edge  # nothing of it was kept
+        yield storage
     finally:
-        store.close()
+        await storage.close()
 
 
-def test_total_bytes_count_every_record_with_its_overhead_up_to_the_edge(
-    storage: StreamTable, tmp_path: Path
-) -> None:
-    assert storage.limits.max_total_bytes == 1000 and RECORD_OVERHEAD == 48
-    storage.create("s", ttl=None, content_type=None)
-    storage.append("s", [b""] * 19)  # empty records cost RECORD_OVERHEAD each: 912
-    storage.append("s", [b"x" * 40])  # 40 + 48: exactly 1000, the limit, is allowed
-    with pytest.raises(LimitExceeded, match=r"1 records of 0 bytes \(\+48 each\)"):
-        storage.append("s", [b""])
-    if isinstance(storage, FileStorage):  # a restart counts the same
-        storage.close()
-        storage = FileStorage(tmp_path / "data", limits=storage.limits)
+async def read_all(storage: Storage, name: str, offset: int = 0) -> list[bytes]:
+    return (await storage.read(name, offset, 1_000_000, 1 << 30)).records
+
+
+# -- the contract, on every backend ---------------------------------------------
+
+
+async def test_append_and_read_back(backend: Backend) -> None:
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type="text/plain")
+        assert await storage.append("s", [b"a", b"bb"]) == 0
+        assert await storage.append("s", [b"", b"dddd"]) == 2
+        assert await read_all(storage, "s") == [b"a", b"bb", b"", b"dddd"]
+        batch = await storage.read("s", 1, 2, BIG)
+        assert batch.records == [b"bb", b""]
+        assert batch.info.next_offset == 4 and not batch.info.finished
+        for past in (4, 99):
+            end = await storage.read("s", past, 10, BIG)
+            assert (end.records, end.tag, end.info.next_offset) == ([], None, 4)
+        info = await storage.get("s")
+        assert info is not None
+        assert (info.next_offset, info.size_bytes, info.content_type) == (4, 7, "text/plain")
+
+
+async def test_read_is_bounded_by_bytes_but_returns_at_least_one_record(backend: Backend) -> None:
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        await storage.append("s", [b"x" * 40, b"y" * 40])
+        await storage.append("s", [b"z" * 40])
+        assert (await storage.read("s", 0, 10, 80)).records == [b"x" * 40, b"y" * 40]
+        assert (await storage.read("s", 0, 10, 10)).records == [b"x" * 40]
+        assert (await storage.read("s", 1, 10, 80)).records == [b"y" * 40, b"z" * 40]
+        assert (await storage.read("s", 2, 10, 1)).records == [b"z" * 40]
+
+
+async def test_limits_give_clear_errors(backend: Backend) -> None:
+    async with opened(backend) as storage:
+        with pytest.raises(BadRequest, match=r"1\.\.10 bytes"):
+            await storage.create("a-very-long-name", ttl=None, content_type=None)
+        for name in "abc":
+            await storage.create(name, ttl=None, content_type=None)
+        with pytest.raises(StreamExists, match="'a' exists"):
+            await storage.create("a", ttl=None, content_type=None)
+        with pytest.raises(LimitExceeded, match="max_streams=3"):
+            await storage.create("d", ttl=None, content_type=None)
+        with pytest.raises(LimitExceeded, match="101 bytes exceeds max_record=100"):
+            await storage.append("a", [b"x" * 101])
+        await storage.append("a", [b"x" * 100] * 6)  # 6 x (100 + RECORD_OVERHEAD) = 888
         with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
-            storage.append("s", [b""])
-    storage.delete("s")
-    storage.create("t", ttl=None, content_type=None)
-    storage.append("t", [b""] * 20)  # deleting gave back what the records cost
-    storage.close()
+            await storage.append("b", [b"x" * 60, b"y" * 50])  # 110 + 2 x RECORD_OVERHEAD more
+        assert await read_all(storage, "b") == []  # nothing of a refused batch is kept
+        await storage.delete("a")
+        await storage.append("b", [b"x" * 60, b"y" * 50])  # deleting gave the bytes back
 
 
-def test_finish_delete_and_unknown_streams(storage: StreamTable) -> None:
-    storage.create("s", ttl=None, content_type=None)
-    storage.append("s", [b"1"])
-    assert storage.finish("s").finished
-    assert storage.finish("s").finished  # idempotent
-    with pytest.raises(StreamFinished, match="'s' is finished"):
-        storage.append("s", [b"2"])
-    assert storage.read("s", 0, 10, 100) == [b"1"]
-    storage.delete("s")
-    assert storage.get("s") is None
-    for call in (
-        lambda: storage.append("s", [b"x"]),
-        lambda: storage.read("s", 0, 1, 1),
-        lambda: storage.finish("s"),
-        lambda: storage.delete("s"),
-    ):
-        with pytest.raises(StreamNotFound, match="no stream named 's'"):
-            call()
+async def test_a_batch_over_max_batch_is_refused_whole_at_its_edge(backend: Backend) -> None:
+    async with opened(backend, Limits(max_batch=50)) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        edge = [b"x" * 10] * 3 + [b""]  # 4 + 3 x (4 + 10) + 4: exactly 50, the limit
+        assert await storage.append("s", edge) == 0
+        with pytest.raises(LimitExceeded, match=r"4 records \(51 bytes .*max_batch=50"):
+            await storage.append("s", [b"x" * 10] * 3 + [b"y"])
+        with pytest.raises(LimitExceeded, match="max_batch=50"):
+            await storage.produce("s", [b"x" * 10] * 3 + [b"y"], "p", 0, 0)
+        assert await read_all(storage, "s") == edge  # nothing of it was kept
 
 
-def test_expire_deletes_streams_past_their_ttl(storage: StreamTable) -> None:
-    short = storage.create("short", ttl=10, content_type=None)
-    storage.create("forever", ttl=None, content_type=None)
-    assert storage.expire(short.created + 9.9) == []
-    assert storage.expire(short.created + 10) == ["short"]
-    assert storage.names() == ["forever"]
-
-
-def test_producer_state_is_recorded_with_its_batch(storage: StreamTable) -> None:
-    storage.create("s", ttl=None, content_type=None)
-    storage.append("s", [b"a"])
-    storage.append("s", [b"b", b"c"], ("p1", 2, 7))
-    state = storage.producer("s", "p1")
-    assert state is not None
-    assert (state.epoch, state.seq, state.first_offset, state.count) == (2, 7, 1, 2)
-    assert storage.producer("s", "other") is None
-
-
-# -- the log on disk ----------------------------------------------------------
-
-
-def fill(data_dir: Path) -> list[bytes]:
-    store = FileStorage(data_dir)
-    store.create("log", ttl=3600, content_type="application/json")
-    records = []
-    for n in range(20):
-        batch = [b"record %d.%d " % (n, i) + b"x" * (n * 13 % 50) for i in range(n % 3 + 1)]
-        store.append("log", batch, ("producer-é", 1, n) if n % 2 else None)
-        records += batch
-    store.close()
-    return records
-
-
-def test_reopened_storage_has_every_stream_record_and_producer(tmp_path: Path) -> None:
-    records = fill(tmp_path)
-    store = FileStorage(tmp_path)
-    store.create("other", ttl=None, content_type=None)
-    store.finish("other")
-    store.close()
-
-    store = FileStorage(tmp_path)
-    try:
-        info = store.get("log")
-        assert info is not None
-        assert (info.ttl, info.content_type, info.finished) == (3600, "application/json", False)
-        assert info.next_offset == len(records)
-        assert info.size_bytes == sum(map(len, records))
-        assert store.read("log", 0, 1000, 1 << 20) == records
-        state = store.producer("log", "producer-é")
-        assert state is not None
-        assert (state.epoch, state.seq) == (1, 19)
-        other = store.get("other")
-        assert other is not None and other.finished
-        store.append("log", [b"after restart"])
-        assert store.read("log", len(records), 10, 100) == [b"after restart"]
-    finally:
-        store.close()
-
-
-def test_a_second_hub_cannot_open_the_same_data_dir(tmp_path: Path) -> None:
-    store = FileStorage(tmp_path)
-    try:
-        with pytest.raises(HubError, match="in use by another hub"):
-            FileStorage(tmp_path)
-    finally:
-        store.close()
-    FileStorage(tmp_path).close()  # released on close
-
-
-def test_deleted_stream_leaves_no_file_and_fsync_mode_works(tmp_path: Path) -> None:
-    store = FileStorage(tmp_path, fsync=True)
-    store.create("s", ttl=None, content_type=None)
-    store.append("s", [b"durable"])
-    assert len(list(tmp_path.glob("*.log"))) == 1
-    store.delete("s")
-    assert list(tmp_path.glob("*.log")) == []
-    store.close()
-
-
-def log_file(data_dir: Path) -> Path:
-    (path,) = data_dir.glob("*.log")
-    return path
-
-
-def entry_spans(log: bytes) -> list[tuple[int, int]]:
-    """Where each entry of an undamaged log starts and ends."""
-    spans, start = [], 0
-    while start < len(log):
-        (length,) = struct.unpack_from(">I", log, start + 1)
-        spans.append((start, start + 9 + length))
-        start += 9 + length
-    return spans
-
-
-#: Records in each DATA entry that fill() writes: batch n holds n % 3 + 1.
-FILL_BATCHES = [n % 3 + 1 for n in range(20)]
-
-
-@settings(max_examples=100, deadline=None)
-@given(data=st.data())
-def test_a_torn_tail_is_cut_and_damage_inside_is_kept_and_neither_is_served(
-    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+async def test_total_bytes_count_every_record_with_its_overhead_up_to_the_edge(
+    backend: Backend,
 ) -> None:
-    data_dir = tmp_path_factory.mktemp("log")
-    records = fill(data_dir)
-    path = log_file(data_dir)
-    original = path.read_bytes()
-    spans = entry_spans(original)
-    # Positions are drawn as fractions: the log's size varies with its timestamp.
-    scale = 10_000
-    cut = data.draw(st.integers(0, scale), label="cut") * len(original) // scale
-    flip_at = data.draw(st.none() | st.integers(0, scale - 1), label="flip")
-    flip = None if flip_at is None else flip_at * len(original) // scale
-    content = bytearray(original[:cut])
-    if flip is not None and flip < cut:
-        content[flip] ^= 0x20
-    path.write_bytes(content)
-    # The first damaged entry (cut short or flipped), and whether a whole,
-    # undamaged entry follows it: then it is damage inside the log.
-    hurt = [end > cut or (flip is not None and start <= flip < end) for start, end in spans]
-    damaged = hurt.index(True) if True in hurt else len(spans)
-    inside = not all(hurt[damaged:])
-
-    store = FileStorage(data_dir)
-    try:
-        info = store.get("log")
-        if damaged == 0:  # no valid CREATE entry: no stream, but no data thrown away
-            assert info is None and not path.exists()
-            aside = list(data_dir.glob("*.corrupt"))
-            assert [file.read_bytes() for file in aside] == ([content] if aside else [])
-            assert aside or not inside
-            return
-        assert info is not None
-        served = sum(FILL_BATCHES[: damaged - 1])
-        got = store.read("log", 0, 1000, 1 << 20) if served else []
-        assert got == records[:served] and info.next_offset == served
-        if inside:  # kept whole, served up to the damage, closed to appends
-            message = rf"'log' is read-only.*byte {spans[damaged][0]} .*offset {served} on"
-            with pytest.raises(HubError, match=message):
-                store.append("log", [b"next"])
-            assert path.read_bytes() == content
-            return
-        good = spans[damaged][0] if damaged < len(spans) else cut
-        assert path.stat().st_size == good  # a torn tail is cut
-        store.append("log", [b"next"])  # and later appends land after the good part
-    finally:
-        store.close()
-    store = FileStorage(data_dir)
-    try:
-        assert store.read("log", 0, 1000, 1 << 20) == [*got, b"next"]
-    finally:
-        store.close()
+    assert LIMITS.max_total_bytes == 1000 and RECORD_OVERHEAD == 48
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        await storage.append("s", [b""] * 19)  # empty records cost RECORD_OVERHEAD each: 912
+        await storage.append("s", [b"x" * 40])  # 40 + 48: exactly 1000, the limit, is allowed
+        with pytest.raises(LimitExceeded, match=r"1 records of 0 bytes \(\+48 each\)"):
+            await storage.append("s", [b""])
+    if backend.persistent:  # a restart counts the same
+        async with opened(backend) as storage:
+            with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
+                await storage.append("s", [b""])
+    async with opened(backend) as storage:
+        if backend.persistent:
+            await storage.delete("s")
+        await storage.create("t", ttl=None, content_type=None)
+        await storage.append("t", [b""] * 20)  # deleting gave back what the records cost
 
 
-@pytest.mark.parametrize("last", [True, False], ids=["last-entry", "entries-after"])
-def test_a_batch_over_a_lowered_max_batch_is_kept_not_cut(tmp_path: Path, last: bool) -> None:
-    big = [b"x" * 5000, b"y" * 5000]
-    store = FileStorage(tmp_path)
-    store.create("s", ttl=None, content_type=None)
-    store.append("s", [b"small"])
-    store.append("s", big)
-    if not last:
-        store.append("s", [b"after"])
-    store.close()
-    content = log_file(tmp_path).read_bytes()
-    store = FileStorage(tmp_path, limits=Limits(max_batch=1000))  # lowered: the entry is too long
-    try:
-        assert store.read("s", 0, 10, 1 << 20) == [b"small"]
-        with pytest.raises(HubError, match=r"read-only.*over the \d+ that max_batch=1000 allows"):
-            store.append("s", [b"more"])
-    finally:
-        store.close()
-    assert log_file(tmp_path).read_bytes() == content  # nothing cut
-    store = FileStorage(tmp_path)  # the limit raised again: all of it is served
-    try:
-        expected = [b"small", *big] + ([] if last else [b"after"])
-        assert store.read("s", 0, 10, 1 << 20) == expected
-    finally:
-        store.close()
-
-
-def test_garbage_files_do_not_stop_recovery(tmp_path: Path) -> None:
-    fill(tmp_path)
-    (tmp_path / ("0" * 64 + ".log")).write_bytes(os.urandom(100))
-    (tmp_path / "notes.txt").write_text("not a log")
-    store = FileStorage(tmp_path)
-    try:
-        assert store.names() == ["log"]
-    finally:
-        store.close()
+async def test_finish_delete_and_unknown_streams(backend: Backend) -> None:
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        await storage.append("s", [b"1"])
+        assert (await storage.finish("s")).finished
+        assert (await storage.finish("s")).finished  # idempotent
+        with pytest.raises(StreamFinished, match="'s' is finished"):
+            await storage.append("s", [b"2"])
+        with pytest.raises(StreamFinished, match="'s' is finished"):
+            await storage.produce("s", [b"2"], "p", 0, 0)
+        batch = await storage.read("s", 0, 10, 100)
+        assert batch.records == [b"1"] and batch.info.finished
+        await storage.delete("s")
+        assert await storage.get("s") is None
+        for call in (
+            lambda: storage.append("s", [b"x"]),
+            lambda: storage.produce("s", [b"x"], "p", 0, 0),
+            lambda: storage.read("s", 0, 1, 1),
+            lambda: storage.tag_at("s", 0),
+            lambda: storage.producer("s", "p"),
+            lambda: storage.finish("s"),
+            lambda: storage.delete("s"),
+        ):
+            with pytest.raises(StreamNotFound, match="no stream named 's'"):
+                await call()
 
 
 @pytest.mark.parametrize(
@@ -339,123 +211,308 @@ def test_garbage_files_do_not_stop_recovery(tmp_path: Path) -> None:
         (None, "x" * 256, "content_type must be 1..255 bytes"),
     ],
 )
-def test_bad_settings_are_refused_and_never_stored(
-    storage: StreamTable, tmp_path: Path, ttl: object, content_type: object, message: str
+async def test_bad_settings_are_refused_and_never_stored(
+    backend: Backend, ttl: object, content_type: object, message: str
 ) -> None:
-    with pytest.raises(BadRequest, match=message):
-        storage.create("s", ttl=ttl, content_type=content_type)  # type: ignore[arg-type]
-    assert storage.get("s") is None and storage.names() == []
-    assert list((tmp_path / "data").glob("*.log")) == []
+    async with opened(backend) as storage:
+        with pytest.raises(BadRequest, match=message):
+            await storage.create("s", ttl=ttl, content_type=content_type)  # type: ignore[arg-type]
+        assert await storage.get("s") is None
+    async with opened(backend) as storage:  # nothing of it, even after a restart
+        assert await storage.get("s") is None
 
 
-def test_a_log_with_a_bad_ttl_from_an_old_version_keeps_its_records(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_produce_appends_each_batch_once_and_keeps_the_producer_state(
+    backend: Backend,
 ) -> None:
-    meta = {"name": "old", "content_type": 5, "ttl": "abc", "created": 1.0}
-    data = b"\x00" + (1).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"abc"
-    (tmp_path / "old.log").write_bytes(
-        filelog._entry(filelog._CREATE, [json.dumps(meta).encode()])
-        + filelog._entry(filelog._DATA, [data])
-    )
-    store = FileStorage(tmp_path)
-    try:
-        info = store.get("old")
-        assert info is not None and (info.ttl, info.content_type) == (None, None)
-        assert store.read("old", 0, 10, 100) == [b"abc"]
-        assert store.expire(1e12) == []  # it never expires, and expiry goes on
-    finally:
-        store.close()
-    assert "ignoring an invalid ttl" in caplog.text
-    assert "ignoring an invalid content_type" in caplog.text
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        assert await storage.producer("s", "p1") is None
+        await storage.append("s", [b"a"])
+        assert await storage.produce("s", [b"b", b"c"], "p1", 2, 0) == Produced(1, False)
+        assert await storage.produce("s", [b"d"], "p1", 2, 1) == Produced(3, False)
+        # Retries are acknowledged, not appended: the last batch with its offset.
+        assert await storage.produce("s", [b"d"], "p1", 2, 1) == Produced(3, True)
+        assert await storage.produce("s", [b"b", b"c"], "p1", 2, 0) == Produced(None, True)
+        with pytest.raises(HubError, match="sent batch 3 after batch 1: a gap"):
+            await storage.produce("s", [b"x"], "p1", 2, 3)
+        with pytest.raises(ProducerFenced, match="epoch 1 is fenced off by epoch 2"):
+            await storage.produce("s", [b"x"], "p1", 1, 2)
+        with pytest.raises(HubError, match="epoch 3 must start at batch 0, not 2"):
+            await storage.produce("s", [b"x"], "p1", 3, 2)
+        # A refused batch does not count: the next batch reuses its sequence.
+        with pytest.raises(LimitExceeded, match="max_record"):
+            await storage.produce("s", [b"x" * 101], "p1", 2, 2)
+        assert await storage.produce("s", [b"e"], "p1", 2, 2) == Produced(4, False)
+        assert await storage.produce("s", [], "p2", 0, 0) == Produced(5, False)  # empty claims
+        state = await storage.producer("s", "p1")
+        assert state == ProducerState(epoch=2, seq=2, first_offset=4, count=1)
+        assert await storage.producer("s", "other") is None
+        assert await read_all(storage, "s") == [b"a", b"b", b"c", b"d", b"e"]
+    if backend.persistent:  # the state is stored with its batch and comes back with it
+        async with opened(backend) as storage:
+            assert await storage.producer("s", "p1") == state
+            assert await storage.produce("s", [b"e"], "p1", 2, 2) == Produced(4, True)
+            assert await storage.produce("s", [b"f"], "p1", 2, 3) == Produced(5, False)
 
 
-def test_a_stream_past_its_ttl_is_absent_before_the_sweep(storage: StreamTable) -> None:
-    info = storage.create("brief", ttl=10.0, content_type=None)
-    storage.append("brief", [b"x" * 10])
-    info.created -= 11  # its TTL has passed; no sweep has run
-    assert storage.get("brief") is None and storage.names() == []
-    for request in (
-        lambda: storage.append("brief", [b"y"]),
-        lambda: storage.read("brief", 0, 10, 100),
-        lambda: storage.finish("brief"),
-        lambda: storage.delete("brief"),
-        lambda: storage.producer("brief", "p"),
-    ):
-        with pytest.raises(StreamNotFound):
-            request()
-    assert storage.create("brief", ttl=None, content_type=None).next_offset == 0  # replaced
-    assert storage.read("brief", 0, 10, 100) == []
+async def test_concurrent_copies_of_a_batch_are_appended_once(backend: Backend) -> None:
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        results = await asyncio.gather(
+            *(storage.produce("s", [b"once"], "p", 0, 0) for _ in range(10))
+        )
+        assert sorted(results, key=lambda produced: produced.duplicate) == [
+            Produced(0, False),
+            *[Produced(0, True)] * 9,
+        ]
+        assert await read_all(storage, "s") == [b"once"]
 
 
-def test_a_log_with_a_bad_create_entry_is_set_aside_not_deleted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    fill(tmp_path)
-    path = log_file(tmp_path)
-    content = bytearray(path.read_bytes())
-    content[12] ^= 0x01  # a bit of the CREATE entry's JSON: its CRC fails
-    path.write_bytes(content)
-    (tmp_path / (path.name + ".corrupt")).write_bytes(b"set aside earlier")
-    store = FileStorage(tmp_path)
-    try:
-        assert store.names() == []
-    finally:
-        store.close()
-    assert not path.exists()
-    aside = tmp_path / (path.name + ".corrupt.1")
-    assert aside.read_bytes() == content  # every byte kept for inspection
-    assert "no valid CREATE entry (a CRC mismatch); moved to" in caplog.text
-    # A create cut short by a crash (a torn CREATE entry) is just removed.
-    torn = tmp_path / ("1" * 64 + ".log")
-    torn.write_bytes(filelog._entry(filelog._CREATE, [b'{"name": "t"}'])[:-3])
-    FileStorage(tmp_path).close()
-    assert not torn.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["LOCK", path.name + ".corrupt", aside.name]
-    )
-
-
-def test_each_producer_a_stream_knows_counts_against_total_bytes(
-    storage: StreamTable, tmp_path: Path
-) -> None:
+async def test_each_producer_a_stream_knows_counts_against_total_bytes(backend: Backend) -> None:
     assert PRODUCER_OVERHEAD == 192
-    storage.create("s", ttl=None, content_type=None)
-    for n in range(5):  # 5 x (192 + 2) = 970 bytes for five producers' states
-        storage.append("s", [], (f"p{n}", 0, 0))
-    storage.append("s", [], ("p0", 0, 1))  # a producer it knows costs nothing more
-    with pytest.raises(LimitExceeded, match=r"a new producer's state \(194 bytes\)"):
-        storage.append("s", [], ("p5", 0, 0))
-    if isinstance(storage, FileStorage):  # a restart counts the same
-        storage.close()
-        storage = FileStorage(tmp_path / "data", limits=storage.limits)
-        with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
-            storage.append("s", [], ("p5", 0, 0))
-    storage.delete("s")  # gives back what its producers cost
-    storage.create("t", ttl=None, content_type=None)
-    storage.append("t", [], ("p5", 0, 0))
-    storage.close()
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        for n in range(5):  # 5 x (192 + 2) = 970 bytes for five producers' states
+            await storage.produce("s", [], f"p{n}", 0, 0)
+        await storage.produce("s", [], "p0", 0, 1)  # a producer it knows costs nothing more
+        with pytest.raises(LimitExceeded, match=r"a new producer's state \(194 bytes\)"):
+            await storage.produce("s", [], "p5", 0, 0)
+    if backend.persistent:  # a restart counts the same
+        async with opened(backend) as storage:
+            with pytest.raises(LimitExceeded, match="max_total_bytes=1000"):
+                await storage.produce("s", [], "p5", 0, 0)
+    async with opened(backend) as storage:
+        if backend.persistent:
+            await storage.delete("s")  # gives back what its producers cost
+        await storage.create("t", ttl=None, content_type=None)
+        await storage.produce("t", [], "p5", 0, 0)
 
 
-def test_a_stream_whose_ttl_passed_while_the_hub_was_down_is_gone_on_restart(
-    tmp_path: Path,
+async def test_every_batch_gets_its_own_tag_and_reads_name_the_last_ones(
+    backend: Backend,
 ) -> None:
-    store = FileStorage(tmp_path)
-    store.create("brief", ttl=10.0, content_type=None)
-    store.append("brief", [b"x"])
-    store.close()
-    path = log_file(tmp_path)
-    content = bytearray(path.read_bytes())
-    # Move its creation 100 s into the past, as if the hub had been down that long.
-    meta_end = 9 + int.from_bytes(content[1:5], "big")
-    meta = json.loads(content[9:meta_end])
-    meta["created"] -= 100
-    path.write_bytes(
-        filelog._entry(filelog._CREATE, [json.dumps(meta).encode()]) + content[meta_end:]
-    )
-    store = FileStorage(tmp_path)
-    try:
-        assert store.get("brief") is None and store.names() == []  # gone at once
-        assert store.expire(time.time()) == ["brief"]  # and the sweep frees it
-        assert not path.exists()
-    finally:
-        store.close()
+    async with opened(backend) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        await storage.append("s", [b"a", b"b"])
+        await storage.produce("s", [], "p", 0, 0)  # no records: no tag
+        await storage.produce("s", [b"c"], "p", 0, 1)
+        await storage.append("s", [b"d", b"e", b"f"])
+        tags = [await storage.tag_at("s", offset) for offset in range(6)]
+        first, second, third = tags[0], tags[2], tags[3]
+        assert tags == [first, first, second, third, third, third]
+        assert len({first, second, third}) == 3
+        assert all(isinstance(tag, str) and 0 < len(tag) <= 64 for tag in (first, second, third))
+        assert await storage.tag_at("s", 6) is None
+        assert await storage.tag_at("s", -1) is None
+        assert (await storage.read("s", 0, 1, BIG)).tag == first
+        assert (await storage.read("s", 0, 3, BIG)).tag == second
+        assert (await storage.read("s", 1, 10, BIG)).tag == third
+        assert (await storage.read("s", 2, 10, 1)).tag == second  # cut short by bytes
+        # The same records at the same offset of a stream made anew: another lineage.
+        await storage.delete("s")
+        await storage.create("s", ttl=None, content_type=None)
+        await storage.append("s", [b"a", b"b"])
+        assert await storage.tag_at("s", 0) not in (None, first)
+    if backend.persistent:  # tags are stored: the same after a restart
+        async with opened(backend) as storage:
+            again = await storage.tag_at("s", 0)
+        async with opened(backend) as storage:
+            assert await storage.tag_at("s", 1) == again
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(st.lists(st.binary(max_size=12), max_size=6), min_size=1, max_size=12),
+    reads=st.lists(
+        st.tuples(st.integers(0, 80), st.integers(1, 30), st.integers(1, 60)), max_size=12
+    ),
+)
+def test_reads_slice_across_batches_like_one_list(
+    backend: Backend, batches: list[list[bytes]], reads: list[tuple[int, int, int]]
+) -> None:
+    async def run() -> None:
+        async with opened(backend, None) as storage:
+            name = f"s{next(_names)}"
+            await storage.create(name, ttl=None, content_type=None)
+            flat: list[bytes] = []
+            owner: list[int] = []  # which batch holds each record
+            for number, batch in enumerate(batches):
+                assert await storage.append(name, batch) == len(flat)
+                flat += batch
+                owner += [number] * len(batch)
+            tags = [await storage.tag_at(name, offset) for offset in range(len(flat))]
+            for offset, max_records, max_bytes in reads:
+                got = await storage.read(name, offset, max_records, max_bytes)
+                expected = flat[offset : offset + max_records]
+                if expected:  # as many as fit max_bytes, but at least one
+                    fit = max(1, sum(1 for total in _running(expected) if total <= max_bytes))
+                    expected = expected[:fit]
+                assert got.records == expected
+                last = offset + len(expected) - 1
+                assert got.tag == (tags[last] if expected else None)
+                assert got.info.next_offset == len(flat)
+            for offset in range(1, len(flat)):  # one tag per batch
+                same_batch = owner[offset] == owner[offset - 1]
+                assert (tags[offset] == tags[offset - 1]) == same_batch
+            await storage.delete(name)
+
+    asyncio.run(run())
+
+
+_names = itertools.count()
+
+
+def _running(records: list[bytes]) -> list[int]:
+    return list(itertools.accumulate(map(len, records)))
+
+
+# -- the backends in this process -------------------------------------------------
+
+
+async def test_expire_deletes_streams_past_their_ttl(local_backend: Backend) -> None:
+    async with opened(local_backend) as storage:
+        short = await storage.create("short", ttl=10, content_type=None)
+        await storage.create("forever", ttl=None, content_type=None)
+        assert await storage.expire(short.created + 9.9) == []
+        assert await storage.expire(short.created + 10) == ["short"]
+        assert isinstance(storage, StreamTable)
+        assert await storage.names() == ["forever"]
+
+
+async def test_a_stream_past_its_ttl_is_absent_before_the_sweep(local_backend: Backend) -> None:
+    async with opened(local_backend) as storage:
+        info = await storage.create("brief", ttl=10.0, content_type=None)
+        await storage.append("brief", [b"x" * 10])
+        info.created -= 11  # its TTL has passed; no sweep has run
+        assert isinstance(storage, StreamTable)
+        assert await storage.get("brief") is None and await storage.names() == []
+        for request in (
+            lambda: storage.append("brief", [b"y"]),
+            lambda: storage.read("brief", 0, 10, 100),
+            lambda: storage.finish("brief"),
+            lambda: storage.delete("brief"),
+            lambda: storage.producer("brief", "p"),
+        ):
+            with pytest.raises(StreamNotFound):
+                await request()
+        replaced = await storage.create("brief", ttl=None, content_type=None)
+        assert replaced.next_offset == 0
+        assert await read_all(storage, "brief") == []
+
+
+# -- the producer rule, pure ----------------------------------------------------------
+
+EDGES = [0, 1, 2, 3, MAX_COUNTER - 2, MAX_COUNTER - 1, MAX_COUNTER]
+
+
+def expected_decision(
+    state: ProducerState | None, epoch: int, seq: int
+) -> Produced | type[HubError] | None:
+    """docs/protocol.md section 3.3, sentence by sentence."""
+    if state is not None and epoch < state.epoch:
+        return ProducerFenced  # "an epoch below the stored one is refused"
+    if state is not None and epoch == state.epoch and seq <= state.seq:
+        # "the stored epoch and seq <= stored seq is a retry"
+        return Produced(state.first_offset if seq == state.seq else None, True)
+    same_epoch_next = state is not None and epoch == state.epoch and seq == state.seq + 1
+    new_epoch_first = (state is None or epoch > state.epoch) and seq == 0
+    if same_epoch_next or new_epoch_first:
+        return None  # appended
+    return HubError  # "anything else is a sequence gap"
+
+
+def check_decision(state: ProducerState | None, epoch: int, seq: int) -> None:
+    expected = expected_decision(state, epoch, seq)
+    if isinstance(expected, type):
+        with pytest.raises(expected) as info:
+            decide_produce(state, "p", epoch, seq)
+        if expected is HubError:
+            assert type(info.value) is HubError
+            assert "a gap" in str(info.value) or "must start at batch 0" in str(info.value)
+    else:
+        assert decide_produce(state, "p", epoch, seq) == expected
+
+
+def test_decide_produce_on_every_edge() -> None:
+    states = [None] + [
+        ProducerState(epoch, seq, first_offset=7, count=2)
+        for epoch, seq in itertools.product(EDGES, EDGES)
+    ]
+    for state in states:
+        for epoch, seq in itertools.product(EDGES, EDGES):
+            check_decision(state, epoch, seq)
+
+
+@given(
+    state=st.none()
+    | st.builds(
+        ProducerState,
+        st.integers(0, MAX_COUNTER),
+        st.integers(0, MAX_COUNTER),
+        st.integers(0, 2**62),
+        st.integers(0, 10_000),
+    ),
+    epoch=st.integers(0, MAX_COUNTER),
+    seq=st.integers(0, MAX_COUNTER),
+)
+def test_decide_produce_follows_the_protocol(
+    state: ProducerState | None, epoch: int, seq: int
+) -> None:
+    check_decision(state, epoch, seq)
+    if state is not None:  # and right next to the stored state, where it matters
+        for near_epoch in {max(0, state.epoch - 1), state.epoch, min(MAX_COUNTER, state.epoch + 1)}:
+            for near_seq in {0, max(0, state.seq - 1), state.seq, min(MAX_COUNTER, state.seq + 1)}:
+                check_decision(state, near_epoch, near_seq)
+
+
+def test_the_last_sequence_and_epoch_are_usable() -> None:
+    top = ProducerState(MAX_COUNTER, MAX_COUNTER - 1, first_offset=5, count=1)
+    assert decide_produce(top, "p", MAX_COUNTER, MAX_COUNTER) is None
+    last = ProducerState(MAX_COUNTER, MAX_COUNTER, first_offset=6, count=1)
+    assert decide_produce(last, "p", MAX_COUNTER, MAX_COUNTER) == Produced(6, True)
+    with pytest.raises(ProducerFenced, match=f"epoch {MAX_COUNTER - 1} is fenced"):
+        decide_produce(last, "p", MAX_COUNTER - 1, 0)
+
+
+@given(
+    batches=st.integers(1, 12),
+    deliveries=st.lists(st.integers(0, 11), max_size=60),
+    restarts=st.lists(st.integers(0, 3), max_size=4),
+)
+def test_retries_in_any_order_append_each_batch_once_in_order(
+    batches: int, deliveries: list[int], restarts: list[int]
+) -> None:
+    """A producer's batches, retried and reordered as a network may, are appended once each.
+
+    The producer sends batch ``k`` only after batches ``0..k-1`` were
+    acknowledged (as the client does on a new session), but copies of old
+    batches keep arriving at any time; a new epoch starts over at 0.
+    """
+    state: ProducerState | None = None
+    log: list[tuple[int, int]] = []  # (epoch, seq) of each batch appended
+    expected: list[tuple[int, int]] = []  # each new batch the producer sent
+    epoch = 0
+    acknowledged = -1
+    plan = iter(deliveries)
+    for restart in [0, *restarts]:
+        if restart:
+            epoch += restart
+            acknowledged = -1
+        for _ in range(batches):
+            copies = [seq for seq in itertools.islice(plan, 3) if seq <= acknowledged]
+            expected.append((epoch, acknowledged + 1))
+            for seq in [*copies, acknowledged + 1]:
+                decision = decide_produce(state, "p", epoch, seq)
+                if decision is None:
+                    state = ProducerState(epoch, seq, len(log), 1)
+                    log.append((epoch, seq))
+                else:
+                    assert decision.duplicate and seq <= acknowledged
+            acknowledged += 1
+        if epoch:  # once a new epoch is stored, the old one's copies are refused
+            with pytest.raises(ProducerFenced):
+                decide_produce(state, "p", epoch - 1, 0)
+    assert log == expected

@@ -236,11 +236,7 @@ class Reader(AsyncClosable):
         """
         self._reissued = self._session is not None
         self._session = session
-        if self._position and self._current_tag is not None:
-            # Part of a message was handed out: name that message.
-            self._lineage = (self._current[-1].offset, self._current_tag)
-        elif self._position:
-            self._lineage = None  # from a hub that tags nothing
+        self._lineage = self._after()
         self._offset, self._position, self._current = self.next_offset, 0, []
         self._queue.clear()
         self._consumed = self._reported = 0
@@ -251,6 +247,17 @@ class Reader(AsyncClosable):
         if self._lineage is not None:
             header["after"] = {"offset": self._lineage[0], "tag": self._lineage[1]}
         return encode_message(header)
+
+    def _after(self) -> tuple[int, str] | None:
+        """The last offset and tag of the message the last record yielded came in.
+
+        ``None`` if it came untagged (from a hub that tags nothing), or if
+        no record was yielded yet.
+        """
+        if self._position:  # part of the current message was handed out
+            tag = self._current_tag
+            return None if tag is None else (self._current[-1].offset, tag)
+        return self._lineage
 
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
         op = header["op"]
@@ -676,19 +683,27 @@ class HubClient(AsyncClosable):
     async def _reissue(self, session: ClientSession) -> None:
         """Issue every read that went out on an earlier session again, on ``session``.
 
-        A stream that now holds fewer records than a reader has read is not
-        the one it was reading (it was deleted and created again, or the hub
-        lost records): that reader fails with :class:`StreamGone` rather
-        than silently skip the records that come at offsets it has passed.
-        Reads with nothing to check go first, at once (a ``"now"`` read
-        must not wait behind the checks of others).
+        A read names the records its reader has yielded (``after``: the
+        last offset and tag of their message), and the hub refuses it with
+        :class:`StreamGone` if it no longer holds them. For a reader past
+        offset 0 with nothing to name (it has yielded nothing yet, or the
+        hub tags nothing), a stream that now holds fewer records than the
+        reader's offset is not the one it was reading (deleted and created
+        again, or the hub lost records): that reader fails with
+        :class:`StreamGone` rather than silently skip the records that come
+        at offsets it has passed. Reads with nothing to check go first, at
+        once (a ``"now"`` read must not wait behind the checks of others).
         """
         readers = [
             reader
             for reader in self._reads.values()
             if reader._session is not None and reader._session is not session
         ]
-        checked = [reader for reader in readers if reader._known and reader.next_offset > 0]
+        checked = [
+            reader
+            for reader in readers
+            if reader._known and reader.next_offset > 0 and reader._after() is None
+        ]
         ends: dict[str, int | None] = {}  # each stream's end, asked once
         try:
             for reader in readers:

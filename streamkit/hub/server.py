@@ -9,6 +9,7 @@ import logging
 import os
 import ssl as _ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar, Unpack
 
@@ -22,6 +23,8 @@ from streamkit.errors import (
 )
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import (
+    Records,
+    check_after,
     check_content_type,
     check_counter,
     check_created,
@@ -33,10 +36,9 @@ from streamkit.hub.protocol import (
     check_ttl,
     check_window,
     decode_message,
-    decode_records,
+    encode_head,
     encode_message,
     quote,
-    records_size,
 )
 from streamkit.hub.storage import (
     BadRequest,
@@ -44,12 +46,11 @@ from streamkit.hub.storage import (
     LimitExceeded,
     Limits,
     MemoryStorage,
-    ProducerFenced,
+    Storage,
     StreamExists,
     StreamGone,
     StreamInfo,
     StreamNotFound,
-    StreamTable,
 )
 from streamkit.net import DEFAULT_GRACE_PERIOD, Connector, Endpoint, close_server
 from streamkit.session import ResumableServer, ServerSession, SessionOptions, SessionSettings
@@ -67,9 +68,12 @@ _READ_BYTES = 256 * 1024
 _MESSAGE_HEADROOM = 512
 #: Seconds between TTL sweeps.
 _EXPIRY_INTERVAL = 1.0
+#: Encoded records bodies kept for the next readers of the same range.
+_BODY_CACHE_BYTES = 32 * 1024 * 1024
+_BODY_CACHE_ENTRIES = 256
 
 #: The fields of a read request.
-_READ_FIELDS = ("name", "offset", "live", "window", "created")
+_READ_FIELDS = ("name", "offset", "live", "window", "created", "after")
 #: The requests answered with one reply ("read" and "cancel" are not).
 _REQUESTS = frozenset(("append", "produce", "create", "status", "finish", "delete", "producer"))
 
@@ -98,11 +102,19 @@ class HubServer(ServerBase):
     request's id. A request whose id a running read of the session holds
     gets ``bad_request``; a read past the storage's ``limits.max_reads``
     at once gets ``limit``.
+
+    Live readers wake on every change made through this hub and on every
+    hint ``storage.subscribe`` gives of a change made elsewhere; with a
+    storage several hubs share (``storage.recheck_interval`` set), a
+    caught-up reader also looks again that often, so a lost hint costs a
+    delay, never a record. A batch read for several readers at once is
+    encoded once.
     """
 
-    def __init__(self, storage: StreamTable) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._changed: dict[str, asyncio.Event] = {}
+        self._bodies = _BodyCache(_BODY_CACHE_BYTES, _BODY_CACHE_ENTRIES)
         self._server: ResumableServer | None = None
         self._expiry: asyncio.Task[None] | None = None
 
@@ -120,13 +132,22 @@ class HubServer(ServerBase):
         if self._expiry is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
-        self.storage.close()
+        await self.storage.close()
 
     # -- change notification --------------------------------------------------
 
     def _notify(self, name: str) -> None:
         event = self._changed.pop(name, None)
         if event is not None:
+            event.set()
+
+    def _on_change(self, name: str | None) -> None:
+        """The storage's hint that ``name`` (``None``: any stream) changed elsewhere."""
+        if name is not None:
+            self._notify(name)
+            return
+        changed, self._changed = self._changed, {}
+        for event in changed.values():
             event.set()
 
     def _next_change(self, name: str) -> asyncio.Event:
@@ -145,13 +166,13 @@ class HubServer(ServerBase):
         while True:
             await asyncio.sleep(_EXPIRY_INTERVAL)
             try:
-                gone = self.storage.expire(time.time())
+                gone = await self.storage.expire(time.time())
             except Exception:
                 # The next sweep tries again: expiry must outlive any one failure.
                 logger.exception("hub TTL sweep failed")
                 continue
             for name in gone:
-                logger.info("stream %r expired", name)
+                logger.info("stream %s expired", quote(name))
                 self._notify(name)
 
     # -- sessions -------------------------------------------------------------
@@ -183,7 +204,7 @@ class HubServer(ServerBase):
                 if op == "read":
                     max_reads = self.storage.limits.max_reads
                     if len(reads) < max_reads:
-                        self._start_read(session, request, header, reads, tasks)
+                        await self._start_read(session, request, header, reads, tasks)
                         continue
                     too_many = LimitExceeded(
                         f"this session runs max_reads={max_reads} reads at once;"
@@ -193,7 +214,7 @@ class HubServer(ServerBase):
                     continue
                 try:
                     records = _Records(body, session.settings.max_frame - _MESSAGE_HEADROOM)
-                    reply = {"op": "ok", "id": request, **self._handle(op, header, records)}
+                    reply = {"op": "ok", "id": request, **await self._handle(op, header, records)}
                 except Exception as exc:
                     reply = _error_reply(request, exc, session)
                 await _answer(session, reply)
@@ -210,7 +231,7 @@ class HubServer(ServerBase):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _start_read(
+    async def _start_read(
         self,
         session: ServerSession,
         request: int,
@@ -225,12 +246,14 @@ class HubServer(ServerBase):
         packed into its request.
         """
         read = reads[request] = _Read()
-        header = self._from_now({key: header[key] for key in _READ_FIELDS if key in header})
+        header = {key: header[key] for key in _READ_FIELDS if key in header}
+        with contextlib.suppress(HubError):  # the read's task meets it again, and answers it
+            header = await self._from_now(header)
         read.task = task = asyncio.create_task(self._read(session, request, header, read))
         tasks.add(task)
         task.add_done_callback(functools.partial(_forget, reads, tasks, request, read))
 
-    def _from_now(self, header: dict[str, Any]) -> dict[str, Any]:
+    async def _from_now(self, header: dict[str, Any]) -> dict[str, Any]:
         """A ``"now"`` read's header with the offset of the stream's end as it comes in.
 
         Resolved here, in order with the session's other requests, rather
@@ -240,80 +263,59 @@ class HubServer(ServerBase):
         name = header.get("name")
         if header.get("offset") != "now" or not isinstance(name, str):
             return header
-        info = self.storage.get(name)
+        info = await self.storage.get(name)
         return header if info is None else {**header, "offset": info.next_offset}
 
-    def _handle(self, op: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
+    async def _handle(self, op: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
         if op not in _REQUESTS:
             raise BadRequest(f"unknown hub request {quote(op)}")
         storage = self.storage
         name = _field(header, "name", check_name)
+        if op == "produce":
+            producer = _field(header, "producer", check_producer_id)
+            epoch = _field(header, "epoch", functools.partial(check_counter, "epoch"))
+            seq = _field(header, "seq", functools.partial(check_counter, "seq"))
+            produced = await storage.produce(name, body.decode(), producer, epoch, seq)
+            if not produced.duplicate:
+                self._notify(name)
+            return {"offset": produced.offset, "duplicate": produced.duplicate}
         if op == "append":
-            first = storage.append(name, body.decode())
+            first = await storage.append(name, body.decode())
             self._notify(name)
             return {"offset": first}
-        if op == "produce":
-            return self._produce(name, header, body)
         if op == "create":
-            return self._create(name, header)
+            return await self._create(name, header)
         if op == "status":
-            info = storage.get(name)
+            info = await storage.get(name)
             return {"status": None if info is None else status_of(info)}
         if op == "finish":
-            info = storage.finish(name)
+            info = await storage.finish(name)
             self._notify(name)
             return {"status": status_of(info)}
         if op == "delete":
-            storage.delete(name)
+            await storage.delete(name)
             self._notify(name)
             return {}
         # "producer": where an idempotent producer should continue
-        state = storage.producer(name, _field(header, "producer", check_producer_id))
+        state = await storage.producer(name, _field(header, "producer", check_producer_id))
         return {
             "epoch": None if state is None else state.epoch,
             "seq": None if state is None else state.seq,
         }
 
-    def _create(self, name: str, header: dict[str, Any]) -> dict[str, Any]:
+    async def _create(self, name: str, header: dict[str, Any]) -> dict[str, Any]:
         ttl = _field(header, "ttl", check_ttl)
         content_type = _field(header, "content_type", check_content_type)
         exist_ok = _field(header, "exist_ok", functools.partial(check_flag, "exist_ok"), False)
         try:
-            info = self.storage.create(name, ttl=ttl, content_type=content_type)
+            info = await self.storage.create(name, ttl=ttl, content_type=content_type)
         except StreamExists:
-            existing = self.storage.get(name)
+            existing = await self.storage.get(name)
             if not exist_ok or existing is None:
                 raise
             return {"status": status_of(existing), "created": False}
         self._notify(name)  # readers of an expired stream of that name end
         return {"status": status_of(info), "created": True}
-
-    def _produce(self, name: str, header: dict[str, Any], body: _Records) -> dict[str, Any]:
-        producer = _field(header, "producer", check_producer_id)
-        epoch = _field(header, "epoch", functools.partial(check_counter, "epoch"))
-        seq = _field(header, "seq", functools.partial(check_counter, "seq"))
-        records = body.decode()
-        state = self.storage.producer(name, producer)
-        if state is not None and epoch < state.epoch:
-            raise ProducerFenced(
-                f"producer {quote(producer)} epoch {epoch} is fenced off by epoch {state.epoch}"
-            )
-        if state is not None and epoch == state.epoch:
-            if seq <= state.seq:
-                # A retry of a batch already appended: exactly once.
-                offset = state.first_offset if seq == state.seq else None
-                return {"offset": offset, "duplicate": True}
-            if seq != state.seq + 1:
-                raise HubError(
-                    f"producer {quote(producer)} sent batch {seq} after batch {state.seq}: a gap"
-                )
-        elif seq != 0:  # a new producer, or a new epoch
-            raise HubError(
-                f"producer {quote(producer)} epoch {epoch} must start at batch 0, not {seq}"
-            )
-        first = self.storage.append(name, records, (producer, epoch, seq))
-        self._notify(name)
-        return {"offset": first, "duplicate": False}
 
     async def _read(
         self, session: ServerSession, request: int, header: dict[str, Any], flow: _Read
@@ -344,42 +346,56 @@ class HubServer(ServerBase):
         start = _field(header, "offset", check_offset, 0)
         window = _field(header, "window", check_window)
         expected = _field(header, "created", check_created)
-        first = storage.get(name)
+        after = _field(header, "after", check_after)
+        first = await storage.get(name)
         if first is None:
             raise StreamNotFound(f"no stream named {quote(name)}")
-        if expected is not None and expected != first.created:
+        created = first.created
+        if expected is not None and expected != created:
             raise StreamGone(
                 f"stream {quote(name)} was deleted and created again since this read began"
+            )
+        if after is not None and await storage.tag_at(name, after[0]) != after[1]:
+            raise StreamGone(
+                f"stream {quote(name)} no longer holds the records this reader read up to"
+                f" offset {after[0]}: they were lost (and maybe others stored in their place)"
+                " since this read began"
             )
         offset = first.next_offset if start == "now" else start
         # The read's first message says which stream it reads (when it
         # was created), so a client that asks again can name it.
-        stamp = {"created": first.created}
+        stamp: dict[str, float] = {"created": created}
         # Records of one message fit a session frame (the smaller of
         # ours and the client's), with its header and a length per record.
         frame_room = session.max_frame - _MESSAGE_HEADROOM - 4 * _READ_BATCH
         read_bytes = max(1, min(_READ_BYTES, frame_room, window or _READ_BYTES))
+        recheck = storage.recheck_interval
         sent = 0  # bytes of records messages, for the window
         caught_up_sent = False
         while True:
             change = self._next_change(name) if live else None
-            info = storage.get(name)
-            if info is None or info.created != first.created:
+            if window is not None and sent - flow.consumed >= window:
+                # The reader holds a window of records it has not consumed:
+                # wait until it reports some consumed.
+                flow.more.clear()
+                await flow.more.wait()
+                continue
+            try:
+                chunk, info = await self._records(name, created, offset, read_bytes)
+            except StreamNotFound:
+                chunk, info = None, None
+            if info is not None and info.created != created:
+                info = None
+            if info is None and chunk is None:
                 raise StreamGone(f"stream {quote(name)} was deleted or expired")
-            if offset < info.next_offset:
-                if window is not None and sent - flow.consumed >= window:
-                    # The reader holds a window of records it has not
-                    # consumed: wait until it reports some consumed.
-                    flow.more.clear()
-                    await flow.more.wait()
-                    continue
-                records = storage.read(name, offset, _READ_BATCH, read_bytes)
-                count = await _send_records(session, request, offset, records, stamp)
+            if chunk is not None:
+                count = await self._send_records(session, request, name, offset, chunk, stamp)
                 stamp = {}
-                sent += records_size(records[:count])
+                sent += chunk.size
                 offset += count
                 caught_up_sent = False
                 continue
+            assert info is not None
             if info.finished or not live:
                 end = {"op": "end", "id": request, "next_offset": offset}
                 await _answer(session, {**end, "finished": info.finished, **stamp})
@@ -389,43 +405,123 @@ class HubServer(ServerBase):
                 await _answer(session, {**caught_up, **stamp})
                 caught_up_sent, stamp = True, {}
             assert change is not None  # live
-            await _wait(change, info.expires_at)
+            await _wait(change, info.expires_at, recheck)
+
+    async def _records(
+        self, name: str, created: float, offset: int, read_bytes: int
+    ) -> tuple[_Chunk | None, StreamInfo | None]:
+        """The records at ``offset`` encoded for a message, or the stream's state if none.
+
+        A chunk another reader of the same range had encoded is used again
+        if the stream still holds it (its last record's tag is the same).
+        Raises :class:`StreamNotFound` if the stream is absent.
+        """
+        key = (name, created, offset, read_bytes)
+        chunk = self._bodies.get(key)
+        if chunk is not None:
+            if await self.storage.tag_at(name, offset + chunk.count - 1) == chunk.tag:
+                return chunk, None
+            self._bodies.drop(key)
+        batch = await self.storage.read(name, offset, _READ_BATCH, read_bytes)
+        if not batch.records:
+            return None, batch.info
+        if batch.info.created != created:
+            return None, batch.info
+        assert batch.tag is not None
+        chunk = _Chunk(Records.pack(batch.records), batch.tag)
+        self._bodies.put(key, chunk)
+        return chunk, batch.info
+
+    async def _send_records(
+        self,
+        session: ServerSession,
+        request: int,
+        name: str,
+        offset: int,
+        chunk: _Chunk,
+        stamp: dict[str, float],
+    ) -> int:
+        """Send a chunk of records (from ``offset``), in as few messages as fit; return how many.
+
+        ``stamp`` goes into the first message's header.
+        """
+        records, tag = chunk.records, chunk.tag
+        body, count = chunk.body, len(records)
+        while True:
+            header = {"op": "records", "id": request, "offset": offset, "tag": tag, **stamp}
+            try:
+                await session.send(encode_head(header) + body)
+            except FrameTooLarge as exc:  # a lone large record, or many empty ones in tiny frames
+                if count == 1:
+                    raise LimitExceeded(
+                        f"record {offset} of {len(records[0])} bytes does not fit in one"
+                        f" message of this session ({exc})"
+                    ) from exc
+                count //= 2
+                body = records[:count].body
+                found = await self.storage.tag_at(name, offset + count - 1)
+                if found is None:
+                    raise StreamGone(f"stream {quote(name)} was deleted or expired") from exc
+                tag = found
+                continue
+            return count
 
 
-async def _send_records(
-    session: ServerSession,
-    request: int,
-    offset: int,
-    records: list[bytes],
-    stamp: dict[str, float],
-) -> int:
-    """Send ``records`` (from ``offset``) in as few messages as fit; return how many.
+class _Chunk:
+    """Records read for a message: the records, their body, the tag of the last."""
 
-    ``stamp`` goes into the first message's header.
-    """
-    while True:
-        header = {"op": "records", "id": request, "offset": offset, **stamp}
-        message = encode_message(header, records)
-        try:
-            await session.send(message)
-        except FrameTooLarge as exc:  # a lone large record, or many empty ones in tiny frames
-            if len(records) == 1:
-                raise LimitExceeded(
-                    f"record {offset} of {len(records[0])} bytes does not fit in one"
-                    f" message of this session ({exc})"
-                ) from exc
-            records = records[: len(records) // 2]
-            continue
-        return len(records)
+    __slots__ = ("body", "count", "records", "size", "tag")
+
+    def __init__(self, records: Records, tag: str) -> None:
+        self.records = records
+        self.count = len(records)
+        self.body = records.body
+        self.size = len(self.body)
+        self.tag = tag
 
 
-async def _wait(change: asyncio.Event, expires_at: float | None) -> None:
-    """Wait for the next change, or until the stream's TTL passes (it is then gone)."""
-    if expires_at is None:
+class _BodyCache:
+    """The chunks read lately, by (stream, created, offset, bytes asked), bounded in bytes."""
+
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._chunks: OrderedDict[tuple[str, float, int, int], _Chunk] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[str, float, int, int]) -> _Chunk | None:
+        chunk = self._chunks.get(key)
+        if chunk is not None:
+            self._chunks.move_to_end(key)
+        return chunk
+
+    def put(self, key: tuple[str, float, int, int], chunk: _Chunk) -> None:
+        if chunk.size > self.max_bytes // 4:
+            return  # one chunk must not push out everything else
+        self.drop(key)
+        self._chunks[key] = chunk
+        self._bytes += chunk.size
+        while self._bytes > self.max_bytes or len(self._chunks) > self.max_entries:
+            _, oldest = self._chunks.popitem(last=False)
+            self._bytes -= oldest.size
+
+    def drop(self, key: tuple[str, float, int, int]) -> None:
+        chunk = self._chunks.pop(key, None)
+        if chunk is not None:
+            self._bytes -= chunk.size
+
+
+async def _wait(change: asyncio.Event, expires_at: float | None, recheck: float | None) -> None:
+    """Wait for the next change, until the stream's TTL passes, or ``recheck`` seconds."""
+    timeout = recheck
+    if expires_at is not None:
+        left = max(0.0, expires_at - time.time())
+        timeout = left if timeout is None else min(timeout, left)
+    if timeout is None:
         await change.wait()
         return
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(max(0.0, expires_at - time.time())):
+        async with asyncio.timeout(timeout):
             await change.wait()
 
 
@@ -448,17 +544,17 @@ class _Records:
         self.body = body
         self.readable = readable
 
-    def decode(self) -> list[bytes]:
+    def decode(self) -> Records:
         """The records; a malformed body is a :class:`BadRequest`.
 
         A record too large to be read back in one message of this session
         is refused (:class:`LimitExceeded`): stored, it could not be served.
         """
         try:
-            records = decode_records(self.body)
+            records = Records.unpack(self.body)
         except ProtocolError as exc:
             raise BadRequest(str(exc)) from exc
-        largest = max(map(len, records), default=0)
+        largest = records.largest()
         if largest > self.readable:
             raise LimitExceeded(
                 f"record of {largest} bytes could not be read back in one message"
@@ -557,7 +653,7 @@ def _forget(
 
 def _storage(
     data_dir: str | os.PathLike[str] | None, limits: Limits | None, fsync: bool
-) -> StreamTable:
+) -> Storage:
     if data_dir is None:
         return MemoryStorage(limits)
     return FileStorage(data_dir, limits=limits, fsync=fsync)
@@ -565,19 +661,21 @@ def _storage(
 
 def _serve_hub(
     endpoint: Endpoint,
-    make_storage: Callable[[], StreamTable],
+    make_storage: Callable[[], Storage],
     serve_options: dict[str, Any],
 ) -> Connector[HubServer]:
     """Serve a hub on ``endpoint``: what :func:`serve_hub` and :func:`serve_hub_unix` do."""
 
     async def start() -> HubServer:
         hub = HubServer(make_storage())
+        await hub.storage.start()
         try:
+            hub.storage.subscribe(hub._on_change)
             hub._server = await serve_resumable_endpoint(
                 hub._serve_session, endpoint, **serve_options
             )
         except BaseException:
-            hub.storage.close()
+            await hub.storage.close()
             raise
         hub._expiry = asyncio.create_task(hub._expire_loop())
         return hub
@@ -592,7 +690,7 @@ def serve_hub(
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
     fsync: bool = False,
-    storage: StreamTable | None = None,
+    storage: Storage | None = None,
     ssl: _ssl.SSLContext | None = None,
     settings: SessionSettings | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
@@ -634,7 +732,7 @@ def serve_hub_unix(
     data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
     fsync: bool = False,
-    storage: StreamTable | None = None,
+    storage: Storage | None = None,
     ssl: _ssl.SSLContext | None = None,
     settings: SessionSettings | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,

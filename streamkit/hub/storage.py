@@ -17,15 +17,21 @@ power loss) tells it so instead of serving someone else's records.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from itertools import accumulate
+from typing import Any, NamedTuple, Protocol
 
 from streamkit.errors import StreamkitError
-from streamkit.hub.protocol import check_content_type, check_ttl, quote, records_size
+from streamkit.hub.protocol import Records, check_content_type, check_ttl, quote
 
 __all__ = [
     "PRODUCER_OVERHEAD",
@@ -203,8 +209,10 @@ class Produced(NamedTuple):
 class Batch:
     """What ``Storage.read`` returns."""
 
-    #: Consecutive records from the offset asked for; ``[]`` at the end.
-    records: list[bytes]
+    #: Consecutive records from the offset asked for; none at the end. A
+    #: backend that keeps batches packed returns a :class:`Records`, which
+    #: the hub sends on as it is.
+    records: Sequence[bytes]
     #: The stream's state as of this read (``next_offset``, ``finished``, ...).
     info: StreamInfo
     #: Lineage tag of the stored batch holding the last record returned
@@ -239,7 +247,7 @@ def decide_produce(
     if state is not None:
         if epoch < state.epoch:
             raise ProducerFenced(
-                f"producer {producer_id!r} epoch {epoch} is fenced off by epoch {state.epoch}"
+                f"producer {quote(producer_id)} epoch {epoch} is fenced off by epoch {state.epoch}"
             )
         if epoch == state.epoch:
             if seq <= state.seq:
@@ -247,11 +255,13 @@ def decide_produce(
                 return Produced(state.first_offset if seq == state.seq else None, True)
             if seq != state.seq + 1:
                 raise HubError(
-                    f"producer {producer_id!r} sent batch {seq} after batch {state.seq}: a gap"
+                    f"producer {quote(producer_id)} sent batch {seq} after batch {state.seq}: a gap"
                 )
             return None
     if seq != 0:  # a new producer, or a new epoch
-        raise HubError(f"producer {producer_id!r} epoch {epoch} must start at batch 0, not {seq}")
+        raise HubError(
+            f"producer {quote(producer_id)} epoch {epoch} must start at batch 0, not {seq}"
+        )
     return None
 
 
@@ -290,12 +300,16 @@ class Storage(Protocol):
         """The stream's metadata, or ``None`` if it is absent (or expired)."""
         ...
 
-    async def append(self, name: str, records: list[bytes]) -> int:
-        """Append ``records`` as one batch; return the offset of the first."""
+    async def append(self, name: str, records: Sequence[bytes]) -> int:
+        """Append ``records`` as one batch; return the offset of the first.
+
+        The hub passes a :class:`~streamkit.hub.protocol.Records`: the
+        batch packed as it came (``records.body``), to store as it is.
+        """
         ...
 
     async def produce(
-        self, name: str, records: list[bytes], producer_id: str, epoch: int, seq: int
+        self, name: str, records: Sequence[bytes], producer_id: str, epoch: int, seq: int
     ) -> Produced:
         """An idempotent producer's batch: decide and append, atomically.
 
@@ -349,29 +363,99 @@ class Storage(Protocol):
         ...
 
 
+class _Entry:
+    """A batch (or a finish) in a stream's bookkeeping, from its reservation to its commit.
+
+    A local backend reserves an entry when a request is validated (so the
+    next request sees its offsets and producer state), stores it, then
+    commits it (readers see it from then on); entries commit in order.
+    ``done`` is set when it commits or fails, for a backend whose storing
+    takes time (the file log); ``None`` for one that commits at once.
+    """
+
+    __slots__ = ("cost", "count", "done", "finish", "first", "producer_id", "size", "state", "tag")
+
+    def __init__(self, first: int, count: int, size: int, cost: int, tag: str) -> None:
+        self.first = first
+        self.count = count
+        self.size = size  # bytes of its records
+        self.cost = cost  # what it counts against max_total_bytes
+        self.tag = tag
+        self.producer_id: str | None = None
+        self.state: ProducerState | None = None  # the producer's state once it is committed
+        self.finish = False
+        self.done: asyncio.Future[None] | None = None
+
+
 class _Stream:
-    __slots__ = ("info", "producer_bytes", "producers")
+    """A stream in a :class:`StreamTable`: its committed state and what is being stored.
+
+    ``info``, ``producers``, ``starts`` and ``tags`` are committed: what
+    readers see. ``end``, ``size``, ``finishing`` and ``pending_producers``
+    include the entries reserved and not yet committed (``pending``), which
+    new requests are decided against.
+    """
+
+    __slots__ = (
+        "cost",
+        "data",
+        "end",
+        "finishing",
+        "info",
+        "pending",
+        "pending_producers",
+        "producers",
+        "removed",
+        "size",
+        "starts",
+        "tags",
+    )
 
     def __init__(self, info: StreamInfo) -> None:
-        self.producer_bytes = 0  # what its producers' states count
         self.info = info
         self.producers: dict[str, ProducerState] = {}
+        self.starts = array("q")  # first offset of each stored batch with records
+        self.tags: list[str] = []  # and its lineage tag
+        self.end = info.next_offset
+        self.size = info.size_bytes
+        self.finishing = info.finished
+        self.pending: deque[_Entry] = deque()
+        self.pending_producers: dict[str, ProducerState] = {}
+        self.cost = 0  # what it counts against max_total_bytes, pending entries included
+        self.removed = False
+        self.data: Any = None  # the backend's own: the records, or the log file
+
+    def producer_state(self, producer_id: str) -> ProducerState | None:
+        """The producer's state, counting the entries not yet committed."""
+        state = self.pending_producers.get(producer_id)
+        return self.producers.get(producer_id) if state is None else state
 
 
 class StreamTable:
-    """The bookkeeping every storage shares: names, limits, metadata, producers.
+    """The bookkeeping every local storage shares: names, limits, metadata, producers, tags.
 
     A backend subclasses it and keeps the records: ``_store_*`` hooks run
-    after a request is validated and before the table changes, so a hook
-    that raises leaves the table as it was. A stream whose TTL has passed
-    is absent at once (``get`` is ``None``, other requests raise
-    :class:`StreamNotFound`, ``create`` replaces it); ``expire`` frees it.
+    once a request is validated and its entry reserved; each entry is then
+    committed (:meth:`_commit`, in order) or, if storing it failed, the
+    stream's uncommitted entries are rolled back (:meth:`_rollback`).
+    Everything but the hooks runs without yielding, so requests are decided
+    one at a time and in order. A stream whose TTL has passed is absent at
+    once (``get`` is ``None``, other requests raise :class:`StreamNotFound`,
+    ``create`` replaces it); ``expire`` frees it.
     """
+
+    recheck_interval: float | None = None
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._streams: dict[str, _Stream] = {}
         self._total_bytes = 0
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    def subscribe(self, on_change: Callable[[str | None], None]) -> None:
+        """Every change goes through this process: ``on_change`` is never called."""
 
     def _live(self, name: str) -> _Stream | None:
         """The stream, unless it is absent or its TTL has passed."""
@@ -389,14 +473,15 @@ class StreamTable:
     def _add(self, info: StreamInfo) -> _Stream:
         """Put a stream (new or recovered) in the table."""
         stream = self._streams[info.name] = _Stream(info)
-        self._total_bytes += _cost(stream)
         return stream
 
-    def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
+    async def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
         if name in self._streams:
             if self._live(name) is not None:
                 raise StreamExists(f"stream {quote(name)} exists")
-            self._remove(name)  # expired, not swept yet
+            await self._remove(name)  # expired, not swept yet
+            if name in self._streams:  # created again while it was removed
+                raise StreamExists(f"stream {quote(name)} exists")
         try:
             ttl = check_ttl(ttl)
             content_type = check_content_type(content_type)
@@ -408,112 +493,193 @@ class StreamTable:
                 f"a stream name must be 1..{self.limits.max_name} bytes (UTF-8), not {size}"
             )
         if len(self._streams) >= self.limits.max_streams:
-            self.expire(time.time())  # make room from streams past their TTL
+            await self.expire(time.time())  # make room from streams past their TTL
+        if name in self._streams:
+            raise StreamExists(f"stream {quote(name)} exists")
         if len(self._streams) >= self.limits.max_streams:
             raise LimitExceeded(f"the hub holds max_streams={self.limits.max_streams}")
-        info = StreamInfo(name, content_type=content_type, ttl=ttl)
-        self._store_create(info)
-        return self._add(info).info
+        stream = self._add(StreamInfo(name, content_type=content_type, ttl=ttl))
+        try:
+            await self._store_create(stream)
+        except BaseException:
+            if self._streams.get(name) is stream:
+                del self._streams[name]
+                self._total_bytes -= stream.cost
+            stream.removed = True
+            raise
+        return stream.info
 
-    def get(self, name: str) -> StreamInfo | None:
+    async def get(self, name: str) -> StreamInfo | None:
         stream = self._live(name)
         return None if stream is None else stream.info
 
-    def names(self) -> list[str]:
+    async def names(self) -> list[str]:
+        """The streams present (not expired)."""
         return [name for name in self._streams if self._live(name) is not None]
 
-    def append(
-        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None = None
-    ) -> int:
+    async def append(self, name: str, records: Sequence[bytes]) -> int:
         stream = self._stream(name)
-        info = stream.info
-        if info.finished:
-            raise StreamFinished(f"stream {quote(name)} is finished; no more appends")
-        size = 0
-        for record in records:
-            if len(record) > self.limits.max_record:
-                raise LimitExceeded(
-                    f"record of {len(record)} bytes exceeds max_record={self.limits.max_record}"
-                )
-            size += len(record)
-        batch = records_size(records)
-        if batch > self.limits.max_batch:
+        packed = Records.pack(records)
+        entry = self._reserve(stream, packed, None)
+        await self._store_append(stream, entry, packed)
+        return entry.first
+
+    async def produce(
+        self, name: str, records: Sequence[bytes], producer_id: str, epoch: int, seq: int
+    ) -> Produced:
+        records = Records.pack(records)
+        while True:
+            stream = self._stream(name)
+            state = stream.producer_state(producer_id)
+            decided = decide_produce(state, producer_id, epoch, seq)
+            if decided is None:
+                entry = self._reserve(stream, records, (producer_id, epoch, seq))
+                await self._store_append(stream, entry, records)
+                return Produced(entry.first, False)
+            if not stream.pending:
+                return decided
+            # A retry of a batch not yet committed: acknowledged once it is
+            # (decided again then: if storing it failed, this one is appended).
+            await _settled(stream)
+
+    def _reserve(
+        self, stream: _Stream, records: Records, producer: tuple[str, int, int] | None
+    ) -> _Entry:
+        """Validate an append and take its place at the stream's end; return its entry."""
+        self._check_writable(stream)
+        if stream.finishing:
+            raise StreamFinished(f"stream {quote(stream.info.name)} is finished; no more appends")
+        limits = self.limits
+        largest = records.largest()
+        if largest > limits.max_record:
+            raise LimitExceeded(f"record of {largest} bytes exceeds max_record={limits.max_record}")
+        size = records.size
+        batch = len(records.body)
+        if batch > limits.max_batch:
             raise LimitExceeded(
                 f"a batch of {len(records)} records ({batch} bytes with their lengths)"
-                f" exceeds max_batch={self.limits.max_batch}"
+                f" exceeds max_batch={limits.max_batch}"
             )
         cost = size + RECORD_OVERHEAD * len(records)
         new_producer = ""
-        if producer is not None and producer[0] not in stream.producers:
+        if producer is not None and stream.producer_state(producer[0]) is None:
             state_cost = _producer_cost(producer[0])
             cost += state_cost
             new_producer = f" and a new producer's state ({state_cost} bytes)"
-        if self._total_bytes + cost > self.limits.max_total_bytes:
+        if self._total_bytes + cost > limits.max_total_bytes:
             raise LimitExceeded(
                 f"appending {len(records)} records of {size} bytes (+{RECORD_OVERHEAD} each)"
-                f"{new_producer} would exceed max_total_bytes={self.limits.max_total_bytes}"
+                f"{new_producer} would exceed max_total_bytes={limits.max_total_bytes}"
             )
-        first = info.next_offset
-        self._store_append(name, records, producer)
-        self._appended(stream, records, size, producer)
-        return first
-
-    def _appended(
-        self,
-        stream: _Stream,
-        records: list[bytes],
-        size: int,
-        producer: tuple[str, int, int] | None,
-    ) -> None:
-        """Account for records appended (or recovered) at the stream's end."""
-        info = stream.info
+        entry = _Entry(stream.end, len(records), size, cost, new_tag())
         if producer is not None:
             producer_id, epoch, seq = producer
-            if producer_id not in stream.producers:
-                state_cost = _producer_cost(producer_id)
-                stream.producer_bytes += state_cost
-                self._total_bytes += state_cost
-            stream.producers[producer_id] = ProducerState(
-                epoch, seq, info.next_offset, len(records)
+            entry.producer_id = producer_id
+            entry.state = stream.pending_producers[producer_id] = ProducerState(
+                epoch, seq, stream.end, len(records)
             )
-        info.next_offset += len(records)
-        info.size_bytes += size
-        self._total_bytes += size + RECORD_OVERHEAD * len(records)
+        self._reserved(stream, entry)
+        return entry
 
-    def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> list[bytes]:
-        info = self._stream(name).info
+    def _reserved(self, stream: _Stream, entry: _Entry) -> None:
+        stream.end += entry.count
+        stream.size += entry.size
+        stream.cost += entry.cost
+        self._total_bytes += entry.cost
+        stream.pending.append(entry)
+
+    def _commit(self, stream: _Stream, entry: _Entry) -> None:
+        """Make the stream's oldest pending entry, ``entry``, what readers see."""
+        assert stream.pending[0] is entry
+        stream.pending.popleft()
+        info = stream.info
+        if entry.count:
+            stream.starts.append(entry.first)
+            stream.tags.append(entry.tag)
+            info.next_offset += entry.count
+            info.size_bytes += entry.size
+        if entry.producer_id is not None:
+            assert entry.state is not None
+            stream.producers[entry.producer_id] = entry.state
+            if stream.pending_producers.get(entry.producer_id) is entry.state:
+                del stream.pending_producers[entry.producer_id]
+        if entry.finish:
+            info.finished = True
+        if entry.done is not None and not entry.done.done():
+            entry.done.set_result(None)
+
+    def _rollback(self, stream: _Stream, error: BaseException) -> None:
+        """Drop every entry of ``stream`` not committed: storing them failed with ``error``."""
+        cost = sum(entry.cost for entry in stream.pending)
+        if not stream.removed:
+            self._total_bytes -= cost
+        stream.cost -= cost
+        info = stream.info
+        stream.end, stream.size, stream.finishing = info.next_offset, info.size_bytes, info.finished
+        stream.pending_producers.clear()
+        pending, stream.pending = stream.pending, deque()
+        for entry in pending:
+            if entry.done is not None and not entry.done.done():
+                entry.done.set_exception(error)
+
+    async def producer(self, name: str, producer_id: str) -> ProducerState | None:
+        stream = self._stream(name)
+        if stream.pending:
+            await _settled(stream)  # where the producer is once its batches are stored
+        return stream.producers.get(producer_id)
+
+    async def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> Batch:
+        stream = self._stream(name)
+        info = stream.info
         stop = min(info.next_offset, offset + max_records)
         if offset >= stop:
-            return []
-        return self._store_read(name, offset, stop, max_bytes)
+            return Batch([], info, None)
+        records, tag = await self._store_read(stream, offset, stop, max_bytes)
+        return Batch(records, info, tag)
 
-    def finish(self, name: str) -> StreamInfo:
-        info = self._stream(name).info
-        if not info.finished:
-            self._store_finish(name)
-            info.finished = True
-        return info
+    async def tag_at(self, name: str, offset: int) -> str | None:
+        stream = self._stream(name)
+        if not 0 <= offset < stream.info.next_offset:
+            return None
+        return self._tag(stream, offset)
 
-    def delete(self, name: str) -> None:
+    @staticmethod
+    def _tag(stream: _Stream, offset: int) -> str:
+        """The tag of the committed batch holding record ``offset``."""
+        return stream.tags[bisect_right(stream.starts, offset) - 1]
+
+    async def finish(self, name: str) -> StreamInfo:
+        while True:
+            stream = self._stream(name)
+            if not stream.finishing:
+                self._check_writable(stream)
+                entry = _Entry(stream.end, 0, 0, 0, "")
+                entry.finish = True
+                stream.finishing = True
+                self._reserved(stream, entry)
+                await self._store_finish(stream, entry)
+                return stream.info
+            if stream.info.finished:
+                return stream.info
+            await _settled(stream)  # another finish is being stored
+
+    async def delete(self, name: str) -> None:
         self._stream(name)
-        self._remove(name)
+        await self._remove(name)
 
-    def _remove(self, name: str) -> None:
-        stream = self._streams[name]
-        self._store_delete(name)
-        del self._streams[name]
-        self._total_bytes -= _cost(stream)
+    async def _remove(self, name: str) -> None:
+        stream = self._streams.pop(name)
+        stream.removed = True
+        self._total_bytes -= stream.cost
+        await self._store_delete(stream)
 
-    def producer(self, name: str, producer_id: str) -> ProducerState | None:
-        return self._stream(name).producers.get(producer_id)
-
-    def expire(self, now: float) -> list[str]:
+    async def expire(self, now: float) -> list[str]:
         gone = []
         for name, stream in list(self._streams.items()):
             try:
-                if not stream.info.expired(now):
+                if not stream.info.expired(now) or self._streams.get(name) is not stream:
                     continue
-                self._remove(name)
+                await self._remove(name)
             except Exception:
                 # One stream that cannot be removed must not stop the others
                 # expiring; it is retried at the next sweep.
@@ -522,35 +688,69 @@ class StreamTable:
             gone.append(name)
         return gone
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._streams.clear()
         self._total_bytes = 0
 
+    def _replay_batch(
+        self,
+        stream: _Stream,
+        count: int,
+        size: int,
+        producer: tuple[str, int, int] | None,
+        tag: str,
+    ) -> None:
+        """Account for a batch a backend recovered (limits are not checked: it is stored)."""
+        cost = size + RECORD_OVERHEAD * count
+        entry = _Entry(stream.end, count, size, cost, tag)
+        if producer is not None:
+            producer_id, epoch, seq = producer
+            if stream.producer_state(producer_id) is None:
+                entry.cost += _producer_cost(producer_id)
+            entry.producer_id = producer_id
+            entry.state = ProducerState(epoch, seq, stream.end, count)
+        self._reserved(stream, entry)
+        self._commit(stream, entry)
+
+    def _replay_finish(self, stream: _Stream) -> None:
+        """Account for a finish a backend recovered."""
+        stream.finishing = stream.info.finished = True
+
     # -- what a backend provides -------------------------------------------
 
-    def _store_create(self, info: StreamInfo) -> None:
+    def _check_writable(self, stream: _Stream) -> None:
+        """Raise a :class:`HubError` if the stream can take no appends now."""
+
+    async def _store_create(self, stream: _Stream) -> None:
         raise NotImplementedError
 
-    def _store_append(
-        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None
-    ) -> None:
+    async def _store_append(self, stream: _Stream, entry: _Entry, records: Records) -> None:
+        """Store ``entry``'s records and commit it (or roll back and raise)."""
         raise NotImplementedError
 
-    def _store_read(self, name: str, start: int, stop: int, max_bytes: int) -> list[bytes]:
-        """Records ``start`` up to ``stop`` (at least one), within ``max_bytes``."""
+    async def _store_finish(self, stream: _Stream, entry: _Entry) -> None:
+        """Store that the stream is finished and commit ``entry`` (or roll back and raise)."""
         raise NotImplementedError
 
-    def _store_finish(self, name: str) -> None:
+    async def _store_read(
+        self, stream: _Stream, start: int, stop: int, max_bytes: int
+    ) -> tuple[Records, str]:
+        """Committed records ``start`` up to ``stop`` (at least one), within ``max_bytes``.
+
+        Returns them and the tag of the batch holding the last.
+        """
         raise NotImplementedError
 
-    def _store_delete(self, name: str) -> None:
+    async def _store_delete(self, stream: _Stream) -> None:
         raise NotImplementedError
 
 
-def _cost(stream: _Stream) -> int:
-    """What a stream counts against ``max_total_bytes``."""
-    info = stream.info
-    return info.size_bytes + RECORD_OVERHEAD * info.next_offset + stream.producer_bytes
+async def _settled(stream: _Stream) -> None:
+    """Wait until every entry pending in ``stream`` now has committed or failed."""
+    done = stream.pending[-1].done
+    if done is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(done)
 
 
 def _producer_cost(producer_id: str) -> int:
@@ -558,41 +758,51 @@ def _producer_cost(producer_id: str) -> int:
 
 
 def take_within(sizes: Iterable[int], max_bytes: int) -> int:
-    """How many of the leading ``sizes`` fit in ``max_bytes`` (at least one)."""
-    count = total = 0
-    for size in sizes:
-        total += size
-        if count and total > max_bytes:
-            break
-        count += 1
-    return count
+    """How many of the leading ``sizes`` fit in ``max_bytes`` (at least one, if any)."""
+    totals = list(accumulate(sizes))
+    return max(bisect_right(totals, max_bytes), min(1, len(totals)))
 
 
 class MemoryStorage(StreamTable):
-    """Streams held in memory; gone when the process ends."""
+    """Streams held in memory; gone when the process ends.
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        super().__init__(limits)
-        self._records: dict[str, list[bytes]] = {}
+    Each appended batch is kept as it came (packed, with its offset and
+    tag); a read slices across batches. Every request is served without
+    yielding.
+    """
 
-    def _store_create(self, info: StreamInfo) -> None:
-        self._records[info.name] = []
+    async def _store_create(self, stream: _Stream) -> None:
+        stream.data = []  # the batches with records, one per entry of stream.starts
 
-    def _store_append(
-        self, name: str, records: list[bytes], producer: tuple[str, int, int] | None
-    ) -> None:
-        self._records[name].extend(records)
+    async def _store_append(self, stream: _Stream, entry: _Entry, records: Records) -> None:
+        if records:
+            stream.data.append(records)
+        self._commit(stream, entry)
 
-    def _store_read(self, name: str, start: int, stop: int, max_bytes: int) -> list[bytes]:
-        records = self._records[name][start:stop]
-        return records[: take_within(map(len, records), max_bytes)]
+    async def _store_finish(self, stream: _Stream, entry: _Entry) -> None:
+        self._commit(stream, entry)
 
-    def _store_finish(self, name: str) -> None:
-        pass
+    async def _store_read(
+        self, stream: _Stream, start: int, stop: int, max_bytes: int
+    ) -> tuple[Records, str]:
+        batches: list[Records] = stream.data
+        starts = stream.starts
+        index = bisect_right(starts, start) - 1
+        parts: list[Records] = []
+        offset = start
+        budget = max_bytes
+        while True:
+            low = offset - starts[index]
+            part = batches[index][low : low + stop - offset]
+            fits = part.fit(budget) or (0 if parts else 1)  # at least one record in all
+            if fits:
+                taken = part[:fits]
+                parts.append(taken)
+                budget -= taken.size
+                offset += fits
+            if fits < len(part) or offset >= stop:
+                return Records.join(parts), stream.tags[index if fits else index - 1]
+            index += 1
 
-    def _store_delete(self, name: str) -> None:
-        del self._records[name]
-
-    def close(self) -> None:
-        super().close()
-        self._records.clear()
+    async def _store_delete(self, stream: _Stream) -> None:
+        stream.data = None
