@@ -24,6 +24,7 @@ from streamkit import hub
 from streamkit.errors import DecodeError
 from streamkit.hub import HubClient, HubServer, Limits, MemoryStorage
 from streamkit.hub import server as hub_server
+from streamkit.hub.storage import Produced
 
 FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
 
@@ -879,3 +880,99 @@ async def test_a_read_that_expects_another_incarnation_of_its_stream_is_gone() -
             odd._created = bad  # type: ignore[assignment]  # as a client without checks would
             with pytest.raises(hub.BadRequest, match=rf"'created'.*{error}"):
                 await asyncio.wait_for(anext(odd), 5)
+
+
+async def eventually(condition: Any, seconds: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (it depends on another process's doing: polled)."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+class _HeldProduces(MemoryStorage):
+    """Memory storage whose produce requests wait until the test lets them through."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(limits)
+        self.open = asyncio.Event()
+        self.arrived = 0
+
+    async def produce(
+        self, name: str, records: list[bytes], producer_id: str, epoch: int, seq: int
+    ) -> Produced:
+        self.arrived += 1
+        await self.open.wait()
+        return await super().produce(name, records, producer_id, epoch, seq)
+
+
+async def test_a_producer_sends_several_batches_before_the_first_is_answered() -> None:
+    storage = _HeldProduces()
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, storage=storage, grace_period=0.2, **FAST) as server,
+        hub.connect("127.0.0.1", server.port, **FAST) as client,
+    ):
+        await client.create("p")
+        # A batch per record (max_batch_bytes=1), up to three unanswered at once.
+        producer = client.producer("p", "w", max_batch_bytes=1, max_in_flight=3)
+        for n in range(10):
+            producer.append_nowait(b"r%d" % n)
+        flushed = asyncio.create_task(producer.flush())
+        await eventually(lambda: len(producer._in_flight) == 3)  # the hub holds the first
+        await asyncio.sleep(0.05)
+        assert len(producer._in_flight) == 3 and len(producer._unsent) == 7
+        assert storage.arrived == 1  # the hub applies them one at a time, in order
+        storage.open.set()
+        await asyncio.wait_for(flushed, 5)
+        assert await read_all(client, "p") == [b"r%d" % n for n in range(10)]
+        state = await client._call({"op": "producer", "name": "p", "producer": "w"})
+        assert state["seq"] == 9  # each batch appended once, in sequence
+
+
+async def test_batches_sent_behind_a_refused_one_are_sent_again_and_appended() -> None:
+    errors: list[BaseException] = []
+    storage = _HeldProduces(Limits(max_record=100))
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, storage=storage, grace_period=0.2, **FAST) as server,
+        hub.connect("127.0.0.1", server.port, **FAST) as client,
+    ):
+        await client.create("p")
+        producer = client.producer("p", "w", max_batch_bytes=1, on_error=errors.append)
+        for record in (b"r0", b"x" * 101, b"r2", b"r3", b"y" * 101, b"r5"):
+            producer.append_nowait(record)
+        await eventually(lambda: len(producer._in_flight) == 6)  # all out before any answer
+        storage.open.set()
+        await asyncio.wait_for(producer.close(), 5)
+        # The hub refused batches 1 and 4, and took 2, 3 and 5 (after 1 and 4,
+        # first as gaps) once sent again with the sequences that follow.
+        assert await read_all(client, "p") == [b"r0", b"r2", b"r3", b"r5"]
+        assert [getattr(error, "records", None) for error in errors] == [
+            (b"x" * 101,),
+            (b"y" * 101,),
+        ]
+        assert "'w': record 1 not appended" in str(errors[0])
+        assert "'w': record 4 not appended" in str(errors[1])
+        state = await client._call({"op": "producer", "name": "p", "producer": "w"})
+        assert state["seq"] == 3
+
+
+async def test_a_producer_pipeline_survives_connection_cuts_exactly_once() -> None:
+    from streamkit.testing import FaultProxy
+
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **FAST) as server,
+        FaultProxy("127.0.0.1", server.port, seed=7) as proxy,
+        hub.connect("127.0.0.1", proxy.port, **FAST) as client,
+    ):
+        await client.create("p")
+        producer = client.producer("p", "w", max_batch_bytes=64, max_in_flight=8)
+        proxy.cut_every(0.01)
+        for n in range(3000):
+            producer.append_nowait(b"%05d" % n)
+            if n % 50 == 49:
+                await asyncio.sleep(0.001)
+        await asyncio.wait_for(producer.close(), 20)
+        proxy.stop_cutting()
+        assert await read_all(client, "p") == [b"%05d" % n for n in range(3000)]
+        assert proxy.stats.cuts > 0

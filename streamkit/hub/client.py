@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import count, repeat
 from typing import Any, Literal, NamedTuple, Unpack
 
-from streamkit._lifecycle import AsyncClosable, wait_all
+from streamkit._lifecycle import AsyncClosable
 from streamkit.errors import ConnectionLost, DecodeError, SessionError, StreamkitError
 from streamkit.hub.protocol import (
     check_content_type,
@@ -141,6 +141,14 @@ def _data(record: object) -> bytes:
     if not isinstance(record, bytes | bytearray | memoryview):
         raise TypeError(f"a record must be bytes-like, not {type(record).__name__}")
     return bytes(record)
+
+
+def _at_least_one(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{field} must be >= 1, not {value}")
+    return value
 
 
 def _error(header: dict[str, Any]) -> HubError:
@@ -382,20 +390,41 @@ class Reader(AsyncClosable):
         self._event.set()
 
 
+class _Batch:
+    """A producer's batch on its way: its records, their numbers, its sequence once it has one."""
+
+    __slots__ = ("first", "future", "losses", "records", "request", "seq", "session")
+
+    def __init__(self, records: list[bytes], first: int) -> None:
+        self.records = records
+        self.first = first  # the producer's number of its first record
+        self.seq: int | None = None
+        # Once sent: the request, the session it went out on, its reply.
+        self.request = 0
+        self.session: ClientSession | None = None
+        self.future: asyncio.Future[_Reply] | None = None
+        self.losses = 0  # sessions lost in a row with it written and unanswered
+
+
 class Producer(AsyncClosable):
     """An idempotent producer: batched appends that are exactly-once across retries.
 
     ``append_nowait(data)`` adds a record to the current batch, sent after
-    ``linger`` seconds or once ``max_batch_bytes`` are pending. Batches
-    carry (producer id, epoch, sequence): the server drops a batch it
-    already has, and fences off a producer with an older epoch
-    (:class:`ProducerFenced`). Errors go to ``on_error`` if given, and are
-    raised by the next ``flush()`` or ``close()`` otherwise.
+    ``linger`` seconds or once ``max_batch_bytes`` are pending. Up to
+    ``max_in_flight`` batches are sent before the first is answered; the
+    hub applies them in order. Batches carry (producer id, epoch,
+    sequence): the server drops a batch it already has, and fences off a
+    producer with an older epoch (:class:`ProducerFenced`). When the hub
+    loses the client's session, every batch not yet acknowledged is sent
+    again on the next, in order, with its sequence. Errors go to
+    ``on_error`` if given, and are raised by the next ``flush()`` or
+    ``close()`` otherwise.
 
     A batch the hub refuses (a record over ``max_record``, a finished
     stream, ...) is not appended at all: its error is a :class:`HubError`
     whose ``records`` are the refused records and whose message numbers
-    them (the producer's records count from 0). Later batches go on.
+    them (the producer's records count from 0). Later batches go on (those
+    sent behind it are sent again, numbered anew).
     ``append_nowait`` after ``close()`` raises :class:`RuntimeError`.
     """
 
@@ -408,6 +437,7 @@ class Producer(AsyncClosable):
         epoch: int,
         linger: float,
         max_batch_bytes: int,
+        max_in_flight: int,
         on_error: Callable[[BaseException], object] | None,
     ) -> None:
         self._client = client
@@ -416,16 +446,20 @@ class Producer(AsyncClosable):
         self.epoch = epoch
         self.linger = linger
         self.max_batch_bytes = max_batch_bytes
+        self.max_in_flight = max_in_flight
         self._on_error = on_error
         self._batch: list[bytes] = []
-        self._batch_bytes = 0
+        self._room = max_batch_bytes  # bytes the pending batch may still take
         self._seq: int | None = None  # next batch's sequence, learned from the server
         self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
-        self._lock = asyncio.Lock()  # batches go out in sequence order
+        self._unsent: deque[_Batch] = deque()  # batches to send, in order
+        self._in_flight: deque[_Batch] = deque()  # sent, unanswered, in order
+        self._pump: asyncio.Task[None] | None = None  # sends them, while there are any
         self._error: BaseException | None = None
-        self._records = 0  # records accepted by append_nowait so far
+        self._batched = 0  # records put in batches so far
         self._closed = False
+        # append_nowait must raise (closed, or an error to raise): checked once.
+        self._refusing = False
 
     def append_nowait(self, data: bytes) -> None:
         """Add a record to the pending batch; it is sent soon (see ``linger``).
@@ -434,21 +468,26 @@ class Producer(AsyncClosable):
         length per record), or one larger record alone, so that it fits
         the session's ``max_frame`` whenever its records do.
         """
+        if self._refusing:
+            self._refuse()
+        if type(data) is not bytes:
+            data = _data(data)
+        size = len(data) + _RECORD_LENGTH
+        if size > self._room and self._batch:
+            self._send_batch()  # this record would make the batch too large
+        self._batch.append(data)
+        self._room -= size
+        if self._room <= 0:
+            self._send_batch()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._send_batch)
+
+    def _refuse(self) -> None:
         if self._closed:
             raise RuntimeError(f"producer {self.producer_id!r} of {self.name!r} is closed")
         if self._error is not None and self._on_error is None:
             raise self._error
-        record = _data(data)
-        size = len(record) + _RECORD_LENGTH
-        if self._batch and self._batch_bytes + size > self.max_batch_bytes:
-            self._send_batch()  # this record would make the batch too large
-        self._batch.append(record)
-        self._batch_bytes += size
-        self._records += 1
-        if self._batch_bytes >= self.max_batch_bytes:
-            self._send_batch()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.linger, self._send_batch)
+        self._refusing = False
 
     def _send_batch(self) -> None:
         if self._timer is not None:
@@ -456,53 +495,149 @@ class Producer(AsyncClosable):
             self._timer = None
         if not self._batch:
             return
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        task = asyncio.create_task(self._deliver(batch, self._records - len(batch)))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        records, self._batch, self._room = self._batch, [], self.max_batch_bytes
+        self._unsent.append(_Batch(records, self._batched))
+        self._batched += len(records)
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run())
 
-    async def _deliver(self, batch: list[bytes], first: int) -> None:
+    async def _run(self) -> None:
+        """Send the batches in order, up to ``max_in_flight`` ahead, until none is left."""
         try:
-            async with self._lock:
-                if self._seq is None:
-                    reply = await self._client._call(
-                        {"op": "producer", "name": self.name, "producer": self.producer_id},
-                        retry=True,
-                    )
-                    same_epoch = reply["epoch"] == self.epoch and reply["seq"] is not None
-                    self._seq = reply["seq"] + 1 if same_epoch else 0
-                seq = self._seq
+            while self._unsent or self._in_flight:
                 try:
-                    await self._client._call(
-                        {
-                            "op": "produce",
-                            "name": self.name,
-                            "producer": self.producer_id,
-                            "epoch": self.epoch,
-                            "seq": seq,
-                        },
-                        batch,
-                        retry=True,  # the same (producer, epoch, seq): the hub drops a copy
-                    )
-                except BaseException:
-                    # Refused, the batch took no sequence number; lost on the
-                    # way, it may have: either way, ask the server next time.
-                    self._seq = None
-                    raise
-                self._seq = seq + 1
-        except HubError as exc:
-            self._report(self._refused(exc, batch, first))
-        except Exception as exc:
-            self._report(exc)
+                    while self._unsent and len(self._in_flight) < self.max_in_flight:
+                        if not await self._send_next():
+                            break
+                    if self._in_flight:
+                        await self._settle_first()
+                except _Refused as refused:
+                    await self._after_refusal(refused.batch, refused.error)
+        except Exception as exc:  # the client failed: nothing more can be sent
+            for batch in (*self._in_flight, *self._unsent):
+                self._forget(batch)
+                self._report(exc)
+            self._in_flight.clear()
+            self._unsent.clear()
+        finally:
+            self._pump = None
 
-    def _refused(self, exc: HubError, batch: list[bytes], first: int) -> HubError:
+    async def _send_next(self) -> bool:
+        """Send the first unsent batch; ``False`` if it must wait for those in flight."""
+        client = self._client
+        batch = self._unsent[0]
+        if batch.seq is None and self._seq is None:
+            if self._in_flight:
+                return False  # where to continue is known once they are answered
+            reply = await client._call(
+                {"op": "producer", "name": self.name, "producer": self.producer_id},
+                retry=True,
+            )
+            same_epoch = reply["epoch"] == self.epoch and reply["seq"] is not None
+            self._seq = reply["seq"] + 1 if same_epoch else 0
+        session = await client._current()
+        if self._in_flight and self._in_flight[-1].session is not session:
+            # Those went out on a session the hub lost: they go again first,
+            # or the hub would take this one's sequence as theirs.
+            return False
+        if batch.seq is None:
+            assert self._seq is not None
+            batch.seq, self._seq = self._seq, self._seq + 1
+        header = {
+            "op": "produce",
+            "name": self.name,
+            "producer": self.producer_id,
+            "epoch": self.epoch,
+            "seq": batch.seq,
+        }
+        try:
+            sent = await client._send_request(session, header, batch.records)
+        except StreamkitError as exc:
+            if client._failure is not None:
+                raise
+            raise _Refused(batch, exc) from exc  # it cannot be sent at all (FrameTooLarge)
+        if sent is None:
+            return False  # the session closed first: it goes on the next
+        batch.request, batch.future = sent
+        batch.session = session
+        self._in_flight.append(self._unsent.popleft())
+        return True
+
+    async def _settle_first(self) -> None:
+        """Wait for the first batch in flight's reply; on a lost session, send them again."""
+        batch = self._in_flight[0]
+        assert batch.future is not None
+        try:
+            reply, _ = await batch.future
+        except _SessionLost as exc:
+            # Every batch in flight went out on that session: they go again,
+            # in order, with their sequences (the hub drops what it has).
+            for lost in self._in_flight:
+                outcome = lost.future
+                if outcome is not None and outcome.done() and not outcome.cancelled():
+                    why = outcome.exception()
+                    if isinstance(why, _SessionLost) and why.written:
+                        lost.losses += 1
+            if batch.losses >= _MAX_LOSSES:
+                raise _Refused(
+                    batch,
+                    ConnectionLost(
+                        f"a batch of producer {self.producer_id!r} was in flight on"
+                        f" {batch.losses} sessions in a row that the hub lost: it may be"
+                        " what makes the hub fail; not sending it again"
+                    ),
+                ) from exc.why
+            for lost in reversed(self._in_flight):
+                self._forget(lost)
+                self._unsent.appendleft(lost)
+            self._in_flight.clear()
+            return
+        if reply["op"] == "error":
+            raise _Refused(batch, _error(reply))
+        self._forget(batch)
+        self._in_flight.popleft()
+
+    async def _after_refusal(self, refused: _Batch, error: StreamkitError) -> None:
+        """Report a refused batch; send again, numbered anew, the batches sent after it.
+
+        The hub refused them as a gap (the refused batch took no
+        sequence), unless it applied them anyway: their replies tell.
+        """
+        if refused in self._in_flight:
+            self._in_flight.remove(refused)
+        else:
+            self._unsent.remove(refused)
+        self._forget(refused)
+        self._report(self._refused(error, refused) if isinstance(error, HubError) else error)
+        again: list[_Batch] = []
+        for batch in self._in_flight:
+            reply: _Reply | None = None
+            if batch.future is not None:
+                with contextlib.suppress(StreamkitError):
+                    reply = await batch.future
+            self._forget(batch)
+            if reply is None or reply[0]["op"] == "error":
+                again.append(batch)
+        self._in_flight.clear()
+        self._unsent.extendleft(reversed(again))
+        for batch in self._unsent:
+            batch.seq = None
+        self._seq = None  # ask the hub where to continue
+
+    def _forget(self, batch: _Batch) -> None:
+        """Stop waiting for ``batch``'s reply (a reply that comes later is dropped)."""
+        if batch.future is not None:
+            self._client._forget(batch.request)
+            batch.future = batch.session = None
+
+    def _refused(self, exc: HubError, batch: _Batch) -> HubError:
         """``exc`` again, naming the records of the batch it refused."""
-        last = first + len(batch) - 1
+        first, last = batch.first, batch.first + len(batch.records) - 1
         which = f"record {first}" if first == last else f"records {first}..{last}"
         error = type(exc)(
             f"producer {self.producer_id!r}: {which} not appended to {self.name!r}: {exc}"
         )
-        error.records = tuple(batch)
+        error.records = tuple(batch.records)
         error.__cause__ = exc
         return error
 
@@ -511,22 +646,35 @@ class Producer(AsyncClosable):
             self._on_error(error)
         elif self._error is None:
             self._error = error
+            self._refusing = True
 
     async def flush(self) -> None:
-        """Send the pending batch and wait until every batch is appended.
+        """Send the pending batch and wait until every batch is appended (or refused).
 
-        Cancelling ``flush()`` cancels no batch: those in flight go on.
+        Cancelling ``flush()`` cancels no batch: they go on.
         """
         self._send_batch()
-        await wait_all(self._sending)
+        pump = self._pump
+        if pump is not None:
+            # Not a loop: a pump that is done is never waited on again.
+            await asyncio.wait([pump])
         if self._error is not None and self._on_error is None:
             error, self._error = self._error, None
             raise error
 
     async def close(self) -> None:
         """Flush, then stop: ``append_nowait`` raises from now on."""
-        self._closed = True
+        self._closed = self._refusing = True
         await self.flush()
+
+
+class _Refused(Exception):
+    """A producer's batch the hub refused (or that could not be sent at all)."""
+
+    def __init__(self, batch: _Batch, error: StreamkitError) -> None:
+        super().__init__(str(error))
+        self.batch = batch
+        self.error = error
 
 
 class HubClient(AsyncClosable):
@@ -803,44 +951,69 @@ class HubClient(AsyncClosable):
         unless the request was never written to a connection (it was sent
         while the session was resuming, and the resume failed).
         """
-        loop = asyncio.get_running_loop()
         losses = 0  # sessions lost with this request written and unanswered
         while True:
             session = await self._current()
-            request = self._new_request()
-            future: asyncio.Future[_Reply] = loop.create_future()
-            detached_at = None if session.connected else session.stats.connections
-            self._pending[request] = (future, session, detached_at)
+            sent = await self._send_request(session, header, records)
+            if sent is None:
+                continue  # it never went out: send it on the next session
+            request, future = sent
             try:
-                try:
-                    await session.send(encode_message({**header, "id": request}, records))
-                except StreamkitError:
-                    if not session.closed or self._closing:
-                        raise
-                    continue  # it never went out: send it on the next session
-                try:
-                    reply, _ = await future
-                except _SessionLost as exc:
-                    if not exc.written:
-                        continue
-                    losses += 1
-                    if not retry:
-                        raise ConnectionLost(_outcome_unknown(header, exc.why)) from exc.why
-                    if losses >= _MAX_LOSSES:
-                        raise ConnectionLost(
-                            f"{header['op']} of stream {header.get('name')!r} was in flight on"
-                            f" {losses} sessions in a row that the hub lost: it may be what"
-                            " makes the hub fail; not sending it again"
-                        ) from exc.why
+                reply, _ = await future
+            except _SessionLost as exc:
+                if not exc.written:
                     continue
-                break
+                losses += 1
+                if not retry:
+                    raise ConnectionLost(_outcome_unknown(header, exc.why)) from exc.why
+                if losses >= _MAX_LOSSES:
+                    raise ConnectionLost(
+                        f"{header['op']} of stream {header.get('name')!r} was in flight on"
+                        f" {losses} sessions in a row that the hub lost: it may be what"
+                        " makes the hub fail; not sending it again"
+                    ) from exc.why
+                continue
             finally:
-                self._pending.pop(request, None)
-                if future.done() and not future.cancelled():
-                    future.exception()  # retrieved: a call that stopped waiting logs nothing
+                self._forget(request)
+            break
         if reply["op"] == "error":
             raise _error(reply)
         return dict(reply)
+
+    async def _send_request(
+        self, session: ClientSession, header: dict[str, Any], records: list[bytes] | None = None
+    ) -> tuple[int, asyncio.Future[_Reply]] | None:
+        """Send a request on ``session``; return its id and the future of its reply.
+
+        ``None`` if the session closed before the request went out (it can
+        go on the next). Forget the request (:meth:`_forget`) once its reply
+        is in or no longer wanted.
+        """
+        request = self._new_request()
+        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        detached_at = None if session.connected else session.stats.connections
+        self._pending[request] = (future, session, detached_at)
+        try:
+            await session.send(encode_message({**header, "id": request}, records))
+        except StreamkitError:
+            self._forget(request)
+            if not session.closed or self._closing:
+                raise
+            return None
+        except BaseException:
+            self._forget(request)
+            raise
+        return request, future
+
+    def _forget(self, request: int) -> None:
+        """Stop waiting for ``request``'s reply: one that comes later is dropped."""
+        pending = self._pending.pop(request, None)
+        if pending is not None:
+            future = pending[0]
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a call that stopped waiting logs nothing
+            else:
+                future.cancel()
 
     # -- streams ----------------------------------------------------------------
 
@@ -954,26 +1127,24 @@ class HubClient(AsyncClosable):
         epoch: int = 0,
         linger: float = 0.005,
         max_batch_bytes: int = 1 * MiB,
+        max_in_flight: int = 8,
         on_error: Callable[[BaseException], object] | None = None,
     ) -> Producer:
         """An idempotent, batching producer for ``name`` (see :class:`Producer`).
 
         ``producer_id`` is 1..255 bytes (UTF-8), ``epoch`` an int >= 0,
-        ``linger`` seconds >= 0, ``max_batch_bytes`` >= 1; a bad argument
-        raises :class:`TypeError` or :class:`ValueError` here.
+        ``linger`` seconds >= 0, ``max_batch_bytes`` and ``max_in_flight``
+        (batches sent ahead of the first one's answer) ints >= 1; a bad
+        argument raises :class:`TypeError` or :class:`ValueError` here.
         """
-        linger = check_seconds("linger", linger, allow_zero=True)
-        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int):
-            raise TypeError(f"max_batch_bytes must be an int, not {max_batch_bytes!r}")
-        if max_batch_bytes < 1:
-            raise ValueError(f"max_batch_bytes must be >= 1, not {max_batch_bytes}")
         return Producer(
             self,
             check_name(name),
             check_producer_id(producer_id),
             epoch=check_counter("epoch", epoch),
-            linger=linger,
-            max_batch_bytes=max_batch_bytes,
+            linger=check_seconds("linger", linger, allow_zero=True),
+            max_batch_bytes=_at_least_one("max_batch_bytes", max_batch_bytes),
+            max_in_flight=_at_least_one("max_in_flight", max_in_flight),
             on_error=on_error,
         )
 
