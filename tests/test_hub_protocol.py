@@ -180,3 +180,16 @@ def test_records_refuse_steps_and_compare_only_with_sequences() -> None:
     assert packed != b"ab" and packed != {b"a", b"b"}
     assert packed == (b"a", b"b") and packed != [b"a"]
     assert repr(packed) == "<Records: 2 records, 2 bytes>"
+
+
+def test_records_keep_a_view_of_immutable_bytes_and_copy_anything_else() -> None:
+    body = encode_records([b"ab", b"c"])
+    message = b"head" + body
+    kept = Records.unpack(memoryview(message)[4:])  # as decode_message gives a body
+    assert kept._body.obj is message  # type: ignore[union-attr]  # not copied
+    assert kept == [b"ab", b"c"] and type(kept[0]) is bytes and kept.body == body
+    assert all(type(record) is bytes for record in kept)
+    mutable = bytearray(body)
+    copied = Records.unpack(mutable)
+    mutable[8:10] = b"XY"  # a buffer that changes later does not change the records
+    assert copied == [b"ab", b"c"]

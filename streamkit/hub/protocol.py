@@ -174,9 +174,32 @@ def decode_records(body: memoryview | bytes) -> list[bytes]:
     """The records of a message body; raises :class:`ProtocolError` if malformed."""
     if not body:
         return []  # a message without records has no body
-    records = Records.unpack(body)
-    data, ends = records._body, records._ends
+    _, ends = _record_ends(body)
+    data = bytes(body)
     return [data[begin:end] for begin, end in pairwise(ends)]
+
+
+def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...], array[int]]:
+    """A records body's lengths, and where each record ends in it (after where they begin).
+
+    Raises :class:`ProtocolError` if the body is malformed.
+    """
+    size = len(body)
+    if size < _COUNT.size:
+        raise ProtocolError(
+            f"hub records body of {size} bytes is too short (at least {_COUNT.size})"
+        )
+    (count,) = _COUNT.unpack_from(body)
+    start = _COUNT.size + 4 * count
+    if start > size:
+        raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
+    lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
+    ends = array("q", accumulate(lengths, initial=start))
+    if ends[-1] != size:
+        raise ProtocolError(
+            f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
+        )
+    return lengths, ends
 
 
 class Records(Sequence[bytes]):
@@ -190,16 +213,21 @@ class Records(Sequence[bytes]):
     the same records. Immutable.
     """
 
-    __slots__ = ("_body", "_ends", "_high", "_low")
+    __slots__ = ("_body", "_ends", "_high", "_largest", "_low")
 
-    def __init__(self, body: bytes, ends: array[int], low: int, high: int) -> None:
-        # ``body`` is a whole packed batch; ``ends[i]`` is where its record
-        # i - 1 ends (``ends[0]``: where the records begin); this holds its
-        # records ``low`` up to ``high``. Use the class methods.
+    def __init__(
+        self, body: bytes | memoryview, ends: array[int], low: int, high: int, largest: int = -1
+    ) -> None:
+        # ``body`` is a whole packed batch (bytes, or a view of immutable
+        # bytes); ``ends[i]`` is where its record i - 1 ends (``ends[0]``:
+        # where the records begin); this holds its records ``low`` up to
+        # ``high``; ``largest`` their largest length, if known. Use the
+        # class methods.
         self._body = body
         self._ends = ends
         self._low = low
         self._high = high
+        self._largest = largest
 
     @classmethod
     def pack(cls, records: Iterable[bytes]) -> Records:
@@ -211,25 +239,20 @@ class Records(Sequence[bytes]):
 
     @classmethod
     def unpack(cls, body: bytes | bytearray | memoryview) -> Records:
-        """The records of a message body (copied); :class:`ProtocolError` if it is malformed."""
-        size = len(body)
-        if size == 0:
+        """The records of a message body; :class:`ProtocolError` if it is malformed.
+
+        A view of ``bytes`` (as :func:`decode_message` gives) is kept, not
+        copied: the records share its memory.
+        """
+        if not body:
             return _NO_RECORDS
-        if size < _COUNT.size:
-            raise ProtocolError(
-                f"hub records body of {size} bytes is too short (at least {_COUNT.size})"
-            )
-        (count,) = _COUNT.unpack_from(body)
-        start = _COUNT.size + 4 * count
-        if start > size:
-            raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
-        lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
-        ends = array("q", accumulate(lengths, initial=start))
-        if ends[-1] != size:
-            raise ProtocolError(
-                f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
-            )
-        return cls(bytes(body), ends, 0, count)
+        lengths, ends = _record_ends(body)
+        data: bytes | memoryview
+        if type(body) is bytes or (isinstance(body, memoryview) and type(body.obj) is bytes):
+            data = body
+        else:
+            data = bytes(body)  # a buffer that may change: copied
+        return cls(data, ends, 0, len(lengths), max(lengths, default=0))
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], data: bytes) -> Records:
@@ -260,7 +283,7 @@ class Records(Sequence[bytes]):
         """The records packed as a message body (``b""`` for none)."""
         low, high, body = self._low, self._high, self._body
         if low == 0 and high == len(self._ends) - 1:
-            return body
+            return body if type(body) is bytes else bytes(body)
         if low == high:
             return b""
         ends = self._ends
@@ -279,9 +302,13 @@ class Records(Sequence[bytes]):
 
     def largest(self) -> int:
         """The length of the largest record (0 for none)."""
-        if self._low == self._high:
-            return 0
-        return int(max(struct.unpack_from(f">{len(self)}I", self._body, 4 + 4 * self._low)))
+        if self._largest < 0:
+            count = len(self)
+            lengths = (
+                struct.unpack_from(f">{count}I", self._body, 4 + 4 * self._low) if count else ()
+            )
+            self._largest = max(lengths, default=0)
+        return self._largest
 
     def fit(self, max_bytes: int) -> int:
         """How many of the leading records add up to at most ``max_bytes`` (maybe none)."""
@@ -303,18 +330,22 @@ class Records(Sequence[bytes]):
             if step != 1:
                 raise ValueError("Records slices take no step")
             stop = max(start, stop)
-            return Records(self._body, self._ends, self._low + start, self._low + stop)
+            largest = self._largest if (start, stop) == (0, len(self)) else -1
+            return Records(self._body, self._ends, self._low + start, self._low + stop, largest)
         count = len(self)
         if index < 0:
             index += count
         if not 0 <= index < count:
             raise IndexError(f"record {index} of {count}")
         ends = self._ends
-        return self._body[ends[self._low + index] : ends[self._low + index + 1]]
+        return bytes(self._body[ends[self._low + index] : ends[self._low + index + 1]])
 
     def __iter__(self) -> Iterator[bytes]:
         body, ends, low, high = self._body, self._ends, self._low, self._high
-        return map(body.__getitem__, map(slice, ends[low:high], ends[low + 1 : high + 1]))
+        slices = map(slice, ends[low:high], ends[low + 1 : high + 1])
+        if type(body) is bytes:
+            return map(body.__getitem__, slices)
+        return map(bytes, map(body.__getitem__, slices))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Records | list | tuple):
