@@ -179,7 +179,7 @@ def decode_records(body: memoryview | bytes) -> list[bytes]:
     return [data[begin:end] for begin, end in pairwise(ends)]
 
 
-def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...], array[int]]:
+def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...], list[int]]:
     """A records body's lengths, and where each record ends in it (after where they begin).
 
     Raises :class:`ProtocolError` if the body is malformed.
@@ -194,7 +194,7 @@ def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...],
     if start > size:
         raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
     lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
-    ends = array("q", accumulate(lengths, initial=start))
+    ends = list(accumulate(lengths, initial=start))
     if ends[-1] != size:
         raise ProtocolError(
             f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
@@ -252,7 +252,7 @@ class Records(Sequence[bytes]):
             data = body
         else:
             data = bytes(body)  # a buffer that may change: copied
-        return cls(data, ends, 0, len(lengths), max(lengths, default=0))
+        return cls(data, array("q", ends), 0, len(lengths), max(lengths, default=0))
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], data: bytes) -> Records:
