@@ -413,24 +413,33 @@ class HubServer(ServerBase):
         """The records at ``offset`` encoded for a message, or the stream's state if none.
 
         A chunk another reader of the same range had encoded is used again
-        if the stream still holds it (its last record's tag is the same).
+        if the stream still holds it (its last record's tag is the same)
+        and, if it ended where the stream did, the stream has not grown
+        since (a reader gets as many records as a read would give it).
         Raises :class:`StreamNotFound` if the stream is absent.
         """
+        storage = self.storage
         key = (name, created, offset, read_bytes)
         chunk = self._bodies.get(key)
         if chunk is not None:
-            if await self.storage.tag_at(name, offset + chunk.count - 1) == chunk.tag:
+            fresh = True
+            if chunk.at_end:
+                info = await storage.get(name)
+                fresh = info is not None and (info.created, info.next_offset) == (
+                    created,
+                    chunk.end,
+                )
+            if fresh and await storage.tag_at(name, chunk.end - 1) == chunk.tag:
                 return chunk, None
             self._bodies.drop(key)
-        batch = await self.storage.read(name, offset, _READ_BATCH, read_bytes)
-        if not batch.records:
-            return None, batch.info
-        if batch.info.created != created:
-            return None, batch.info
+        batch = await storage.read(name, offset, _READ_BATCH, read_bytes)
+        info = batch.info
+        if not batch.records or info.created != created:
+            return None, info
         assert batch.tag is not None
-        chunk = _Chunk(Records.pack(batch.records), batch.tag)
+        chunk = _Chunk(Records.pack(batch.records), batch.tag, offset, info.next_offset)
         self._bodies.put(key, chunk)
-        return chunk, batch.info
+        return chunk, info
 
     async def _send_records(
         self,
@@ -468,13 +477,18 @@ class HubServer(ServerBase):
 
 
 class _Chunk:
-    """Records read for a message: the records, their body, the tag of the last."""
+    """Records read for a message: the records, their body, the tag of the last, where they end.
 
-    __slots__ = ("body", "count", "records", "size", "tag")
+    ``at_end``: they ran to the end of the stream as it was then.
+    """
 
-    def __init__(self, records: Records, tag: str) -> None:
+    __slots__ = ("at_end", "body", "count", "end", "records", "size", "tag")
+
+    def __init__(self, records: Records, tag: str, offset: int, stream_end: int) -> None:
         self.records = records
         self.count = len(records)
+        self.end = offset + self.count
+        self.at_end = self.end == stream_end
         self.body = records.body
         self.size = len(self.body)
         self.tag = tag
