@@ -976,3 +976,38 @@ async def test_a_producer_pipeline_survives_connection_cuts_exactly_once() -> No
         proxy.stop_cutting()
         assert await read_all(client, "p") == [b"%05d" % n for n in range(3000)]
         assert proxy.stats.cuts > 0
+
+
+async def test_a_reader_hands_out_lists_of_records_as_they_arrive() -> None:
+    records = [b"%04d" % n + b"x" * 996 for n in range(1000)]  # 1 MB: many messages
+    async with hub_and_client() as (_, client):
+        await client.create("s")
+        await client.append_many("s", records)
+        async with client.read("s", 0, live=True, window=10_000) as reader:
+            first = await anext(reader)  # records and lists mix
+            got, sizes = [first], []
+            async for batch in reader.batches():
+                assert batch and reader.next_offset == batch[-1].offset + 1
+                got += batch
+                sizes.append(len(batch))
+                if len(got) == 1000:
+                    break
+            assert [record.data for record in got] == records
+            assert [record.offset for record in got] == list(range(1000))
+            assert max(sizes) > 1 and len(sizes) > 2  # several at once, over several messages
+            # The window was consumed list by list, or the hub would have
+            # stopped sending after about 10 kB.
+            await client.append("s", b"live")
+            tail = reader.batches()
+            assert [record.data for record in await anext(tail)] == [b"live"]
+            await client.finish("s")
+            assert [batch async for batch in tail] == []
+            assert reader.finished and reader.next_offset == 1001
+        await client.delete("s")
+        await client.create("s")
+        gone = client.read("s", 0, live=True)
+        waiting = asyncio.ensure_future(anext(gone.batches()))
+        await asyncio.sleep(0.05)
+        await client.delete("s")
+        with pytest.raises(hub.StreamGone):
+            await asyncio.wait_for(waiting, 5)

@@ -339,6 +339,28 @@ class Reader(AsyncClosable):
             return current[position]
         return await self._next_message()
 
+    async def batches(self) -> AsyncIterator[list[Record]]:
+        """The records in lists as they arrive: ``async for records in reader.batches()``.
+
+        For consumers that take records in bulk: one ``await`` per list
+        (the records of one message of the hub, or what is left of one)
+        instead of one per record. Each list holds at least one record;
+        everything else is as iterating the reader (which a consumer may
+        also do between lists): ``next_offset`` moves past each list
+        yielded, and the iteration ends, or raises, as the reader's does.
+        """
+        while True:
+            position, current = self._position, self._current
+            if position < len(current):
+                self._position = len(current)
+                yield current[position:]  # a list of its own: the reader keeps its own
+                continue
+            try:
+                await self._next_message()
+            except StopAsyncIteration:
+                return
+            self._position = 0  # the message's first record is yielded with the rest
+
     async def _next_message(self) -> Record:
         """The first record of the next message, once the current one is handed out."""
         if not self._started:
