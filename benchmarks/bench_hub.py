@@ -1,17 +1,32 @@
-"""Hub throughput: appends, producer batching, live fan-out, read-back.
+"""Hub speed: latency, producers, live fan-out, durable appends, read-back; baselines beside.
 
-    python benchmarks/bench_hub.py [--quick | --records N] [--json PATH]
+    python benchmarks/bench_hub.py [--quick | --records N] [--storage memory|file]
+                                   [--json PATH]
 
-The hub runs in a second process on loopback TCP (memory storage unless a
-row says "log"). Rows, for 256 B records:
+The hub runs in a process of its own on loopback TCP, its streams in the
+storage ``--storage`` names (memory by default; ``file``: logs in a temporary
+directory, without fsync). Records are 256 B. Each row that has a baseline
+runs it in the same run, and the ratio says how many times faster the row
+is (for latency: how many times the baseline's p50 the row's p50 is).
 
-- single appends: one request per record, awaited one by one (the
-  baseline a producer improves on);
-- producer: ``append_nowait`` through an idempotent producer (batched);
-- fan-out: one producer while N live readers tail the stream; the rate is
-  per reader (records each reader received per second of the run);
-- read-back: reading a finished stream from offset 0, from memory and from
-  the append-only log (``data_dir``).
+- latency: the p50 of one awaited ``append`` against the p50 of one echo
+  through a resumable session (the layer the hub runs on) with the same
+  bytes, measured in alternating blocks on the same hub process;
+- single appends (awaited): one request per record, one at a time;
+- producer: ``append_nowait`` through an idempotent producer, several
+  batches in flight, against the same with one batch in flight at a time;
+- fan-out: one producer while 100 live readers, spread over 4 client
+  processes (25 connections each), tail the stream; the rate is records
+  delivered to all readers together per second, from the first record
+  produced until the last reader has every one; the baseline is the same
+  with the hub making each reader's records body itself (no bodies shared
+  between readers); the last row's readers take their records in lists
+  (``reader.batches()``) rather than one by one;
+- durable appends: 10 producers (connections), each appending one record
+  at a time, to a hub with ``fsync=True`` file storage: group commit off the
+  event loop against the old way, one ``fsync`` per append on the loop (a
+  faithful copy, ``_FsyncOnTheLoop``); this row always uses file storage;
+- read-back: reading a finished stream from offset 0.
 """
 
 from __future__ import annotations
@@ -20,35 +35,129 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
+import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 from streamkit import hub
 from streamkit.bench import receive_from_child
+from streamkit.hub import server as hub_server
+from streamkit.hub.filelog import FileStorage
+from streamkit.hub.storage import Storage, _Entry, _Stream
+from streamkit.session import ServerSession, connect_resumable, serve_resumable
 
 RECORD = b"r" * 256
+STORAGES = ("memory", "file")
+READERS, READER_PROCESSES = 100, 4
+DURABLE_PRODUCERS = 10
+_SPAWN = multiprocessing.get_context("spawn")
 
 
-def _server_main(data_dir: str | None, port_out: Any) -> None:
+class _FsyncOnTheLoop(FileStorage):
+    """The old way, as a baseline: each append written and fsync-ed on the event loop.
+
+    Every session waits for every flush, and appends share none.
+    """
+
+    async def _write(self, stream: _Stream, entry: _Entry, data: bytes) -> None:
+        log = stream.data
+        log.end += len(data)
+        os.write(log.fd, data)
+        os.fsync(log.fd)
+        log.committed = log.end
+        self._commit(stream, entry)
+
+
+def make_storage(spec: str) -> Storage:
+    """The storage a benchmark hub uses: ``memory``, or ``<kind>:<directory>`` for files.
+
+    Kinds: ``file`` (no fsync), ``fsync`` (group commit), ``fsync-on-the-loop``
+    (the baseline).
+    """
+    kind, _, where = spec.partition(":")
+    if kind == "memory":
+        return hub.MemoryStorage()
+    if kind == "file":
+        return FileStorage(where)
+    if kind == "fsync":
+        return FileStorage(where, fsync=True)
+    if kind == "fsync-on-the-loop":
+        return _FsyncOnTheLoop(where, fsync=True)
+    raise ValueError(f"unknown storage {spec!r}")
+
+
+# -- the hub's process ----------------------------------------------------------------
+
+
+def _server_main(spec: str, shared_bodies: bool, ports_out: Connection) -> None:
+    async def echo(session: ServerSession) -> None:
+        async for message in session:
+            await session.send(message)
+
     async def run() -> None:
-        server = await hub.serve_hub("127.0.0.1", 0, data_dir=data_dir)
-        port_out.send(server.port)
-        await server.serve_forever()
+        server = await hub.serve_hub("127.0.0.1", 0, storage=make_storage(spec))
+        if not shared_bodies:  # the fan-out baseline: every reader's messages encoded anew
+            server._bodies = hub_server._BodyCache(0, 0)
+        echoes = await serve_resumable(echo, "127.0.0.1", 0)
+        ports_out.send((server.port, echoes.port))
+        async with echoes:
+            await server.serve_forever()
 
     asyncio.run(run())
 
 
-def _start(data_dir: str | None = None) -> tuple[multiprocessing.Process, int]:
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_server_main, args=(data_dir, writer), daemon=True)
-    process.start()
-    writer.close()  # the child's copy remains
-    if not reader.poll(30):
-        process.terminate()
-        raise RuntimeError("the hub server process did not start")
-    return process, int(receive_from_child(reader, process, "hub server"))
+class _Hub:
+    """A hub (and a session echo server) in a process of its own."""
+
+    def __init__(self, spec: str, *, shared_bodies: bool = True) -> None:
+        reader, writer = _SPAWN.Pipe(duplex=False)
+        self.process = _SPAWN.Process(
+            target=_server_main, args=(spec, shared_bodies, writer), daemon=True
+        )
+        self.process.start()
+        writer.close()  # the child's copy remains
+        if not reader.poll(60):
+            self.process.terminate()
+            raise RuntimeError("the hub server process did not start")
+        self.port, self.echo_port = receive_from_child(reader, self.process, "hub server")
+
+    def __enter__(self) -> _Hub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.join()
+
+
+# -- rows -----------------------------------------------------------------------------
+
+
+async def _latency(port: int, echo_port: int, count: int) -> tuple[float, float]:
+    """p50 seconds of an awaited append and of a session echo of the same bytes."""
+    async with (
+        hub.connect("127.0.0.1", port) as client,
+        connect_resumable("127.0.0.1", echo_port) as session,
+    ):
+        await client.create("latency")
+        message = hub_server.encode_message({"op": "append", "name": "latency", "id": 1}, [RECORD])
+        appends: list[float] = []
+        echoes: list[float] = []
+        block = max(10, count // 20)
+        for _ in range(max(1, count // block)):  # alternating blocks: drift hits both
+            for _ in range(block):
+                start = time.perf_counter()
+                await client.append("latency", RECORD)
+                appends.append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                await session.send(message)
+                await session.recv()
+                echoes.append(time.perf_counter() - start)
+        return statistics.median(appends), statistics.median(echoes)
 
 
 async def _single_appends(port: int, count: int) -> float:
@@ -60,39 +169,120 @@ async def _single_appends(port: int, count: int) -> float:
         return time.perf_counter() - start
 
 
-async def _produce(client: hub.HubClient, name: str, count: int) -> None:
-    async with client.producer(name, "bench") as producer:
+async def _produce(client: hub.HubClient, name: str, count: int, in_flight: int = 8) -> None:
+    async with client.producer(name, "bench", max_in_flight=in_flight) as producer:
         for n in range(count):
             producer.append_nowait(RECORD)
             if n % 1000 == 999:
                 await asyncio.sleep(0)  # let batches go out while producing
 
 
-async def _producer_run(port: int, count: int, readers: int) -> tuple[float, float]:
-    """Seconds for the producer to finish, and for the slowest reader to get everything."""
-    name = f"fanout-{readers}"
+async def _producer_run(port: int, name: str, count: int, in_flight: int) -> float:
     async with hub.connect("127.0.0.1", port) as client:
         await client.create(name)
-        tails = [await hub.connect("127.0.0.1", port) for _ in range(readers)]
-        try:
+        start = time.perf_counter()
+        await _produce(client, name, count, in_flight)
+        return time.perf_counter() - start
 
-            async def tail(reader_client: hub.HubClient) -> None:
-                got = 0
-                async with reader_client.read(name, 0, live=True) as reader:
-                    async for _ in reader:
-                        got += 1
+
+def _readers_main(
+    port: int, name: str, count: int, readers: int, lists: bool, pipe: Connection
+) -> None:
+    """A reader process: ``readers`` live readers, each on its own connection.
+
+    Each takes its records one by one (``async for record in reader``), or
+    with ``lists`` in lists (``async for records in reader.batches()``).
+    """
+
+    async def run() -> None:
+        clients = [await hub.connect("127.0.0.1", port) for _ in range(readers)]
+        try:
+            tails = [client.read(name, 0, live=True) for client in clients]
+            firsts = [asyncio.ensure_future(anext(tail)) for tail in tails]
+            for _ in range(6000):  # until every read is on the hub (a minute at most)
+                if all(tail._caught_up for tail in tails):
+                    break
+                await asyncio.sleep(0.01)
+            pipe.send("ready")
+
+            async def tail_of(reader: hub.Reader, first: asyncio.Future[hub.Record]) -> None:
+                await first
+                got = 1
+                if lists:
+                    async for records in reader.batches():
+                        got += len(records)
                         if got == count:
                             return
+                async for _ in reader:
+                    got += 1
+                    if got == count:
+                        return
 
-            start = time.perf_counter()
-            tasks = [asyncio.create_task(tail(t)) for t in tails]
-            await _produce(client, name, count)
-            produced = time.perf_counter() - start
-            await asyncio.gather(*tasks)
-            return produced, time.perf_counter() - start
+            await asyncio.gather(*map(tail_of, tails, firsts))
+            pipe.send("done")
         finally:
-            for t in tails:
-                await t.close()
+            for client in clients:
+                await client.close()
+
+    asyncio.run(run())
+
+
+async def _fan_out(port: int, count: int, lists: bool = False) -> float:
+    """Seconds from the first record produced until every reader had every record."""
+    name = "fanout"
+    async with hub.connect("127.0.0.1", port) as client:
+        await client.create(name)
+        pipes, processes = [], []
+        for _ in range(READER_PROCESSES):
+            reader, writer = _SPAWN.Pipe(duplex=False)
+            process = _SPAWN.Process(
+                target=_readers_main,
+                args=(port, name, count, READERS // READER_PROCESSES, lists, writer),
+                daemon=True,
+            )
+            process.start()
+            writer.close()
+            pipes.append(reader)
+            processes.append(process)
+        try:
+            loop = asyncio.get_running_loop()
+
+            async def hear(expected: str) -> None:
+                for pipe, process in zip(pipes, processes, strict=True):
+                    said = await loop.run_in_executor(
+                        None, receive_from_child, pipe, process, "reader"
+                    )
+                    assert said == expected, said
+
+            await hear("ready")
+            start = time.perf_counter()
+            await _produce(client, name, count)
+            await hear("done")
+            return time.perf_counter() - start
+        finally:
+            for process in processes:
+                process.join(30)
+                if process.is_alive():
+                    process.terminate()
+
+
+async def _durable_appends(port: int, count: int) -> float:
+    """Seconds for DURABLE_PRODUCERS connections to append ``count`` records in all."""
+    clients = [await hub.connect("127.0.0.1", port) for _ in range(DURABLE_PRODUCERS)]
+    try:
+        await clients[0].create("durable")
+        each = count // DURABLE_PRODUCERS
+
+        async def appends(client: hub.HubClient) -> None:
+            for _ in range(each):
+                await client.append("durable", RECORD)
+
+        start = time.perf_counter()
+        await asyncio.gather(*map(appends, clients))
+        return time.perf_counter() - start
+    finally:
+        for client in clients:
+            await client.close()
 
 
 async def _read_back(port: int, count: int) -> float:
@@ -109,10 +299,33 @@ async def _read_back(port: int, count: int) -> float:
         return time.perf_counter() - start
 
 
-def _row(label: str, count: int, seconds: float) -> dict[str, Any]:
-    rate = count / seconds
-    print(f"{label:<34} {count:>8} {rate:>12,.0f} {rate * len(RECORD) / 1e6:>8.1f}")
-    return {"row": label, "records": count, "seconds": seconds, "records_per_s": rate}
+# -- the table ------------------------------------------------------------------------
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        print(f"{'row':<46} {'records':>8} {'records/s':>12} {'MB/s':>7} {'ratio':>7}")
+
+    def rate(
+        self, label: str, count: int, seconds: float, baseline: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        rate = count / seconds
+        ratio = "" if baseline is None else f"{rate / baseline['records_per_s']:.2f}x"
+        print(f"{label:<46} {count:>8} {rate:>12,.0f} {rate * len(RECORD) / 1e6:>7.1f} {ratio:>7}")
+        row = {"row": label, "records": count, "seconds": seconds, "records_per_s": rate}
+        if baseline is not None:
+            row["ratio"] = rate / baseline["records_per_s"]
+        self.rows.append(row)
+        return row
+
+    def latency(self, label: str, seconds: float, baseline: float | None = None) -> None:
+        ratio = "" if baseline is None else f"{seconds / baseline:.2f}x"
+        print(f"{label:<46} {'p50':>8} {seconds * 1e6:>10.1f}us {'':>7} {ratio:>7}")
+        row: dict[str, Any] = {"row": label, "p50_seconds": seconds}
+        if baseline is not None:
+            row["ratio"] = seconds / baseline
+        self.rows.append(row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,39 +334,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--records", type=int, metavar="N", help="records per run (a smoke test uses few)"
     )
+    parser.add_argument("--storage", choices=STORAGES, default="memory", help="the hub's storage")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    count = args.records or (50_000 if args.quick else 200_000)
-    rows = []
-    print("hub, 256 B records, server in a second process (loopback TCP)")
-    print(f"{'row':<34} {'records':>8} {'records/s':>12} {'MB/s':>8}")
-    process, port = _start()
-    try:
-        single = count // 10
-        rows.append(
-            _row("single appends (awaited)", single, asyncio.run(_single_appends(port, single)))
-        )
-        produced, _ = asyncio.run(_producer_run(port, count, 0))
-        rows.append(_row("producer (batched)", count, produced))
-        for readers in (1, 10, 100):
-            n = count if readers < 100 else count // 4
-            produced, delivered = asyncio.run(_producer_run(port, n, readers))
-            rows.append(_row(f"fan-out: producer, {readers} readers", n, produced))
-            rows.append(_row(f"fan-out: each of {readers} readers", n, delivered))
-        rows.append(_row("read-back from memory", count, asyncio.run(_read_back(port, count))))
-    finally:
-        process.terminate()
-        process.join()
+    count = args.records or (100_000 if args.quick else 400_000)
+    fan_out = max(READERS, count // 8)
+    durable = max(DURABLE_PRODUCERS, count // 50)
     with tempfile.TemporaryDirectory() as data_dir:
-        process, port = _start(data_dir)
-        try:
-            rows.append(_row("read-back from the log", count, asyncio.run(_read_back(port, count))))
-        finally:
-            process.terminate()
-            process.join()
+        spec = args.storage if args.storage == "memory" else f"file:{data_dir}/{args.storage}"
+        print(f"hub, {len(RECORD)} B records, {args.storage} storage, loopback TCP")
+        table = _Table()
+        with _Hub(spec) as server:
+            append_p50, echo_p50 = asyncio.run(
+                _latency(server.port, server.echo_port, max(100, count // 100))
+            )
+            table.latency("latency: session echo (baseline)", echo_p50)
+            table.latency("latency: awaited append", append_p50, echo_p50)
+            single = max(10, count // 40)
+            table.rate(
+                "single appends (awaited)",
+                single,
+                asyncio.run(_single_appends(server.port, single)),
+            )
+            one = table.rate(
+                "producer, 1 batch in flight (baseline)",
+                count,
+                asyncio.run(_producer_run(server.port, "one", count, 1)),
+            )
+            table.rate(
+                "producer, 8 batches in flight",
+                count,
+                asyncio.run(_producer_run(server.port, "eight", count, 8)),
+                one,
+            )
+            table.rate("read-back", count, asyncio.run(_read_back(server.port, count)))
+        with _Hub(spec, shared_bodies=False) as server:
+            seconds = asyncio.run(_fan_out(server.port, fan_out))
+            each = table.rate(
+                f"fan-out to {READERS} readers, bodies per reader (baseline)",
+                READERS * fan_out,
+                seconds,
+            )
+        with _Hub(spec) as server:
+            seconds = asyncio.run(_fan_out(server.port, fan_out))
+            table.rate(
+                f"fan-out to {READERS} readers, bodies shared", READERS * fan_out, seconds, each
+            )
+        with _Hub(spec) as server:
+            seconds = asyncio.run(_fan_out(server.port, fan_out, lists=True))
+            table.rate(
+                f"fan-out to {READERS} readers, shared, in lists",
+                READERS * fan_out,
+                seconds,
+                each,
+            )
+        with _Hub(f"fsync-on-the-loop:{data_dir}/loop") as server:
+            seconds = asyncio.run(_durable_appends(server.port, durable))
+            old = table.rate(
+                f"durable appends x{DURABLE_PRODUCERS}, fsync on the loop (baseline)",
+                durable,
+                seconds,
+            )
+        with _Hub(f"fsync:{data_dir}/group") as server:
+            seconds = asyncio.run(_durable_appends(server.port, durable))
+            table.rate(f"durable appends x{DURABLE_PRODUCERS}, group commit", durable, seconds, old)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"python": sys.version, "rows": rows}, out, indent=2)
+            json.dump({"python": sys.version, "rows": table.rows}, out, indent=2)
     return 0
 
 

@@ -782,10 +782,14 @@ def test_the_hub_benchmark_runs(tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    rows = {row["row"]: row["records"] for row in json.loads(results.read_text())["rows"]}
-    assert rows["producer (batched)"] == 400
-    assert rows["fan-out: each of 100 readers"] == 100
-    assert rows["read-back from the log"] == 400
+    rows = {row["row"]: row for row in json.loads(results.read_text())["rows"]}
+    assert rows["producer, 8 batches in flight"]["records"] == 400
+    assert rows["fan-out to 100 readers, bodies shared"]["records"] == 100 * 100
+    assert rows["durable appends x10, group commit"]["records"] == 10
+    assert rows["read-back"]["records"] == 400
+    for row in rows.values():  # each row is a measurement, each ratio one against a baseline
+        assert row.get("records_per_s", 1) > 0 and row.get("p50_seconds", 1) > 0
+    assert rows["latency: awaited append"]["ratio"] > 0
 
 
 async def test_a_reader_that_stops_iterating_holds_a_bounded_window() -> None:
