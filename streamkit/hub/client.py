@@ -1000,7 +1000,7 @@ class HubClient(AsyncClosable):
             break
         if reply["op"] == "error":
             raise _error(reply)
-        return dict(reply)
+        return reply
 
     async def _send_request(
         self, session: ClientSession, header: dict[str, Any], records: list[bytes] | None = None

@@ -78,6 +78,8 @@ MAX_TAG = 64
 
 _HEADER_SIZE = struct.Struct(">I")
 _COUNT = struct.Struct(">I")
+#: Decodes a header already decoded from UTF-8 (json.loads would look for the encoding).
+_decode_json = json.JSONDecoder().decode
 
 #: Longer integers are quoted by their size (their digits may not even convert).
 _MAX_QUOTED_BITS = 256
@@ -162,7 +164,7 @@ def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
     if end > len(message):
         raise ProtocolError(f"hub header of {size} bytes runs past its message")
     try:
-        header = json.loads(message[_HEADER_SIZE.size : end])
+        header = _decode_json(message[_HEADER_SIZE.size : end].decode())
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"hub header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):

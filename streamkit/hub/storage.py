@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from array import array
 from bisect import bisect_right
@@ -450,6 +451,11 @@ class StreamTable:
         self.limits = limits or Limits()
         self._streams: dict[str, _Stream] = {}
         self._total_bytes = 0
+        self._random = random.Random()  # seeded from os.urandom
+
+    def _new_tag(self) -> str:
+        """A new batch's tag, as :func:`new_tag` makes them, without a system call."""
+        return f"{self._random.getrandbits(64):016x}"
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -571,7 +577,7 @@ class StreamTable:
                 f"appending {len(records)} records of {size} bytes (+{RECORD_OVERHEAD} each)"
                 f"{new_producer} would exceed max_total_bytes={limits.max_total_bytes}"
             )
-        entry = _Entry(stream.end, len(records), size, cost, new_tag())
+        entry = _Entry(stream.end, len(records), size, cost, self._new_tag())
         if producer is not None:
             producer_id, epoch, seq = producer
             entry.producer_id = producer_id
