@@ -191,7 +191,7 @@ def _readers_main(
     """A reader process: ``readers`` live readers, each on its own connection.
 
     Each takes its records one by one (``async for record in reader``), or
-    with ``lists`` in lists (``async for records in reader.batches()``).
+    with ``lists`` in runs (``async for offset, records in reader.batches()``).
     """
 
     async def run() -> None:
@@ -209,7 +209,7 @@ def _readers_main(
                 await first
                 got = 1
                 if lists:
-                    async for records in reader.batches():
+                    async for _, records in reader.batches():
                         got += len(records)
                         if got == count:
                             return

@@ -12,7 +12,6 @@ import ssl as _ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from itertools import count, repeat
 from typing import Any, Literal, NamedTuple, Unpack
 
 from streamkit._lifecycle import AsyncClosable
@@ -156,14 +155,15 @@ def _error(header: dict[str, Any]) -> HubError:
 
 
 class _Message(NamedTuple):
-    """A records message a reader holds: its records, its body's size, its lineage tag."""
+    """A records message a reader holds: its first offset, records, body size, lineage tag."""
 
-    records: list[Record]
+    offset: int
+    records: list[bytes]
     size: int
     tag: str | None
 
 
-#: ``Record``s made in C: ``map(_new_record, repeat(Record), zip(offsets, data))``.
+#: Makes a ``Record`` in C: ``_new_record(Record, (offset, data))``.
 _new_record = tuple.__new__
 
 
@@ -207,8 +207,10 @@ class Reader(AsyncClosable):
         self._known = offset != "now"
         # The records being handed out: those of one message, from _position
         # on; _offset is the offset of its first (of the next record, when
-        # there is none), so next_offset is _offset + _position.
-        self._current: list[Record] = []
+        # there is none), so next_offset is _offset + _position. Records are
+        # kept as bytes and made Record objects only as they are yielded:
+        # thousands alive at once would keep the garbage collector busy.
+        self._current: list[bytes] = []
         self._position = 0
         self._offset: int = offset if self._known else 0
         self._current_size = 0
@@ -264,7 +266,7 @@ class Reader(AsyncClosable):
         """
         if self._position:  # part of the current message was handed out
             tag = self._current_tag
-            return None if tag is None else (self._current[-1].offset, tag)
+            return None if tag is None else (self._offset + len(self._current) - 1, tag)
         return self._lineage
 
     def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
@@ -276,12 +278,9 @@ class Reader(AsyncClosable):
             first = header["offset"]
             if not self._known:
                 self._known, self._offset = True, first
-            data = decode_records(body)
-            if data:
-                records: list[Record] = list(
-                    map(_new_record, repeat(Record), zip(count(first), data))
-                )
-                self._queue.append(_Message(records, len(body), header.get("tag")))
+            records = decode_records(body)
+            if records:
+                self._queue.append(_Message(first, records, len(body), header.get("tag")))
             self._caught_up = False
         elif op == "caught_up":
             self._caught_up = True
@@ -336,30 +335,32 @@ class Reader(AsyncClosable):
         current = self._current
         if position < len(current):  # the hot path: a record at hand
             self._position = position + 1
-            return current[position]
+            return _new_record(Record, (self._offset + position, current[position]))
         return await self._next_message()
 
-    async def batches(self) -> AsyncIterator[list[Record]]:
-        """The records in lists as they arrive: ``async for records in reader.batches()``.
+    async def batches(self) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """Records in bulk as they arrive: ``async for offset, records in reader.batches()``.
 
-        For consumers that take records in bulk: one ``await`` per list
-        (the records of one message of the hub, or what is left of one)
-        instead of one per record. Each list holds at least one record;
-        everything else is as iterating the reader (which a consumer may
-        also do between lists): ``next_offset`` moves past each list
-        yielded, and the iteration ends, or raises, as the reader's does.
+        Each item is the offset of a run of consecutive records and their
+        bytes (at least one): the records of one message of the hub, or
+        what is left of one. For consumers that take records in bulk: one
+        ``await`` per run instead of one per record, and no ``Record``
+        object each. Everything else is as iterating the reader (which a
+        consumer may also do between runs): ``next_offset`` moves past each
+        run yielded, and the iteration ends, or raises, as the reader's does.
         """
         while True:
             position, current = self._position, self._current
             if position < len(current):
                 self._position = len(current)
-                yield current[position:]  # a list of its own: the reader keeps its own
+                # A list of its own: the reader keeps its own.
+                yield self._offset + position, current[position:]
                 continue
             try:
                 await self._next_message()
             except StopAsyncIteration:
                 return
-            self._position = 0  # the message's first record is yielded with the rest
+            self._position = 0  # the message's first record comes with the rest
 
     async def _next_message(self) -> Record:
         """The first record of the next message, once the current one is handed out."""
@@ -380,16 +381,16 @@ class Reader(AsyncClosable):
             self._event.clear()
             await self._event.wait()
         message = self._queue.popleft()
-        self._current, self._current_size, self._current_tag = message
-        self._offset, self._position = message.records[0].offset, 1
-        return message.records[0]
+        self._offset, self._current, self._current_size, self._current_tag = message
+        self._position = 1
+        return _new_record(Record, (message.offset, message.records[0]))
 
     def _handed_out(self) -> None:
         """The current message's records were all yielded: count it consumed."""
         current = self._current
         if not current:
             return
-        last = current[-1].offset
+        last = self._offset + len(current) - 1
         self._offset, self._position, self._current = last + 1, 0, []
         self._consumed += self._current_size
         tag = self._current_tag
