@@ -17,6 +17,7 @@ from streamkit.hub.protocol import (
     encode_message,
     encode_records,
     quote,
+    records_size,
 )
 
 #: What a peer can put in a header field: any JSON value, some of them huge.
@@ -193,3 +194,12 @@ def test_records_keep_a_view_of_immutable_bytes_and_copy_anything_else() -> None
     copied = Records.unpack(mutable)
     mutable[8:10] = b"XY"  # a buffer that changes later does not change the records
     assert copied == [b"ab", b"c"]
+
+
+def test_a_whole_batch_kept_as_a_view_is_viewed_and_checked_without_a_copy() -> None:
+    body = encode_records([b"ab", b"c"])
+    message = b"head" + body
+    records = Records.unpack(memoryview(message)[4:])
+    assert records.view().obj is message  # the received message itself
+    assert bytes(records[1:].view()) == encode_records([b"c"])  # a slice packs anew
+    assert records_size(records) == len(body) and records_size(records[:0]) == 0

@@ -76,7 +76,7 @@ import struct
 import zlib
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
@@ -211,10 +211,12 @@ def _recovered(
         return None
 
 
-def _entry(kind: int, parts: list[bytes]) -> bytes:
-    payload = b"".join(parts)
-    crc = zlib.crc32(payload, zlib.crc32(bytes((kind,))))
-    return _ENTRY.pack(kind, len(payload), crc) + payload
+def _entry(kind: int, parts: Sequence[bytes | memoryview]) -> bytes:
+    """An entry of ``parts`` (its payload, in pieces), made with one copy."""
+    crc = zlib.crc32(bytes((kind,)))
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join((_ENTRY.pack(kind, sum(map(len, parts)), crc), *parts))
 
 
 def _derived_tag(crc: int, position: int) -> str:
@@ -573,14 +575,15 @@ class FileStorage(StreamTable):
             head += (_U16.pack(len(encoded_id)), encoded_id, _PRODUCER.pack(state.epoch, state.seq))
         head[0] = bytes((flags,))
         count = len(records)
-        body = records.body or _U32.pack(0)
+        body = records.view() if records else memoryview(_U32.pack(0))
         lengths = struct.unpack_from(f">{count}I", body, 4)
         first = log.end + _ENTRY.size + sum(map(len, head)) + 4 + 4 * count
         starts = array("Q", accumulate(lengths, initial=first))
         starts.pop()
         log.positions.extend(starts)
         log.lengths.extend(lengths)
-        await self._write(stream, entry, _entry(_DATA, [*head, body]))
+        parts: list[bytes | memoryview] = [*head, body]
+        await self._write(stream, entry, _entry(_DATA, parts))
 
     async def _store_finish(self, stream: _Stream, entry: _Entry) -> None:
         await self._write(stream, entry, _entry(_FINISH, []))

@@ -297,6 +297,13 @@ class Records(Sequence[bytes]):
             )
         )
 
+    def view(self) -> memoryview:
+        """The records packed, as ``body``, without copying a whole batch kept as a view."""
+        low, high, body = self._low, self._high, self._body
+        if low == 0 and high == len(self._ends) - 1:
+            return memoryview(body)
+        return memoryview(self.body)
+
     @property
     def size(self) -> int:
         """The bytes of the records (without their lengths)."""

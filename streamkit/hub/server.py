@@ -467,7 +467,7 @@ class HubServer(ServerBase):
                         f" message of this session ({exc})"
                     ) from exc
                 count //= 2
-                body = records[:count].body
+                body = records[:count].view()
                 found = await self.storage.tag_at(name, offset + count - 1)
                 if found is None:
                     raise StreamGone(f"stream {quote(name)} was deleted or expired") from exc
@@ -489,7 +489,7 @@ class _Chunk:
         self.count = len(records)
         self.end = offset + self.count
         self.at_end = self.end == stream_end
-        self.body = records.body
+        self.body = records.view()
         self.size = len(self.body)
         self.tag = tag
 

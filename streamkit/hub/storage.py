@@ -32,7 +32,7 @@ from itertools import accumulate
 from typing import Any, NamedTuple, Protocol
 
 from streamkit.errors import StreamkitError
-from streamkit.hub.protocol import Records, check_content_type, check_ttl, quote
+from streamkit.hub.protocol import Records, check_content_type, check_ttl, quote, records_size
 
 __all__ = [
     "PRODUCER_OVERHEAD",
@@ -560,7 +560,7 @@ class StreamTable:
         if largest > limits.max_record:
             raise LimitExceeded(f"record of {largest} bytes exceeds max_record={limits.max_record}")
         size = records.size
-        batch = len(records.body)
+        batch = records_size(records)
         if batch > limits.max_batch:
             raise LimitExceeded(
                 f"a batch of {len(records)} records ({batch} bytes with their lengths)"
