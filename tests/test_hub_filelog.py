@@ -8,8 +8,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,14 @@ from hypothesis import strategies as st
 from streamkit.hub import HubError, Limits, filelog
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.storage import Produced
+from tests.test_hub_storage import read_all, started
 
 BIG = 1 << 20
 
 
-@asynccontextmanager
-async def opened(data_dir: Path, **options: bool) -> AsyncIterator[FileStorage]:
-    storage = FileStorage(data_dir, **options)  # type: ignore[arg-type]
-    await storage.start()
-    try:
-        yield storage
-    finally:
-        await storage.close()
-
-
-async def read_all(storage: FileStorage, name: str, offset: int = 0) -> list[bytes]:
-    return (await storage.read(name, offset, 1_000_000, 1 << 30)).records
+def opened(data_dir: Path, *, fsync: bool = False) -> AbstractAsyncContextManager[FileStorage]:
+    """File storage on ``data_dir``, started, closed on the way out."""
+    return started(FileStorage(data_dir, fsync=fsync))
 
 
 async def fill(data_dir: Path) -> list[bytes]:

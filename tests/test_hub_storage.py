@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -43,6 +44,7 @@ from streamkit.hub.storage import (
     decide_produce,
 )
 
+AnyStorage = TypeVar("AnyStorage", bound=Storage)
 LIMITS = Limits(max_streams=3, max_record=100, max_total_bytes=1000, max_name=10)
 BIG = 1 << 20
 
@@ -76,8 +78,8 @@ def local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 @asynccontextmanager
-async def opened(backend: Backend, limits: Limits | None = LIMITS) -> AsyncIterator[Storage]:
-    storage = backend.make(limits)
+async def started(storage: AnyStorage) -> AsyncIterator[AnyStorage]:
+    """``storage``, started, and closed on the way out."""
     await storage.start()
     try:
         yield storage
@@ -85,8 +87,15 @@ async def opened(backend: Backend, limits: Limits | None = LIMITS) -> AsyncItera
         await storage.close()
 
 
+def opened(
+    backend: Backend, limits: Limits | None = LIMITS
+) -> AbstractAsyncContextManager[Storage]:
+    """A new storage of ``backend``'s kind, started, closed on the way out."""
+    return started(backend.make(limits))
+
+
 async def read_all(storage: Storage, name: str, offset: int = 0) -> list[bytes]:
-    return (await storage.read(name, offset, 1_000_000, 1 << 30)).records
+    return list((await storage.read(name, offset, 1_000_000, 1 << 30)).records)
 
 
 # -- the contract, on every backend ---------------------------------------------
