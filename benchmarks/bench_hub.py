@@ -22,10 +22,13 @@ is (for latency: how many times the baseline's p50 the row's p50 is).
   with the hub making each reader's records body itself (no bodies shared
   between readers); the last row's readers take their records in lists
   (``reader.batches()``) rather than one by one;
-- durable appends: 10 producers (connections), each appending one record
-  at a time, to a hub with ``fsync=True`` file storage: group commit off the
+- durable appends: 10 producers, each appending one record at a time and
+  waiting for it, to ``fsync=True`` file storage: group commit off the
   event loop against the old way, one ``fsync`` per append on the loop (a
-  faithful copy, ``_FsyncOnTheLoop``); this row always uses file storage;
+  faithful copy, ``_FsyncOnTheLoop``); through a hub (10 connections), and
+  to the storage itself (10 tasks, no network: the storage's own gain,
+  which through a hub the requests' own cost bounds); these rows always use
+  file storage;
 - read-back: reading a finished stream from offset 0.
 """
 
@@ -285,6 +288,25 @@ async def _durable_appends(port: int, count: int) -> float:
             await client.close()
 
 
+async def _durable_storage(spec: str, count: int) -> float:
+    """Seconds for DURABLE_PRODUCERS tasks to append ``count`` records to a storage itself."""
+    storage = make_storage(spec)
+    await storage.start()
+    try:
+        await storage.create("durable", ttl=None, content_type=None)
+        each = count // DURABLE_PRODUCERS
+
+        async def appends() -> None:
+            for _ in range(each):
+                await storage.append("durable", [RECORD])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(appends() for _ in range(DURABLE_PRODUCERS)))
+        return time.perf_counter() - start
+    finally:
+        await storage.close()
+
+
 async def _read_back(port: int, count: int) -> float:
     async with hub.connect("127.0.0.1", port) as client:
         await client.create("back")
@@ -299,20 +321,27 @@ async def _read_back(port: int, count: int) -> float:
         return time.perf_counter() - start
 
 
+def _durable_seconds(where: str, spec: str, count: int) -> float:
+    if where == "storage":
+        return asyncio.run(_durable_storage(spec, count))
+    with _Hub(spec) as server:
+        return asyncio.run(_durable_appends(server.port, count))
+
+
 # -- the table ------------------------------------------------------------------------
 
 
 class _Table:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
-        print(f"{'row':<46} {'records':>8} {'records/s':>12} {'MB/s':>7} {'ratio':>7}")
+        print(f"{'row':<72} {'records':>8} {'records/s':>12} {'MB/s':>7} {'ratio':>7}")
 
     def rate(
         self, label: str, count: int, seconds: float, baseline: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         rate = count / seconds
         ratio = "" if baseline is None else f"{rate / baseline['records_per_s']:.2f}x"
-        print(f"{label:<46} {count:>8} {rate:>12,.0f} {rate * len(RECORD) / 1e6:>7.1f} {ratio:>7}")
+        print(f"{label:<72} {count:>8} {rate:>12,.0f} {rate * len(RECORD) / 1e6:>7.1f} {ratio:>7}")
         row = {"row": label, "records": count, "seconds": seconds, "records_per_s": rate}
         if baseline is not None:
             row["ratio"] = rate / baseline["records_per_s"]
@@ -321,7 +350,7 @@ class _Table:
 
     def latency(self, label: str, seconds: float, baseline: float | None = None) -> None:
         ratio = "" if baseline is None else f"{seconds / baseline:.2f}x"
-        print(f"{label:<46} {'p50':>8} {seconds * 1e6:>10.1f}us {'':>7} {ratio:>7}")
+        print(f"{label:<72} {'p50':>8} {seconds * 1e6:>10.1f}us {'':>7} {ratio:>7}")
         row: dict[str, Any] = {"row": label, "p50_seconds": seconds}
         if baseline is not None:
             row["ratio"] = seconds / baseline
@@ -388,16 +417,18 @@ def main(argv: list[str] | None = None) -> int:
                 seconds,
                 each,
             )
-        with _Hub(f"fsync-on-the-loop:{data_dir}/loop") as server:
-            seconds = asyncio.run(_durable_appends(server.port, durable))
+        for name, where in (("the hub", "hub"), ("FileStorage itself", "storage")):
             old = table.rate(
-                f"durable appends x{DURABLE_PRODUCERS}, fsync on the loop (baseline)",
+                f"durable appends x{DURABLE_PRODUCERS} to {name}, fsync on the loop (baseline)",
                 durable,
-                seconds,
+                _durable_seconds(where, f"fsync-on-the-loop:{data_dir}/loop-{where}", durable),
             )
-        with _Hub(f"fsync:{data_dir}/group") as server:
-            seconds = asyncio.run(_durable_appends(server.port, durable))
-            table.rate(f"durable appends x{DURABLE_PRODUCERS}, group commit", durable, seconds, old)
+            table.rate(
+                f"durable appends x{DURABLE_PRODUCERS} to {name}, group commit",
+                durable,
+                _durable_seconds(where, f"fsync:{data_dir}/group-{where}", durable),
+                old,
+            )
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"python": sys.version, "rows": table.rows}, out, indent=2)
