@@ -24,7 +24,7 @@ from streamkit import hub
 from streamkit.errors import DecodeError
 from streamkit.hub import HubClient, HubServer, Limits, MemoryStorage
 from streamkit.hub import server as hub_server
-from streamkit.hub.storage import Produced
+from streamkit.hub.storage import Batch, Produced
 
 FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
 
@@ -1016,3 +1016,43 @@ async def test_a_reader_hands_out_lists_of_records_as_they_arrive() -> None:
         await client.delete("s")
         with pytest.raises(hub.StreamGone):
             await asyncio.wait_for(waiting, 5)
+
+
+class _Unreachable(MemoryStorage):
+    """Memory storage whose reads fail as if its engine were unreachable, until let through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.refused = 0
+
+    async def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> Batch:
+        if self.down:
+            self.refused += 1
+            raise hub.StorageUnavailable("the engine cannot be reached (a test)")
+        return await super().read(name, offset, max_records, max_bytes)
+
+
+async def test_a_live_reader_waits_for_an_unavailable_storage_and_a_plain_one_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(hub_server, "_UNAVAILABLE_RETRY", 0.02)
+    storage = _Unreachable()
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, storage=storage, grace_period=0.2, **FAST) as server,
+        hub.connect("127.0.0.1", server.port, **FAST) as client,
+    ):
+        await client.create("s")
+        await client.append("s", b"r0")
+        storage.down = True
+        with pytest.raises(hub.StorageUnavailable, match="cannot be reached"):
+            await read_all(client, "s")
+        async with client.read("s", 0, live=True) as reader:
+            waiting = asyncio.ensure_future(anext(reader))
+            await eventually(lambda: storage.refused >= 5)  # it tries again and again
+            assert not waiting.done()
+            storage.down = False
+            assert (await asyncio.wait_for(waiting, 5)).data == b"r0"
+            await client.append("s", b"r1")
+            assert (await anext(reader)).data == b"r1"
+    assert caplog.text.count("live read of stream 's' waits") == 1  # said once, not each time

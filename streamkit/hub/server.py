@@ -47,6 +47,7 @@ from streamkit.hub.storage import (
     Limits,
     MemoryStorage,
     Storage,
+    StorageUnavailable,
     StreamExists,
     StreamGone,
     StreamInfo,
@@ -68,6 +69,8 @@ _READ_BYTES = 256 * 1024
 _MESSAGE_HEADROOM = 512
 #: Seconds between TTL sweeps.
 _EXPIRY_INTERVAL = 1.0
+#: Seconds a live read waits before it tries a storage that was unavailable again.
+_UNAVAILABLE_RETRY = 1.0
 #: Encoded records bodies kept for the next readers of the same range.
 _BODY_CACHE_BYTES = 32 * 1024 * 1024
 _BODY_CACHE_ENTRIES = 256
@@ -107,8 +110,9 @@ class HubServer(ServerBase):
     hint ``storage.subscribe`` gives of a change made elsewhere; with a
     storage several hubs share (``storage.recheck_interval`` set), a
     caught-up reader also looks again that often, so a lost hint costs a
-    delay, never a record. A batch read for several readers at once is
-    encoded once.
+    delay, never a record; a live reader whose storage is unavailable
+    (:class:`StorageUnavailable`) waits and tries again. A batch read for
+    several readers at once is encoded once.
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -372,6 +376,7 @@ class HubServer(ServerBase):
         recheck = storage.recheck_interval
         sent = 0  # bytes of records messages, for the window
         caught_up_sent = False
+        waiting = False  # for an unavailable storage
         while True:
             change = self._next_change(name) if live else None
             if window is not None and sent - flow.consumed >= window:
@@ -384,6 +389,16 @@ class HubServer(ServerBase):
                 chunk, info = await self._records(name, created, offset, read_bytes)
             except StreamNotFound:
                 chunk, info = None, None
+            except StorageUnavailable as exc:
+                if change is None:
+                    raise  # a read that is not live ends with it
+                # A live read waits for the storage and tries again.
+                if not waiting:
+                    logger.warning("live read of stream %s waits: %s", quote(name), exc)
+                waiting = True
+                await _wait(change, None, recheck or _UNAVAILABLE_RETRY)
+                continue
+            waiting = False
             if info is not None and info.created != created:
                 info = None
             if info is None and chunk is None:
