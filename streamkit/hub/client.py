@@ -552,10 +552,13 @@ class Producer(AsyncClosable):
         if batch.seq is None and self._seq is None:
             if self._in_flight:
                 return False  # where to continue is known once they are answered
-            reply = await client._call(
-                {"op": "producer", "name": self.name, "producer": self.producer_id},
-                retry=True,
-            )
+            try:
+                reply = await client._call(
+                    {"op": "producer", "name": self.name, "producer": self.producer_id},
+                    retry=True,
+                )
+            except HubError as exc:  # no such stream, say: this batch is refused
+                raise _Refused(batch, exc) from exc
             same_epoch = reply["epoch"] == self.epoch and reply["seq"] is not None
             self._seq = reply["seq"] + 1 if same_epoch else 0
         session = await client._current()
