@@ -13,14 +13,16 @@ is (for latency: how many times the baseline's p50 the row's p50 is).
   through a resumable session (the layer the hub runs on) with the same
   bytes, measured in alternating blocks on the same hub process;
 - single appends (awaited): one request per record, one at a time;
-- producer: ``append_nowait`` through an idempotent producer, several
-  batches in flight, against the same with one batch in flight at a time;
+- producer: ``append_nowait`` through an idempotent producer, 8 batches in
+  flight, each batch stored as it came; the baseline is the old way: one
+  batch in flight, and (in memory) each record stored on its own
+  (``_StoredOneByOne``, a faithful copy of the old MemoryStorage);
 - fan-out: one producer while 100 live readers, spread over 4 client
   processes (25 connections each), tail the stream; the rate is records
   delivered to all readers together per second, from the first record
-  produced until the last reader has every one; the baseline is the same
-  with the hub making each reader's records body itself (no bodies shared
-  between readers); the last row's readers take their records in lists
+  produced until the last reader has every one; the baseline is the old
+  way (in memory, records stored one by one and each read's body made anew
+  for each reader); the last row's readers take their records in runs
   (``reader.batches()``) rather than one by one;
 - durable appends: 10 producers, each appending one record at a time and
   waiting for it, to ``fsync=True`` file storage: group commit off the
@@ -50,7 +52,8 @@ from streamkit import hub
 from streamkit.bench import receive_from_child
 from streamkit.hub import server as hub_server
 from streamkit.hub.filelog import FileStorage
-from streamkit.hub.storage import Storage, _Entry, _Stream
+from streamkit.hub.protocol import Records
+from streamkit.hub.storage import Storage, _Entry, _Stream, take_within
 from streamkit.session import ServerSession, connect_resumable, serve_resumable
 
 RECORD = b"r" * 256
@@ -58,6 +61,29 @@ STORAGES = ("memory", "file")
 READERS, READER_PROCESSES = 100, 4
 DURABLE_PRODUCERS = 10
 _SPAWN = multiprocessing.get_context("spawn")
+
+
+class _StoredOneByOne(hub.MemoryStorage):
+    """The old way, as a baseline: records stored one by one, a read's body made per reader.
+
+    As MemoryStorage was before batches were kept as they came: each
+    record of an append split out and kept on its own, and each read
+    sliced out and encoded anew for every reader of it.
+    """
+
+    async def _store_create(self, stream: _Stream) -> None:
+        stream.data = []
+
+    async def _store_append(self, stream: _Stream, entry: _Entry, records: Records) -> None:
+        stream.data.extend(records)
+        self._commit(stream, entry)
+
+    async def _store_read(
+        self, stream: _Stream, start: int, stop: int, max_bytes: int
+    ) -> tuple[Records, str]:
+        records = stream.data[start:stop]
+        count = take_within(map(len, records), max_bytes)
+        return Records.pack(records[:count]), self._tag(stream, start + count - 1)
 
 
 class _FsyncOnTheLoop(FileStorage):
@@ -78,12 +104,14 @@ class _FsyncOnTheLoop(FileStorage):
 def make_storage(spec: str) -> Storage:
     """The storage a benchmark hub uses: ``memory``, or ``<kind>:<directory>`` for files.
 
-    Kinds: ``file`` (no fsync), ``fsync`` (group commit), ``fsync-on-the-loop``
-    (the baseline).
+    Baselines: ``memory-one-by-one``; for files, ``file`` (no fsync), ``fsync``
+    (group commit) and ``fsync-on-the-loop``.
     """
     kind, _, where = spec.partition(":")
     if kind == "memory":
         return hub.MemoryStorage()
+    if kind == "memory-one-by-one":
+        return _StoredOneByOne()
     if kind == "file":
         return FileStorage(where)
     if kind == "fsync":
@@ -96,15 +124,13 @@ def make_storage(spec: str) -> Storage:
 # -- the hub's process ----------------------------------------------------------------
 
 
-def _server_main(spec: str, shared_bodies: bool, ports_out: Connection) -> None:
+def _server_main(spec: str, ports_out: Connection) -> None:
     async def echo(session: ServerSession) -> None:
         async for message in session:
             await session.send(message)
 
     async def run() -> None:
         server = await hub.serve_hub("127.0.0.1", 0, storage=make_storage(spec))
-        if not shared_bodies:  # the fan-out baseline: every reader's messages encoded anew
-            server._bodies = hub_server._BodyCache(0, 0)
         echoes = await serve_resumable(echo, "127.0.0.1", 0)
         ports_out.send((server.port, echoes.port))
         async with echoes:
@@ -116,11 +142,9 @@ def _server_main(spec: str, shared_bodies: bool, ports_out: Connection) -> None:
 class _Hub:
     """A hub (and a session echo server) in a process of its own."""
 
-    def __init__(self, spec: str, *, shared_bodies: bool = True) -> None:
+    def __init__(self, spec: str) -> None:
         reader, writer = _SPAWN.Pipe(duplex=False)
-        self.process = _SPAWN.Process(
-            target=_server_main, args=(spec, shared_bodies, writer), daemon=True
-        )
+        self.process = _SPAWN.Process(target=_server_main, args=(spec, writer), daemon=True)
         self.process.start()
         writer.close()  # the child's copy remains
         if not reader.poll(60):
@@ -373,6 +397,20 @@ def main(argv: list[str] | None = None) -> int:
         spec = args.storage if args.storage == "memory" else f"file:{data_dir}/{args.storage}"
         print(f"hub, {len(RECORD)} B records, {args.storage} storage, loopback TCP")
         table = _Table()
+        # The old way, for the baselines: in memory, records stored one by one.
+        old_spec = "memory-one-by-one" if args.storage == "memory" else spec
+        with _Hub(old_spec) as server:
+            old_producer = table.rate(
+                "producer, 1 batch in flight, stored one by one (baseline)",
+                count,
+                asyncio.run(_producer_run(server.port, "old", count, 1)),
+            )
+        with _Hub(old_spec) as server:
+            old_fan_out = table.rate(
+                f"fan-out to {READERS} readers, stored one by one (baseline)",
+                READERS * fan_out,
+                asyncio.run(_fan_out(server.port, fan_out)),
+            )
         with _Hub(spec) as server:
             append_p50, echo_p50 = asyncio.run(
                 _latency(server.port, server.echo_port, max(100, count // 100))
@@ -385,37 +423,26 @@ def main(argv: list[str] | None = None) -> int:
                 single,
                 asyncio.run(_single_appends(server.port, single)),
             )
-            one = table.rate(
-                "producer, 1 batch in flight (baseline)",
-                count,
-                asyncio.run(_producer_run(server.port, "one", count, 1)),
-            )
             table.rate(
-                "producer, 8 batches in flight",
+                "producer, 8 batches in flight, batches stored as they came",
                 count,
-                asyncio.run(_producer_run(server.port, "eight", count, 8)),
-                one,
+                asyncio.run(_producer_run(server.port, "new", count, 8)),
+                old_producer,
             )
             table.rate("read-back", count, asyncio.run(_read_back(server.port, count)))
-        with _Hub(spec, shared_bodies=False) as server:
-            seconds = asyncio.run(_fan_out(server.port, fan_out))
-            each = table.rate(
-                f"fan-out to {READERS} readers, bodies per reader (baseline)",
+        with _Hub(spec) as server:
+            table.rate(
+                f"fan-out to {READERS} readers, batches stored as they came",
                 READERS * fan_out,
-                seconds,
+                asyncio.run(_fan_out(server.port, fan_out)),
+                old_fan_out,
             )
         with _Hub(spec) as server:
-            seconds = asyncio.run(_fan_out(server.port, fan_out))
             table.rate(
-                f"fan-out to {READERS} readers, bodies shared", READERS * fan_out, seconds, each
-            )
-        with _Hub(spec) as server:
-            seconds = asyncio.run(_fan_out(server.port, fan_out, lists=True))
-            table.rate(
-                f"fan-out to {READERS} readers, shared, in lists",
+                f"fan-out to {READERS} readers, as they came, taken in runs",
                 READERS * fan_out,
-                seconds,
-                each,
+                asyncio.run(_fan_out(server.port, fan_out, lists=True)),
+                old_fan_out,
             )
         for name, where in (("the hub", "hub"), ("FileStorage itself", "storage")):
             old = table.rate(

@@ -783,8 +783,8 @@ def test_the_hub_benchmark_runs(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     rows = {row["row"]: row for row in json.loads(results.read_text())["rows"]}
-    assert rows["producer, 8 batches in flight"]["records"] == 400
-    assert rows["fan-out to 100 readers, bodies shared"]["records"] == 100 * 100
+    assert rows["producer, 8 batches in flight, batches stored as they came"]["records"] == 400
+    assert rows["fan-out to 100 readers, as they came, taken in runs"]["records"] == 100 * 100
     assert rows["durable appends x10 to the hub, group commit"]["records"] == 10
     assert rows["durable appends x10 to FileStorage itself, group commit"]["ratio"] > 0
     assert rows["read-back"]["records"] == 400

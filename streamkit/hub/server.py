@@ -9,7 +9,6 @@ import logging
 import os
 import ssl as _ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar, Unpack
 
@@ -39,9 +38,11 @@ from streamkit.hub.protocol import (
     encode_head,
     encode_message,
     quote,
+    records_size,
 )
 from streamkit.hub.storage import (
     BadRequest,
+    Batch,
     HubError,
     LimitExceeded,
     Limits,
@@ -71,9 +72,6 @@ _MESSAGE_HEADROOM = 512
 _EXPIRY_INTERVAL = 1.0
 #: Seconds a live read waits before it tries a storage that was unavailable again.
 _UNAVAILABLE_RETRY = 1.0
-#: Encoded records bodies kept for the next readers of the same range.
-_BODY_CACHE_BYTES = 32 * 1024 * 1024
-_BODY_CACHE_ENTRIES = 256
 
 #: The fields of a read request.
 _READ_FIELDS = ("name", "offset", "live", "window", "created", "after")
@@ -111,14 +109,14 @@ class HubServer(ServerBase):
     storage several hubs share (``storage.recheck_interval`` set), a
     caught-up reader also looks again that often, so a lost hint costs a
     delay, never a record; a live reader whose storage is unavailable
-    (:class:`StorageUnavailable`) waits and tries again. A batch read for
-    several readers at once is encoded once.
+    (:class:`StorageUnavailable`) waits and tries again. Records go out as
+    the storage keeps them (packed, as they came): a batch is encoded once,
+    when it arrives, whatever the number of its readers.
     """
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._changed: dict[str, asyncio.Event] = {}
-        self._bodies = _BodyCache(_BODY_CACHE_BYTES, _BODY_CACHE_ENTRIES)
         self._server: ResumableServer | None = None
         self._expiry: asyncio.Task[None] | None = None
 
@@ -386,9 +384,9 @@ class HubServer(ServerBase):
                 await flow.more.wait()
                 continue
             try:
-                chunk, info = await self._records(name, created, offset, read_bytes)
+                batch: Batch | None = await storage.read(name, offset, _READ_BATCH, read_bytes)
             except StreamNotFound:
-                chunk, info = None, None
+                batch = None
             except StorageUnavailable as exc:
                 if change is None:
                     raise  # a read that is not live ends with it
@@ -399,18 +397,20 @@ class HubServer(ServerBase):
                 await _wait(change, None, recheck or _UNAVAILABLE_RETRY)
                 continue
             waiting = False
-            if info is not None and info.created != created:
-                info = None
-            if info is None and chunk is None:
+            if batch is None or batch.info.created != created:
                 raise StreamGone(f"stream {quote(name)} was deleted or expired")
-            if chunk is not None:
-                count = await self._send_records(session, request, name, offset, chunk, stamp)
+            info = batch.info
+            if batch.records:
+                assert batch.tag is not None
+                records = Records.pack(batch.records)
+                count = await self._send_records(
+                    session, request, name, offset, records, batch.tag, stamp
+                )
                 stamp = {}
-                sent += chunk.size
+                sent += records_size(records[:count])
                 offset += count
                 caught_up_sent = False
                 continue
-            assert info is not None
             if info.finished or not live:
                 end = {"op": "end", "id": request, "next_offset": offset}
                 await _answer(session, {**end, "finished": info.finished, **stamp})
@@ -422,55 +422,22 @@ class HubServer(ServerBase):
             assert change is not None  # live
             await _wait(change, info.expires_at, recheck)
 
-    async def _records(
-        self, name: str, created: float, offset: int, read_bytes: int
-    ) -> tuple[_Chunk | None, StreamInfo | None]:
-        """The records at ``offset`` encoded for a message, or the stream's state if none.
-
-        A chunk another reader of the same range had encoded is used again
-        if the stream still holds it (its last record's tag is the same)
-        and, if it ended where the stream did, the stream has not grown
-        since (a reader gets as many records as a read would give it).
-        Raises :class:`StreamNotFound` if the stream is absent.
-        """
-        storage = self.storage
-        key = (name, created, offset, read_bytes)
-        chunk = self._bodies.get(key)
-        if chunk is not None:
-            fresh = True
-            if chunk.at_end:
-                info = await storage.get(name)
-                fresh = info is not None and (info.created, info.next_offset) == (
-                    created,
-                    chunk.end,
-                )
-            if fresh and await storage.tag_at(name, chunk.end - 1) == chunk.tag:
-                return chunk, None
-            self._bodies.drop(key)
-        batch = await storage.read(name, offset, _READ_BATCH, read_bytes)
-        info = batch.info
-        if not batch.records or info.created != created:
-            return None, info
-        assert batch.tag is not None
-        chunk = _Chunk(Records.pack(batch.records), batch.tag, offset, info.next_offset)
-        self._bodies.put(key, chunk)
-        return chunk, info
-
     async def _send_records(
         self,
         session: ServerSession,
         request: int,
         name: str,
         offset: int,
-        chunk: _Chunk,
+        records: Records,
+        tag: str,
         stamp: dict[str, float],
     ) -> int:
-        """Send a chunk of records (from ``offset``), in as few messages as fit; return how many.
+        """Send ``records`` (from ``offset``; ``tag``: the last one's) in as few messages as fit.
 
-        ``stamp`` goes into the first message's header.
+        Returns how many were sent. ``stamp`` goes into the first message's header.
         """
-        records, tag = chunk.records, chunk.tag
-        body, count = chunk.body, len(records)
+        count = len(records)
+        body = records.view()
         while True:
             header = {"op": "records", "id": request, "offset": offset, "tag": tag, **stamp}
             try:
@@ -489,55 +456,6 @@ class HubServer(ServerBase):
                 tag = found
                 continue
             return count
-
-
-class _Chunk:
-    """Records read for a message: the records, their body, the tag of the last, where they end.
-
-    ``at_end``: they ran to the end of the stream as it was then.
-    """
-
-    __slots__ = ("at_end", "body", "count", "end", "records", "size", "tag")
-
-    def __init__(self, records: Records, tag: str, offset: int, stream_end: int) -> None:
-        self.records = records
-        self.count = len(records)
-        self.end = offset + self.count
-        self.at_end = self.end == stream_end
-        self.body = records.view()
-        self.size = len(self.body)
-        self.tag = tag
-
-
-class _BodyCache:
-    """The chunks read lately, by (stream, created, offset, bytes asked), bounded in bytes."""
-
-    def __init__(self, max_bytes: int, max_entries: int) -> None:
-        self.max_bytes = max_bytes
-        self.max_entries = max_entries
-        self._chunks: OrderedDict[tuple[str, float, int, int], _Chunk] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple[str, float, int, int]) -> _Chunk | None:
-        chunk = self._chunks.get(key)
-        if chunk is not None:
-            self._chunks.move_to_end(key)
-        return chunk
-
-    def put(self, key: tuple[str, float, int, int], chunk: _Chunk) -> None:
-        if chunk.size > self.max_bytes // 4:
-            return  # one chunk must not push out everything else
-        self.drop(key)
-        self._chunks[key] = chunk
-        self._bytes += chunk.size
-        while self._bytes > self.max_bytes or len(self._chunks) > self.max_entries:
-            _, oldest = self._chunks.popitem(last=False)
-            self._bytes -= oldest.size
-
-    def drop(self, key: tuple[str, float, int, int]) -> None:
-        chunk = self._chunks.pop(key, None)
-        if chunk is not None:
-            self._bytes -= chunk.size
 
 
 async def _wait(change: asyncio.Event, expires_at: float | None, recheck: float | None) -> None:
