@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import itertools
 import os
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from tests._redis import RedisServer
 
 #: Seconds an async test may take before it fails as a hang.
 ASYNC_TEST_TIMEOUT = 30.0
@@ -64,3 +68,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this test session, without persistence, on a Unix socket.
+
+    Skips the tests that use it where redis-server (or redis-py) is missing,
+    unless ``STREAMKIT_REQUIRE_REDIS=1``, which fails them instead.
+    """
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of this test alone, so tests on one Redis never see each other's streams."""
+    return f"t-{next(_PREFIXES)}-{secrets.token_hex(4)}"
+
+
+_PREFIXES = itertools.count()

@@ -1,8 +1,12 @@
 """The hub: named, append-only streams with offsets, live tail, resume and idempotent producers.
 
 ``serve_hub`` runs a hub; ``connect`` opens a :class:`HubClient` to one.
-Streams live in memory, or in an append-only log per stream on request.
+Streams live in memory, in an append-only log per stream on request, or in
+Redis Streams (:class:`RedisStorage`, with the ``streamkit[redis]`` extra),
+where several hub processes serve the same streams.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from streamkit.hub.client import (
     HubClient,
@@ -32,6 +36,9 @@ from streamkit.hub.storage import (
     StreamNotFound,
 )
 
+if TYPE_CHECKING:
+    from streamkit.hub.redis import RedisStorage
+
 __all__ = [
     "PRODUCER_OVERHEAD",
     "RECORD_OVERHEAD",
@@ -47,6 +54,7 @@ __all__ = [
     "ProducerFenced",
     "Reader",
     "Record",
+    "RedisStorage",
     "Storage",
     "StorageUnavailable",
     "StreamExists",
@@ -59,3 +67,12 @@ __all__ = [
     "serve_hub",
     "serve_hub_unix",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # RedisStorage's module is loaded on first use: importing the hub stays light.
+    if name == "RedisStorage":
+        from streamkit.hub.redis import RedisStorage
+
+        return RedisStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
