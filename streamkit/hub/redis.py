@@ -763,19 +763,19 @@ class RedisStorage:
         try:
             async with asyncio.timeout(self.timeout):
                 await pubsub.subscribe(self._channel)
-            # Whatever changed while we were not subscribed went unheard.
-            self._changed(None)
             heard = loop.time()  # when Redis was last heard on this connection
             pinged = False
             while True:
                 async with asyncio.timeout(2 * self.timeout):  # redis-py's timeout, bounded
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=self.timeout
-                    )
+                    message = await pubsub.get_message(timeout=self.timeout)
                 if message is not None:
                     heard, pinged = loop.time(), False
                     if message["type"] == "message":
                         self._changed(bytes(message["data"]).decode(errors="replace"))
+                    elif message["type"] == "subscribe":
+                        # Subscribed now (not when SUBSCRIBE was sent): whatever
+                        # changed before this went unheard.
+                        self._changed(None)
                     continue
                 silent = loop.time() - heard
                 if pinged and silent >= 2 * self.timeout:
