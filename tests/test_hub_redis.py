@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -112,6 +113,33 @@ def test_without_redis_py_using_redis_storage_names_the_extra() -> None:
     assert done.returncode == 0, done.stderr
     assert 'pip install "streamkit[redis]"' in done.stdout
     assert "No module named 'redis'" in done.stdout
+
+
+# -- the tests' own redis-server -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("require", "outcome"), [("0", "skipped"), ("1", "error")])
+def test_without_redis_server_the_redis_tests_skip_unless_required(
+    require: str, outcome: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PATH": str(tmp_path), "STREAMKIT_REQUIRE_REDIS": require}
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider"),
+            "tests/test_hub_redis.py::test_append_read_finish_delete",
+        ],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert f"1 {outcome}" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == (0 if outcome == "skipped" else 1)
+    assert "redis-server is not installed (apt-get install redis-server)" in done.stdout
+    if outcome == "error":  # the run fails
+        assert "STREAMKIT_REQUIRE_REDIS=1 requires the Redis tests to run" in done.stdout
 
 
 # -- the storage on a real Redis ---------------------------------------------------------
