@@ -232,10 +232,19 @@ local first, count, producer = m[1], tonumber(ARGV[2]), true
 
 # ARGV: offset, max_records, max_bytes. Returns {meta} or {meta, tag, body, ...}:
 # each body the records taken from one entry, packed as in a hub records body.
+# Record lengths are unpacked many at a time (one struct.unpack per record
+# would cost more than the rest of a read).
 _READ = (
     "#!lua flags=no-writes\n"
     + _LUA_COMMON
     + """
+local CHUNK = 200
+local CHUNK_FORMAT = '>' .. string.rep('I4', CHUNK)
+-- the lengths of records first..first+n-1 (from 0) of a body, as a table
+local function lengths(body, first, n)
+  local format = n == CHUNK and CHUNK_FORMAT or '>' .. string.rep('I4', n)
+  return {struct.unpack(format, body, 5 + 4 * first)}
+end
 local meta = meta_fields(KEYS[1])
 if #meta == 0 then return {} end
 local next_offset = tonumber(redis.call('HGET', KEYS[1], 'next_offset'))
@@ -256,12 +265,26 @@ while #entries > 0 do
     local count = struct.unpack('>I4', body)
     local skip = pos - first
     local data = 5 + 4 * count  -- where the records begin (Lua counts from 1)
-    for i = 0, skip - 1 do data = data + struct.unpack('>I4', body, 5 + 4 * i) end
     local n, size = 0, 0
-    while skip + n < count and n < records_left do
-      local length = struct.unpack('>I4', body, 5 + 4 * (skip + n))
-      if taken + n > 0 and size + length > bytes_left then break end
-      n, size = n + 1, size + length
+    if skip == 0 and count <= records_left and #body - data + 1 <= bytes_left then
+      n, size = count, #body - data + 1  -- the whole entry
+    else
+      local i = 0
+      while i < skip do  -- skip the records before pos
+        local k = math.min(CHUNK, skip - i)
+        local chunk = lengths(body, i, k)
+        for j = 1, k do data = data + chunk[j] end
+        i = i + k
+      end
+      local full = false
+      while not full and skip + n < count and n < records_left do
+        local k = math.min(CHUNK, count - skip - n, records_left - n)
+        local chunk = lengths(body, skip + n, k)
+        for j = 1, k do
+          if taken + n > 0 and size + chunk[j] > bytes_left then full = true; break end
+          n, size = n + 1, size + chunk[j]
+        end
+      end
     end
     if n == 0 then return out end
     table.insert(out, tag)
