@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from streamkit.hub.protocol import MAX_COUNTER
@@ -283,6 +283,7 @@ batches = st.lists(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+@example(appended=[[b"a", b"b"], [b"", b""], [b"c"]], offset=0, max_records=9, max_bytes=2)
 @given(
     appended=batches,
     offset=st.integers(0, 80),
@@ -539,19 +540,36 @@ async def test_a_silent_redis_is_unavailable_within_the_timeout_then_serves_agai
         async with redis_storage(url, redis_prefix, timeout=0.5) as storage:
             await storage.create("s", ttl=None, content_type=None)
             proxy.blackhole()
-            for call in (
-                storage.get("s"),
-                storage.append("s", [b"a"]),
-                storage.read("s", 0, 10, 100),
-            ):
+            calls: list[Callable[[], Any]] = [
+                lambda: storage.get("s"),
+                lambda: storage.append("s", [b"a"]),
+                lambda: storage.read("s", 0, 10, 100),
+            ]
+            for call in calls:
                 started = time.monotonic()
                 with pytest.raises(StorageUnavailable, match=r"did not answer .* within 0\.5 s"):
-                    await call
+                    await call()
                 assert time.monotonic() - started < 1.5
             proxy.restore()
             proxy.cut()  # the connections that timed out are gone anyway
             assert await storage.append("s", [b"b"]) >= 0
             assert b"b" in (await storage.read("s", 0, 10, 100)).records
+
+
+async def test_waiting_for_a_connection_counts_against_the_timeout(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with FaultProxy(target_unix=redis_server.socket_path) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with redis_storage(url, redis_prefix, timeout=0.5, max_connections=1) as storage:
+            proxy.blackhole()
+            started = time.monotonic()
+            calls = [storage.get(f"s{n}") for n in range(4)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(result, StorageUnavailable) for result in results)
+            assert time.monotonic() - started < 1.5  # not 4 x 0.5 s: they waited together
+    with pytest.raises(ValueError, match="max_connections must be >= 1"):
+        RedisStorage.from_url(url, max_connections=0)
 
 
 async def test_a_cancelled_read_on_a_silent_redis_ends_within_a_second(

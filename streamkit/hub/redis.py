@@ -297,7 +297,8 @@ while #entries > 0 do
     end
     taken, pos = taken + n, pos + n
     records_left, bytes_left = records_left - n, bytes_left - size
-    if skip + n < count or records_left <= 0 or bytes_left <= 0 or pos >= next_offset then
+    -- (no byte left is no reason to stop: empty records may follow)
+    if skip + n < count or records_left <= 0 or pos >= next_offset then
       return out
     end
   end
@@ -452,6 +453,7 @@ class RedisStorage:
         limits: Limits | None = None,
         timeout: float = 5.0,
         recheck_interval: float = 1.0,
+        max_connections: int = 64,
         where: str = "Redis",
         own_client: bool = False,
     ) -> None:
@@ -462,6 +464,12 @@ class RedisStorage:
             raise ValueError(
                 f"timeout and recheck_interval must be > 0, not {timeout}, {recheck_interval}"
             )
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {max_connections}")
+        # Requests in flight at once, each on a connection of its own; waiting
+        # for a turn counts against the request's timeout. (Ours, not a
+        # blocking pool's: redis-py 5.0's held one lock while connecting.)
+        self._turns = asyncio.Semaphore(max_connections)
         self.timeout = timeout
         self.recheck_interval: float | None = recheck_interval
         self.where = where
@@ -500,17 +508,18 @@ class RedisStorage:
         """Storage on the Redis at ``url`` (``redis://host:port/db``, ``unix:///path``).
 
         Connects in :meth:`start`, not here. ``max_connections`` bounds the
-        connections to Redis (a request waits for a free one, up to
-        ``timeout``). Raises :class:`ImportError` naming the
+        requests in flight to Redis, each on a connection of its own (one
+        more connection listens for changes); a request waits for its turn
+        within its ``timeout``. Raises :class:`ImportError` naming the
         ``streamkit[redis]`` extra when redis-py is not installed.
         """
         redis = _redis()
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
+        pool = redis.asyncio.ConnectionPool.from_url(
             url,
-            max_connections=max_connections,
-            timeout=timeout,
+            max_connections=max_connections + 1,
             socket_connect_timeout=timeout,
-            socket_timeout=timeout,
+            # A backstop: our own deadline (timeout) ends every call first.
+            socket_timeout=2 * timeout,
             # No retries of our own requests: a write retried after its
             # reply was lost could be applied twice.
             retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
@@ -522,6 +531,7 @@ class RedisStorage:
             limits=limits,
             timeout=timeout,
             recheck_interval=recheck_interval,
+            max_connections=max_connections,
             where=_describe(url),
             own_client=True,
         )
@@ -538,14 +548,16 @@ class RedisStorage:
         """Run the script ``what`` on stream ``name``'s keys, with ``args``."""
         script = self._scripts[what]
         keys = self._keys(name)
-        return await self._call(what, name, script(keys=keys, args=args, client=self._client))
+        return await self._call(
+            what, name, lambda: script(keys=keys, args=args, client=self._client)
+        )
 
-    async def _call(self, what: str, name: str, call: Awaitable[Any]) -> Any:
-        """Await a call to Redis within ``timeout``; its failures become HubErrors."""
+    async def _call(self, what: str, name: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Make and await a call to Redis within ``timeout``; its failures become HubErrors."""
         errors = self._redis.exceptions
         try:
-            async with asyncio.timeout(self.timeout):
-                return await call
+            async with asyncio.timeout(self.timeout), self._turns:
+                return await call()
         except TimeoutError as exc:
             raise StorageUnavailable(
                 f"{self.where} did not answer {what} of stream {name!r} within {self.timeout} s"
@@ -601,7 +613,8 @@ class RedisStorage:
 
     async def get(self, name: str) -> StreamInfo | None:
         """The stream's metadata, or ``None`` if it is absent (or expired)."""
-        meta = await self._call("status", name, self._client.hgetall(self._keys(name).meta))
+        key = self._keys(name).meta
+        meta = await self._call("status", name, lambda: self._client.hgetall(key))
         return _info(name, meta) if meta else None
 
     async def append(self, name: str, records: list[bytes]) -> int:
