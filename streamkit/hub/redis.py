@@ -127,6 +127,13 @@ local function dec(n) return string.format('%.0f', n) end
 local function meta_fields(key) return redis.call('HGETALL', key) end
 """
 
+# The start of an append: the stream's state (m) and the batch's size (count).
+_APPEND_HEAD = """
+local m = redis.call('HMGET', KEYS[1], 'next_offset', 'finished', 'expires_ms')
+if not m[1] then return {'not_found'} end
+local first, count = m[1], tonumber(ARGV[2])
+"""
+
 _CREATE = (
     "#!lua\n"
     + _LUA_COMMON
@@ -184,11 +191,10 @@ return {'ok', first}
 _APPEND = (
     "#!lua\n"
     + _LUA_COMMON
+    + _APPEND_HEAD
     + """
-local m = redis.call('HMGET', KEYS[1], 'next_offset', 'finished', 'expires_ms')
-if not m[1] then return {'not_found'} end
 if m[2] == '1' then return {'finished'} end
-local first, count, producer = m[1], tonumber(ARGV[2]), false
+local producer = false
 """
     + _APPEND_BODY
 )
@@ -198,6 +204,7 @@ local first, count, producer = m[1], tonumber(ARGV[2]), false
 _PRODUCE = (
     "#!lua\n"
     + _LUA_COMMON
+    + _APPEND_HEAD
     + """
 local function cmp(a, b)
   if #a ~= #b then return #a < #b and -1 or 1 end
@@ -211,8 +218,6 @@ local function incr(s)  -- s + 1, in decimal
   local digit = string.char(string.byte(s, i) + 1)
   return string.sub(s, 1, i - 1) .. digit .. string.rep('0', #s - i)
 end
-local m = redis.call('HMGET', KEYS[1], 'next_offset', 'finished', 'expires_ms')
-if not m[1] then return {'not_found'} end
 local epoch, seq = ARGV[8], ARGV[9]
 local state = redis.call('HGET', KEYS[3], ARGV[7])
 if state then
@@ -225,7 +230,7 @@ if state then
   elseif seq ~= '0' then return {'gap', state} end
 elseif seq ~= '0' then return {'gap', ''} end
 if m[2] == '1' then return {'finished'} end
-local first, count, producer = m[1], tonumber(ARGV[2]), true
+local producer = true
 """
     + _APPEND_BODY
 )
