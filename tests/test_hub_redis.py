@@ -187,7 +187,7 @@ async def test_append_read_finish_delete(redis_server: RedisServer, redis_prefix
 async def test_limits_of_a_request_are_checked_before_anything_is_written(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    limits = Limits(max_record=100, max_name=10)
+    limits = Limits(max_record=100, max_batch=4 + 3 * (4 + 100), max_name=10)
     async with redis_storage(redis_server.url, redis_prefix, limits=limits) as storage:
         with pytest.raises(HubError, match=r"1\.\.10 bytes"):
             await storage.create("a-very-long-name", ttl=None, content_type=None)
@@ -200,7 +200,10 @@ async def test_limits_of_a_request_are_checked_before_anything_is_written(
             await storage.produce("s", [b"y" * 101], "p", 0, 0)
         assert (await storage.get("s")).next_offset == 0  # type: ignore[union-attr]
         assert await storage.producer("s", "p") is None
-        assert await storage.append("s", [b"x" * 100]) == 0  # the edge is allowed
+        with pytest.raises(LimitExceeded, match="exceeds max_batch=316"):
+            await storage.append("s", [b"x" * 100] * 3 + [b""])
+        assert await storage.producer("s", "p") is None
+        assert await storage.append("s", [b"x" * 100] * 3) == 0  # the edges are allowed
 
 
 async def test_every_key_of_a_stream_expires_with_it(

@@ -49,6 +49,8 @@ from streamkit.hub.protocol import (
     check_ttl,
     decode_records,
     encode_records,
+    quote,
+    records_size,
 )
 from streamkit.hub.storage import (
     BadRequest,
@@ -565,13 +567,14 @@ class RedisStorage:
                 return await call()
         except TimeoutError as exc:
             raise StorageUnavailable(
-                f"{self.where} did not answer {what} of stream {name!r} within {self.timeout} s"
+                f"{self.where} did not answer {what} of stream {quote(name)}"
+                f" within {self.timeout} s"
             ) from exc
         except errors.ResponseError as exc:
             raise self._refused(what, name, exc) from exc
         except (errors.RedisError, OSError) as exc:
             raise StorageUnavailable(
-                f"{self.where} is unavailable for {what} of stream {name!r}: {exc}"
+                f"{self.where} is unavailable for {what} of stream {quote(name)}: {exc}"
             ) from exc
 
     def _refused(self, what: str, name: str, exc: Exception) -> HubError:
@@ -579,16 +582,16 @@ class RedisStorage:
         message = str(exc)
         if isinstance(exc, errors.OutOfMemoryError):
             return LimitExceeded(
-                f"{self.where} is out of memory (maxmemory): {what} of stream {name!r}"
+                f"{self.where} is out of memory (maxmemory): {what} of stream {quote(name)}"
                 f" refused: {message}"
             )
         # redis-py strips the codes it has a class for (READONLY, ...); others stay.
         unavailable = (errors.ReadOnlyError, errors.TryAgainError, errors.MasterDownError)
         if isinstance(exc, unavailable) or message.startswith(_UNAVAILABLE):
             return StorageUnavailable(
-                f"{self.where} cannot serve {what} of stream {name!r} now: {message}"
+                f"{self.where} cannot serve {what} of stream {quote(name)} now: {message}"
             )
-        return HubError(f"{self.where} failed {what} of stream {name!r}: {message}")
+        return HubError(f"{self.where} failed {what} of stream {quote(name)}: {message}")
 
     # -- the storage interface --------------------------------------------------------
 
@@ -613,7 +616,7 @@ class RedisStorage:
             self._channel,
         )
         if reply[0] == b"exists":
-            raise StreamExists(f"stream {name!r} exists")
+            raise StreamExists(f"stream {quote(name)} exists")
         return _info(name, _pairs(reply[1]))
 
     async def get(self, name: str) -> StreamInfo | None:
@@ -648,7 +651,7 @@ class RedisStorage:
             if produced is None or outcome != b"duplicate":
                 raise HubError(
                     f"{self.where}'s produce script said {outcome.decode()} where"
-                    f" decide_produce appends (producer {producer_id!r}, epoch {epoch},"
+                    f" decide_produce appends (producer {quote(producer_id)}, epoch {epoch},"
                     f" seq {seq}, state {state}): a bug"
                 )
             return produced
@@ -663,6 +666,12 @@ class RedisStorage:
                     f"record of {len(record)} bytes exceeds max_record={self.limits.max_record}"
                 )
             size += len(record)
+        batch = records_size(records)
+        if batch > self.limits.max_batch:
+            raise LimitExceeded(
+                f"a batch of {len(records)} records ({batch} bytes with their lengths)"
+                f" exceeds max_batch={self.limits.max_batch}"
+            )
         tag = secrets.token_hex(8)
         return encode_records(records), len(records), size, tag, self._channel, name
 
@@ -670,23 +679,23 @@ class RedisStorage:
     def _appended(name: str, reply: list[Any]) -> int:
         outcome = reply[0]
         if outcome == b"not_found":
-            raise StreamNotFound(f"no stream named {name!r}")
+            raise StreamNotFound(f"no stream named {quote(name)}")
         if outcome == b"finished":
-            raise StreamFinished(f"stream {name!r} is finished; no more appends")
+            raise StreamFinished(f"stream {quote(name)} is finished; no more appends")
         return int(reply[1])
 
     async def producer(self, name: str, producer_id: str) -> ProducerState | None:
         """What the stream remembers of ``producer_id`` (``None``: nothing)."""
         reply = await self._script("producer", name, producer_id)
         if not reply:
-            raise StreamNotFound(f"no stream named {name!r}")
+            raise StreamNotFound(f"no stream named {quote(name)}")
         return None if reply[0] is None else _state(reply[0])
 
     async def read(self, name: str, offset: int, max_records: int, max_bytes: int) -> Batch:
         """Records from ``offset`` (at least one if any exist), bounded by both limits."""
         reply = await self._script("read", name, offset, max_records, max_bytes)
         if not reply:
-            raise StreamNotFound(f"no stream named {name!r}")
+            raise StreamNotFound(f"no stream named {quote(name)}")
         info = _info(name, _pairs(reply[0]))
         records: list[bytes] = []
         for body in reply[2::2]:
@@ -703,14 +712,14 @@ class RedisStorage:
         """Mark the stream finished (idempotent); return its metadata."""
         reply = await self._script("finish", name, self._channel, name)
         if reply[0] == b"not_found":
-            raise StreamNotFound(f"no stream named {name!r}")
+            raise StreamNotFound(f"no stream named {quote(name)}")
         return _info(name, _pairs(reply[1]))
 
     async def delete(self, name: str) -> None:
         """Delete the stream and everything it holds."""
         reply = await self._script("delete", name, self._channel, name)
         if reply[0] == b"not_found":
-            raise StreamNotFound(f"no stream named {name!r}")
+            raise StreamNotFound(f"no stream named {quote(name)}")
 
     async def expire(self, now: float) -> list[str]:
         """Nothing to sweep: Redis expires a stream's keys itself."""
