@@ -39,19 +39,11 @@ import contextlib
 import hashlib
 import logging
 import random
-import secrets
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from streamkit.hub.protocol import (
-    check_content_type,
-    check_ttl,
-    decode_records,
-    encode_records,
-    quote,
-    records_size,
-)
+from streamkit.hub.protocol import Records, check_content_type, check_ttl, quote
 from streamkit.hub.storage import (
     BadRequest,
     Batch,
@@ -66,6 +58,7 @@ from streamkit.hub.storage import (
     StreamInfo,
     StreamNotFound,
     decide_produce,
+    new_tag,
 )
 from streamkit.session import Backoff
 
@@ -625,19 +618,19 @@ class RedisStorage:
         meta = await self._call("status", name, lambda: self._client.hgetall(key))
         return _info(name, meta) if meta else None
 
-    async def append(self, name: str, records: list[bytes]) -> int:
+    async def append(self, name: str, records: Sequence[bytes]) -> int:
         """Append ``records`` as one batch; return the offset of the first."""
-        reply = await self._script("append", name, *self._batch(name, records))
+        reply = await self._script("append", name, *self._batch(name, Records.pack(records)))
         return self._appended(name, reply)
 
     async def produce(
-        self, name: str, records: list[bytes], producer_id: str, epoch: int, seq: int
+        self, name: str, records: Sequence[bytes], producer_id: str, epoch: int, seq: int
     ) -> Produced:
         """Decide and append an idempotent producer's batch in one step (one script)."""
         reply = await self._script(
             "produce",
             name,
-            *self._batch(name, records),
+            *self._batch(name, Records.pack(records)),
             producer_id,
             str(epoch),
             str(seq),
@@ -657,23 +650,19 @@ class RedisStorage:
             return produced
         return Produced(self._appended(name, reply), False)
 
-    def _batch(self, name: str, records: list[bytes]) -> tuple[_Arg, ...]:
-        """The arguments of an append script for ``records``; over ``max_record`` raises."""
-        size = 0
-        for record in records:
-            if len(record) > self.limits.max_record:
-                raise LimitExceeded(
-                    f"record of {len(record)} bytes exceeds max_record={self.limits.max_record}"
-                )
-            size += len(record)
-        batch = records_size(records)
-        if batch > self.limits.max_batch:
+    def _batch(self, name: str, records: Records) -> tuple[_Arg, ...]:
+        """The arguments of an append script for ``records``; past a limit raises."""
+        limits = self.limits
+        largest = records.largest()
+        if largest > limits.max_record:
+            raise LimitExceeded(f"record of {largest} bytes exceeds max_record={limits.max_record}")
+        body = records.body
+        if len(body) > limits.max_batch:
             raise LimitExceeded(
-                f"a batch of {len(records)} records ({batch} bytes with their lengths)"
-                f" exceeds max_batch={self.limits.max_batch}"
+                f"a batch of {len(records)} records ({len(body)} bytes with their lengths)"
+                f" exceeds max_batch={limits.max_batch}"
             )
-        tag = secrets.token_hex(8)
-        return encode_records(records), len(records), size, tag, self._channel, name
+        return body, len(records), records.size, new_tag(), self._channel, name
 
     @staticmethod
     def _appended(name: str, reply: list[Any]) -> int:
@@ -697,11 +686,10 @@ class RedisStorage:
         if not reply:
             raise StreamNotFound(f"no stream named {quote(name)}")
         info = _info(name, _pairs(reply[0]))
-        records: list[bytes] = []
-        for body in reply[2::2]:
-            records += decode_records(body)
-        tag = reply[-2].decode() if len(reply) > 1 else None
-        return Batch(records, info, tag)
+        if len(reply) == 1:
+            return Batch(Records.pack(()), info, None)
+        records = Records.join([Records.unpack(body) for body in reply[2::2]])
+        return Batch(records, info, reply[-2].decode())
 
     async def tag_at(self, name: str, offset: int) -> str | None:
         """The lineage tag of the batch holding record ``offset`` (``None``: no such record)."""
