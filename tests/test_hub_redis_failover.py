@@ -1,0 +1,277 @@
+"""Hubs on one Redis: any hub serves any stream, and a hub or Redis dying loses nothing.
+
+Hub processes are real subprocesses killed with SIGKILL; clients reach them
+through a :class:`~streamkit.testing.Balancer`, as through a load balancer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from streamkit import hub
+from streamkit.hub.redis import RedisStorage
+from streamkit.session import Backoff
+from streamkit.testing import Balancer, FaultProxy
+from tests._redis import RedisServer, redis_storage
+
+SERVER = """
+import asyncio, sys
+from streamkit import hub
+from streamkit.hub.redis import RedisStorage
+
+async def main():
+    url, prefix, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    storage = RedisStorage.from_url(url, prefix=prefix, timeout=2.0)
+    server = await hub.serve_hub("127.0.0.1", port, storage=storage)
+    print(server.port, flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+#: Clients that notice a dead hub fast and retry fast.
+FAST = {
+    "keepalive_interval": 0.2,
+    "keepalive_timeout": 0.6,
+    "ack_delay": 0.002,
+    "reconnect_backoff": Backoff(initial=0.01, maximum=0.1),
+    "reconnect_timeout": 20.0,
+}
+
+
+class HubOnRedis:
+    """A hub subprocess on the Redis at ``url`` (deployment ``prefix``), restartable on its port."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> HubOnRedis:
+        self.process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-c", SERVER, self.url, self.prefix, str(self.port)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        self.port = int(await asyncio.wait_for(self.process.stdout.readline(), 20))
+        return self
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def __aenter__(self) -> HubOnRedis:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            await self.kill()
+
+
+@asynccontextmanager
+async def hub_on(url: str, prefix: str, **options: object) -> AsyncIterator[hub.HubServer]:
+    """A hub in this process on its own RedisStorage (as a hub process would have)."""
+    storage = RedisStorage.from_url(url, prefix=prefix, **options)  # type: ignore[arg-type]
+    server = await hub.serve_hub("127.0.0.1", 0, storage=storage)
+    async with server:
+        yield server
+
+
+async def test_a_record_appended_through_one_hub_is_read_live_through_another(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    # recheck_interval is long: the reader must be woken by the notification.
+    slow = {"recheck_interval": 60.0}
+    async with (
+        hub_on(redis_server.url, redis_prefix, **slow) as one,
+        hub_on(redis_server.url, redis_prefix, **slow) as two,
+        hub_on(redis_server.url, redis_prefix, **slow) as three,
+        hub.connect("127.0.0.1", one.port) as writer,
+        hub.connect("127.0.0.1", two.port) as tail,
+        hub.connect("127.0.0.1", three.port) as other,
+    ):
+        await writer.create("s")
+        async with tail.read("s", 0, live=True) as reader, other.read("s", 0, live=True) as third:
+            for n in range(20):
+                await writer.append("s", b"r%d" % n)
+                async with asyncio.timeout(5):
+                    assert await anext(reader) == (n, b"r%d" % n)
+                    assert await anext(third) == (n, b"r%d" % n)
+            await writer.finish("s")
+            async with asyncio.timeout(5):
+                assert [record async for record in reader] == []
+            assert reader.finished
+        status = await other.status("s")
+        assert status is not None and status.finished and status.next_offset == 20
+
+
+async def test_a_lost_notification_costs_a_live_reader_a_recheck_interval_not_a_record(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    async with FaultProxy(target_unix=redis_server.socket_path) as proxy:
+        deaf_url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with (
+            hub_on(redis_server.url, redis_prefix) as one,
+            hub_on(deaf_url, redis_prefix, recheck_interval=0.2, timeout=30.0) as two,
+            hub.connect("127.0.0.1", one.port) as writer,
+            hub.connect("127.0.0.1", two.port) as tail,
+        ):
+            await writer.create("s")
+            async with tail.read("s", 0, live=True) as reader:
+                await writer.append("s", b"first")
+                assert await anext(reader) == (0, b"first")
+                proxy.blackhole("down")  # hub two hears nothing from Redis now
+                await writer.append("s", b"second")
+                await asyncio.sleep(0.5)
+                proxy.restore()
+                # Heard by the re-check once Redis answers again, not by a notification.
+                async with asyncio.timeout(5):
+                    assert await anext(reader) == (1, b"second")
+
+
+async def test_an_idempotent_producer_and_a_live_reader_ride_over_hubs_killed_behind_a_balancer(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    total = 50_000
+    async with (
+        HubOnRedis(redis_server.url, redis_prefix) as first,
+        HubOnRedis(redis_server.url, redis_prefix) as second,
+        Balancer([("127.0.0.1", first.port), ("127.0.0.1", second.port)]) as balancer,
+    ):
+        hubs = [first, second]
+        # Round robin: the producer's client lands on hub 0, the reader's on hub 1.
+        async with (
+            hub.connect("127.0.0.1", balancer.port, **FAST) as writer,
+            hub.connect("127.0.0.1", balancer.port, **FAST) as tail,
+        ):
+            assert balancer.connections_to(0) == balancer.connections_to(1) == 1
+            await writer.create("numbers")
+            seen: list[hub.Record] = []
+            reached = {n: asyncio.Event() for n in (15_000, 35_000)}
+
+            async def collect() -> None:
+                async with tail.read("numbers", 0, live=True) as reader:
+                    async for record in reader:
+                        seen.append(record)
+                        if len(seen) in reached:
+                            reached[len(seen)].set()
+                        if len(seen) == total:
+                            return
+
+            produced = asyncio.Event()
+
+            async def produce() -> None:
+                async with writer.producer("numbers", "p", linger=0.002) as producer:
+                    for n in range(total):
+                        producer.append_nowait(b"%d" % n)
+                        if n % 500 == 499:
+                            await asyncio.sleep(0.002)  # records flow while hubs die
+                    await producer.flush()
+                produced.set()
+
+            collecting = asyncio.create_task(collect())
+            producing = asyncio.create_task(produce())
+            try:
+                async with asyncio.timeout(60):
+                    await reached[15_000].wait()
+                    assert not produced.is_set()
+                    await hubs[0].kill()  # the producer's hub, mid-run
+                    await hubs[0].start()  # back on its port, for the next failover
+                    await reached[35_000].wait()
+                    await hubs[1].kill()  # the reader's hub (the producer's too by now)
+                    await asyncio.gather(producing, collecting)
+            finally:
+                for task in (producing, collecting):
+                    task.cancel()
+                await asyncio.gather(producing, collecting, return_exceptions=True)
+            assert produced.is_set()  # flush() succeeded
+            assert [record.offset for record in seen] == list(range(total))
+            assert [record.data for record in seen] == [b"%d" % n for n in range(total)]
+            status = await writer.status("numbers")
+            assert status is not None and status.next_offset == total
+            assert balancer.stats.forwarded[0] >= 2  # clients did move between hubs
+
+    # The stream itself holds each record once.
+    async with redis_storage(redis_server.url, redis_prefix) as storage:
+        batch = await storage.read("numbers", 0, total + 1, 1 << 30)
+        assert batch.records == [b"%d" % n for n in range(total)]
+
+
+async def test_every_acknowledged_record_survives_redis_killed_and_restarted(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    acknowledged: dict[int, bytes] = {}
+    try:
+        async with (
+            hub_on(server.url, "aof", timeout=1.0) as hub_server,
+            hub.connect("127.0.0.1", hub_server.port) as client,
+        ):
+            await client.create("log")
+            enough = asyncio.Event()
+            failed = asyncio.Event()
+
+            async def append_until_it_fails() -> None:
+                n = 0
+                while True:
+                    data = b"record %d " % n + b"x" * (n % 300)
+                    try:
+                        offset = await client.append_many("log", [data, data + b"!"])
+                    except hub.HubError:
+                        failed.set()
+                        return
+                    acknowledged[offset] = data
+                    acknowledged[offset + 1] = data + b"!"
+                    n += 1
+                    if n == 300:
+                        enough.set()
+
+            appending = asyncio.create_task(append_until_it_fails())
+            await enough.wait()
+            server.kill()  # appends are in flight
+            async with asyncio.timeout(10):
+                await failed.wait()
+            await appending
+            server.start()  # the same AOF
+            # The hub was never restarted: it reconnects to Redis by itself.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    status = await client.status("log")
+                    break
+                except hub.HubError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            assert status is not None and status.next_offset >= len(acknowledged) >= 600
+            async with client.read("log", 0) as reader:
+                records = [record async for record in reader]
+            assert len(records) == status.next_offset
+            for offset, data in acknowledged.items():
+                assert records[offset].data == data
+            assert await client.append("log", b"after") == status.next_offset
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_redis_urls_of_both_kinds_serve_a_hub(
+    redis_server: RedisServer, redis_prefix: str, where: str
+) -> None:
+    async with FaultProxy(target_unix=redis_server.socket_path) as proxy:
+        url = redis_server.url if where == "unix" else f"redis://127.0.0.1:{proxy.port}/0"
+        async with hub_on(url, redis_prefix) as server, hub.connect("127.0.0.1", server.port) as c:
+            await c.create("s")
+            assert await c.append("s", b"a") == 0
+            assert (await c.status("s")).next_offset == 1  # type: ignore[union-attr]
