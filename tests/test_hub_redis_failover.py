@@ -275,3 +275,43 @@ async def test_redis_urls_of_both_kinds_serve_a_hub(
             await c.create("s")
             assert await c.append("s", b"a") == 0
             assert (await c.status("s")).next_offset == 1  # type: ignore[union-attr]
+
+
+async def test_a_live_reader_waits_while_redis_is_away_and_goes_on_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        async with (
+            hub_on(server.url, "away", timeout=0.5, recheck_interval=0.2) as hub_server,
+            hub.connect("127.0.0.1", hub_server.port) as client,
+        ):
+            await client.create("s")
+            await client.append("s", b"before")
+            async with client.read("s", 0, live=True) as reader:
+                assert await anext(reader) == (0, b"before")
+                waiting = asyncio.create_task(anext(reader))
+                await asyncio.sleep(0.3)  # caught up, re-checking
+                server.kill()
+                # Requests get "unavailable" within the storage's timeout.
+                for call in (client.append("s", b"lost"), client.status("s")):
+                    started = time.monotonic()
+                    with pytest.raises(hub.StorageUnavailable, match="unavailable"):
+                        await call
+                    assert time.monotonic() - started < 2
+                with pytest.raises(hub.StorageUnavailable):
+                    async with client.read("s", 0) as not_live:
+                        await anext(not_live)
+                await asyncio.sleep(1.0)  # re-checks of the live reader fail meanwhile
+                assert not waiting.done()
+                server.start()
+                async with asyncio.timeout(10):
+                    while True:  # the hub's connections come back with Redis
+                        try:
+                            await client.append("s", b"after")
+                            break
+                        except hub.HubError:
+                            await asyncio.sleep(0.1)
+                    assert await waiting == (1, b"after")
+    finally:
+        server.stop()
