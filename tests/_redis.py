@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from streamkit.hub.redis import RedisStorage
+from streamkit.testing import FaultProxy
 
 #: Set to 1 (as CI does) to make a missing redis-server fail the Redis tests, not skip them.
 REQUIRE = "STREAMKIT_REQUIRE_REDIS"
@@ -131,3 +132,15 @@ async def redis_storage(url: str, prefix: str, **options: Any) -> AsyncIterator[
         yield storage
     finally:
         await storage.close()
+
+
+@contextlib.asynccontextmanager
+async def proxied_redis_storage(
+    server: RedisServer, prefix: str, **options: Any
+) -> AsyncIterator[tuple[FaultProxy, RedisStorage]]:
+    """A started storage that reaches ``server`` over TCP through a :class:`FaultProxy`."""
+    async with (
+        FaultProxy(target_unix=server.socket_path) as proxy,
+        redis_storage(f"redis://127.0.0.1:{proxy.port}/0", prefix, **options) as storage,
+    ):
+        yield proxy, storage

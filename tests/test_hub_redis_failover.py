@@ -18,9 +18,9 @@ import pytest
 
 from streamkit import hub
 from streamkit.hub.redis import RedisStorage
-from streamkit.session import Backoff
 from streamkit.testing import Balancer, FaultProxy
 from tests._redis import RedisServer, redis_storage
+from tests.test_hub_restart import FAST  # clients that notice a dead hub and retry fast
 
 SERVER = """
 import asyncio, sys
@@ -36,15 +36,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-#: Clients that notice a dead hub fast and retry fast.
-FAST = {
-    "keepalive_interval": 0.2,
-    "keepalive_timeout": 0.6,
-    "ack_delay": 0.002,
-    "reconnect_backoff": Backoff(initial=0.01, maximum=0.1),
-    "reconnect_timeout": 20.0,
-}
 
 
 class HubOnRedis:

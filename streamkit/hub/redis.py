@@ -43,9 +43,8 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from streamkit.hub.protocol import Records, check_content_type, check_ttl, quote
+from streamkit.hub.protocol import Records, quote
 from streamkit.hub.storage import (
-    BadRequest,
     Batch,
     HubError,
     LimitExceeded,
@@ -57,6 +56,8 @@ from streamkit.hub.storage import (
     StreamFinished,
     StreamInfo,
     StreamNotFound,
+    check_batch,
+    check_new_stream,
     decide_produce,
     new_tag,
 )
@@ -312,19 +313,21 @@ return out
 """
 )
 
-# ARGV: offset. The lineage tag of the batch holding record ``offset``, or nil.
+# ARGV: offset. {} if the stream is absent, else {the lineage tag of the
+# batch holding record ``offset``, or false if there is no such record}.
 _TAG_AT = (
     "#!lua flags=no-writes\n"
     + _LUA_COMMON
     + """
 local next_offset = redis.call('HGET', KEYS[1], 'next_offset')
-if not next_offset or tonumber(ARGV[1]) >= tonumber(next_offset) then return false end
-local id = '0-' .. dec(tonumber(ARGV[1]) + 1)
-local entries = redis.call('XREVRANGE', KEYS[2], id, '-', 'COUNT', 1)
-if #entries == 0 then return false end
+if not next_offset then return {} end
+local offset = tonumber(ARGV[1])
+if offset < 0 or offset >= tonumber(next_offset) then return {false} end
+local entries = redis.call('XREVRANGE', KEYS[2], '0-' .. dec(offset + 1), '-', 'COUNT', 1)
+if #entries == 0 then return {false} end
 local fields = entries[1][2]
-for i = 1, #fields, 2 do if fields[i] == 't' then return fields[i + 1] end end
-return false
+for i = 1, #fields, 2 do if fields[i] == 't' then return {fields[i + 1]} end end
+return {false}
 """
 )
 
@@ -590,16 +593,7 @@ class RedisStorage:
 
     async def create(self, name: str, *, ttl: float | None, content_type: str | None) -> StreamInfo:
         """Create a stream; :class:`StreamExists` if it exists (and has not expired)."""
-        try:
-            ttl = check_ttl(ttl)
-            content_type = check_content_type(content_type)
-            size = len(name.encode())
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(str(exc)) from exc
-        if not 1 <= size <= self.limits.max_name:
-            raise BadRequest(
-                f"a stream name must be 1..{self.limits.max_name} bytes (UTF-8), not {size}"
-            )
+        ttl, content_type = check_new_stream(name, ttl, content_type, self.limits)
         reply = await self._script(
             "create",
             name,
@@ -652,17 +646,8 @@ class RedisStorage:
 
     def _batch(self, name: str, records: Records) -> tuple[_Arg, ...]:
         """The arguments of an append script for ``records``; past a limit raises."""
-        limits = self.limits
-        largest = records.largest()
-        if largest > limits.max_record:
-            raise LimitExceeded(f"record of {largest} bytes exceeds max_record={limits.max_record}")
-        body = records.body
-        if len(body) > limits.max_batch:
-            raise LimitExceeded(
-                f"a batch of {len(records)} records ({len(body)} bytes with their lengths)"
-                f" exceeds max_batch={limits.max_batch}"
-            )
-        return body, len(records), records.size, new_tag(), self._channel, name
+        check_batch(records, self.limits)
+        return records.body, len(records), records.size, new_tag(), self._channel, name
 
     @staticmethod
     def _appended(name: str, reply: list[Any]) -> int:
@@ -692,9 +677,14 @@ class RedisStorage:
         return Batch(records, info, reply[-2].decode())
 
     async def tag_at(self, name: str, offset: int) -> str | None:
-        """The lineage tag of the batch holding record ``offset`` (``None``: no such record)."""
+        """The lineage tag of the batch holding record ``offset`` (``None``: no such record).
+
+        Raises :class:`StreamNotFound` if the stream is absent.
+        """
         reply = await self._script("tag_at", name, offset)
-        return None if reply is None else bytes(reply).decode()
+        if not reply:
+            raise StreamNotFound(f"no stream named {quote(name)}")
+        return None if reply[0] is None else bytes(reply[0]).decode()
 
     async def finish(self, name: str) -> StreamInfo:
         """Mark the stream finished (idempotent); return its metadata."""

@@ -54,6 +54,8 @@ __all__ = [
     "StreamInfo",
     "StreamNotFound",
     "StreamTable",
+    "check_batch",
+    "check_new_stream",
     "decide_produce",
     "new_tag",
 ]
@@ -264,6 +266,42 @@ def decide_produce(
             f"producer {quote(producer_id)} epoch {epoch} must start at batch 0, not {seq}"
         )
     return None
+
+
+def check_new_stream(
+    name: str, ttl: object, content_type: object, limits: Limits
+) -> tuple[float | None, str | None]:
+    """A new stream's name, ``ttl`` and ``content_type``, checked: ``(ttl, content_type)``.
+
+    Raises :class:`BadRequest` for a bad one. Every backend's ``create``
+    checks with it, before it stores anything.
+    """
+    try:
+        ttl = check_ttl(ttl)
+        content_type = check_content_type(content_type)
+        size = len(name.encode())
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(str(exc)) from exc
+    if not 1 <= size <= limits.max_name:
+        raise BadRequest(f"a stream name must be 1..{limits.max_name} bytes (UTF-8), not {size}")
+    return ttl, content_type
+
+
+def check_batch(records: Records, limits: Limits) -> None:
+    """Raise :class:`LimitExceeded` for a record over ``max_record`` or a batch over ``max_batch``.
+
+    Every backend's ``append`` and ``produce`` check with it, before they
+    store anything.
+    """
+    largest = records.largest()
+    if largest > limits.max_record:
+        raise LimitExceeded(f"record of {largest} bytes exceeds max_record={limits.max_record}")
+    batch = records_size(records)
+    if batch > limits.max_batch:
+        raise LimitExceeded(
+            f"a batch of {len(records)} records ({batch} bytes with their lengths)"
+            f" exceeds max_batch={limits.max_batch}"
+        )
 
 
 class Storage(Protocol):
@@ -488,16 +526,7 @@ class StreamTable:
             await self._remove(name)  # expired, not swept yet
             if name in self._streams:  # created again while it was removed
                 raise StreamExists(f"stream {quote(name)} exists")
-        try:
-            ttl = check_ttl(ttl)
-            content_type = check_content_type(content_type)
-            size = len(name.encode())
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(str(exc)) from exc
-        if not 1 <= size <= self.limits.max_name:
-            raise BadRequest(
-                f"a stream name must be 1..{self.limits.max_name} bytes (UTF-8), not {size}"
-            )
+        ttl, content_type = check_new_stream(name, ttl, content_type, self.limits)
         if len(self._streams) >= self.limits.max_streams:
             await self.expire(time.time())  # make room from streams past their TTL
         if name in self._streams:
@@ -556,16 +585,8 @@ class StreamTable:
         if stream.finishing:
             raise StreamFinished(f"stream {quote(stream.info.name)} is finished; no more appends")
         limits = self.limits
-        largest = records.largest()
-        if largest > limits.max_record:
-            raise LimitExceeded(f"record of {largest} bytes exceeds max_record={limits.max_record}")
+        check_batch(records, limits)
         size = records.size
-        batch = records_size(records)
-        if batch > limits.max_batch:
-            raise LimitExceeded(
-                f"a batch of {len(records)} records ({batch} bytes with their lengths)"
-                f" exceeds max_batch={limits.max_batch}"
-            )
         cost = size + RECORD_OVERHEAD * len(records)
         new_producer = ""
         if producer is not None and stream.producer_state(producer[0]) is None:
