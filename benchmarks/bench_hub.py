@@ -1,11 +1,14 @@
 """Hub speed: latency, producers, live fan-out, durable appends, read-back; baselines beside.
 
-    python benchmarks/bench_hub.py [--quick | --records N] [--storage memory|file]
-                                   [--json PATH]
+    python benchmarks/bench_hub.py [--quick | --records N] [--storage memory|file|redis]
+                                   [--redis-url URL] [--json PATH]
 
 The hub runs in a process of its own on loopback TCP, its streams in the
 storage ``--storage`` names (memory by default; ``file``: logs in a temporary
-directory, without fsync). Records are 256 B. Each row that has a baseline
+directory, without fsync; ``redis``: Redis Streams, on a redis-server the run
+starts without persistence on a Unix socket in a temporary directory, or the
+one at ``--redis-url``; each hub process under a key prefix of its own).
+Records are 256 B. Each row that has a baseline
 runs it in the same run, and the ratio says how many times faster the row
 is (for latency: how many times the baseline's p50 the row's p50 is).
 
@@ -31,7 +34,11 @@ is (for latency: how many times the baseline's p50 the row's p50 is).
   to the storage itself (10 tasks, no network: the storage's own gain,
   which through a hub the requests' own cost bounds); these rows always use
   file storage;
-- read-back: reading a finished stream from offset 0.
+- read-back: reading a finished stream from offset 0;
+- with ``redis``, the raw engine as the ceiling: redis-py (in this process)
+  appending the same records straight to a Redis stream, one entry per
+  1,000 records packed as the hub packs them, 8 entries per pipeline round
+  trip; the producer row is then also given as a ratio of it.
 """
 
 from __future__ import annotations
@@ -41,10 +48,14 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -57,7 +68,7 @@ from streamkit.hub.storage import Storage, _Entry, _Stream, take_within
 from streamkit.session import ServerSession, connect_resumable, serve_resumable
 
 RECORD = b"r" * 256
-STORAGES = ("memory", "file")
+STORAGES = ("memory", "file", "redis")
 READERS, READER_PROCESSES = 100, 4
 DURABLE_PRODUCERS = 10
 _SPAWN = multiprocessing.get_context("spawn")
@@ -105,11 +116,14 @@ def make_storage(spec: str) -> Storage:
     """The storage a benchmark hub uses: ``memory``, or ``<kind>:<directory>`` for files.
 
     Baselines: ``memory-one-by-one``; for files, ``file`` (no fsync), ``fsync``
-    (group commit) and ``fsync-on-the-loop``.
+    (group commit) and ``fsync-on-the-loop``; ``redis:<url>`` for Redis, under
+    a key prefix of this process.
     """
     kind, _, where = spec.partition(":")
     if kind == "memory":
         return hub.MemoryStorage()
+    if kind == "redis":
+        return hub.RedisStorage.from_url(where, prefix=f"bench-{os.getpid()}")
     if kind == "memory-one-by-one":
         return _StoredOneByOne()
     if kind == "file":
@@ -352,6 +366,63 @@ def _durable_seconds(where: str, spec: str, count: int) -> float:
         return asyncio.run(_durable_appends(server.port, count))
 
 
+@contextmanager
+def _redis_url(storage: str, url: str | None, directory: str) -> Iterator[str | None]:
+    """The Redis of a ``redis`` run: ``url``, or a redis-server of its own (else ``None``).
+
+    Its own runs without persistence on a Unix socket in ``directory``.
+    """
+    if storage != "redis" or url:
+        yield url
+        return
+    executable = shutil.which("redis-server")
+    if executable is None:
+        sys.exit("--storage redis needs redis-server (apt-get install redis-server) or --redis-url")
+    socket_path = os.path.join(directory, "redis.sock")
+    command = [executable, "--port", "0", "--unixsocket", socket_path, "--dir", directory]
+    command += ["--save", "", "--appendonly", "no"]
+    command += ["--maxmemory", "4gb", "--maxmemory-policy", "noeviction"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(1000):  # ten seconds at most
+            if os.path.exists(socket_path):
+                break
+            time.sleep(0.01)
+        yield f"unix://{socket_path}"
+    finally:
+        process.terminate()
+        process.wait()
+
+
+async def _raw_redis(url: str, count: int) -> tuple[int, float]:
+    """How many records redis-py appended straight to a Redis stream, and in how many seconds.
+
+    The ceiling: ``count`` records (a whole number of entries, at least one)
+    in entries of 1,000 records, packed as the hub packs a batch and with a
+    tag as the hub's entries have, 8 entries per pipeline round trip.
+    """
+    import redis.asyncio
+
+    per_entry, per_trip = 1000, 8
+    body = Records.pack([RECORD] * per_entry).body
+    client = redis.asyncio.Redis.from_url(url)
+    key = f"bench-raw-{os.getpid()}"
+    try:
+        await client.delete(key)
+        entries = max(1, count // per_entry)
+        start = time.perf_counter()
+        for first in range(0, entries, per_trip):
+            async with client.pipeline(transaction=False) as pipeline:
+                for entry in range(first, min(first + per_trip, entries)):
+                    fields = {"r": body, "t": "0123456789abcdef"}
+                    pipeline.xadd(key, fields, id=f"0-{entry * per_entry + 1}")  # type: ignore[arg-type]
+                await pipeline.execute()
+        return entries * per_entry, time.perf_counter() - start
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
 # -- the table ------------------------------------------------------------------------
 
 
@@ -388,15 +459,31 @@ def main(argv: list[str] | None = None) -> int:
         "--records", type=int, metavar="N", help="records per run (a smoke test uses few)"
     )
     parser.add_argument("--storage", choices=STORAGES, default="memory", help="the hub's storage")
+    parser.add_argument(
+        "--redis-url", metavar="URL", help="with --storage redis: this Redis (else one of its own)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     count = args.records or (100_000 if args.quick else 400_000)
     fan_out = max(READERS, count // 8)
     durable = max(DURABLE_PRODUCERS, count // 50)
-    with tempfile.TemporaryDirectory() as data_dir:
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        _redis_url(args.storage, args.redis_url, data_dir) as redis_url,
+    ):
         spec = args.storage if args.storage == "memory" else f"file:{data_dir}/{args.storage}"
-        print(f"hub, {len(RECORD)} B records, {args.storage} storage, loopback TCP")
+        storage = args.storage
+        if redis_url is not None:
+            spec = f"redis:{redis_url}"
+            storage = "redis" if args.redis_url else "redis (no persistence)"
+        print(f"hub, {len(RECORD)} B records, {storage} storage, loopback TCP")
         table = _Table()
+        raw = None
+        if redis_url is not None:
+            raw = table.rate(
+                "raw Redis: XADD, 1,000 records per entry (ceiling)",
+                *asyncio.run(_raw_redis(redis_url, count)),
+            )
         # The old way, for the baselines: in memory, records stored one by one.
         old_spec = "memory-one-by-one" if args.storage == "memory" else spec
         with _Hub(old_spec) as server:
@@ -423,12 +510,14 @@ def main(argv: list[str] | None = None) -> int:
                 single,
                 asyncio.run(_single_appends(server.port, single)),
             )
-            table.rate(
+            new = table.rate(
                 "producer, 8 batches in flight, batches stored as they came",
                 count,
                 asyncio.run(_producer_run(server.port, "new", count, 8)),
                 old_producer,
             )
+            if raw is not None:
+                table.rate("producer, 8 in flight, against raw Redis", count, new["seconds"], raw)
             table.rate("read-back", count, asyncio.run(_read_back(server.port, count)))
         with _Hub(spec) as server:
             table.rate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -569,3 +570,26 @@ async def test_a_lost_subscription_is_renewed_and_reported_as_any_change(
         assert heard.seen == []
         proxy.restore()
         assert await heard.next(timeout=5) is None
+
+
+def test_the_hub_benchmark_runs_on_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A smoke run of ``bench_hub.py --storage redis`` (its numbers are not checked)."""
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_hub.py"
+    results = tmp_path / "bench.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, str(script), "--records", "400", "--json", str(results)),
+            *("--storage", "redis", "--redis-url", redis_server.url),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "redis storage" in run.stdout
+    rows = {row["row"]: row for row in json.loads(results.read_text())["rows"]}
+    raw = rows["raw Redis: XADD, 1,000 records per entry (ceiling)"]
+    assert raw["records"] == 1000 and raw["records_per_s"] > 0
+    against = rows["producer, 8 in flight, against raw Redis"]
+    assert against["records"] == 400 and against["ratio"] > 0
