@@ -277,8 +277,9 @@ def _build_parser() -> tuple[_args.Parser, dict[str, _args.Parser]]:
     hub = commands.add_parser(
         "hub",
         help="run a hub of named append-only streams, or use one: hub create|append|read|...",
-        description="A hub of named, append-only streams (see streamkit.hub), in memory or "
-        "in logs under --data-dir. Prints its address; runs until Ctrl-C or SIGTERM. "
+        description="A hub of named, append-only streams (see streamkit.hub), in memory, "
+        "in logs under --data-dir, or in Redis (--storage), where any number of hubs serve "
+        "the same streams. Prints its address; runs until Ctrl-C or SIGTERM. "
         f"`hub serve` is the same. To use a hub from the shell: hub {'|'.join(_HUB_VERBS)} "
         "(each with --help).",
     )
@@ -286,6 +287,15 @@ def _build_parser() -> tuple[_args.Parser, dict[str, _args.Parser]]:
     _add_limits(hub)
     hub.add_argument("--data-dir", metavar="DIR", help="keep streams in logs under DIR")
     hub.add_argument("--fsync", action="store_true", help="fsync each append (with --data-dir)")
+    hub.add_argument(
+        "--storage",
+        metavar="URL",
+        help="keep streams in Redis at URL (redis://HOST:PORT/DB, rediss://..., unix:///PATH),"
+        " shared by every hub on it; needs streamkit[redis]",
+    )
+    hub.add_argument(
+        "--prefix", default="streamkit", help="with --storage: the deployment's key prefix"
+    )
 
     return parser, commands.choices
 
@@ -744,12 +754,17 @@ async def _recv(args: argparse.Namespace) -> None:
 async def _hub(args: argparse.Namespace) -> None:
     from streamkit import hub
 
-    options = {
+    options: dict[str, Any] = {
         "data_dir": args.data_dir,
         "fsync": args.fsync,
         "max_connections": args.max_connections,
         "handshake_timeout": args.handshake_timeout,
     }
+    if args.storage:
+        try:
+            options["storage"] = hub.RedisStorage.from_url(args.storage, prefix=args.prefix)
+        except (ImportError, ValueError) as exc:
+            raise _Failed(f"--storage {args.storage}: {exc}") from exc
     where = args.unix or _args.host_port(args.host, args.port)
     with _signals() as stop:
         try:
@@ -764,6 +779,8 @@ async def _hub(args: argparse.Namespace) -> None:
                 raise _Failed(f"cannot use --data-dir {args.data_dir}: {reason}") from exc
             raise _Failed(_args.cannot_listen(where, exc)) from exc
         storage = f"logs in {args.data_dir}" if args.data_dir else "in memory"
+        if args.storage:
+            storage = f"{options['storage'].where}, prefix {args.prefix!r}"
         print(f"hub on {where} ({storage})", flush=True)
         await stop.wait()
     server.close()
@@ -781,6 +798,11 @@ def _check(args: argparse.Namespace) -> str | None:
     line_command = args.command in ("serve", "send", "recv")
     if line_command and args.newline != "lf" and args.codec in _BINARY:
         return "--newline goes with the line codecs (--codec lines or jsonl)"
+    if args.command == "hub" and args.storage:
+        if args.data_dir:
+            return "--storage and --data-dir do not go together"
+        if not args.storage.startswith(("redis://", "rediss://", "unix://")):
+            return f"--storage must be a redis://, rediss:// or unix:// URL, not {args.storage!r}"
     return None
 
 

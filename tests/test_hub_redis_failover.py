@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from streamkit import hub
 from streamkit.hub.redis import RedisStorage
 from streamkit.testing import Balancer, FaultProxy
 from tests._redis import RedisServer, redis_storage
+from tests.test_cli import CLI, running, stop
 from tests.test_hub_restart import FAST  # clients that notice a dead hub and retry fast
 
 SERVER = """
@@ -306,3 +308,54 @@ async def test_a_live_reader_waits_while_redis_is_away_and_goes_on_when_it_is_ba
                     assert await waiting == (1, b"after")
     finally:
         server.stop()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_hub_command_keeps_streams_in_redis(redis_server: RedisServer, redis_prefix: str) -> None:
+    command = ("hub", "--port", "0", "--storage", redis_server.url, "--prefix", redis_prefix)
+    with running(*command) as (first, line), running(*command) as (second, other):
+        where = f"(Redis at {redis_server.socket_path}, prefix {redis_prefix!r})"
+        assert line.startswith("hub on 127.0.0.1:") and line.endswith(where)
+        ports = [int(text.split()[2].rsplit(":", 1)[1]) for text in (line, other)]
+
+        async def use() -> list[bytes]:
+            async with (
+                hub.connect("127.0.0.1", ports[0]) as writer,
+                hub.connect("127.0.0.1", ports[1]) as reader,
+            ):
+                await writer.create("cli")
+                await writer.append("cli", b"through one hub")
+                await writer.finish("cli")
+                return [record.data async for record in reader.read("cli")]  # the other
+
+        assert asyncio.run(use()) == [b"through one hub"]
+        stop(first)
+        stop(second)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (("--storage", "http://x"), "--storage must be a redis://, rediss:// or unix:// URL"),
+        (("--storage", "redis://x", "--data-dir", "d"), "--storage and --data-dir do not go"),
+    ],
+)
+def test_hub_command_refuses_a_bad_storage(arguments: tuple[str, ...], message: str) -> None:
+    done = subprocess.run(
+        [*CLI, "hub", "--port", "0", *arguments], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_hub_command_on_a_redis_that_is_not_there_says_so_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*CLI, "hub", "--port", "0", "--storage", f"unix://{tmp_path}/none.sock"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"hub: Redis at {tmp_path}/none.sock is unavailable" in done.stderr
+    assert "Traceback" not in done.stderr
