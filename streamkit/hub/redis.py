@@ -26,10 +26,12 @@ processes are atomic with respect to each other. The idempotent producer's
 rule (:func:`~streamkit.hub.storage.decide_produce`) is mirrored in the produce
 script, epochs and sequence numbers compared as decimal strings (Lua numbers
 are doubles: 2**63 - 1 and 2**63 - 2 would be equal). A stream's TTL is
-Redis's own expiry of its keys. After each change a script publishes the
-stream's name on the deployment's channel (:func:`changes_channel`): one
-subscription per hub process wakes its live readers; a lost notification
-costs a live reader at most ``recheck_interval`` seconds.
+Redis's own expiry of its keys. After each change a script publishes
+``"<origin> <name>"`` on the deployment's channel (:func:`changes_channel`),
+the origin a random tag of the storage that made it: one subscription per hub
+process wakes its live readers for the changes other hubs made (a hub wakes
+its own at once). A lost notification costs a live reader at most
+``recheck_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ if not m[1] then return {'not_found'} end
 local first, count = m[1], tonumber(ARGV[2])
 """
 
+# ARGV: name, ttl ('' for none), content type ('' for none), channel, notice.
 _CREATE = (
     "#!lua\n"
     + _LUA_COMMON
@@ -156,12 +159,12 @@ if ARGV[3] ~= '' then
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 if expires then redis.call('PEXPIREAT', KEYS[1], expires) end
-redis.call('PUBLISH', ARGV[4], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {'ok', meta_fields(KEYS[1])}
 """
 )
 
-# ARGV: records (packed), count, size, tag, channel, name, then for a produce:
+# ARGV: records (packed), count, size, tag, channel, notice, then for a produce:
 # producer id, epoch, seq (canonical decimal strings).
 _APPEND_BODY = """
 if count > 0 then
@@ -340,7 +343,7 @@ return {redis.call('HGET', KEYS[3], ARGV[1])}
 """
 )
 
-# ARGV: channel, name. Finish and delete run even when Redis is out of memory
+# ARGV: channel, notice. Finish and delete run even when Redis is out of memory
 # (allow-oom): they free memory, or let readers end.
 _FINISH = (
     "#!lua flags=allow-oom\n"
@@ -479,6 +482,9 @@ class RedisStorage:
         self._client = client
         self._own_client = own_client
         self._channel = changes_channel(prefix)
+        # Notices name their origin, so this storage skips its own: the hub
+        # already woke its readers for the changes it made.
+        self._origin = new_tag()
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source)
             for name, source in (
@@ -538,6 +544,10 @@ class RedisStorage:
             where=_describe(url),
             own_client=True,
         )
+
+    def _notice(self, name: str) -> str:
+        """What a change to stream ``name`` through this storage publishes."""
+        return f"{self._origin} {name}"
 
     def _keys(self, name: str) -> StreamKeys:
         return stream_keys(self.prefix, name)
@@ -601,6 +611,7 @@ class RedisStorage:
             "" if ttl is None else repr(ttl),
             content_type or "",
             self._channel,
+            self._notice(name),
         )
         if reply[0] == b"exists":
             raise StreamExists(f"stream {quote(name)} exists")
@@ -647,7 +658,8 @@ class RedisStorage:
     def _batch(self, name: str, records: Records) -> tuple[_Arg, ...]:
         """The arguments of an append script for ``records``; past a limit raises."""
         check_batch(records, self.limits)
-        return records.body, len(records), records.size, new_tag(), self._channel, name
+        notice = self._notice(name)
+        return records.body, len(records), records.size, new_tag(), self._channel, notice
 
     @staticmethod
     def _appended(name: str, reply: list[Any]) -> int:
@@ -688,14 +700,14 @@ class RedisStorage:
 
     async def finish(self, name: str) -> StreamInfo:
         """Mark the stream finished (idempotent); return its metadata."""
-        reply = await self._script("finish", name, self._channel, name)
+        reply = await self._script("finish", name, self._channel, self._notice(name))
         if reply[0] == b"not_found":
             raise StreamNotFound(f"no stream named {quote(name)}")
         return _info(name, _pairs(reply[1]))
 
     async def delete(self, name: str) -> None:
         """Delete the stream and everything it holds."""
-        reply = await self._script("delete", name, self._channel, name)
+        reply = await self._script("delete", name, self._channel, self._notice(name))
         if reply[0] == b"not_found":
             raise StreamNotFound(f"no stream named {quote(name)}")
 
@@ -799,7 +811,10 @@ class RedisStorage:
                 if message is not None:
                     heard, pinged = loop.time(), False
                     if message["type"] == "message":
-                        self._changed(bytes(message["data"]).decode(errors="replace"))
+                        notice = bytes(message["data"]).decode(errors="replace")
+                        origin, _, name = notice.partition(" ")
+                        if origin != self._origin:
+                            self._changed(name)
                     elif message["type"] == "subscribe":
                         # Subscribed now (not when SUBSCRIBE was sent): whatever
                         # changed before this went unheard.
