@@ -439,16 +439,20 @@ class RedisStorage:
     - Redis's memory is the bound on what streams hold: ``start()`` refuses a
       Redis whose ``maxmemory-policy`` evicts keys (it would delete streams),
       and a Redis out of memory (``maxmemory`` with ``noeviction``) makes
-      appends fail with :class:`LimitExceeded`. ``limits.max_record`` and
-      ``limits.max_name`` apply; ``max_streams`` and ``max_total_bytes`` are
-      not counted (counting them would need one key that every stream's
+      appends fail with :class:`LimitExceeded`. ``limits.max_record``,
+      ``max_batch`` and ``max_name`` apply; ``max_streams`` and
+      ``max_total_bytes`` are not counted (counting them would need one key that every stream's
       writes touch: a hot spot, not scriptable in Redis Cluster, and left
       stale by Redis's own expiry of streams).
     - ``recheck_interval``: a caught-up live reader looks again this often,
       so a lost notification costs a delay, never a record.
 
-    ``start()`` connects and checks Redis; ``close()`` closes the
-    connections (of a client made by :meth:`from_url`).
+    ``RedisStorage(client, ...)`` takes a ``redis.asyncio.Redis`` client
+    you made (for Sentinel, say; give it no retries of its own, or a write
+    could be applied twice), which ``close()`` leaves open; ``where`` names
+    it in messages. ``max_connections`` bounds the requests in flight.
+    ``start()`` connects and checks Redis; ``close()`` stops listening for
+    changes and closes the connections of a client made by :meth:`from_url`.
     """
 
     def __init__(
@@ -461,7 +465,6 @@ class RedisStorage:
         recheck_interval: float = 1.0,
         max_connections: int = 64,
         where: str = "Redis",
-        own_client: bool = False,
     ) -> None:
         self._redis = _redis()
         self.prefix = check_prefix(prefix)
@@ -480,7 +483,7 @@ class RedisStorage:
         self.recheck_interval: float | None = recheck_interval
         self.where = where
         self._client = client
-        self._own_client = own_client
+        self._own_client = False  # from_url's: closed with the storage
         self._channel = changes_channel(prefix)
         # Notices name their origin, so this storage skips its own: the hub
         # already woke its readers for the changes it made.
@@ -534,7 +537,7 @@ class RedisStorage:
             retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
         )
         client = redis.asyncio.Redis.from_pool(pool)
-        return cls(
+        storage = cls(
             client,
             prefix=prefix,
             limits=limits,
@@ -542,8 +545,9 @@ class RedisStorage:
             recheck_interval=recheck_interval,
             max_connections=max_connections,
             where=_describe(url),
-            own_client=True,
         )
+        storage._own_client = True
+        return storage
 
     def _notice(self, name: str) -> str:
         """What a change to stream ``name`` through this storage publishes."""
