@@ -64,6 +64,21 @@ def test_a_prefix_that_would_break_the_hash_tag_is_refused(prefix: str) -> None:
         check_prefix(b"sk")
 
 
+def test_the_redis_storage_and_the_balancer_are_exported() -> None:
+    import streamkit.hub
+    import streamkit.hub.redis
+    import streamkit.testing
+
+    for module in (streamkit.hub.redis, streamkit.testing):
+        for name in module.__all__:
+            assert hasattr(module, name), name
+    assert "RedisStorage" in streamkit.hub.__all__
+    assert streamkit.hub.RedisStorage is RedisStorage is streamkit.hub.redis.RedisStorage
+    assert {"Balancer", "BalancerStats"} <= set(streamkit.testing.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        streamkit.hub.Nothing  # type: ignore[attr-defined]  # noqa: B018
+
+
 # -- redis-py stays optional -------------------------------------------------------------
 
 HIDE_REDIS = """

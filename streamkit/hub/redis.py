@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from redis.commands.core import AsyncScript
 
-__all__ = ["RedisStorage", "changes_channel", "stream_keys"]
+__all__ = ["RedisStorage", "StreamKeys", "changes_channel", "check_prefix", "stream_keys"]
 
 logger = logging.getLogger("streamkit.hub")
 
