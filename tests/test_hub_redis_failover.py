@@ -30,8 +30,8 @@ from streamkit import hub
 from streamkit.hub.redis import RedisStorage
 
 async def main():
-    url, prefix, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    storage = RedisStorage.from_url(url, prefix=prefix, timeout=2.0)
+    url, prefix, port, recheck = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    storage = RedisStorage.from_url(url, prefix=prefix, timeout=2.0, recheck_interval=recheck)
     server = await hub.serve_hub("127.0.0.1", port, storage=storage)
     print(server.port, flush=True)
     await server.serve_forever()
@@ -43,15 +43,17 @@ asyncio.run(main())
 class HubOnRedis:
     """A hub subprocess on the Redis at ``url`` (deployment ``prefix``), restartable on its port."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, *, recheck_interval: float = 1.0) -> None:
         self.url = url
         self.prefix = prefix
+        self.recheck_interval = recheck_interval
         self.port = 0
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> HubOnRedis:
         self.process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-c", SERVER, self.url, self.prefix, str(self.port)),
+            str(self.recheck_interval),
             stdout=asyncio.subprocess.PIPE,
         )
         assert self.process.stdout is not None
@@ -84,12 +86,12 @@ async def hub_on(url: str, prefix: str, **options: object) -> AsyncIterator[hub.
 async def test_a_record_appended_through_one_hub_is_read_live_through_another(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    # recheck_interval is long: the reader must be woken by the notification.
-    slow = {"recheck_interval": 60.0}
+    # recheck_interval is long: the readers must be woken by the notification.
+    url, slow = redis_server.url, {"recheck_interval": 60.0}
     async with (
-        hub_on(redis_server.url, redis_prefix, **slow) as one,
-        hub_on(redis_server.url, redis_prefix, **slow) as two,
-        hub_on(redis_server.url, redis_prefix, **slow) as three,
+        HubOnRedis(url, redis_prefix, **slow) as one,
+        HubOnRedis(url, redis_prefix, **slow) as two,
+        HubOnRedis(url, redis_prefix, **slow) as three,
         hub.connect("127.0.0.1", one.port) as writer,
         hub.connect("127.0.0.1", two.port) as tail,
         hub.connect("127.0.0.1", three.port) as other,
