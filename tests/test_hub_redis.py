@@ -43,10 +43,10 @@ def hash_tag(key: str) -> str:
 @pytest.mark.parametrize("name", ["s", "with {braces} and }{", "é🙂\n", "x" * 255])
 def test_a_streams_keys_share_one_hash_tag_whatever_its_name(name: str) -> None:
     keys = stream_keys("sk", name)
-    assert len(set(keys)) == 3
+    assert len(set(keys)) == 4
     assert {hash_tag(key) for key in keys} == {hash_tag(keys.meta)}
     assert re.fullmatch(r"sk:[0-9a-f]{32}", hash_tag(keys.meta))
-    assert [key.rsplit(":", 1)[1] for key in keys] == ["meta", "log", "producers"]
+    assert [key.rsplit(":", 1)[1] for key in keys] == ["meta", "log", "producers", "tags"]
 
 
 def test_keys_differ_between_names_and_between_deployments() -> None:
@@ -166,7 +166,11 @@ async def test_a_stream_is_created_with_redis_s_clock_and_an_empty_batch_stores_
         assert await storage.get("s") == info
         assert await storage.append("s", [b"a"]) == 0
         assert await storage.append("s", []) == 1  # nothing stored, nothing changed
-        assert await storage._client.xlen(stream_keys(redis_prefix, "s").log) == 1
+        keys = stream_keys(redis_prefix, "s")
+        assert await storage._client.xlen(keys.log) == await storage._client.xlen(keys.tags) == 1
+        await storage.produce("s", [b"b"], "p", 0, 0)
+        await storage.delete("s")
+        assert await storage._client.exists(*keys) == 0  # deleting leaves no key behind
         assert await storage.expire(time.time() + 1e6) == []  # Redis expires streams itself
 
 
@@ -183,7 +187,8 @@ async def test_every_key_of_a_stream_expires_with_it(
         client = storage._client
         for key in stream_keys(redis_prefix, "short"):
             assert 0 < await client.pttl(key) <= 500
-        for key in stream_keys(redis_prefix, "forever")[:2]:
+        forever = stream_keys(redis_prefix, "forever")
+        for key in (forever.meta, forever.log, forever.tags):
             assert await client.pttl(key) == -1  # no expiry
         await asyncio.sleep(0.6)
         assert await storage.get("short") is None

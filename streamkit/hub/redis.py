@@ -7,7 +7,7 @@ loses nothing. It needs redis-py: ``pip install "streamkit[redis]"``; this
 module imports it only when a :class:`RedisStorage` is made, so ``import
 streamkit.hub`` never does.
 
-Layout (:func:`stream_keys`): per stream, three keys sharing one hash tag
+Layout (:func:`stream_keys`): per stream, four keys sharing one hash tag
 ``{<prefix>:<first 32 hex digits of sha256(name)>}`` (so a stream's keys sit
 in one Redis Cluster slot, whatever characters its name holds):
 
@@ -18,7 +18,10 @@ in one Redis Cluster slot, whatever characters its name holds):
   write at an offset), fields ``r`` (the records, packed as in a hub records
   body), ``t`` (the batch's lineage tag) and, for a producer's batch, ``p``,
   ``e``, ``s`` (producer id, epoch, sequence);
-- ``...:producers``, a hash: producer id -> ``"epoch seq first count"``.
+- ``...:producers``, a hash: producer id -> ``"epoch seq first count"``;
+- ``...:tags``, a Redis stream with an entry of the same ID for each entry
+  of the log, holding its tag alone (``t``): the lineage of a record is
+  looked up there, not in a log entry that may be megabytes to load.
 
 Every request that writes is one Lua script that checks everything before its
 first write, so a refused request changes nothing, and requests of several hub
@@ -90,13 +93,14 @@ class StreamKeys(NamedTuple):
     meta: str
     log: str
     producers: str
+    tags: str
 
 
 def stream_keys(prefix: str, name: str) -> StreamKeys:
     """The keys of stream ``name`` in deployment ``prefix``, sharing one hash tag."""
     digest = hashlib.sha256(name.encode()).hexdigest()[:_NAME_DIGITS]
     tag = f"{{{prefix}:{digest}}}"
-    return StreamKeys(f"{tag}:meta", f"{tag}:log", f"{tag}:producers")
+    return StreamKeys(f"{tag}:meta", f"{tag}:log", f"{tag}:producers", f"{tag}:tags")
 
 
 def changes_channel(prefix: str) -> str:
@@ -115,7 +119,7 @@ def check_prefix(prefix: object) -> str:
 
 # -- the scripts ------------------------------------------------------------------
 #
-# Each takes KEYS = meta, log, producers. A script with the plain "#!lua" line
+# Each takes KEYS = meta, log, producers, tags. A script with the plain "#!lua" line
 # is refused whole, before it runs, when Redis is out of memory (maxmemory):
 # a request then changes nothing. Replies are arrays whose first element says
 # what happened. Numbers cross as strings: Lua numbers are doubles.
@@ -138,7 +142,7 @@ _CREATE = (
     + _LUA_COMMON
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 local now = redis.call('TIME')
 local created = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
 local fields = {'name', ARGV[1], 'created', created, 'finished', '0',
@@ -175,9 +179,13 @@ if count > 0 then
   else
     redis.call('XADD', KEYS[2], id, 'r', ARGV[1], 't', ARGV[4])
   end
+  redis.call('XADD', KEYS[4], id, 't', ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'next_offset', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'size_bytes', ARGV[3])
-  if m[3] then redis.call('PEXPIREAT', KEYS[2], m[3]) end
+  if m[3] then
+    redis.call('PEXPIREAT', KEYS[2], m[3])
+    redis.call('PEXPIREAT', KEYS[4], m[3])
+  end
 end
 if producer then
   redis.call('HSET', KEYS[3], ARGV[7], ARGV[8] .. ' ' .. ARGV[9] .. ' ' .. first .. ' ' .. ARGV[2])
@@ -326,11 +334,10 @@ local next_offset = redis.call('HGET', KEYS[1], 'next_offset')
 if not next_offset then return {} end
 local offset = tonumber(ARGV[1])
 if offset < 0 or offset >= tonumber(next_offset) then return {false} end
-local entries = redis.call('XREVRANGE', KEYS[2], '0-' .. dec(offset + 1), '-', 'COUNT', 1)
+-- the tags stream, not the log: a log entry may be megabytes to load
+local entries = redis.call('XREVRANGE', KEYS[4], '0-' .. dec(offset + 1), '-', 'COUNT', 1)
 if #entries == 0 then return {false} end
-local fields = entries[1][2]
-for i = 1, #fields, 2 do if fields[i] == 't' then return {fields[i + 1]} end end
-return {false}
+return {entries[1][2][2]}
 """
 )
 
@@ -361,7 +368,7 @@ return {'ok', meta_fields(KEYS[1])}
 
 _DELETE = """#!lua flags=allow-oom
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {'ok'}
 """
