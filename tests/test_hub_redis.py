@@ -398,6 +398,34 @@ async def test_an_evicting_redis_is_refused(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_a_redis_older_than_7_is_refused(tmp_path: Path) -> None:
+    """A server that says it is Redis 6.2 (a stand-in: the scripts need Redis 7)."""
+
+    async def old_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():  # a command: *N, then $len and arg each
+                args = []
+                for _ in range(int(line[1:])):
+                    await reader.readline()
+                    args.append((await reader.readline()).strip().upper())
+                if args[:1] == [b"INFO"]:
+                    info = b"redis_version:6.2.14\r\n"
+                    writer.write(b"$%d\r\n%s\r\n" % (len(info), info))
+                elif args[:1] == [b"HELLO"]:  # Redis 6 has it, but speak RESP2 here
+                    writer.write(b"-ERR unknown command 'HELLO'\r\n")
+                else:
+                    writer.write(b"+OK\r\n")
+        finally:
+            writer.close()
+
+    path = str(tmp_path / "old.sock")
+    async with await asyncio.start_unix_server(old_redis, path):
+        storage = RedisStorage.from_url(f"unix://{path}", prefix="t")
+        with pytest.raises(HubError, match=r"runs Redis 6\.2\.14; RedisStorage needs Redis 7\.0"):
+            await storage.start()
+        await storage.close()
+
+
 async def test_a_full_redis_refuses_appends_whole_and_still_serves_reads(
     tmp_path: Path,
 ) -> None:

@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -510,6 +511,7 @@ class RedisStorage:
         }
         self._on_change: list[Callable[[str | None], None]] = []
         self._listener: asyncio.Task[None] | None = None
+        self._subscribed = False  # the listener's subscription was confirmed
         self._started = False
         self._closed = False
 
@@ -754,7 +756,8 @@ class RedisStorage:
         except (TimeoutError, errors.RedisError, OSError) as exc:
             raise StorageUnavailable(f"{self.where} is unavailable: {exc!r}") from exc
         version = str(server.get("redis_version", "0"))
-        if tuple(int(part) for part in version.split(".")[:2]) < MIN_REDIS_VERSION:
+        numbers = re.match(r"(\d+)\.(\d+)", version)
+        if numbers is None or tuple(map(int, numbers.groups())) < MIN_REDIS_VERSION:
             raise HubError(
                 f"{self.where} runs Redis {version}; RedisStorage needs Redis"
                 f" {'.'.join(map(str, MIN_REDIS_VERSION))} or later"
@@ -796,14 +799,25 @@ class RedisStorage:
                 logger.exception("a hub storage change callback failed")
 
     async def _listen(self) -> None:
-        """Subscribe to the changes channel, and again whenever the subscription is lost."""
+        """Subscribe to the changes channel, and again whenever the subscription is lost.
+
+        The pauses between attempts back off, and start again from the
+        shortest once a subscription was made. Live readers meanwhile look
+        again every ``recheck_interval``.
+        """
         errors = self._redis.exceptions
-        delays = Backoff(initial=0.05, maximum=self.timeout).delays(random.Random())
+        backoff, rng = Backoff(initial=0.05, maximum=self.timeout), random.Random()
+        delays = backoff.delays(rng)
         while True:
+            self._subscribed = False
             try:
                 await self._listen_once()
             except (TimeoutError, errors.RedisError, OSError) as exc:
                 logger.warning("%s: lost the change notifications: %r", self.where, exc)
+            except Exception:  # a bug must not end the notifications for good
+                logger.exception("%s: the change notifications failed", self.where)
+            if self._subscribed:
+                delays = backoff.delays(rng)
             await asyncio.sleep(next(delays))
 
     async def _listen_once(self) -> None:
@@ -829,6 +843,7 @@ class RedisStorage:
                     elif message["type"] == "subscribe":
                         # Subscribed now (not when SUBSCRIBE was sent): whatever
                         # changed before this went unheard.
+                        self._subscribed = True
                         self._changed(None)
                     continue
                 silent = loop.time() - heard
