@@ -484,17 +484,19 @@ def main(argv: list[str] | None = None) -> int:
                 "raw Redis: XADD, 1,000 records per entry (ceiling)",
                 *asyncio.run(_raw_redis(redis_url, count)),
             )
-        # The old way, for the baselines: in memory, records stored one by one.
+        # The old way, for the baselines: in memory, records stored one by one
+        # (another storage: itself, the producer with one batch in flight).
         old_spec = "memory-one-by-one" if args.storage == "memory" else spec
+        one_by_one = ", stored one by one" if args.storage == "memory" else ""
         with _Hub(old_spec) as server:
             old_producer = table.rate(
-                "producer, 1 batch in flight, stored one by one (baseline)",
+                f"producer, 1 batch in flight{one_by_one} (baseline)",
                 count,
                 asyncio.run(_producer_run(server.port, "old", count, 1)),
             )
         with _Hub(old_spec) as server:
             old_fan_out = table.rate(
-                f"fan-out to {READERS} readers, stored one by one (baseline)",
+                f"fan-out to {READERS} readers{one_by_one} (baseline)",
                 READERS * fan_out,
                 asyncio.run(_fan_out(server.port, fan_out)),
             )
