@@ -16,7 +16,7 @@ as the naive parser does on smaller frames; it would need minutes for
 16 MiB). Above a few MiB the machine's memory (caches, page faults) adds
 to every linear decoder too, so read ~4-6x as linear. The script re-runs
 itself with glibc's malloc thresholds fixed high (``GLIBC_TUNABLES``, see
-``streamkit.bench.fixed_malloc``) unless ``GLIBC_TUNABLES`` is set.
+``benchmarks/_harness.py``) unless ``GLIBC_TUNABLES`` is set.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from streamkit.bench import rerun_with_fixed_malloc
+from _harness import rerun_with_fixed_malloc
+
 from streamkit.codecs import Codec, Delimited, JsonLines, LengthPrefixed, Lines, VarintPrefixed
 
 PAYLOADS = (16, 256, 4096, 64 * 1024)

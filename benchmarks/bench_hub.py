@@ -59,8 +59,9 @@ from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
+from _harness import receive_from_child
+
 from streamkit import hub
-from streamkit.bench import receive_from_child
 from streamkit.hub import server as hub_server
 from streamkit.hub.filelog import FileStorage
 from streamkit.hub.protocol import Records

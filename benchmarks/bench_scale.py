@@ -30,8 +30,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from _harness import receive_from_child
+
 from streamkit import FramedStream, LengthPrefixed, serve
-from streamkit.bench import receive_from_child
 
 PAYLOAD = b"s" * 64
 FRAME = len(PAYLOAD).to_bytes(4, "big") + PAYLOAD

@@ -35,16 +35,15 @@ import sys
 import time
 from typing import Any
 
+from _harness import MALLOC_TUNABLES, receive_from_child
+
 from streamkit import EndOfStream, FramedStream, LengthPrefixed, connect, serve
-from streamkit.bench import receive_from_child
 from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
 from streamkit.testing import FaultProxy
 
 SIZES = [16, 256, 4096, 65536]
 DONE = b"done"
 _SPAWN = multiprocessing.get_context("spawn")
-#: Keep freed memory in the heap (see the module docstring).
-_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
 
 def _frames_for(size: int, quick: bool) -> int:
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, one repeat")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    os.environ.setdefault("GLIBC_TUNABLES", _MALLOC)  # for the spawned processes
+    os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)  # for the spawned processes
     repeat = 1 if args.quick else 3
     rows: list[dict[str, Any]] = []
     print(f"session vs plain FramedStream, one way over loopback TCP, best of {repeat}")

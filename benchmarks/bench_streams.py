@@ -6,15 +6,16 @@
 Two processes over loopback TCP and a Unix socket, payloads 16 B to 1 MiB,
 streamkit LengthPrefixed(4) and Lines against the naive baseline in the same
 run, plus 64 B echo latency; also on uvloop if it is installed. The logic
-lives in ``streamkit/bench.py`` (see there for what each row measures);
-``python -m streamkit bench`` runs the quick version of the same thing.
+lives in the private ``streamkit/_bench.py`` (see there for what each row
+measures), because ``python -m streamkit bench`` runs the quick version of
+the same thing.
 """
 
 from __future__ import annotations
 
 import sys
 
-from streamkit.bench import script_main
+from streamkit._bench import script_main
 
 if __name__ == "__main__":
     sys.exit(script_main())

@@ -72,7 +72,7 @@ _NEWLINES = {"lf": "\n", "crlf": "\r\n"}
 _DELEGATED: dict[str, tuple[str, str]] = {
     "demo": ("streamkit.demo", "a resumable echo session through a proxy that keeps cutting it"),
     "proxy": ("streamkit.testing", "a fault-injecting TCP proxy"),
-    "bench": ("streamkit.bench", "the framed-stream benchmark, quickly"),
+    "bench": ("streamkit._bench", "the framed-stream benchmark, quickly"),
 }
 
 #: ``python -m streamkit hub VERB ...`` uses a hub (streamkit._hub_cli);

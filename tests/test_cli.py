@@ -23,13 +23,13 @@ from streamkit import (
     EndOfStream,
     LengthPrefixed,
     Lines,
-    bench,
     cli,
     connect,
     connect_unix,
     demo,
     hub,
 )
+from streamkit import _bench as bench
 from streamkit.cli import main
 
 CLI = [sys.executable, "-m", "streamkit"]

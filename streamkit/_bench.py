@@ -1,5 +1,9 @@
 """Framed-stream benchmark: streamkit against naive asyncio, side by side in one run.
 
+Private: the code behind ``python -m streamkit bench`` and
+``benchmarks/bench_streams.py``, not part of streamkit's API (the other
+benchmark scripts share their helpers through ``benchmarks/_harness.py``).
+
 One-way throughput, client to server, in two processes over loopback TCP
 and a Unix socket, for payloads of 16 B to 1 MiB:
 
@@ -51,8 +55,6 @@ from streamkit import _args
 from streamkit.codecs import LengthPrefixed, Lines
 from streamkit.net import DEFAULT_LIMIT, connect, connect_unix, serve, serve_unix
 from streamkit.stream import FramedStream
-
-__all__ = ["PAYLOADS", "fixed_malloc", "main", "rerun_with_fixed_malloc", "run", "script_main"]
 
 PAYLOADS = (16, 256, 4096, 64 * 1024, 1024 * 1024)
 _MAX_FRAME = 2 * 1024 * 1024
@@ -483,20 +485,6 @@ def fixed_malloc() -> Iterator[None]:
         yield
     finally:
         del os.environ["GLIBC_TUNABLES"]
-
-
-def rerun_with_fixed_malloc() -> None:
-    """Re-execute this script with :func:`fixed_malloc`'s thresholds, unless already set.
-
-    For benchmark scripts that measure in their own process: call first
-    thing in ``main``; returns only when the thresholds are in place (or
-    ``GLIBC_TUNABLES`` was set by the caller).
-    """
-    if "GLIBC_TUNABLES" in os.environ:
-        return
-    environment = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], environment)
 
 
 # -- command lines ----------------------------------------------------------------
