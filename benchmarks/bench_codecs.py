@@ -14,9 +14,8 @@ decoder is linear: 4x the bytes should take about 4x the time (a decoder
 that re-joins or re-scans its buffer per chunk is quadratic and takes ~16x,
 as the naive parser does on smaller frames; it would need minutes for
 16 MiB). Above a few MiB the machine's memory (caches, page faults) adds
-to every linear decoder too, so read ~4-6x as linear. The script re-runs
-itself with glibc's malloc thresholds fixed high (``GLIBC_TUNABLES``, see
-``benchmarks/_harness.py``) unless ``GLIBC_TUNABLES`` is set.
+to every linear decoder too, so read ~4-6x as linear. The memory allocator
+is as the user has it (the header line says which).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from _harness import rerun_with_fixed_malloc
+from _harness import allocator
 
 from streamkit.codecs import Codec, Delimited, JsonLines, LengthPrefixed, Lines, VarintPrefixed
 
@@ -129,7 +128,10 @@ def throughput(quick: bool) -> list[dict[str, Any]]:
     volume = 8 * MiB if quick else 32 * MiB
     repeats = 2 if quick else 5
     rows = []
-    print(f"decode, fed in {CHUNK // 1024} KiB chunks; ratio = streamkit / naive (frames/s)")
+    print(
+        f"decode, fed in {CHUNK // 1024} KiB chunks; ratio = streamkit / naive (frames/s); "
+        f"{allocator()}"
+    )
     print(
         f"{'codec':<19}{'payload':>8}{'frames':>9}{'naive fr/s':>13}{'codec fr/s':>13}"
         f"{'MB/s':>8}{'ratio':>8}"
@@ -208,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    rerun_with_fixed_malloc()  # glibc's default thresholds make large sizes a lottery
     results = {
         "python": sys.version,
         "throughput": throughput(args.quick),

@@ -8,12 +8,10 @@ sends N frames one way and the receiver answers once it has them all.
 Rows compare a session with a plain ``FramedStream`` (``LengthPrefixed(4)``)
 for the same payloads, run alternately, best of the repeats.
 
-Large frames swing 2-3x from run to run with glibc's malloc: until a large
-block happens to be freed, it hands freed heap back to the kernel and page
-faults it in again for the next frames. The processes run with fixed,
-high thresholds (``GLIBC_TUNABLES``) so every run measures the code, not
-that lottery; set ``GLIBC_TUNABLES`` yourself (even empty) to keep the
-defaults.
+The processes run with the memory allocator as users have it (nothing is
+tuned; the header line says what was in effect). The receiver reports its
+CPU time and its minor page faults per MB received: an allocator handing
+freed memory back to the kernel and faulting it in again shows there.
 
 Then a session streams numbered frames for a fixed time through a
 ``FaultProxy`` (in the sender's process) that cuts the connection every
@@ -29,13 +27,12 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
-from _harness import MALLOC_TUNABLES, receive_from_child
+from _harness import allocator, minor_faults, receive_from_child
 
 from streamkit import EndOfStream, FramedStream, LengthPrefixed, connect, serve
 from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
@@ -55,17 +52,17 @@ def _frames_for(size: int, quick: bool) -> int:
 # -- the receiving process ------------------------------------------------------
 
 
-def _done(cpu_start: float) -> bytes:
-    """The sink's answer once it has every frame: its CPU seconds for them."""
-    return b"%r" % (time.process_time() - cpu_start)
+def _done(cpu_start: float, faults_start: int) -> bytes:
+    """The sink's answer once it has every frame: its CPU seconds and page faults for them."""
+    return b"%r %d" % (time.process_time() - cpu_start, minor_faults() - faults_start)
 
 
 async def _plain_sink(count: int, port_out: Any) -> None:
     async def handler(stream: FramedStream[bytes]) -> None:
-        cpu_start = time.process_time()
+        cpu_start, faults_start = time.process_time(), minor_faults()
         for _ in range(count):
             await stream.recv()
-        await stream.send(_done(cpu_start))
+        await stream.send(_done(cpu_start, faults_start))
         with contextlib.suppress(EndOfStream):
             await stream.recv()  # until the client closes
 
@@ -76,10 +73,10 @@ async def _plain_sink(count: int, port_out: Any) -> None:
 
 async def _session_sink(count: int, port_out: Any) -> None:
     async def handler(session: ServerSession) -> None:
-        cpu_start = time.process_time()
+        cpu_start, faults_start = time.process_time(), minor_faults()
         for _ in range(count):
             await session.recv()
-        await session.send(_done(cpu_start))
+        await session.send(_done(cpu_start, faults_start))
         await session.recv()
 
     server = await serve_resumable(handler, "127.0.0.1", 0, resume_timeout=10)
@@ -126,8 +123,7 @@ async def _run_plain(port: int, payload: bytes, count: int) -> dict[str, Any]:
         start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(count):
             await stream.send(payload)
-        sink_cpu = float(await stream.recv())
-        return _timings(start, cpu_start, sink_cpu, count)
+        return _timings(start, cpu_start, await stream.recv(), count)
 
 
 async def _run_session(port: int, payload: bytes, count: int) -> dict[str, Any]:
@@ -135,15 +131,17 @@ async def _run_session(port: int, payload: bytes, count: int) -> dict[str, Any]:
         start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(count):
             await session.send(payload)
-        sink_cpu = float(await session.recv())
-        return _timings(start, cpu_start, sink_cpu, count)
+        return _timings(start, cpu_start, await session.recv(), count)
 
 
-def _timings(start: float, cpu_start: float, sink_cpu: float, count: int) -> dict[str, Any]:
+def _timings(start: float, cpu_start: float, answer: bytes, count: int) -> dict[str, Any]:
+    seconds = time.perf_counter() - start
+    sink_cpu, sink_faults = answer.split()
     return {
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "sender_cpu_ns": (time.process_time() - cpu_start) / count * 1e9,
-        "receiver_cpu_ns": sink_cpu / count * 1e9,
+        "receiver_cpu_ns": float(sink_cpu) / count * 1e9,
+        "receiver_faults": int(sink_faults),
     }
 
 
@@ -226,6 +224,7 @@ def _measure(kind: str, size: int, count: int) -> dict[str, Any]:
     result = _in_processes((kind, count), _sender_main, (kind, size, count))
     result["frames_per_s"] = count / result["seconds"]
     result["mb_per_s"] = count * size / result["seconds"] / 1e6
+    result["receiver_faults_per_mb"] = result["receiver_faults"] / (count * size / 1e6)
     return result
 
 
@@ -238,6 +237,9 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best["median_frames_per_s"] = statistics.median(run["frames_per_s"] for run in runs)
     for side in ("sender_cpu_ns", "receiver_cpu_ns"):
         best[side] = min(run[side] for run in runs)
+    best["receiver_faults_per_mb"] = statistics.median(
+        run["receiver_faults_per_mb"] for run in runs
+    )
     return best
 
 
@@ -250,17 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, one repeat")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)  # for the spawned processes
     repeat = 1 if args.quick else 3
     rows: list[dict[str, Any]] = []
-    print(f"session vs plain FramedStream, one way over loopback TCP, best of {repeat}")
+    print(
+        f"session vs plain FramedStream, one way over loopback TCP, best of {repeat}; {allocator()}"
+    )
     print(
         "CPU: ns per frame, sender/receiver; its ratio (plain/session, busier side) holds "
-        "steadier than wall time on a busy machine"
+        "steadier than wall time on a busy machine; faults: the receivers' minor page faults "
+        "per MB (median)"
     )
     print(
         f"{'payload':>8} {'frames':>8} {'plain f/s':>12} {'session f/s':>12} "
         f"{'session MB/s':>12} {'ratio':>6} {'plain CPU':>14} {'session CPU':>14} {'ratio':>6}"
+        f" {'faults/MB plain':>15} {'session':>7}"
     )
     for size in SIZES:
         count = _frames_for(size, args.quick)
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{size:>8} {count:>8} {plain['frames_per_s']:>12,.0f} "
             f"{session['frames_per_s']:>12,.0f} {session['mb_per_s']:>12,.1f} {ratio:>6.2f} "
             f"{_cpu(plain):>14} {_cpu(session):>14} {cpu_ratio:>6.2f}"
+            f" {plain['receiver_faults_per_mb']:>15.1f} {session['receiver_faults_per_mb']:>7.1f}"
         )
         rows.append(
             {

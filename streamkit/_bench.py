@@ -15,19 +15,26 @@ and a Unix socket, for payloads of 16 B to 1 MiB:
   ``write(text.encode() + b"\\n")`` / ``readline().decode()``: the same text
   in and out;
 
+- ``raw``, for ``length4``: the limit of the sockets themselves, the same
+  bytes sent with a blocking ``sendall`` of about 1 MiB at a time and
+  received by a blocking ``recv_into`` of one reused 1 MiB buffer, frames
+  not parsed;
+
 and the echo round-trip latency of 64 B frames, one in flight, the two
 sides alternating in blocks. Both sides' readers have the same ``limit``
 (streamkit's default, 256 KiB; for lines, room for the largest line), so
 the rows compare framing code, not buffer sizes. The time of a throughput
 run is from the first frame sent until the receiver reports it has every
-frame; each row is the best of a few alternating runs.
+frame. The sides run alternately a few times; a row shows each side's median
+and the median of the ratios of runs made one after the other, with their
+range.
 
-Sender and receiver each run in a fresh (spawned) process with glibc's
-malloc thresholds fixed high (``GLIBC_TUNABLES``, unless already set): by
-default, until some large block happens to be freed, glibc hands freed heap
-back to the kernel and faults it in again for the next frames, and the same
-code measures 2-3x apart from run to run at 64 KiB (see
-:func:`fixed_malloc`).
+Sender and receiver each run in a fresh (spawned) process with the memory
+allocator as it is: nothing is tuned (set ``GLIBC_TUNABLES`` yourself to
+compare; the header line says what was in effect). The receiver counts its
+minor page faults per MB received (``ru_minflt``): an allocator that hands
+freed memory back to the kernel and faults it in again for the next read
+shows there, in CPU time spent in the kernel.
 
 ``python -m streamkit bench`` runs the quick version (:func:`main`);
 ``benchmarks/bench_streams.py`` the full one (:func:`script_main`).
@@ -41,15 +48,18 @@ import contextlib
 import json
 import multiprocessing
 import os
+import platform
+import socket
 import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamkit import _args
 from streamkit.codecs import LengthPrefixed, Lines
@@ -62,8 +72,8 @@ _MAX_FRAME = 2 * 1024 * 1024
 _LINES_LIMIT = 2 * _MAX_FRAME
 _HEADER = struct.Struct(">I")
 _LATENCY_PAYLOAD = 64
-#: glibc malloc keeps freed memory in the heap (see the module docstring).
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+#: The raw side's reads and writes: about this many bytes each.
+_RAW_CHUNK = 1024 * 1024
 
 Address = tuple[str, Any]  # ("tcp", (host, port)) or ("unix", path)
 
@@ -76,17 +86,45 @@ def _lines_codec() -> Lines:
     return Lines(max_frame=_MAX_FRAME)
 
 
+# -- the allocator and page faults ------------------------------------------------
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def allocator() -> str:
+    """The memory allocator the benchmark's processes run with, for its header line."""
+    if platform.libc_ver()[0] != "glibc":
+        return "the system's malloc"
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    if tunables is None:
+        return "glibc malloc, defaults"
+    return f"glibc malloc, GLIBC_TUNABLES={tunables!r} (from the environment)"
+
+
 # -- the receiving process --------------------------------------------------------
 
 
+def _report(frames: int, faults_since: int) -> bytes:
+    """A receiver's answer: frames received and its page faults meanwhile."""
+    return b"%d %d" % (frames, minor_faults() - faults_since)
+
+
 async def _naive_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    faults = minor_faults()
     frames = 0
     unpack = _HEADER.unpack
     while header := await _read_or_eof(reader, 4):
         (size,) = unpack(header)
         await reader.readexactly(size)
         frames += 1
-    writer.write(b"%d\n" % frames)
+    writer.write(_report(frames, faults) + b"\n")
     await writer.drain()
     writer.close()
 
@@ -101,11 +139,12 @@ async def _read_or_eof(reader: asyncio.StreamReader, size: int) -> bytes:
 
 
 async def _naive_lines_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    faults = minor_faults()
     frames = 0
     while line := await reader.readline():
         line.decode()  # text out, as Lines gives
         frames += 1
-    writer.write(b"%d\n" % frames)
+    writer.write(_report(frames, faults) + b"\n")
     await writer.drain()
     writer.close()
 
@@ -118,10 +157,25 @@ async def _naive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 
 
 async def _streamkit_receiver(stream: FramedStream[Any]) -> None:
+    faults = minor_faults()
     frames = 0
     async for _ in stream:
         frames += 1
-    await stream.send(b"%d" % frames if isinstance(stream.codec, LengthPrefixed) else str(frames))
+    report = _report(frames, faults)
+    await stream.send(report if isinstance(stream.codec, LengthPrefixed) else report.decode())
+
+
+def _raw_receiver(listener: socket.socket) -> None:
+    """Blocking: receive each connection's bytes into one buffer, answer with their count."""
+    buffer = bytearray(_RAW_CHUNK)
+    while True:
+        connection, _ = listener.accept()
+        with connection:
+            faults = minor_faults()
+            received = 0
+            while got := connection.recv_into(buffer):
+                received += got
+            connection.sendall(_report(received, faults) + b"\n")
 
 
 async def _streamkit_echo(stream: FramedStream[bytes]) -> None:
@@ -143,6 +197,14 @@ async def _start_receivers(directory: str) -> tuple[list[Any], dict[str, Address
     }
     servers: list[Any] = []
     addresses: dict[str, Address] = {}
+    raw_tcp = socket.create_server(("127.0.0.1", 0))
+    raw_path = os.path.join(directory, "raw.sock")
+    raw_unix = socket.create_server(raw_path, family=socket.AF_UNIX)
+    for listener in (raw_tcp, raw_unix):
+        # A thread of its own, blocking: the event loop is idle while it runs.
+        threading.Thread(target=_raw_receiver, args=(listener,), daemon=True).start()
+    addresses["tcp raw"] = ("tcp", raw_tcp.getsockname()[:2])
+    addresses["unix raw"] = ("unix", raw_path)
     for kind, (handler, limit) in naive.items():
         tcp = await asyncio.start_server(handler, "127.0.0.1", 0, limit=limit)
         path = os.path.join(directory, f"{kind}.sock")
@@ -172,27 +234,25 @@ def _receiver_process(pipe: Connection, use_uvloop: bool) -> None:
     _run_loop(main(), use_uvloop)
 
 
-def _sender_process(
-    pipe: Connection,
-    addresses: dict[str, Address],
-    transports: Sequence[str],
-    payloads: Sequence[int],
-    quick: bool,
-    loop_name: str,
-) -> None:
-    rows = _run_loop(
-        _measure(addresses, transports, payloads, quick, loop_name), loop_name == "uvloop"
-    )
-    pipe.send(rows)
+def _sender_process(pipe: Connection, use_uvloop: bool) -> None:
+    """Run each job the parent sends (a ``_SENDERS`` name and its arguments), answer its result."""
+    with _runner(use_uvloop) as runner:
+        while job := pipe.recv():
+            name, *args = job
+            pipe.send(runner.run(_SENDERS[name](*args)))
 
 
 def _run_loop(coro: Any, use_uvloop: bool) -> Any:
+    with _runner(use_uvloop) as runner:
+        return runner.run(coro)
+
+
+def _runner(use_uvloop: bool) -> asyncio.Runner:
     if use_uvloop:
         import uvloop  # type: ignore[import-not-found]  # optional
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coro)
-    return asyncio.run(coro)
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
 
 
 def receive_from_child(pipe: Connection, process: BaseProcess, role: str) -> Any:
@@ -225,10 +285,23 @@ def _connect(address: Address, codec: Any) -> Any:
     return connect(*address[1], codec=codec)
 
 
-async def _naive_send(address: Address, payload: bytes, count: int, lines: bool) -> float:
+#: A run's result: seconds, the receiver's page faults and the sender's.
+Run = tuple[float, int, int]
+
+
+def _answer(line: bytes | str, count: int) -> int:
+    """The receiver's page faults, from its answer; checks it got ``count`` frames (or bytes)."""
+    received, faults = map(int, line.split())
+    assert received == count, (received, count)
+    return faults
+
+
+async def _naive_send(address: Address, size: int, count: int, lines: bool) -> Run:
+    payload = b"x" * size
     reader, writer = await _open(address)
     pack = _HEADER.pack
     text = payload.decode()
+    faults = minor_faults()
     start = time.perf_counter()
     if lines:
         for _ in range(count):
@@ -239,24 +312,45 @@ async def _naive_send(address: Address, payload: bytes, count: int, lines: bool)
             writer.write(pack(len(payload)) + payload)
             await writer.drain()
     writer.write_eof()
-    received = int(await reader.readline())
+    answer = await reader.readline()
     seconds = time.perf_counter() - start
+    sender_faults = minor_faults() - faults
     writer.close()
-    assert received == count, (received, count)
-    return seconds
+    return seconds, _answer(answer, count), sender_faults
 
 
-async def _streamkit_send(address: Address, payload: bytes, count: int, lines: bool) -> float:
-    frame: Any = payload.decode() if lines else payload
+async def _streamkit_send(address: Address, size: int, count: int, lines: bool) -> Run:
+    frame: Any = "x" * size if lines else b"x" * size
     async with _connect(address, _lines_codec() if lines else _length_codec()) as stream:
+        faults = minor_faults()
         start = time.perf_counter()
         for _ in range(count):
             await stream.send(frame)
         stream.write_eof()
-        received = int(await stream.recv())
+        answer = await stream.recv()
         seconds = time.perf_counter() - start
-    assert received == count, (received, count)
-    return seconds
+        sender_faults = minor_faults() - faults
+    return seconds, _answer(answer, count), sender_faults
+
+
+async def _raw_send(address: Address, size: int, count: int, lines: bool) -> Run:
+    """The same bytes as length4's, blocking, about 1 MiB per ``sendall`` (the loop is idle)."""
+    frame = _HEADER.pack(size) + b"x" * size
+    per_chunk = max(1, _RAW_CHUNK // len(frame))
+    chunk = frame * per_chunk
+    family = socket.AF_UNIX if address[0] == "unix" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.connect(address[1])
+        faults = minor_faults()
+        start = time.perf_counter()
+        for _ in range(count // per_chunk):
+            sock.sendall(chunk)
+        sock.sendall(frame * (count % per_chunk))
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.makefile("rb").readline()
+        seconds = time.perf_counter() - start
+        sender_faults = minor_faults() - faults
+    return seconds, _answer(answer, count * len(frame)), sender_faults
 
 
 async def _naive_round_trips(
@@ -302,69 +396,148 @@ async def _latency(
     return naive, ours
 
 
+#: What the sender process can be asked to run.
+_SENDERS: dict[str, Callable[..., Coroutine[Any, Any, Any]]] = {
+    "naive": _naive_send,
+    "streamkit": _streamkit_send,
+    "raw": _raw_send,
+    "latency": _latency,
+}
+
+
 def _frames_for(size: int, quick: bool) -> int:
     volume, most, least = (24 << 20, 100_000, 40) if quick else (256 << 20, 500_000, 200)
     return max(least, min(most, volume // size))
 
 
-async def _measure(
-    addresses: dict[str, Address],
-    transports: Sequence[str],
-    payloads: Sequence[int],
-    quick: bool,
-    loop_name: str,
-) -> list[dict[str, Any]]:
-    # Runs alternate naive / streamkit and the best of each counts. Large
-    # frames swing most from run to run on a shared machine (memory effects
-    # hit both sides alike), so they get more tries.
-    repeats = 1 if quick else 3
-    rows: list[dict[str, Any]] = []
-    for transport in transports:
-        for framing, lines in (("length4", False), ("lines", True)):
-            for size in payloads:
-                count = _frames_for(size, quick)
-                payload = b"x" * size
-                best: dict[str, float] = {}
-                for _ in range(repeats if size < 65536 else repeats + 2):
-                    for name, send in (("naive", _naive_send), ("streamkit", _streamkit_send)):
-                        kind = f"{name}-lines" if lines else name
-                        seconds = await send(
-                            addresses[f"{transport} {kind}"], payload, count, lines
-                        )
-                        best[name] = min(best.get(name, seconds), seconds)
-                rows.append(
-                    {
-                        "loop": loop_name,
-                        "transport": transport,
-                        "framing": framing,
-                        "payload": size,
-                        "frames": count,
-                        "naive_frames_per_s": count / best["naive"],
-                        "naive_mb_per_s": count * size / best["naive"] / 1e6,
-                        "streamkit_frames_per_s": count / best["streamkit"],
-                        "streamkit_mb_per_s": count * size / best["streamkit"] / 1e6,
-                        "ratio": best["naive"] / best["streamkit"],
-                    }
-                )
-                _print_row(rows[-1])
-        count = 4_000 if quick else 20_000
-        naive, ours = await _latency(
-            addresses[f"{transport} echo-naive"], addresses[f"{transport} echo-streamkit"], count
-        )
-        row: dict[str, Any] = {
-            "loop": loop_name,
-            "transport": transport,
-            "latency_payload": _LATENCY_PAYLOAD,
-            "round_trips": len(ours),
-            "naive_p50_us": statistics.median(naive) * 1e6,
-            "naive_p99_us": statistics.quantiles(naive, n=100)[98] * 1e6,
-            "streamkit_p50_us": statistics.median(ours) * 1e6,
-            "streamkit_p99_us": statistics.quantiles(ours, n=100)[98] * 1e6,
+class _Processes(NamedTuple):
+    """A receiver and a sender process (see :func:`_processes`)."""
+
+    addresses: dict[str, Address]
+    #: ``job(name, *args)`` runs ``_SENDERS[name](*args)`` in the sender, returns its result.
+    job: Callable[..., Any]
+
+
+@contextlib.contextmanager
+def _processes(context: Any, use_uvloop: bool) -> Iterator[_Processes]:
+    """A fresh receiver process and a fresh sender process, stopped on exit.
+
+    Fresh for each side of each row: what one run leaves in a process's heap
+    (glibc raises its thresholds for good once a large block is freed) must
+    not help or hurt another side, as no user's process runs the baseline.
+    """
+    ours, theirs = context.Pipe()
+    receiver = context.Process(target=_receiver_process, args=(theirs, use_uvloop))
+    receiver.start()
+    theirs.close()  # the child's copy remains: a child that dies ends the pipe
+    try:
+        addresses = receive_from_child(ours, receiver, "receiver")
+        jobs, sender_end = context.Pipe()
+        sender = context.Process(target=_sender_process, args=(sender_end, use_uvloop))
+        sender.start()
+        sender_end.close()
+
+        def job(name: str, *args: Any) -> Any:
+            jobs.send((name, *args))
+            return receive_from_child(jobs, sender, "sender")
+
+        try:
+            yield _Processes(addresses, job)
+        finally:
+            with contextlib.suppress(OSError):
+                jobs.send(None)
+            sender.join(10)
+            if sender.is_alive():
+                sender.kill()
+    finally:
+        with contextlib.suppress(OSError):
+            ours.send("stop")
+        receiver.join(10)
+        if receiver.is_alive():
+            receiver.kill()
+
+
+def _measure_row(
+    context: Any, loop_name: str, transport: str, lines: bool, size: int, quick: bool
+) -> dict[str, Any]:
+    """One row: the sides run alternately, each in its own pair of processes.
+
+    Each side's processes first carry an unmeasured run of a quarter of the
+    frames (a server that has served a connection before), so the first
+    measured run does not pay for the heap's growth alone.
+    """
+    sides = ["naive", "streamkit"] if lines else ["naive", "streamkit", "raw"]
+    count = _frames_for(size, quick)
+    # Large frames swing most from run to run on a shared machine: more runs.
+    repeats = (1 if quick else 3) + (2 if size >= 65536 else 0)
+    runs: dict[str, list[Run]] = {side: [] for side in sides}
+    uvloop = loop_name == "uvloop"
+    with contextlib.ExitStack() as stack:
+        pairs = {side: stack.enter_context(_processes(context, uvloop)) for side in sides}
+        addresses = {
+            side: pair.addresses[f"{transport} {side}{'-lines' if lines else ''}"]
+            for side, pair in pairs.items()
         }
-        row["p50_ratio"] = row["naive_p50_us"] / row["streamkit_p50_us"]
-        rows.append(row)
-        _print_latency(row)
-    return rows
+        for side, pair in pairs.items():
+            pair.job(side, addresses[side], size, max(1, count // 4), lines)
+        for _ in range(repeats):
+            for side, pair in pairs.items():
+                runs[side].append(pair.job(side, addresses[side], size, count, lines))
+    return _row(loop_name, transport, "lines" if lines else "length4", size, count, runs)
+
+
+def _measure_latency(context: Any, loop_name: str, transport: str, quick: bool) -> dict[str, Any]:
+    count = 4_000 if quick else 20_000
+    with _processes(context, loop_name == "uvloop") as pair:
+        naive_address = pair.addresses[f"{transport} echo-naive"]
+        streamkit_address = pair.addresses[f"{transport} echo-streamkit"]
+        naive, ours = pair.job("latency", naive_address, streamkit_address, count)
+    row: dict[str, Any] = {
+        "loop": loop_name,
+        "transport": transport,
+        "latency_payload": _LATENCY_PAYLOAD,
+        "round_trips": len(ours),
+        "naive_p50_us": statistics.median(naive) * 1e6,
+        "naive_p99_us": statistics.quantiles(naive, n=100)[98] * 1e6,
+        "streamkit_p50_us": statistics.median(ours) * 1e6,
+        "streamkit_p99_us": statistics.quantiles(ours, n=100)[98] * 1e6,
+    }
+    row["p50_ratio"] = row["naive_p50_us"] / row["streamkit_p50_us"]
+    return row
+
+
+def _row(
+    loop_name: str,
+    transport: str,
+    framing: str,
+    size: int,
+    count: int,
+    runs: dict[str, list[Run]],
+) -> dict[str, Any]:
+    """A table row: each side's median, and the ratios of runs made one after the other."""
+    megabytes = count * size / 1e6
+    row: dict[str, Any] = {
+        "loop": loop_name,
+        "transport": transport,
+        "framing": framing,
+        "payload": size,
+        "frames": count,
+        "runs": len(runs["naive"]),
+    }
+    for name, side in runs.items():
+        seconds = statistics.median(run[0] for run in side)
+        row[f"{name}_frames_per_s"] = count / seconds
+        row[f"{name}_mb_per_s"] = megabytes / seconds
+        row[f"{name}_faults_per_mb"] = statistics.median(run[1] for run in side) / megabytes
+        row[f"{name}_sender_faults_per_mb"] = statistics.median(run[2] for run in side) / megabytes
+    ours = runs["streamkit"]
+    ratios = [naive[0] / mine[0] for naive, mine in zip(runs["naive"], ours, strict=True)]
+    row["ratio"] = statistics.median(ratios)
+    row["ratio_low"], row["ratio_high"] = min(ratios), max(ratios)
+    if "raw" in runs:
+        to_raw = [raw[0] / mine[0] for raw, mine in zip(runs["raw"], ours, strict=True)]
+        row["raw_ratio"] = statistics.median(to_raw)
+    return row
 
 
 def _size(size: int) -> str:
@@ -376,17 +549,25 @@ def _size(size: int) -> str:
 
 
 _HEAD = (
-    f"{'loop':<8}{'transport':<10}{'framing':<9}{'payload':>8}{'frames':>9}"
-    f"{'naive fr/s':>13}{'streamkit fr/s':>16}{'naive MB/s':>12}{'sk MB/s':>9}{'ratio':>8}"
+    f"{'loop':<8}{'transport':<10}{'framing':<9}{'payload':>8}{'frames':>8}"
+    f"{'naive fr/s':>12}{'sk fr/s':>12}{'naive MB/s':>11}{'sk MB/s':>9}{'raw MB/s':>9}"
+    f"{'ratio':>8}{'range':>11}{'sk/raw':>7}{'faults/MB naive':>16}{'sk':>6}{'raw':>6}"
 )
 
 
 def _print_row(row: dict[str, Any]) -> None:
+    raw = "raw_ratio" in row
+    spread = f"{row['ratio_low']:.2f}-{row['ratio_high']:.2f}"
     print(
         f"{row['loop']:<8}{row['transport']:<10}{row['framing']:<9}{_size(row['payload']):>8}"
-        f"{row['frames']:>9}{row['naive_frames_per_s']:>13,.0f}"
-        f"{row['streamkit_frames_per_s']:>16,.0f}{row['naive_mb_per_s']:>12.1f}"
-        f"{row['streamkit_mb_per_s']:>9.1f}{row['ratio']:>7.2f}x",
+        f"{row['frames']:>8}{row['naive_frames_per_s']:>12,.0f}"
+        f"{row['streamkit_frames_per_s']:>12,.0f}{row['naive_mb_per_s']:>11.1f}"
+        f"{row['streamkit_mb_per_s']:>9.1f}"
+        + (f"{row['raw_mb_per_s']:>9.1f}" if raw else f"{'-':>9}")
+        + f"{row['ratio']:>7.2f}x{spread:>11}"
+        + (f"{row['raw_ratio']:>6.2f}x" if raw else f"{'-':>7}")
+        + f"{row['naive_faults_per_mb']:>16.1f}{row['streamkit_faults_per_mb']:>6.1f}"
+        + (f"{row['raw_faults_per_mb']:>6.1f}" if raw else f"{'-':>6}"),
         flush=True,
     )
 
@@ -409,6 +590,10 @@ def run(
 ) -> int:
     """Run the benchmark and print its table; ``ratio`` is streamkit's speed over naive.
 
+    Each row: every side's median frames/s and MB/s, the median ratio and its
+    range, streamkit against the raw sockets (``sk/raw``, length4 rows) and
+    the receivers' minor page faults per MB received.
+
     ``transport`` is ``"tcp"``, ``"unix"`` or ``"both"``; ``payloads`` the
     payload sizes in bytes; with ``json_path`` the rows are also written
     there as JSON. The benchmark also runs on ``uvloop`` when it is
@@ -425,66 +610,25 @@ def run(
     print(
         f"framed streams, one way, client -> server in two processes (loopback); "
         f"ratio = streamkit / naive; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
-        f"{', quick' if quick else ''}"
+        f"{', quick' if quick else ''}; {allocator()}; faults: the receiver's minor page faults"
     )
     print(_HEAD)
     rows: list[dict[str, Any]] = []
     context = multiprocessing.get_context("spawn")
     for loop_name in loops:
-        ours, theirs = context.Pipe()
-        results, sender_end = context.Pipe(duplex=False)
-        with fixed_malloc():
-            receiver = context.Process(
-                target=_receiver_process, args=(theirs, loop_name == "uvloop")
-            )
-            receiver.start()
-        theirs.close()  # the child's copy remains: a child that dies ends the pipe
-        try:
-            addresses = receive_from_child(ours, receiver, "receiver")
-            with fixed_malloc():
-                sender = context.Process(
-                    target=_sender_process,
-                    args=(sender_end, addresses, transports, payloads, quick, loop_name),
-                )
-                sender.start()
-            sender_end.close()
-            try:
-                rows += receive_from_child(results, sender, "sender")
-            finally:
-                sender.join(10)
-                if sender.is_alive():
-                    sender.kill()
-        finally:
-            with contextlib.suppress(OSError):
-                ours.send("stop")
-            receiver.join(10)
-            if receiver.is_alive():
-                receiver.kill()
+        for transport_name in transports:
+            for lines in (False, True):
+                for size in payloads:
+                    rows.append(
+                        _measure_row(context, loop_name, transport_name, lines, size, quick)
+                    )
+                    _print_row(rows[-1])
+            rows.append(_measure_latency(context, loop_name, transport_name, quick))
+            _print_latency(rows[-1])
     if json_path:
         with open(json_path, "w") as out:
             json.dump({"python": sys.version, "quick": quick, "rows": rows}, out, indent=2)
     return 0
-
-
-# -- the allocator ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fixed_malloc() -> Iterator[None]:
-    """Processes started inside run with glibc's malloc thresholds fixed high.
-
-    Sets ``GLIBC_TUNABLES`` (read by glibc when a process starts) for the
-    duration, unless the caller set it already (even empty: to measure with
-    glibc's defaults). Harmless off glibc.
-    """
-    if "GLIBC_TUNABLES" in os.environ:
-        yield
-        return
-    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    try:
-        yield
-    finally:
-        del os.environ["GLIBC_TUNABLES"]
 
 
 # -- command lines ----------------------------------------------------------------
