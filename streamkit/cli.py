@@ -584,7 +584,7 @@ class _SniffingDecoder(Decoder[Any]):
     def header_missing(self) -> int:
         return self._inner.header_missing()
 
-    def complete(self, data: bytes) -> Any:
+    def complete(self, data: Buffer | list[Buffer]) -> Any:
         return self._inner.complete(data)
 
     @property

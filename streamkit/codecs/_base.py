@@ -207,10 +207,12 @@ class Decoder(Generic[FrameT]):
         """
         return 0
 
-    def complete(self, data: bytes) -> FrameT:
+    def complete(self, data: Buffer | list[Buffer]) -> FrameT:
         """Return the pending frame, completed by ``data`` (exactly ``missing()`` bytes).
 
-        Only for decoders whose :meth:`missing` can be non-zero.
+        ``data`` may come in pieces (a list of buffers): they are joined
+        with the bytes buffered into the frame in one copy. Only for
+        decoders whose :meth:`missing` can be non-zero.
         """
         raise NotImplementedError
 

@@ -210,9 +210,18 @@ class LengthPrefixed(EncodeMany[Buffer]):
 
 
 class LengthPrefixedDecoder(Decoder[bytes]):
-    """Incremental decoder of :class:`LengthPrefixed` frames."""
+    """Incremental decoder of :class:`LengthPrefixed` frames.
 
-    __slots__ = ("_codec", "_layout", "_plain")
+    With the plain layout (no ``offset``, no ``adjustment``) its fast path
+    copies each byte once: a frame pending from the last feed is completed
+    by joining it to the start of the new input, and frames are cut
+    straight out of the input, a ``bytearray`` or ``memoryview`` included,
+    of which only the partial frame at its end is kept (copied). Such a
+    frame's wire bytes are its length and itself, so ``take_buffered``
+    rebuilds them exactly rather than keeping the input.
+    """
+
+    __slots__ = ("_codec", "_layout", "_plain", "_returned")
 
     def __init__(self, codec: LengthPrefixed) -> None:
         super().__init__()
@@ -227,43 +236,97 @@ class LengthPrefixedDecoder(Decoder[bytes]):
         )
         # No leading bytes, no adjustment: feed's fast path applies.
         self._plain = not codec.offset and not codec.adjustment
+        # The frames the fast path returned last (their bytes are not kept).
+        self._returned: tuple[bytes, ...] | None = None
 
     def feed(self, data: Buffer) -> list[bytes]:
         """Buffer ``data`` and return the frames it completes, in order."""
-        # The common case without the general machinery: a plain layout, no
-        # error, nothing buffered, a bytes chunk. It ends as the general
-        # path would; a bad header is left to it (see _parse).
-        if (
-            self._plain
-            and type(data) is bytes
-            and len(self._buf) == self._pos
-            and self._error is None
-        ):
-            _, prefix, unpack_from, _, max_frame = self._layout
-            end = len(data)
-            pos = 0
-            frames: list[bytes] = []
-            need = 0
+        if self._plain and self._error is None and data:
+            frames = self._feed_plain(data)
+            if frames is not None:
+                return frames
+        self._returned = None
+        return super().feed(data)
+
+    def _feed_plain(self, data: Buffer) -> list[bytes] | None:
+        """The fast path; ``None`` leaves the input to the general one (nothing taken).
+
+        It ends as the general path would; a bad header is left to that (see
+        _parse), and so are a split header and a frame still incomplete.
+        """
+        _, prefix, unpack_from, _, max_frame = self._layout
+        frames: list[bytes] = []
+        buf = self._buf
+        pos = self._pos
+        have = len(buf) - pos
+        end = len(data)
+        start = 0
+        if have:
+            if have < prefix:
+                return None
+            need = prefix + unpack_from(buf, pos)[0] - have  # checked when it was buffered
+            if need > end:
+                return None
+            with memoryview(buf) as pending, memoryview(data) as came:
+                frames.append(b"".join((pending[pos + prefix :], came[:need])))
+            start = need
+        whole = data if type(data) is bytes else None
+        view = _NO_VIEW if whole is not None else memoryview(data)
+        pos = start
+        need = 0
+        error = False
+        try:
             while end - pos >= prefix:
                 size = unpack_from(data, pos)[0]
                 if size > max_frame:
-                    if not frames:
-                        break  # the general path raises the precise error
-                    self._buf, self._pos, self._need = data, pos, 0  # it raises at the next feed
-                    return frames
+                    error = True
+                    break
                 stop = pos + prefix + size
                 if stop > end:
                     need = stop - pos
                     break
-                frames.append(data[pos + prefix : stop])
+                frames.append(
+                    whole[pos + prefix : stop]
+                    if whole is not None
+                    else view[pos + prefix : stop].tobytes()
+                )
                 pos = stop
+            if error and not frames:
+                return None  # the general path raises the precise error
+            # Keep the rest: the input itself if it is bytes, else a copy.
+            if whole is not None:
+                self._buf, self._pos = whole, pos
             else:
-                self._buf, self._pos, self._need = data, pos, end - pos + 1
-                return frames
-            if need:
-                self._buf, self._pos, self._need = data, pos, need
-                return frames
-        return super().feed(data)
+                self._buf, self._pos = view[pos:].tobytes(), 0
+        finally:
+            if whole is None:
+                view.release()
+        # 0: the error is raised by the next feed (general path).
+        self._need = 0 if error else need or end - pos + 1
+        self._returned = tuple(frames)
+        return frames
+
+    def take_buffered(self, frames: int = 0) -> bytes:
+        returned = self._returned
+        if returned is None or self._error is not None:
+            return super().take_buffered(frames)
+        if frames < 0:
+            raise ValueError(f"frames must be >= 0, not {frames}")
+        if frames > len(returned):
+            raise ValueError("cannot give back more frames than the last feed returned")
+        pack = self._codec._pack
+        parts: list[Buffer] = []
+        for frame in returned[len(returned) - frames :]:
+            parts += (pack(len(frame)), frame)
+        parts.append(self._buf[self._pos :])
+        rest = b"".join(parts)
+        self._free()
+        self._reset_partial()
+        return rest
+
+    def _free(self) -> None:
+        super()._free()
+        self._returned = None
 
     def _parse(self, frames: list[bytes]) -> None:
         offset, prefix, unpack_from, adjustment, max_frame = self._layout
@@ -316,19 +379,20 @@ class LengthPrefixedDecoder(Decoder[bytes]):
         rest: int = self._layout[1] - (len(self._buf) - self._pos)
         return rest if rest > 0 else 0
 
-    def complete(self, data: bytes) -> bytes:
+    def complete(self, data: Buffer | list[Buffer]) -> bytes:
+        parts = data if isinstance(data, list) else [data]
         missing = self.missing()
-        if not missing or len(data) != missing:
+        if not missing or sum(map(len, parts)) != missing:
             raise ValueError(f"complete() needs exactly the {missing} missing bytes")
         offset, prefix = self._layout[0], self._layout[1]
         buf, start = self._buf, self._pos
-        if not offset and len(buf) - start == prefix:
+        if not offset and len(buf) - start == prefix and type(data) is bytes:
             self._free()
             return data  # the payload as read: no copy
-        head = buf[start : start + offset]
-        partial = buf[start + prefix :]
+        with memoryview(buf) as pending:
+            frame = b"".join((pending[start : start + offset], pending[start + prefix :], *parts))
         self._free()
-        return b"".join((head, partial, data))
+        return frame
 
     def _fresh(self) -> LengthPrefixedDecoder:
         return LengthPrefixedDecoder(self._codec)

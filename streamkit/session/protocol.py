@@ -775,7 +775,8 @@ class MessageDecoder(Decoder["bytes | Message"]):
             return max(0, _DATA_PREFIX - have)
         return 0
 
-    def complete(self, data: bytes) -> bytes | Message:
+    def complete(self, data: Buffer | list[Buffer]) -> bytes | Message:
+        data = b"".join(data) if isinstance(data, list) else bytes(data)
         missing = self.missing()
         if not missing or len(data) != missing:
             raise ValueError(f"complete() needs exactly the {missing} missing bytes")
