@@ -249,7 +249,7 @@ def _run_loop(coro: Any, use_uvloop: bool) -> Any:
 
 def _runner(use_uvloop: bool) -> asyncio.Runner:
     if use_uvloop:
-        import uvloop  # type: ignore[import-not-found]  # optional
+        import uvloop  # type: ignore[import-not-found, unused-ignore]  # optional
 
         return asyncio.Runner(loop_factory=uvloop.new_event_loop)
     return asyncio.Runner()

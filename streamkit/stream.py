@@ -4,9 +4,14 @@ The send path writes a lone frame at once (no latency added, no callback),
 coalesces the frames that follow it in the same event-loop turn into one
 ``write``, hands a large frame's payload to the transport as it is (no copy
 into the send buffer), and waits on ``drain()`` only when the transport's
-buffer is over its high-water mark. The receive path reads large chunks and
-parses frames out of them with the codec's incremental decoder, and reads a
-large frame's payload in one piece.
+buffer is over its high-water mark.
+
+The receive path parses frames out of large reads with the codec's
+incremental decoder and reads a large frame's payload in one piece. Over a
+:class:`StreamProtocol` (every connection ``streamkit.net`` opens), reads go
+into one reused buffer and the stream takes them straight from it (see
+:class:`StreamProtocol` for why); over any other ``StreamReader`` it reads
+the reader.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Generic, TypeVar
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Generic, TypeVar, cast
 
 from streamkit._lifecycle import Closable
 from streamkit.codecs import Buffer, Codec, Decoder
-from streamkit.errors import ConnectionLost, EndOfStream
+from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
 
-__all__ = ["FramedStream"]
+__all__ = ["FramedStream", "StreamProtocol"]
 
 logger = logging.getLogger("streamkit")
 
@@ -49,6 +55,14 @@ _LARGE_SEND = 16 * 1024
 #: Below this, a large frame meeting an empty transport buffer is joined
 #: after all: one send() instead of two (the header's would go alone).
 _HUGE_SEND = 256 * 1024
+#: The buffer StreamProtocols read into: one per event loop, reused by every
+#: read of every connection (asyncio's own transports read up to this much).
+RECEIVE_BUFFER_SIZE = 256 * 1024
+#: How much a receiving stream reads at a time while frames are small or
+#: wait to be taken (see _Receiver).
+_SMALL_READ = 64 * 1024
+#: Frames of this size on average make reads of the whole receive buffer.
+_LARGE_FRAMES = 1024
 
 
 class FramedStream(Closable, Generic[FrameT]):
@@ -98,8 +112,16 @@ class FramedStream(Closable, Generic[FrameT]):
         self._decoder: Decoder[FrameT] = codec.decoder()
         # Frames decoded but not yet returned, last first (pop() is the next
         # one): a list costs 56 bytes a connection where a deque costs 760.
+        # Always this one list: a _Receiver fills it in place.
         self._frames: list[FrameT] = []
         self._receiving = False  # a recv() is running (one at a time, as StreamReader's reads)
+        protocol = self._transport.get_protocol()
+        # Bytes come from the protocol itself from the first receive on (a
+        # _Receiver), if it is a StreamProtocol feeding this reader.
+        self._protocol = (
+            protocol if isinstance(protocol, StreamProtocol) and protocol.reader is reader else None
+        )
+        self._receiver: _Receiver[FrameT] | None = None
         self._out = bytearray()
         self._flush_handle: asyncio.Handle | None = None
         # A frame went out at once and no end of turn was seen since: the
@@ -357,12 +379,13 @@ class FramedStream(Closable, Generic[FrameT]):
         For consumers that process frames in bulk: one call instead of one
         ``recv`` per frame. Raises like :meth:`recv`.
         """
-        if not self._frames:
+        frames = self._frames
+        if not frames:
             first = await self._receive()
-            batch = [first, *reversed(self._frames)]
+            batch = [first, *reversed(frames)]
         else:
-            batch = self._frames[::-1]
-        self._frames = []
+            batch = frames[::-1]
+        frames.clear()
         return batch
 
     def __aiter__(self) -> FramedStream[FrameT]:
@@ -380,53 +403,78 @@ class FramedStream(Closable, Generic[FrameT]):
             raise RuntimeError("recv() called while another task is receiving from this stream")
         self._receiving = True
         try:
-            decoder = self._decoder
-            if decoder.pending:
-                # An error held back for the frames before it, or the frames
-                # after a bad one, not parsed yet: no new input is needed.
-                got = decoder.feed(b"")
-                got.reverse()
-                frames = self._frames = got
-            while not frames:
-                if self._eof_received:
-                    decoder.close()
-                    raise end("end of stream")
-                buffered = decoder.buffered
-                missing = decoder.missing() if buffered else 0
-                # Waiting for the peer ends the turn: a frame sent after it
-                # is a lone frame again, written at once.
-                self._wrote_at_once = False
-                try:
-                    if missing and missing + buffered >= _LARGE_REST:
-                        # A large frame: read the rest of it in one piece,
-                        # copied once, as readexactly-per-frame code would.
-                        # Frames after it are then read header, then payload
-                        # (below), so they never pass through the buffer.
-                        self._large_frames = True
-                        return decoder.complete(await self._reader.readexactly(missing))
-                    header = decoder.header_missing() if self._large_frames else 0
-                    if header:
-                        # After a large frame, read just the next header, so
-                        # a large payload after it comes in one piece, uncopied.
-                        data = await self._reader.readexactly(header)
-                    else:
-                        self._large_frames = False
-                        long = buffered >= _LARGE_REST  # a long frame, size unknown
-                        data = await self._reader.read(_LONG_READ_SIZE if long else _READ_SIZE)
-                except asyncio.IncompleteReadError as exc:
-                    data = exc.partial  # the stream ended inside the frame
-                except (ConnectionError, OSError) as exc:
-                    raise ConnectionLost(f"connection lost: {exc!r}") from exc
-                if not data:
-                    self._eof_received = True
-                    continue
-                got = decoder.feed(data)
-                if got:
-                    got.reverse()
-                    frames = self._frames = got
+            receiver = self._receiver
+            if receiver is None and self._protocol is not None:
+                receiver = await self._take_over(self._protocol)
+            if receiver is not None:
+                await receiver.next_frames(end)
+            else:
+                await self._read_frames(end)
             return frames.pop()
         finally:
             self._receiving = False
+
+    async def _take_over(self, protocol: StreamProtocol) -> _Receiver[FrameT]:
+        """Take the connection's bytes from the protocol: the reader's first, then every read."""
+        transport = cast(asyncio.ReadTransport, self._transport)  # it reads, too
+        receiver = _Receiver(self, transport, protocol.receive_buffer, protocol.limit)
+        self._receiver = receiver
+        protocol.attach(receiver)
+        # Nothing is fed to the reader any more: what it still holds comes first.
+        reader = self._reader
+        reader.feed_eof()
+        try:
+            rest = await reader.read()
+        except (ConnectionError, OSError) as exc:
+            receiver.connection_lost(exc)
+        else:
+            if rest:
+                receiver.hold(rest)
+        return receiver
+
+    async def _read_frames(self, end: type[Exception]) -> None:
+        """Read the reader until frames are decoded (a ``StreamReader`` of any protocol)."""
+        frames = self._frames
+        decoder = self._decoder
+        if decoder.pending:
+            # An error held back for the frames before it, or the frames
+            # after a bad one, not parsed yet: no new input is needed.
+            _put(frames, decoder.feed(b""))
+        while not frames:
+            if self._eof_received:
+                decoder.close()
+                raise end("end of stream")
+            buffered = decoder.buffered
+            missing = decoder.missing() if buffered else 0
+            # Waiting for the peer ends the turn: a frame sent after it
+            # is a lone frame again, written at once.
+            self._wrote_at_once = False
+            try:
+                if missing and missing + buffered >= _LARGE_REST:
+                    # A large frame: read the rest of it in one piece,
+                    # copied once, as readexactly-per-frame code would.
+                    # Frames after it are then read header, then payload
+                    # (below), so they never pass through the buffer.
+                    self._large_frames = True
+                    frames.append(decoder.complete(await self._reader.readexactly(missing)))
+                    return
+                header = decoder.header_missing() if self._large_frames else 0
+                if header:
+                    # After a large frame, read just the next header, so
+                    # a large payload after it comes in one piece, uncopied.
+                    data = await self._reader.readexactly(header)
+                else:
+                    self._large_frames = False
+                    long = buffered >= _LARGE_REST  # a long frame, size unknown
+                    data = await self._reader.read(_LONG_READ_SIZE if long else _READ_SIZE)
+            except asyncio.IncompleteReadError as exc:
+                data = exc.partial  # the stream ended inside the frame
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionLost(f"connection lost: {exc!r}") from exc
+            if not data:
+                self._eof_received = True
+                continue
+            _put(frames, decoder.feed(data))
 
     def switch_codec(self, codec: Codec[Any]) -> None:
         """Decode and encode with ``codec`` from now on.
@@ -438,15 +486,15 @@ class FramedStream(Closable, Generic[FrameT]):
         """
         self._flush()
         rest = self._decoder.take_buffered(frames=len(self._frames))
-        self._frames = []
+        if self._receiver is not None:
+            rest += self._receiver.take_undecoded()
+        self._frames.clear()
         self._codec = codec
         self._encode_into = codec.encode_into
         self._encode_parts = _parts_encoder(codec)
         self._decoder = codec.decoder()
         if rest:
-            got = self._decoder.feed(rest)
-            got.reverse()
-            self._frames = got
+            _put(self._frames, self._decoder.feed(rest))
 
     # -- closing ------------------------------------------------------------
 
@@ -524,6 +572,468 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Mark a task's exception as retrieved (a reset while closing is no error)."""
     if not task.cancelled():
         task.exception()
+
+
+#: Each event loop's receive buffer (see StreamProtocol): scratch memory, which
+#: every read leaves before the next one starts, so one serves all connections.
+_loop_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
+    """The receive buffer of ``loop``, made on first use."""
+    buffer = _loop_buffers.get(loop)
+    if buffer is None:
+        buffer = _loop_buffers[loop] = memoryview(bytearray(RECEIVE_BUFFER_SIZE))
+    return buffer
+
+
+class StreamProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """The asyncio protocol under streamkit's connections: every read goes into one reused buffer.
+
+    Why (DESIGN, performance principles): asyncio's stock stream protocol
+    gets each read from the transport as a new ``bytes`` of up to 256 KiB,
+    and the ``StreamReader`` copies it into a ``bytearray`` that grows and
+    shrinks with every read. With glibc's default malloc thresholds that
+    memory goes back to the kernel when freed and is faulted in again by the
+    next reads: about 300 minor page faults per MB received, half of the
+    receiver's CPU at 4 KiB to 64 KiB frames (``benchmarks/bench_streams.py``,
+    faults/MB). This protocol is an ``asyncio.BufferedProtocol``: the
+    transport reads into one buffer that it is handed again every time, so
+    receiving allocates nothing per read and the process's memory stays put.
+    Users need not tune their allocator.
+
+    The ``StreamReader`` shape stays: the bytes go to the connection's
+    reader (a handshake can read it; ``read_frame(reader)`` works) until a
+    :class:`FramedStream` over it starts receiving. From its first receive
+    on, the stream takes the bytes itself (:meth:`attach`): frames are
+    parsed straight out of the buffer, and the rest of a large frame is read
+    straight into memory of its own, rather than through the reader's
+    buffer (two copies and a task wake-up per read fewer: a quarter of the
+    receiver's CPU at 4 KiB frames, and a 1 MiB frame moves at close to the
+    socket's own speed). The reader then reports the end of the stream.
+
+    One buffer can serve many connections (:meth:`factory` shares one among
+    a server's connections), because every read is consumed before the next
+    one starts: the transport calls :meth:`get_buffer`, reads, and calls
+    :meth:`buffer_updated` in one go. TLS works the same way (asyncio's SSL
+    layer decrypts straight into the buffer), as does any event loop whose
+    transports support buffered protocols (uvloop's do).
+
+    ``pause_reading`` / ``resume_reading`` keep their meaning: the reader
+    pauses the transport past twice its ``limit`` as before, and a stream's
+    receiving half past ``limit`` bytes received and not yet decoded.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+        | None = None,
+        *,
+        limit: int,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(reader, client_connected_cb, loop=loop)
+        self._reader = weakref.ref(reader)
+        self._limit = limit
+        #: Where reads go (but a large frame's rest): the event loop's one buffer.
+        self.receive_buffer = _loop_buffer(loop)
+        self._receiver: _Receiver[Any] | None = None
+        self._eof = False  # the end of the input was seen
+        self._lost: tuple[Exception | None] | None = None  # connection_lost's argument
+
+    @classmethod
+    def factory(
+        cls,
+        client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+        *,
+        limit: int,
+    ) -> Callable[[], StreamProtocol]:
+        """A protocol factory for ``loop.create_server``, as ``asyncio.start_server`` makes.
+
+        ``client_connected_cb(reader, writer)`` is called for each
+        connection; every connection's reader has this ``limit``.
+        """
+        loop = asyncio.get_running_loop()
+        _loop_buffer(loop)  # now, not with the first connection
+
+        def make() -> StreamProtocol:
+            reader = asyncio.StreamReader(limit=limit, loop=loop)
+            return cls(reader, client_connected_cb, limit=limit)
+
+        return make
+
+    @classmethod
+    async def open(
+        cls,
+        create_connection: Callable[
+            [Callable[[], StreamProtocol]], Awaitable[tuple[asyncio.BaseTransport, Any]]
+        ],
+        *,
+        limit: int,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connected reader and writer, as ``asyncio.open_connection`` returns.
+
+        ``create_connection(protocol_factory)`` opens the connection, e.g.
+        ``lambda factory: loop.create_connection(factory, host, port)``.
+        """
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = cls(reader, limit=limit)
+        transport, _ = await create_connection(lambda: protocol)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+
+    @property
+    def reader(self) -> asyncio.StreamReader | None:
+        """The reader this protocol feeds (``None`` once it is gone)."""
+        return self._reader()
+
+    @property
+    def limit(self) -> int:
+        """The reader's ``limit``, which also bounds what an attached stream holds."""
+        return self._limit
+
+    def attach(self, receiver: _Receiver[Any]) -> None:
+        """Send every read, and the end of the input, to ``receiver`` from now on.
+
+        The reader gets nothing more; what it holds is the caller's to take.
+        An end of the input or a lost connection seen already is passed on.
+        """
+        self._receiver = receiver
+        if self._eof:
+            receiver.eof_received()
+        if self._lost is not None:
+            receiver.connection_lost(self._lost[0])
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the transport reads next: the receive buffer, or a large frame's own memory."""
+        receiver = self._receiver
+        return self.receive_buffer if receiver is None else receiver.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were read into the buffer :meth:`get_buffer` returned."""
+        receiver = self._receiver
+        if receiver is None:
+            # Any buffer does: the reader copies it into its own.
+            super().data_received(self.receive_buffer[:nbytes])  # type: ignore[arg-type]
+        else:
+            receiver.buffer_updated(nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes read by a transport that does not use :meth:`get_buffer`.
+
+        uvloop's transports, for one, treat a protocol that is both kinds as
+        a plain one (and read into a buffer of their own).
+        """
+        receiver = self._receiver
+        if receiver is None:
+            super().data_received(data)
+        else:
+            receiver.data_received(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.eof_received()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = (exc,)
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.connection_lost(exc)
+        super().connection_lost(exc)
+
+
+class _Receiver(Generic[FrameT]):
+    """A FramedStream's receiving half once it takes its StreamProtocol's reads.
+
+    The protocol calls it, in the event loop's callbacks, with every read
+    (the receive buffer's bytes are valid during the call only). A read is
+    decoded at once while no decoded frame waits to be returned, so the
+    decoder only ever holds the bytes of its last feed's frames (what
+    ``take_buffered(frames=...)`` needs for ``switch_codec``); otherwise it
+    is held, as bytes, and decoded once those frames are taken. Past the
+    reader's ``limit`` of held bytes the transport is paused until they are
+    decoded. With nothing waiting, the rest of a large frame of known size
+    is read straight into memory of its own, allocated as the bytes arrive
+    (never more than twice what came), and completed when the stream takes it.
+
+    Reads are of the whole receive buffer (fewer, larger reads) only while
+    frames are large and none wait; else of :data:`_SMALL_READ` bytes: a
+    held read is then a copy of at most that much, and the frames of one
+    read of tiny frames fit the allocator's free memory (larger bursts of
+    short-lived objects make Python's allocator return its arenas to the
+    kernel and fault them in again).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_completed",
+        "_ended",
+        "_error",
+        "_filled",
+        "_frames",
+        "_header_next",
+        "_held",
+        "_held_bytes",
+        "_large_got",
+        "_large_missing",
+        "_limit",
+        "_lost",
+        "_paused",
+        "_piece",
+        "_pieces",
+        "_small",
+        "_stream",
+        "_transport",
+        "_waiter",
+        "_wide",
+    )
+
+    def __init__(
+        self,
+        stream: FramedStream[FrameT],
+        transport: asyncio.ReadTransport,
+        buffer: memoryview,
+        limit: int,
+    ) -> None:
+        self._stream = stream
+        self._transport = transport
+        self._frames = stream._frames  # filled in place, last first
+        self._buffer = buffer
+        self._small = buffer[:_SMALL_READ]
+        self._wide = False  # the last frames were large: read the whole buffer
+        self._header_next = False  # a large frame was just read: read the next header alone
+        self._limit = limit
+        self._held: list[bytes] = []  # reads not decoded yet, in order
+        self._held_bytes = 0
+        self._error: ProtocolError | None = None  # raised by a feed, for the stream to raise
+        self._ended = False
+        self._lost: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        # A large frame's rest, read into pieces of its own.
+        self._pieces: list[bytearray] = []
+        self._piece: memoryview | None = None  # the piece being filled
+        self._filled = 0  # bytes in it
+        self._large_got = 0
+        self._large_missing = 0
+        self._completed: list[Buffer] | None = None  # the rest, read: complete() it when taken
+
+    # -- called by the protocol, in the event loop's callbacks ----------------------------
+
+    def get_buffer(self) -> memoryview:
+        piece = self._piece
+        if piece is not None:
+            return piece[self._filled :]
+        if self._frames or self._held or self._completed is not None:
+            return self._small  # held: a copy of at most this much
+        if self._header_next:
+            # After a large frame, just the next header: a large payload
+            # after it then comes straight into its own memory, uncopied.
+            header = self._stream._decoder.header_missing()
+            if header:
+                return self._buffer[:header]
+        return self._buffer if self._wide else self._small
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._piece is not None:
+            self._large_updated(nbytes)
+        else:
+            self._received(self._buffer[:nbytes])
+
+    def data_received(self, data: bytes) -> None:
+        view = memoryview(data)
+        while self._piece is not None and view:
+            piece = self.get_buffer()
+            size = min(len(piece), len(view))
+            piece[:size] = view[:size]
+            view = view[size:]
+            self._large_updated(size)
+        if len(view) == len(data):
+            self._received(data)
+        elif view:
+            self._received(view)
+
+    def _received(self, data: Buffer) -> None:
+        """A read (valid during this call only, unless it is bytes)."""
+        self._header_next = False
+        stream = self._stream
+        if (
+            self._frames
+            or self._held
+            or self._completed is not None
+            or self._error is not None
+            or stream._decoder.pending
+        ):
+            self.hold(data if type(data) is bytes else bytes(data))
+            return
+        decoder = stream._decoder
+        try:
+            got = decoder.feed(data)
+        except ProtocolError as exc:
+            self._error = exc
+            self._wake()
+            return
+        if got:
+            self._wide = len(data) >= _LARGE_FRAMES * len(got)
+            _put(self._frames, got)
+            self._wake()
+        else:
+            self._wide = True
+            self._start_large()
+
+    def eof_received(self) -> None:
+        self._give_back_large()
+        self._ended = True
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            if not self._ended:
+                self.eof_received()
+            return
+        self._lost = exc
+        self._wake()
+
+    # -- called by the stream -------------------------------------------------------------
+
+    def hold(self, data: bytes) -> None:
+        """Keep ``data`` to decode after what waits now."""
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > self._limit and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+
+    async def next_frames(self, end: type[Exception]) -> None:
+        """Wait until the stream's frame list (empty) has frames; raise what ends the input."""
+        stream = self._stream
+        frames = self._frames
+        held = self._held
+        while True:
+            decoder = stream._decoder
+            if self._completed is not None:
+                rest, self._completed = self._completed, None
+                frames.append(decoder.complete(rest))
+                return
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if decoder.pending:
+                # An error held back for the frames before it, or the frames
+                # after a bad one, not parsed yet: no new input is needed.
+                _put(frames, decoder.feed(b""))
+            elif held:
+                data = held.pop(0)
+                self._held_bytes -= len(data)
+                if not held and self._paused:
+                    self._paused = False
+                    self._transport.resume_reading()
+                _put(frames, decoder.feed(data))
+            elif self._lost is not None:
+                raise ConnectionLost(f"connection lost: {self._lost!r}") from self._lost
+            elif self._ended:
+                decoder.close()
+                raise end("end of stream")
+            else:
+                self._start_large()
+                # Waiting for the peer ends the turn: a frame sent after it
+                # is a lone frame again, written at once.
+                stream._wrote_at_once = False
+                waiter = self._waiter = stream._loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+            if frames:
+                return
+
+    def take_undecoded(self) -> bytes:
+        """Remove and return the bytes received but not given to the decoder (switch_codec)."""
+        self._give_back_large()
+        parts: list[Buffer] = [*(self._completed or ()), *self._held]
+        self._completed = None
+        rest = b"".join(parts)
+        self._held.clear()
+        self._held_bytes = 0
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+        return rest
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _start_large(self) -> None:
+        """With nothing waiting: read a large frame's rest (size known) into its own memory."""
+        if self._piece is not None or self._held:
+            return
+        decoder = self._stream._decoder
+        buffered = decoder.buffered
+        missing = decoder.missing() if buffered else 0
+        # A smaller rest comes with the next read, joined to what is buffered.
+        if missing >= RECEIVE_BUFFER_SIZE:
+            self._large_missing = missing
+            self._large_got = 0
+            self._new_piece(buffered)
+
+    def _new_piece(self, have: int) -> None:
+        # At most as large as what came of the frame so far (a header alone
+        # never makes us allocate max_frame), and at least one buffer.
+        size = min(self._large_missing - self._large_got, max(RECEIVE_BUFFER_SIZE, have))
+        piece = bytearray(size)
+        self._pieces.append(piece)
+        self._piece = memoryview(piece)
+        self._filled = 0
+
+    def _large_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        self._large_got += nbytes
+        piece = self._piece
+        assert piece is not None
+        if self._filled < len(piece):
+            return
+        if self._large_got < self._large_missing:
+            self._new_piece(self._stream._decoder.buffered + self._large_got)
+            return
+        self._completed = list(self._pieces)
+        self._end_large()
+        self._header_next = True
+        self._wake()
+
+    def _end_large(self) -> None:
+        if self._piece is not None:
+            self._piece.release()
+        self._piece = None
+        self._pieces = []
+
+    def _give_back_large(self) -> None:
+        """End a large frame's read early: what came of it is held, to decode first."""
+        piece = self._piece
+        if piece is None:
+            return
+        came: list[Buffer] = [*self._pieces[:-1], piece[: self._filled]]
+        data = b"".join(came)
+        self._end_large()
+        if data:
+            self._held.insert(0, data)
+            self._held_bytes += len(data)
+
+
+def _put(frames: list[FrameT], got: list[FrameT]) -> None:
+    """Make ``got`` (decoded, in order) the frames to return, in ``frames`` (empty), last first."""
+    if got:
+        got.reverse()
+        frames += got
 
 
 def _parts_encoder(codec: Codec[Any]) -> Callable[[Any], tuple[Buffer, ...]] | None:
