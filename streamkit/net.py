@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from streamkit._lifecycle import Closable, ServerBase
 from streamkit.codecs import Codec
-from streamkit.stream import DEFAULT_CLOSE_TIMEOUT, FramedStream
+from streamkit.stream import DEFAULT_CLOSE_TIMEOUT, FramedStream, StreamProtocol
 
 __all__ = ["Connector", "Server", "connect", "connect_unix", "serve", "serve_unix"]
 
@@ -146,11 +146,22 @@ async def _open(
     stream_options: dict[str, Any],
     kwargs: dict[str, Any],
 ) -> FramedStream[FrameT]:
+    loop = asyncio.get_running_loop()
+    options = dict(kwargs)
+    limit = options.pop("limit")
+    path = endpoint.path
+    # As asyncio.open_connection passes them: the loop's stubs are narrower
+    # than what it takes (a service name is a port too).
+    host: Any = endpoint.host
+    port: Any = endpoint.port
+
+    def create(factory: Callable[[], StreamProtocol]) -> Awaitable[tuple[Any, Any]]:
+        if path is not None:
+            return loop.create_unix_connection(factory, path, **options)
+        return loop.create_connection(factory, host, port, **options)
+
     async with asyncio.timeout(timeout):
-        if endpoint.path is not None:
-            reader, writer = await asyncio.open_unix_connection(endpoint.path, **kwargs)
-        else:
-            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, **kwargs)
+        reader, writer = await StreamProtocol.open(create, limit=limit)
     return FramedStream(reader, writer, codec, **stream_options)
 
 
@@ -548,10 +559,12 @@ def _renamed(kwargs: dict[str, Any], old: str, new: str, value: float | None) ->
 
 async def _listen(server: Server[FrameT], endpoint: Endpoint, kwargs: dict[str, Any]) -> None:
     """Start ``server`` listening on ``endpoint``; ``kwargs`` go to ``asyncio.start_server``."""
+    loop = asyncio.get_running_loop()
+    options = dict(kwargs)
+    factory = StreamProtocol.factory(server._on_connection, limit=options.pop("limit"))
     if endpoint.path is None:
-        server._server = await asyncio.start_server(
-            server._on_connection, endpoint.host, endpoint.port, **kwargs
-        )
+        port: Any = endpoint.port  # as asyncio.start_server passes it (see _open)
+        server._server = await loop.create_server(factory, endpoint.host, port, **options)
         return
     path = endpoint.path
     sock = _bind_unix(path)
@@ -562,7 +575,7 @@ async def _listen(server: Server[FrameT], endpoint: Endpoint, kwargs: dict[str, 
             info = os.stat(path)
             server._unix_path = path
             server._unix_inode = (info.st_dev, info.st_ino)
-        server._server = await asyncio.start_unix_server(server._on_connection, sock=sock, **kwargs)
+        server._server = await loop.create_unix_server(factory, sock=sock, **options)
     except BaseException:
         sock.close()
         server._remove_unix_socket()
