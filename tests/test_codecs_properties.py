@@ -2,7 +2,9 @@
 
 - Round trips: any list of frames, encoded with ``encode``, ``encode_into`` or
   ``encode_many``, decodes to the same list when fed whole, a byte at a time
-  or in any random chunks (``bytes``, ``bytearray`` or ``memoryview``).
+  or in any random chunks (``bytes``, ``bytearray`` or ``memoryview``), also
+  through one reused buffer overwritten after each feed: a decoder keeps no
+  reference to a mutable input.
 - Limits and errors fire the same way at every split: the same frames come out
   before the error and the error is the same (type, message, ``missing``).
   A split inside a length header or a varint is the classic bug.
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import pytest
@@ -161,10 +163,24 @@ def splits_of(draw: st.DrawFn, data: bytes) -> list[Buffer]:
 Draw = Callable[[st.SearchStrategy[Any]], Any]
 
 
-def all_splits(draw: Draw, data: bytes) -> list[list[Buffer]]:
-    """Whole, a byte at a time, and one random split."""
+def through_one_buffer(chunks: Sequence[Buffer]) -> Iterator[memoryview]:
+    """Each chunk as a view of one reused buffer, scribbled over once the decoder is done.
+
+    As a receive buffer is reused for the next read: a decoder that kept a
+    reference to it, rather than a copy, would see the scribble.
+    """
+    buffer = bytearray(max(map(len, chunks), default=0))
+    for chunk in chunks:
+        buffer[: len(chunk)] = chunk
+        with memoryview(buffer) as view:
+            yield view[: len(chunk)]
+        buffer[:] = b"\xee" * len(buffer)
+
+
+def all_splits(draw: Draw, data: bytes) -> list[Iterable[Buffer]]:
+    """Whole, a byte at a time, one random split, and one through a reused buffer."""
     bytewise: list[Buffer] = [data[i : i + 1] for i in range(len(data))]
-    return [[data], bytewise, draw(splits_of(data))]
+    return [[data], bytewise, draw(splits_of(data)), through_one_buffer(draw(splits_of(data)))]
 
 
 def assert_split_invariant(codec: Codec[Any], data: bytes, draw: Draw) -> Outcome:

@@ -134,3 +134,35 @@ def test_switching_keeps_bytes_the_old_codec_failed_to_decode_ahead(payload: byt
     handshake, decoded = switch_after_first(Lines(), binary, [wire])
     assert handshake == "HELLO"
     assert decoded == [payload, b"next"]
+
+
+@FAST
+@given(
+    frames=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(1, 2000), max_size=8),
+    data=st.data(),
+)
+def test_take_buffered_gives_back_exact_bytes_after_feeds_from_a_reused_buffer(
+    frames: list[bytes], cuts: list[int], data: st.DataObject
+) -> None:
+    """LengthPrefixed keeps only the partial frame of such input, and rebuilds the rest."""
+    codec = LengthPrefixed()
+    wire = codec.encode_many(frames)
+    chunks = split(wire, cuts)
+    stop = data.draw(st.integers(1, len(chunks)))
+    buffer = bytearray(len(wire))
+    decoder = codec.decoder()
+    decoded: list[bytes] = []
+    last: list[bytes] = []
+    for chunk in chunks[:stop]:
+        buffer[: len(chunk)] = chunk
+        with memoryview(buffer) as view:
+            last = decoder.feed(view[: len(chunk)])
+        buffer[:] = bytes(len(buffer))  # reused for the next read
+        decoded += last
+    fed = sum(map(len, chunks[:stop]))
+    back = data.draw(st.integers(0, len(last)))
+    rest = decoder.take_buffered(frames=back)
+    start = len(codec.encode_many(decoded[: len(decoded) - back]))
+    assert rest == wire[start:fed]
+    assert decoder.buffered == 0

@@ -27,7 +27,8 @@ from streamkit import (
 )
 from streamkit.codecs import Codec
 from streamkit.codecs.varint import encode_varint
-from tests._pairs import HAS_IPV6, stream_pair
+from tests import _pairs
+from tests._pairs import HAS_IPV6, listen_and_connect, stream_pair
 
 WHERE = [
     "tcp",
@@ -41,6 +42,13 @@ CASES: list[tuple[Codec[Any], list[Any]]] = [
     (Lines(), ["hello", "", "wörld"]),
     (JsonLines(), [{"a": [1, 2]}, None, "text", 3.5, [{"nested": "é"}]]),
 ]
+
+
+@pytest.fixture(autouse=True, params=["streamkit", "asyncio"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs over both ways of reading (see tests/_pairs.py)."""
+    monkeypatch.setattr(_pairs, "READING", request.param)
+    return str(request.param)
 
 
 def record_writes(stream: FramedStream[Any]) -> tuple[list[int], list[int]]:
@@ -368,19 +376,19 @@ async def small_buffer_pair(
         asyncio.get_running_loop().create_future()
     )
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.set_result((reader, writer))
 
-    server = await asyncio.start_server(on_connection, sock=listener, limit=limit)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kernel_buffer)
     sock.setblocking(False)
     try:
-        await asyncio.get_running_loop().sock_connect(sock, listener.getsockname())
+        server, (reader, writer) = await listen_and_connect(
+            listener, on_connection, limit, client_sock=sock
+        )
     except BaseException:
         sock.close()
         raise
-    reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
     client = FramedStream(reader, writer, codec, **options)
     served = FramedStream(*await accepted, codec, **options)
     try:

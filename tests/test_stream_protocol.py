@@ -1,0 +1,358 @@
+"""StreamProtocol: reads into one reused buffer, and a FramedStream taking them from it.
+
+Real loopback sockets throughout (TLS with a trustme certificate). The
+frame-level behaviour of FramedStream over StreamProtocol is tested in
+test_stream.py, which runs every test over both ways of reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+import trustme
+
+from streamkit import (
+    ConnectionLost,
+    Delimited,
+    EndOfStream,
+    FramedStream,
+    IncompleteFrame,
+    LengthPrefixed,
+    connect,
+    serve,
+)
+from streamkit.stream import RECEIVE_BUFFER_SIZE, StreamProtocol
+from tests._handlers import echo
+from tests._pairs import stream_pair
+
+HEADER = struct.Struct(">I")
+
+
+def framed(*payloads: bytes) -> bytes:
+    return b"".join(HEADER.pack(len(payload)) + payload for payload in payloads)
+
+
+def protocol_of(stream: FramedStream[Any]) -> StreamProtocol:
+    protocol = stream.writer.transport.get_protocol()
+    assert isinstance(protocol, StreamProtocol)
+    return protocol
+
+
+def watch_reads(stream: FramedStream[Any]) -> list[tuple[int, bool]]:
+    """Record each buffer the transport reads into: its size, and whether it is the loop's."""
+    protocol = protocol_of(stream)
+    shared = protocol.receive_buffer.obj
+    reads: list[tuple[int, bool]] = []
+    real_get_buffer = protocol.get_buffer
+
+    def watched(sizehint: int) -> memoryview:
+        buffer = real_get_buffer(sizehint)
+        reads.append((len(buffer), buffer.obj is shared))
+        return buffer
+
+    protocol.get_buffer = watched  # type: ignore[method-assign]
+    return reads
+
+
+# -- the reader first, then the stream ---------------------------------------------------
+
+
+async def test_bytes_before_the_first_recv_are_the_readers_then_every_byte_is_the_streams() -> None:
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        # A handshake and frames after it, in one segment: the handshake is read
+        # from the reader, the frames behind it (in the reader's buffer) by recv.
+        server.writer.write(b"HELLO\r\n" + framed(b"one", b"two"))
+        assert await client.reader.readuntil(b"\r\n") == b"HELLO\r\n"
+        assert await client.recv() == b"one"
+        assert await client.recv() == b"two"
+        await server.send(b"three")
+        assert await client.recv() == b"three"
+        # From the first recv on the stream reads the connection; the reader has ended.
+        assert client.reader.at_eof()
+        assert await client.reader.read() == b""
+
+
+async def test_frames_and_the_end_that_came_before_the_first_recv_are_all_received() -> None:
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        await server.send_many([b"a", b"b" * 100_000, b"c"])
+        server.write_eof()
+        await asyncio.sleep(0.05)  # the end arrives before the client ever receives
+        assert [frame async for frame in client] == [b"a", b"b" * 100_000, b"c"]
+        with pytest.raises(EndOfStream):
+            await client.recv()
+
+
+async def test_a_reset_before_the_first_recv_is_connection_lost() -> None:
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        sock = server.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server.abort()  # RST
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConnectionLost) as info:
+            await client.recv()
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+async def test_every_connection_of_a_loop_reads_into_one_buffer() -> None:
+    async with (
+        stream_pair(LengthPrefixed()) as (client, server),
+        stream_pair(LengthPrefixed()) as (other, other_server),
+    ):
+        buffers = {id(protocol_of(stream).receive_buffer) for stream in (client, other, server)}
+        assert len(buffers) == 1
+        assert len(protocol_of(client).receive_buffer) == RECEIVE_BUFFER_SIZE
+        # Interleaved traffic on both: each stream gets its own bytes.
+        for n in range(50):
+            await server.send(b"server %d" % n)
+            await other_server.send(b"other %d" % n)
+        assert [await client.recv() for _ in range(50)] == [b"server %d" % n for n in range(50)]
+        assert [await other.recv() for _ in range(50)] == [b"other %d" % n for n in range(50)]
+
+
+# -- large frames ------------------------------------------------------------------------
+
+
+async def test_a_frame_larger_than_the_buffer_is_read_into_memory_of_its_own() -> None:
+    big = bytes(range(256)) * (3 * RECEIVE_BUFFER_SIZE // 256)
+    async with stream_pair(LengthPrefixed(max_frame=len(big))) as (client, server):
+        await server.send(b"first")
+        assert await client.recv() == b"first"
+        reads = watch_reads(client)
+        sending = asyncio.create_task(server.send_many([big, b"between", big, b"after"]))
+        assert [await client.recv() for _ in range(4)] == [big, b"between", big, b"after"]
+        await sending
+    own = [size for size, shared in reads if not shared]
+    # Most of each large frame went straight to its own memory, not the shared buffer.
+    assert sum(own) >= 2 * (len(big) - RECEIVE_BUFFER_SIZE)
+    # Memory is allocated as the bytes come: no piece larger than what came before it.
+    assert max(own) <= len(big) // 2 + RECEIVE_BUFFER_SIZE
+
+
+async def test_a_header_alone_allocates_nothing_near_max_frame() -> None:
+    max_frame = 64 * 1024 * 1024
+    async with stream_pair(LengthPrefixed(max_frame=max_frame)) as (client, server):
+        await server.send(b"first")
+        assert await client.recv() == b"first"
+        reads = watch_reads(client)
+        server.writer.write(HEADER.pack(max_frame) + b"x" * 10)
+        receiving = asyncio.create_task(client.recv())
+        await asyncio.sleep(0.1)
+        assert not receiving.done()
+        assert max(size for size, _ in reads) <= RECEIVE_BUFFER_SIZE  # not 64 MiB
+        server.writer.close()
+        with pytest.raises(IncompleteFrame) as info:
+            await receiving
+        assert info.value.missing == max_frame - 10
+
+
+async def test_a_large_frame_cut_short_reports_the_bytes_that_came() -> None:
+    big = b"z" * (2 * RECEIVE_BUFFER_SIZE + 12345)
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        await server.send(b"first")
+        assert await client.recv() == b"first"
+        server.writer.write(HEADER.pack(len(big)) + big[: RECEIVE_BUFFER_SIZE + 7])
+        await asyncio.sleep(0.05)  # the rest is being read into its own memory
+        server.writer.close()
+        with pytest.raises(IncompleteFrame, match=f"got {RECEIVE_BUFFER_SIZE + 7} of") as info:
+            await client.recv()
+        assert info.value.missing == len(big) - RECEIVE_BUFFER_SIZE - 7
+
+
+# -- switching codecs with bytes in every state -------------------------------------------
+
+
+@pytest.mark.parametrize("size", [10, 600, 5000])
+async def test_switch_codec_hands_over_frames_decoded_ahead_and_reads_held(size: int) -> None:
+    frames = [b"%06d" % n * (size // 6) for n in range(3000)]  # many reads
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        sending = asyncio.create_task(server.send_many(frames))
+        assert await client.recv() == frames[0]  # the rest of its read waits, decoded
+        await asyncio.sleep(0.1)  # more reads arrive, held, while nothing is taken
+        client.switch_codec(LengthPrefixed())
+        assert [await client.recv() for _ in frames[1:]] == frames[1:]
+        await sending
+
+
+async def test_switch_codec_from_lines_to_binary_mid_read() -> None:
+    frames = [b"%06d" % n * 100 for n in range(2000)]  # 1.2 MB, many reads
+    async with stream_pair(
+        Delimited(b"\n", max_frame=4 * 1024 * 1024), server_codec=LengthPrefixed()
+    ) as (client, server):
+        server.writer.write(b"switch\n")
+        sending = asyncio.create_task(server.send_many(frames))
+        assert await client.recv() == b"switch"
+        await asyncio.sleep(0.1)  # the binary frames are read as one unfinished line
+        client.switch_codec(LengthPrefixed())
+        assert [await client.recv() for _ in frames] == frames
+        await sending
+
+
+async def test_switch_codec_during_a_large_frames_read_hands_over_its_bytes() -> None:
+    async with stream_pair(LengthPrefixed(max_frame=8 * 1024 * 1024)) as (client, server):
+        await server.send(b"first")
+        assert await client.recv() == b"first"
+        raw = HEADER.pack(4 * 1024 * 1024) + b"r" * (RECEIVE_BUFFER_SIZE * 2)
+        server.writer.write(raw)  # a large frame, begun and not finished
+        await asyncio.sleep(0.1)
+        client.switch_codec(Delimited(b"\n", max_frame=8 * 1024 * 1024))
+        server.writer.write(b"\n")
+        assert await client.recv() == raw
+
+
+async def test_switch_codec_with_a_large_frame_read_but_not_taken_hands_it_back_whole() -> None:
+    big = bytes(range(256)) * (4 * RECEIVE_BUFFER_SIZE // 256)
+    async with stream_pair(LengthPrefixed(max_frame=len(big))) as (client, server):
+        await server.send(b"first")
+        assert await client.recv() == b"first"
+        await server.send_many([big, b"after"])
+        await asyncio.sleep(0.1)  # read whole, while nobody takes it
+        client.switch_codec(LengthPrefixed(max_frame=len(big)))
+        assert [await client.recv(), await client.recv()] == [big, b"after"]
+
+
+# -- TLS, other loops, memory -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+async def test_tls_large_and_small_frames(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, client_context = contexts
+    big = bytes(range(256)) * (3 * RECEIVE_BUFFER_SIZE // 256)
+    codec = LengthPrefixed(max_frame=len(big))
+    async with (
+        serve(echo, "127.0.0.1", 0, codec=codec, ssl=server_context) as server,
+        connect("127.0.0.1", server.port, codec=codec, ssl=client_context, timeout=10) as stream,
+    ):
+        await stream.send(b"first")
+        assert await stream.recv() == b"first"
+        frames = [big, *(b"%d" % n for n in range(500)), big]
+        sending = asyncio.create_task(stream.send_many(frames))
+        assert [await stream.recv() for _ in frames] == frames
+        await sending
+
+
+async def test_on_uvloop_too() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> None:
+        big = b"u" * (2 * RECEIVE_BUFFER_SIZE)
+        async with stream_pair(LengthPrefixed()) as (client, server):
+            server.writer.write(b"HI")
+            assert await client.reader.readexactly(2) == b"HI"
+            frames = [b"x", big, b"y" * 5000, big, b""]
+            sending = asyncio.create_task(server.send_many(frames * 20))
+            assert [await client.recv() for _ in range(100)] == frames * 20
+            await sending
+
+    # Its own loop, in a thread: the test's loop is asyncio's.
+    failure: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            uvloop.run(run())
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    await asyncio.get_running_loop().run_in_executor(None, thread.join)
+    if failure:
+        raise failure[0]
+
+
+#: Receives 48 MB of frames of ``SIZE`` bytes from a blocking thread, through
+#: StreamProtocol, and prints its minor page faults per MB (after a warm-up).
+_FAULTS_SCRIPT = """
+import asyncio, resource, socket, struct, sys, threading
+from streamkit import EndOfStream, FramedStream, LengthPrefixed
+from streamkit.stream import StreamProtocol
+
+SIZE = int(sys.argv[1])
+FRAME = struct.pack(">I", SIZE) + b"f" * SIZE
+CHUNK = FRAME * (256 * 1024 // len(FRAME))
+TOTAL = 56 * 1024 * 1024
+
+async def main():
+    listener = socket.create_server(("127.0.0.1", 0))
+    def feed():
+        connection, _ = listener.accept()
+        with connection:
+            for _ in range(TOTAL // len(CHUNK)):
+                connection.sendall(CHUNK)
+    thread = threading.Thread(target=feed)
+    thread.start()
+    sock = socket.socket()
+    # Reads shorter than asyncio's 256 KiB, as when a receiver keeps up.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, listener.getsockname())
+    reader, writer = await StreamProtocol.open(
+        lambda protocol: loop.create_connection(protocol, sock=sock), limit=256 * 1024
+    )
+    stream = FramedStream(reader, writer, LengthPrefixed())
+    for _ in range(8 * 1024 * 1024 // len(FRAME)):  # the heap grows once
+        await stream.recv()
+    received = 0
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    try:
+        while True:
+            received += len(await stream.recv_batch())
+    except EndOfStream:
+        pass
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    stream.close()
+    await stream.wait_closed()
+    await loop.run_in_executor(None, thread.join)
+    listener.close()
+    print(received * SIZE / 1e6, faults)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+    reason="counts minor page faults under glibc's default malloc",
+)
+@pytest.mark.parametrize("size", [4096, 65536])
+def test_receiving_faults_no_memory_in_per_read(size: int) -> None:
+    """glibc hands freed memory back to the kernel: a fresh allocation per read faults it in.
+
+    Measured in a fresh process (what a process freed before decides
+    glibc's thresholds), with glibc's defaults. The stock protocol's reads,
+    a new bytes of up to 256 KiB and a StreamReader bytearray growing and
+    shrinking, cost 250 to 400 minor faults per MB there.
+    """
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT, str(size)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+        check=True,
+    )
+    megabytes, faults = map(float, result.stdout.split())
+    assert megabytes > 40
+    assert faults / megabytes < 20, f"{faults / megabytes:.0f} minor page faults per MB"
