@@ -763,11 +763,13 @@ class _Receiver(Generic[FrameT]):
     (never more than twice what came), and completed when the stream takes it.
 
     Reads are of the whole receive buffer (fewer, larger reads) only while
-    frames are large and none wait; else of :data:`_SMALL_READ` bytes: a
-    held read is then a copy of at most that much, and the frames of one
-    read of tiny frames fit the allocator's free memory (larger bursts of
-    short-lived objects make Python's allocator return its arenas to the
-    kernel and fault them in again).
+    frames are large, none wait and the decoder parses the buffer in place
+    (``Decoder.in_place``); else of :data:`_SMALL_READ` bytes. So no read
+    is copied whole in more than that much memory (held, or by a decoder
+    that copies its input), and the frames of one read of tiny frames fit
+    the allocator's free memory: larger allocations and bursts of
+    short-lived objects go back to the kernel when freed and are faulted in
+    again (glibc's malloc, Python's arenas).
     """
 
     __slots__ = (
@@ -879,12 +881,13 @@ class _Receiver(Generic[FrameT]):
             self._error = exc
             self._wake()
             return
+        # Wide reads only where they cost no copy of the read (see _Receiver).
         if got:
-            self._wide = len(data) >= _LARGE_FRAMES * len(got)
+            self._wide = decoder.in_place and len(data) >= _LARGE_FRAMES * len(got)
             _put(self._frames, got)
             self._wake()
         else:
-            self._wide = True
+            self._wide = decoder.in_place
             self._start_large()
 
     def eof_received(self) -> None:

@@ -217,6 +217,16 @@ class Decoder(Generic[FrameT]):
         raise NotImplementedError
 
     @property
+    def in_place(self) -> bool:
+        """Whether ``feed`` parses a ``bytearray`` or ``memoryview`` where it is.
+
+        True when it copies only the frames and the partial frame it keeps,
+        not the whole input first: a caller reading into one reused buffer
+        can then make it large without a large copy per read.
+        """
+        return False
+
+    @property
     def buffered(self) -> int:
         """How many bytes are buffered that do not yet form a frame."""
         return len(self._buf) - self._pos

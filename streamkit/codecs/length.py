@@ -306,6 +306,10 @@ class LengthPrefixedDecoder(Decoder[bytes]):
         self._returned = tuple(frames)
         return frames
 
+    @property
+    def in_place(self) -> bool:
+        return self._plain
+
     def take_buffered(self, frames: int = 0) -> bytes:
         returned = self._returned
         if returned is None or self._error is not None:
