@@ -983,8 +983,9 @@ class _Receiver(Generic[FrameT]):
         decoder = self._stream._decoder
         buffered = decoder.buffered
         missing = decoder.missing() if buffered else 0
-        # A smaller rest comes with the next read, joined to what is buffered.
-        if missing >= RECEIVE_BUFFER_SIZE:
+        # A smaller rest comes with the next read, joined to what is buffered,
+        # unless the decoder would copy that read whole (not in place).
+        if missing >= (RECEIVE_BUFFER_SIZE if decoder.in_place else _LARGE_REST):
             self._large_missing = missing
             self._large_got = 0
             self._new_piece(buffered)
