@@ -849,17 +849,25 @@ class _Receiver(Generic[FrameT]):
             self._received(self._buffer[:nbytes])
 
     def data_received(self, data: bytes) -> None:
+        """A read the transport made into memory of its own (see StreamProtocol.data_received).
+
+        Taken in copies of at most _SMALL_READ bytes, so that read (up to 256
+        KiB on uvloop) is freed at once, before frames are made out of it:
+        decoded whole, it made glibc give memory back to the kernel and fault
+        it in again (190 faults per MB at 4 KiB frames on uvloop). A large
+        frame's rest goes into its own memory, as read into it.
+        """
         view = memoryview(data)
-        while self._piece is not None and view:
-            piece = self.get_buffer()
-            size = min(len(piece), len(view))
-            piece[:size] = view[:size]
-            view = view[size:]
-            self._large_updated(size)
-        if len(view) == len(data):
-            self._received(data)
-        elif view:
-            self._received(view)
+        while view:
+            if self._piece is not None:
+                piece = self.get_buffer()
+                size = min(len(piece), len(view))
+                piece[:size] = view[:size]
+                view = view[size:]
+                self._large_updated(size)
+            else:
+                chunk, view = view[:_SMALL_READ], view[_SMALL_READ:]
+                self._received(chunk.tobytes())
 
     def _received(self, data: Buffer) -> None:
         """A read (valid during this call only, unless it is bytes)."""

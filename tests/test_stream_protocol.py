@@ -255,21 +255,30 @@ async def test_on_uvloop_too() -> None:
     uvloop = pytest.importorskip("uvloop")
 
     async def run() -> None:
-        big = b"u" * (2 * RECEIVE_BUFFER_SIZE)
-        async with stream_pair(LengthPrefixed()) as (client, server):
+        big = bytes(range(256)) * (4 * RECEIVE_BUFFER_SIZE // 256)
+        async with stream_pair(LengthPrefixed(), limit=256 * 1024) as (client, server):
             server.writer.write(b"HI")
             assert await client.reader.readexactly(2) == b"HI"
-            frames = [b"x", big, b"y" * 5000, big, b""]
-            sending = asyncio.create_task(server.send_many(frames * 20))
-            assert [await client.recv() for _ in range(100)] == frames * 20
+            for _ in range(5):  # a read that begins with a large frame's header
+                sending = asyncio.create_task(server.send(big))
+                assert await client.recv() == big
+                await sending
+            frames = [b"x", big, b"y" * 5000, big, b""] * 10
+            sending = asyncio.create_task(server.send_many(frames))
+            await asyncio.sleep(0.05)  # uvloop's reads are then full: frames begin inside them
+            assert [await client.recv() for _ in frames] == frames
             await sending
 
     # Its own loop, in a thread: the test's loop is asyncio's.
     failure: list[BaseException] = []
 
+    async def within_a_time_limit() -> None:
+        async with asyncio.timeout(20):
+            await run()
+
     def in_thread() -> None:
         try:
-            uvloop.run(run())
+            uvloop.run(within_a_time_limit())
         except BaseException as exc:  # reported below
             failure.append(exc)
 
