@@ -476,6 +476,25 @@ class FramedStream(Closable, Generic[FrameT]):
                 continue
             _put(frames, decoder.feed(data))
 
+    async def recv_data(self) -> bytes:
+        """Return the bytes received next, unframed: at least one byte, waiting for it.
+
+        For a layer that parses the connection's bytes itself (a sans-IO
+        core's ``receive_data``): the first call hands over every byte
+        received and not yet returned as a frame, as ``switch_codec`` does;
+        from then on the input is not decoded, and each call returns what
+        arrived since the last (``recv`` would return it in pieces).
+        Sending keeps the codec. Returns ``b""`` at the end of the stream;
+        raises :class:`ConnectionLost` if the connection breaks.
+        """
+        if not isinstance(self._decoder, _Unframed):
+            self._switch_decoder(_Unframed())
+        try:
+            chunks = cast(list[bytes], await self.recv_batch())  # _Unframed's
+        except EndOfStream:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def switch_codec(self, codec: Codec[Any]) -> None:
         """Decode and encode with ``codec`` from now on.
 
@@ -485,16 +504,20 @@ class FramedStream(Closable, Generic[FrameT]):
         passed to ``send`` keep the old framing.
         """
         self._flush()
+        self._codec = codec
+        self._encode_into = codec.encode_into
+        self._encode_parts = _parts_encoder(codec)
+        self._switch_decoder(codec.decoder())
+
+    def _switch_decoder(self, decoder: Decoder[Any]) -> None:
+        """Decode with ``decoder`` from now on, first what the old one had not returned."""
         rest = self._decoder.take_buffered(frames=len(self._frames))
         if self._receiver is not None:
             rest += self._receiver.take_undecoded()
         self._frames.clear()
-        self._codec = codec
-        self._encode_into = codec.encode_into
-        self._encode_parts = _parts_encoder(codec)
-        self._decoder = codec.decoder()
+        self._decoder = decoder
         if rest:
-            _put(self._frames, self._decoder.feed(rest))
+            _put(self._frames, decoder.feed(rest))
 
     # -- closing ------------------------------------------------------------
 
@@ -1039,6 +1062,23 @@ class _Receiver(Generic[FrameT]):
         if data:
             self._held.insert(0, data)
             self._held_bytes += len(data)
+
+
+class _Unframed(Decoder[bytes]):
+    """No framing: each input comes out whole, as it came (``FramedStream.recv_data``)."""
+
+    __slots__ = ()
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """Return ``data`` as one frame (a copy, when it is not ``bytes``)."""
+        if not data:
+            return []
+        chunk = data if type(data) is bytes else bytes(data)
+        self._buf, self._pos = chunk, len(chunk)  # for take_buffered(frames=1)
+        return [chunk]
+
+    def _fresh(self) -> _Unframed:
+        return _Unframed()
 
 
 def _put(frames: list[FrameT], got: list[FrameT]) -> None:

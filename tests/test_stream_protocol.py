@@ -365,3 +365,30 @@ def test_receiving_faults_no_memory_in_per_read(size: int) -> None:
     megabytes, faults = map(float, result.stdout.split())
     assert megabytes > 40
     assert faults / megabytes < 20, f"{faults / megabytes:.0f} minor page faults per MB"
+
+
+# -- unframed bytes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+async def test_recv_data_hands_over_every_byte_not_yet_returned_then_reads_unframed(
+    reading: str,
+) -> None:
+    async with stream_pair(LengthPrefixed(), reading=reading) as (client, server):
+        server.writer.write(framed(b"hello", b"ahead") + b"raw bytes")
+        assert await client.recv() == b"hello"
+        data = b""
+        while len(data) < len(framed(b"ahead") + b"raw bytes"):
+            data += await client.recv_data()
+        assert data == framed(b"ahead") + b"raw bytes"  # the frame decoded ahead, as bytes
+        big = bytes(range(256)) * 4096
+        server.writer.write(big)
+        got = b""
+        while len(got) < len(big):
+            got += await client.recv_data()
+        assert got == big
+        await client.send(b"framed still")  # sending keeps the codec
+        assert await server.recv() == b"framed still"
+        server.writer.write_eof()
+        assert await client.recv_data() == b""
+        assert await client.recv_data() == b""
