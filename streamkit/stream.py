@@ -149,7 +149,13 @@ class FramedStream(Closable, Generic[FrameT]):
 
     @property
     def reader(self) -> asyncio.StreamReader:
-        """The underlying ``StreamReader`` (bytes still buffered in the decoder are not in it)."""
+        """The underlying ``StreamReader``: a handshake may read it before the first ``recv``.
+
+        Bytes the decoder holds are not in it. Over a :class:`StreamProtocol`
+        (every stream ``streamkit.net`` makes) the stream reads the
+        connection itself from its first receive on, and the reader is then
+        at its end.
+        """
         return self._reader
 
     @property
