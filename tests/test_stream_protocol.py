@@ -11,7 +11,6 @@ import asyncio
 import os
 import platform
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import threading
 from typing import Any
 
 import pytest
-import trustme
 
 from streamkit import (
     ConnectionLost,
@@ -28,11 +26,8 @@ from streamkit import (
     FramedStream,
     IncompleteFrame,
     LengthPrefixed,
-    connect,
-    serve,
 )
 from streamkit.stream import RECEIVE_BUFFER_SIZE, StreamProtocol
-from tests._handlers import echo
 from tests._pairs import stream_pair
 
 HEADER = struct.Struct(">I")
@@ -220,35 +215,7 @@ async def test_switch_codec_with_a_large_frame_read_but_not_taken_hands_it_back_
         assert [await client.recv(), await client.recv()] == [big, b"after"]
 
 
-# -- TLS, other loops, memory -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return server_context, client_context
-
-
-async def test_tls_large_and_small_frames(
-    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-) -> None:
-    server_context, client_context = contexts
-    big = bytes(range(256)) * (3 * RECEIVE_BUFFER_SIZE // 256)
-    codec = LengthPrefixed(max_frame=len(big))
-    async with (
-        serve(echo, "127.0.0.1", 0, codec=codec, ssl=server_context) as server,
-        connect("127.0.0.1", server.port, codec=codec, ssl=client_context, timeout=10) as stream,
-    ):
-        await stream.send(b"first")
-        assert await stream.recv() == b"first"
-        frames = [big, *(b"%d" % n for n in range(500)), big]
-        sending = asyncio.create_task(stream.send_many(frames))
-        assert [await stream.recv() for _ in frames] == frames
-        await sending
+# -- other loops, memory -------------------------------------------------------------
 
 
 async def test_on_uvloop_too() -> None:

@@ -26,6 +26,7 @@ from streamkit import (
 from streamkit.session import connect_resumable, serve_resumable
 from streamkit.session.client import connect_resumable_unix
 from streamkit.session.server import serve_resumable_unix
+from streamkit.stream import RECEIVE_BUFFER_SIZE
 from streamkit.testing import FaultProxy
 from tests._handlers import echo, echo_session
 
@@ -68,6 +69,22 @@ async def test_tls_round_trip_over_tcp(
         assert ssl_object.version().startswith("TLS")
         assert ssl_object.server_hostname == "127.0.0.1"
         assert stream.get_extra_info("peercert")["subjectAltName"]
+
+
+async def test_tls_large_frames_come_into_their_own_memory_small_ones_from_the_buffer(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """asyncio's SSL layer decrypts into what StreamProtocol hands it, whichever it is."""
+    big = bytes(range(256)) * (3 * RECEIVE_BUFFER_SIZE // 256)
+    codec = LengthPrefixed(max_frame=len(big))
+    async with (
+        serve(echo, "127.0.0.1", 0, codec=codec, ssl=server_context) as server,
+        connect("127.0.0.1", server.port, codec=codec, ssl=client_context, timeout=10) as stream,
+    ):
+        frames = [big, *(b"%d" % n for n in range(500)), big, b"", big]
+        sending = asyncio.create_task(stream.send_many(frames))
+        assert [await stream.recv() for _ in frames] == frames
+        await sending
 
 
 async def test_tls_over_a_unix_socket(
