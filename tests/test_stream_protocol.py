@@ -1,6 +1,6 @@
 """StreamProtocol: reads into one reused buffer, and a FramedStream taking them from it.
 
-Real loopback sockets throughout (TLS with a trustme certificate). The
+Real loopback sockets throughout (TLS: test_tls.py). The
 frame-level behaviour of FramedStream over StreamProtocol is tested in
 test_stream.py, which runs every test over both ways of reading.
 """
