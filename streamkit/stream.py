@@ -622,16 +622,16 @@ class StreamProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
     """The asyncio protocol under streamkit's connections: every read goes into one reused buffer.
 
     Why (DESIGN, performance principles): asyncio's stock stream protocol
-    gets each read from the transport as a new ``bytes`` of up to 256 KiB,
-    and the ``StreamReader`` copies it into a ``bytearray`` that grows and
-    shrinks with every read. With glibc's default malloc thresholds that
-    memory goes back to the kernel when freed and is faulted in again by the
-    next reads: about 300 minor page faults per MB received, half of the
-    receiver's CPU at 4 KiB to 64 KiB frames (``benchmarks/bench_streams.py``,
-    faults/MB). This protocol is an ``asyncio.BufferedProtocol``: the
-    transport reads into one buffer that it is handed again every time, so
-    receiving allocates nothing per read and the process's memory stays put.
-    Users need not tune their allocator.
+    gets each read from the transport as a new ``bytes`` of up to 256 KiB
+    (over TLS, one per decrypted read), and the ``StreamReader`` copies it
+    into a ``bytearray`` that grows and shrinks with every read. With glibc's
+    default malloc thresholds that memory goes back to the kernel when freed
+    and is faulted in again by the next reads: 250 to 400 minor page faults
+    per MB received (600 over TLS), half of the receiver's CPU at 4 KiB to
+    64 KiB frames (``benchmarks/bench_streams.py``, faults/MB). This protocol
+    is an ``asyncio.BufferedProtocol``: the transport reads into one buffer
+    handed to it every time, so receiving allocates nothing per read and the
+    process's memory stays put. Users need not tune their allocator.
 
     The ``StreamReader`` shape stays: the bytes go to the connection's
     reader (a handshake can read it; ``read_frame(reader)`` works) until a
@@ -639,16 +639,18 @@ class StreamProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
     on, the stream takes the bytes itself (:meth:`attach`): frames are
     parsed straight out of the buffer, and the rest of a large frame is read
     straight into memory of its own, rather than through the reader's
-    buffer (two copies and a task wake-up per read fewer: a quarter of the
-    receiver's CPU at 4 KiB frames, and a 1 MiB frame moves at close to the
-    socket's own speed). The reader then reports the end of the stream.
+    buffer: two copies and a task wake-up per read fewer (at 4 KiB frames,
+    through the reader with the reused buffer the receiver took 800 us of
+    CPU per MB, taking the reads itself 550), and a 1 MiB frame costs its
+    own copy and little more. The reader then reports the end of the stream.
 
-    One buffer can serve many connections (:meth:`factory` shares one among
-    a server's connections), because every read is consumed before the next
-    one starts: the transport calls :meth:`get_buffer`, reads, and calls
-    :meth:`buffer_updated` in one go. TLS works the same way (asyncio's SSL
-    layer decrypts straight into the buffer), as does any event loop whose
-    transports support buffered protocols (uvloop's do).
+    One buffer serves every connection of an event loop, because every
+    read is consumed before the next one starts: the transport calls
+    :meth:`get_buffer`, reads, and calls :meth:`buffer_updated` in one go.
+    TLS works the same way (asyncio's SSL layer decrypts straight into the
+    buffer). A transport that reads into its own memory instead (uvloop's,
+    for a protocol that is both kinds) calls :meth:`data_received`, and the
+    bytes take the same path from there.
 
     ``pause_reading`` / ``resume_reading`` keep their meaning: the reader
     pauses the transport past twice its ``limit`` as before, and a stream's
