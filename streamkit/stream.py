@@ -863,7 +863,7 @@ class _Receiver(Generic[FrameT]):
         piece = self._piece
         if piece is not None:
             return piece[self._filled :]
-        if self._frames or self._held or self._completed is not None:
+        if self._waiting():
             return self._small  # held: a copy of at most this much
         if self._header_next:
             # After a large frame, just the next header: a large payload
@@ -903,17 +903,10 @@ class _Receiver(Generic[FrameT]):
     def _received(self, data: Buffer) -> None:
         """A read (valid during this call only, unless it is bytes)."""
         self._header_next = False
-        stream = self._stream
-        if (
-            self._frames
-            or self._held
-            or self._completed is not None
-            or self._error is not None
-            or stream._decoder.pending
-        ):
+        if self._waiting():
             self.hold(data if type(data) is bytes else bytes(data))
             return
-        decoder = stream._decoder
+        decoder = self._stream._decoder
         try:
             got = decoder.feed(data)
         except ProtocolError as exc:
@@ -1009,6 +1002,16 @@ class _Receiver(Generic[FrameT]):
         return rest
 
     # -- inside ---------------------------------------------------------------------------
+
+    def _waiting(self) -> bool:
+        """Whether something received waits to be taken: a new read is then held."""
+        return bool(
+            self._frames
+            or self._held
+            or self._completed is not None
+            or self._error is not None
+            or self._stream._decoder.pending
+        )
 
     def _wake(self) -> None:
         waiter = self._waiter
