@@ -241,7 +241,13 @@ class LengthPrefixedDecoder(Decoder[bytes]):
 
     def feed(self, data: Buffer) -> list[bytes]:
         """Buffer ``data`` and return the frames it completes, in order."""
-        if self._plain and self._error is None and data:
+        # (A frame still incomplete after data is left to the general path.)
+        if (
+            self._plain
+            and self._error is None
+            and data
+            and len(self._buf) - self._pos + len(data) >= self._need
+        ):
             frames = self._feed_plain(data)
             if frames is not None:
                 return frames
