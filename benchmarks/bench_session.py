@@ -13,6 +13,10 @@ tuned; the header line says what was in effect). The receiver reports its
 CPU time and its minor page faults per MB received: an allocator handing
 freed memory back to the kernel and faulting it in again shows there.
 
+Then the echo round trip of 64 B frames, one in flight, through a session
+and through a plain ``FramedStream`` (the same sink process serves both,
+the sender alternates between them in blocks); p50 and p99.
+
 Then a session streams numbered frames for a fixed time through a
 ``FaultProxy`` (in the sender's process) that cuts the connection every
 100 ms, often in the middle of a frame, beside the same run through the
@@ -38,8 +42,9 @@ from streamkit import EndOfStream, FramedStream, LengthPrefixed, connect, serve
 from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
 from streamkit.testing import FaultProxy
 
-SIZES = [16, 256, 4096, 65536]
+SIZES = [16, 256, 4096, 65536, 1024 * 1024]
 DONE = b"done"
+ECHO_PAYLOAD = 64
 _SPAWN = multiprocessing.get_context("spawn")
 
 
@@ -106,8 +111,28 @@ async def _verifying_sink(port_out: Any) -> None:
     await server.serve_forever()
 
 
+async def _echo_sink(port_out: Any) -> None:
+    """Serve a plain echo and a session echo; send both ports."""
+
+    async def plain(stream: FramedStream[bytes]) -> None:
+        with contextlib.suppress(EndOfStream):
+            async for payload in stream:
+                await stream.send(payload)
+
+    async def session_echo(session: ServerSession) -> None:
+        async for payload in session:
+            await session.send(payload)
+
+    plain_server = await serve(plain, "127.0.0.1", 0, codec=LengthPrefixed())
+    session_server = await serve_resumable(session_echo, "127.0.0.1", 0, resume_timeout=10)
+    port_out.send((plain_server.port, session_server.port))
+    await asyncio.gather(plain_server.serve_forever(), session_server.serve_forever())
+
+
 def _sink_main(kind: str, count: int, port_out: Any) -> None:
-    if kind == "plain":
+    if kind == "echo":
+        asyncio.run(_echo_sink(port_out))
+    elif kind == "plain":
         asyncio.run(_plain_sink(count, port_out))
     elif kind == "session":
         asyncio.run(_session_sink(count, port_out))
@@ -182,6 +207,36 @@ async def _run_through_proxy(
     }
 
 
+async def _round_trips(send: Any, recv: Any, count: int) -> list[float]:
+    payload = b"p" * ECHO_PAYLOAD
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        await send(payload)
+        await recv()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def _run_echo(ports: tuple[int, int], count: int) -> dict[str, list[float]]:
+    """Round trips of both, alternating in blocks so both see the same machine."""
+    plain: list[float] = []
+    session_times: list[float] = []
+    block = 500
+    async with (
+        connect("127.0.0.1", ports[0], codec=LengthPrefixed()) as stream,
+        connect_resumable("127.0.0.1", ports[1]) as session,
+    ):
+        for _ in range(max(1, count // block)):
+            plain += await _round_trips(stream.send, stream.recv, block)
+            session_times += await _round_trips(session.send, session.recv, block)
+    return {"plain": plain, "session": session_times}
+
+
+def _echo_sender_main(ports: tuple[int, int], count: int, out: Any) -> None:
+    out.send(asyncio.run(_run_echo(ports, count)))
+
+
 def _sender_main(port: int, kind: str, size: int, count: int, out: Any) -> None:
     if kind == "plain":
         out.send(asyncio.run(_run_plain(port, b"x" * size, count)))
@@ -205,7 +260,7 @@ def _in_processes(sink: tuple[Any, ...], sender: Any, args: tuple[Any, ...]) -> 
     sink_process.start()
     port_out.close()  # the child's copy remains
     try:
-        port = int(receive_from_child(port_in, sink_process, "sink"))
+        port = receive_from_child(port_in, sink_process, "sink")
         result_in, result_out = _SPAWN.Pipe(duplex=False)
         sender_process = _SPAWN.Process(target=sender, args=(port, *args, result_out))
         sender_process.start()
@@ -225,6 +280,17 @@ def _measure(kind: str, size: int, count: int) -> dict[str, Any]:
     result["frames_per_s"] = count / result["seconds"]
     result["mb_per_s"] = count * size / result["seconds"] / 1e6
     result["receiver_faults_per_mb"] = result["receiver_faults"] / (count * size / 1e6)
+    return result
+
+
+def _measure_echo(count: int) -> dict[str, Any]:
+    times = _in_processes(("echo", 0), _echo_sender_main, (count,))
+    result: dict[str, Any] = {"round_trips": count}
+    for side in ("plain", "session"):
+        ordered = sorted(times[side])
+        result[f"{side}_p50_us"] = statistics.median(ordered) * 1e6
+        result[f"{side}_p99_us"] = ordered[int(len(ordered) * 0.99)] * 1e6
+    result["p50_ratio"] = result["plain_p50_us"] / result["session_p50_us"]
     return result
 
 
@@ -295,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     print()
+    echo = _measure_echo(4000 if args.quick else 20000)
+    print(
+        f"echo {ECHO_PAYLOAD} B, one in flight, {echo['round_trips']} round trips each: "
+        f"p50 {echo['plain_p50_us']:.0f} us plain, {echo['session_p50_us']:.0f} us session "
+        f"({echo['p50_ratio']:.2f}x); p99 {echo['plain_p99_us']:.0f} / "
+        f"{echo['session_p99_us']:.0f} us"
+    )
+    print()
     seconds = 2.0 if args.quick else 5.0
     print(
         f"session through a proxy for {seconds:.0f} s: without cuts, then cut every 100 ms; "
@@ -318,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         cut_rows.append({"payload": size, "uncut": uncut, **result, "ratio": ratio})
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"python": sys.version, "rows": rows, "cut_rows": cut_rows}, out, indent=2)
+            json.dump(
+                {"python": sys.version, "rows": rows, "echo": echo, "cut_rows": cut_rows},
+                out,
+                indent=2,
+            )
     return 0
 
 
