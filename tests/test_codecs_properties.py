@@ -566,8 +566,16 @@ def test_read_frame_agrees_with_the_decoder(noisy: tuple[Any, bytes], data: st.D
     chunks = [bytes(c) for c in data.draw(splits_of(wire))]
     got = asyncio.run(read_frames(codec, chunks, limit))
     # A frame over a limit may be caught before or after its delimiter came
-    # (or by the reader's limit): only then may the messages differ.
-    same_message = not isinstance(got.error, FrameTooLarge)
+    # (or by the reader's limit): then the messages may differ. And a
+    # delimited codec's read_frame, one call per frame with no state between
+    # them, cannot number lines as the decoder does.
+    numbered = isinstance(codec, (Delimited, Lines, JsonLines))
+    if numbered:
+        expected = Outcome(
+            [BadFrame(None) if isinstance(e, BadFrame) else e for e in expected.events],
+            expected.error,
+        )
+    same_message = not isinstance(got.error, FrameTooLarge) and not numbered
     assert comparable(got, same_message) == comparable(expected, same_message)
     if isinstance(got.error, IncompleteFrame):
         assert isinstance(expected.error, IncompleteFrame)

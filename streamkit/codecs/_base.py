@@ -2,7 +2,7 @@
 
 No asyncio import at module level: the codecs are sans-IO and may be used
 from sync code or another event loop. ``read_frame`` implementations import
-asyncio lazily, on their error paths only.
+asyncio when called (their caller holds a ``StreamReader``: it is loaded).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -30,11 +29,6 @@ _BULK_ENCODINGS = frozenset({"utf-8", "ascii", "iso8859-1"})
 # json.loads(text) is this decoder's decode(): raw_decode() without the
 # whitespace scans, for lines that need none.
 _json_raw_decode = json.JSONDecoder().raw_decode
-
-
-#: Frames (lines) that ``read_frame`` has read from each reader, so that its
-#: errors name the line number as the incremental decoder's do.
-_frames_read: weakref.WeakKeyDictionary[StreamReader, int] = weakref.WeakKeyDictionary()
 
 
 def _too_large(length: int, max_frame: int) -> FrameTooLarge:
@@ -80,46 +74,41 @@ class _DelimitedBase(Generic[FrameT]):
         :class:`IncompleteFrame` when it ends inside a frame and
         :class:`FrameTooLarge` for a frame over ``max_frame`` or over the
         reader's ``limit`` (make that at least ``max_frame`` plus the
-        delimiter for the two to agree). Errors name the frame (line)
-        number, counted over the frames read from ``reader`` this way, as
-        the incremental decoder counts the frames fed to it.
+        delimiter for the two to agree). Each call reads one frame and
+        keeps no state, so its errors cannot name a line number, as the
+        incremental decoder's do (``DecodeError.frame_number`` is None).
         """
+        import asyncio  # only callers that hold a StreamReader get here
+
         delimiter = self.delimiter
-        count = _frames_read.get(reader, 0)
         while True:
             try:
                 line = await reader.readuntil(delimiter)
-            except EOFError as exc:  # asyncio.IncompleteReadError
-                partial = getattr(exc, "partial", b"")
+            except asyncio.IncompleteReadError as exc:
+                partial = exc.partial
                 if not partial:
                     raise EndOfStream("end of stream") from None
                 if len(partial) >= self.max_frame + self._slack + len(delimiter):
                     # Too long already, as the incremental decoder would say.
                     raise FrameTooLarge(
                         f"no delimiter {delimiter!r} within max_frame={self.max_frame} "
-                        f"bytes of frame {count + 1}"
+                        "bytes of the frame"
                     ) from exc
                 raise IncompleteFrame(
-                    f"stream ended inside frame {count + 1}: {len(partial)} bytes and no "
+                    f"stream ended inside a frame: {len(partial)} bytes and no "
                     f"delimiter {delimiter!r}"
                 ) from exc
-            except Exception as exc:
-                # asyncio.LimitOverrunError derives from Exception directly.
-                if type(exc).__name__ != "LimitOverrunError":
-                    raise
-                scanned = getattr(exc, "consumed", "?")
+            except asyncio.LimitOverrunError as exc:
                 raise FrameTooLarge(
-                    f"no delimiter {delimiter!r} in frame {count + 1} within the reader's "
-                    f"limit ({scanned} bytes scanned; max_frame={self.max_frame})"
+                    f"no delimiter {delimiter!r} in the frame within the reader's limit "
+                    f"({exc.consumed} bytes scanned; max_frame={self.max_frame})"
                 ) from exc
-            count += 1
-            _frames_read[reader] = count
             content = memoryview(line)[: len(line) - len(delimiter)]
             if self._raw:
                 if len(content) > self.max_frame:
                     raise _too_large(len(content), self.max_frame)
                 return content.tobytes()  # type: ignore[return-value]
-            frame = self._convert(content, count)
+            frame = self._convert(content, None)
             if frame is not _SKIP:
                 return frame
 

@@ -31,10 +31,12 @@ async def _read_exactly(reader: StreamReader, n: int, what: str, at_boundary: bo
     At a frame boundary (``at_boundary``), an end of stream before any byte
     raises :class:`EndOfStream`; otherwise it raises :class:`IncompleteFrame`.
     """
+    import asyncio  # only callers that hold a StreamReader get here
+
     try:
         return await reader.readexactly(n)
-    except EOFError as exc:  # asyncio.IncompleteReadError is an EOFError
-        partial = len(getattr(exc, "partial", b""))
+    except asyncio.IncompleteReadError as exc:
+        partial = len(exc.partial)
         if at_boundary and partial == 0:
             raise EndOfStream("end of stream") from None
         missing = n - partial
@@ -477,11 +479,13 @@ class VarintPrefixed(EncodeMany[Buffer]):
         after a varint over ``max_frame`` and :class:`ProtocolError` for a
         varint over 10 bytes.
         """
+        import asyncio  # only callers that hold a StreamReader get here
+
         header = bytearray()
         while True:
             try:
                 header += await reader.readexactly(1)
-            except EOFError:  # asyncio.IncompleteReadError
+            except asyncio.IncompleteReadError:
                 if not header:
                     raise EndOfStream("end of stream") from None
                 raise _inside_varint(len(header)) from None
