@@ -24,9 +24,6 @@ InT = TypeVar("InT")
 #: What decoders accept: anything exporting bytes without a copy.
 Buffer = bytes | bytearray | memoryview
 
-KiB = 1024
-MiB = 1024 * KiB
-
 
 class Codec(Protocol[FrameT]):
     """A framing codec: configured once, immutable; state lives in its decoders.

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from streamkit.codecs._base import Buffer, Decoder, EncodeMany, KiB, MiB
+from streamkit._units import KiB, MiB
+from streamkit.codecs._base import Buffer, Decoder, EncodeMany
 from streamkit.errors import DecodeError, EndOfStream, FrameTooLarge, IncompleteFrame
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from streamkit.codecs._base import Buffer, Decoder, EncodeMany, MiB
+from streamkit._units import MiB
+from streamkit.codecs._base import Buffer, Decoder, EncodeMany
 from streamkit.codecs.varint import MAX_VARINT_BYTES, decode_varint, encode_varint
 from streamkit.errors import EndOfStream, FrameTooLarge, IncompleteFrame, ProtocolError
 

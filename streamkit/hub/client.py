@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Unpack
 
 from streamkit._lifecycle import AsyncClosable
+from streamkit._units import MiB
 from streamkit.errors import ConnectionLost, DecodeError, SessionError, StreamkitError
 from streamkit.hub.protocol import (
     check_content_type,
@@ -65,8 +66,6 @@ _ERRORS: dict[str, type[HubError]] = {
 
 logger = logging.getLogger("streamkit.hub")
 
-KiB = 1024
-MiB = 1024 * KiB
 #: Bytes of a record's length in a batch (see hub.protocol).
 _RECORD_LENGTH = 4
 #: Seconds to finish a resumable source's stream once the source stops.

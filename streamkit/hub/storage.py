@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, NamedTuple, Protocol
 
+from streamkit._units import MiB
 from streamkit.errors import StreamkitError
 from streamkit.hub.protocol import Records, check_content_type, check_ttl, quote, records_size
 
@@ -61,9 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("streamkit.hub")
-
-KiB = 1024
-MiB = 1024 * KiB
 
 
 class HubError(StreamkitError):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from streamkit._units import MiB
 from streamkit.codecs import Buffer, Decoder, LengthPrefixed
 from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
 
@@ -87,7 +88,7 @@ _LIMITS = struct.Struct(">IIQ")
 #: must fit the ``u32`` length of its frame.
 MAX_FRAME_LIMIT = 2**32 - 1 - 9
 #: ``max_frame`` of the handshake messages when none is given.
-DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+DEFAULT_MAX_FRAME = 4 * MiB
 #: The largest handshake message body (HELLO, WELCOME, REJECT) on the wire. A
 #: hello is 73 bytes at most: a server closes a connection whose first
 #: message's length header announces more, before reading any of its body,
@@ -98,7 +99,7 @@ MAX_UNACKED_FRAMES_LIMIT = 2**32 - 1
 MAX_UNACKED_BYTES_LIMIT = 2**64 - 1
 #: The receive window of the handshake messages when none is given.
 DEFAULT_MAX_UNACKED_FRAMES = 4096
-DEFAULT_MAX_UNACKED_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_UNACKED_BYTES = 8 * MiB
 #: The first bytes of a DATA body: type, then the offset (the payload follows).
 DATA_HEADER = struct.Struct(">BQ")
 #: A DATA message's frame header on the wire: the ``LengthPrefixed(4)``
