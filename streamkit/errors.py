@@ -41,6 +41,14 @@ class ProtocolError(StreamkitError):
 class FrameTooLarge(ProtocolError):
     """A frame is longer than the configured ``max_frame`` (or another size limit)."""
 
+    @classmethod
+    def exceeds(cls, size: int, max_frame: int, whose: str = "") -> FrameTooLarge:
+        """The error for a frame of ``size`` bytes over ``max_frame``.
+
+        ``whose`` names another side's limit, as in ``"the peer's "``.
+        """
+        return cls(f"frame of {size} bytes exceeds {whose}max_frame={max_frame}")
+
 
 class IncompleteFrame(ProtocolError):
     """The stream ended in the middle of a frame.

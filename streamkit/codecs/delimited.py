@@ -32,10 +32,6 @@ _BULK_ENCODINGS = frozenset({"utf-8", "ascii", "iso8859-1"})
 _json_raw_decode = json.JSONDecoder().raw_decode
 
 
-def _too_large(length: int, max_frame: int) -> FrameTooLarge:
-    return FrameTooLarge(f"frame of {length} bytes exceeds max_frame={max_frame}")
-
-
 class _DelimitedBase(Generic[FrameT]):
     """The scanning, limits and ``read_frame`` shared by the delimited codecs.
 
@@ -107,7 +103,7 @@ class _DelimitedBase(Generic[FrameT]):
             content = memoryview(line)[: len(line) - len(delimiter)]
             if self._raw:
                 if len(content) > self.max_frame:
-                    raise _too_large(len(content), self.max_frame)
+                    raise FrameTooLarge.exceeds(len(content), self.max_frame)
                 return content.tobytes()  # type: ignore[return-value]
             frame = self._convert(content, None)
             if frame is not _SKIP:
@@ -236,7 +232,7 @@ class Delimited(_DelimitedBase[bytes], EncodeMany[Buffer]):
 
     def _check(self, frame: Buffer) -> None:
         if len(frame) > self.max_frame:
-            raise _too_large(len(frame), self.max_frame)
+            raise FrameTooLarge.exceeds(len(frame), self.max_frame)
         if isinstance(frame, memoryview):  # memoryview has no substring test
             frame = frame.tobytes()
         delimiter = self.delimiter
@@ -354,7 +350,7 @@ class Lines(_DelimitedBase[str], EncodeMany[str]):
             raise ValueError("a line must not end with '\\r' (it would read back without it)")
         data = frame.encode(self.encoding)
         if len(data) > self.max_frame:
-            raise _too_large(len(data), self.max_frame)
+            raise FrameTooLarge.exceeds(len(data), self.max_frame)
         return data
 
     def encode(self, frame: str) -> bytes:
@@ -383,7 +379,7 @@ class Lines(_DelimitedBase[str], EncodeMany[str]):
         if size and line[-1] == 13:  # b"\r"
             size -= 1
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         try:
             return _decode(line, size, self.encoding)
         except UnicodeDecodeError as exc:
@@ -423,7 +419,7 @@ class JsonLines(_DelimitedBase[Any], EncodeMany[Any]):
             frame, ensure_ascii=False, separators=(",", ":"), allow_nan=False
         ).encode()
         if len(data) > self.max_frame:
-            raise _too_large(len(data), self.max_frame)
+            raise FrameTooLarge.exceeds(len(data), self.max_frame)
         return data
 
     def encode(self, frame: Any) -> bytes:
@@ -462,7 +458,7 @@ class JsonLines(_DelimitedBase[Any], EncodeMany[Any]):
         if size and line[-1] == 13:  # b"\r"
             size -= 1
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         where = f"line {number}" if number is not None else "line"
         try:
             text = _decode(line, size, "utf-8")

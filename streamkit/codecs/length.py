@@ -22,10 +22,6 @@ _STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _NO_VIEW = memoryview(b"")
 
 
-def _too_large(length: int, max_frame: int) -> FrameTooLarge:
-    return FrameTooLarge(f"frame of {length} bytes exceeds max_frame={max_frame}")
-
-
 async def _read_exactly(reader: StreamReader, n: int, what: str, at_boundary: bool) -> bytes:
     """``reader.readexactly(n)`` with streamkit errors.
 
@@ -119,7 +115,7 @@ class LengthPrefixed(EncodeMany[Buffer]):
 
     def _header_for(self, size: int) -> bytes:
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         value = size - self.adjustment
         if not 0 <= value <= self._max_value:
             raise FrameTooLarge(
@@ -181,7 +177,7 @@ class LengthPrefixed(EncodeMany[Buffer]):
     def _payload_size(self, value: int) -> int:
         size = value + self.adjustment
         if size > self.max_frame:
-            error = _too_large(size, self.max_frame)
+            error = FrameTooLarge.exceeds(size, self.max_frame)
             raw = value.to_bytes(self.header, self.byteorder)
             if self.header > 1 and all(32 <= byte < 127 for byte in raw):
                 # "GET ", "SSH-", a session's "SKSP": say what it likely is.
@@ -449,14 +445,14 @@ class VarintPrefixed(EncodeMany[Buffer]):
         """Return the wire bytes of ``frame``; raises :class:`FrameTooLarge` over the limit."""
         size = len(frame)
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         return encode_varint(size) + frame
 
     def encode_into(self, out: bytearray, frame: Buffer) -> None:
         """Append the wire bytes of ``frame`` to ``out``."""
         size = len(frame)
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         out += encode_varint(size)
         out += frame
 
@@ -465,7 +461,7 @@ class VarintPrefixed(EncodeMany[Buffer]):
         payload = frame if type(frame) is bytes else bytes(frame)
         size = len(payload)
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         return encode_varint(size), payload
 
     def decoder(self) -> VarintPrefixedDecoder:
@@ -495,7 +491,7 @@ class VarintPrefixed(EncodeMany[Buffer]):
                 break
         size = decoded[0]
         if size > self.max_frame:
-            raise _too_large(size, self.max_frame)
+            raise FrameTooLarge.exceeds(size, self.max_frame)
         return await _read_exactly(reader, size, "payload", at_boundary=False) if size else b""
 
 
@@ -532,7 +528,7 @@ class VarintPrefixedDecoder(Decoder[bytes]):
                     size, start = decoded
                 if size > max_frame:
                     self._pos = pos
-                    raise _too_large(size, max_frame)
+                    raise FrameTooLarge.exceeds(size, max_frame)
                 stop = start + size
                 if stop > end:
                     self._need = stop - pos

@@ -722,7 +722,7 @@ class MessageDecoder(Decoder["bytes | Message"]):
                 else:
                     break
                 if size > max_body:
-                    raise _too_large(size, max_body)
+                    raise FrameTooLarge.exceeds(size, max_body)
                 stop = pos + 4 + size
                 if stop > end:
                     break
@@ -820,10 +820,6 @@ class MessageDecoder(Decoder["bytes | Message"]):
 
     def _fresh(self) -> MessageDecoder:
         return MessageDecoder(self._start_offset, self._max_body)
-
-
-def _too_large(size: int, max_body: int) -> FrameTooLarge:
-    return FrameTooLarge(f"frame of {size} bytes exceeds max_frame={max_body}")
 
 
 class SessionCodec:
