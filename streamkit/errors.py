@@ -61,6 +61,20 @@ class IncompleteFrame(ProtocolError):
         super().__init__(message)
         self.missing = missing
 
+    @classmethod
+    def short(cls, part: str, got: int, size: int, unit: str = "frame") -> IncompleteFrame:
+        """The error for a stream that ended after ``got`` of the ``size`` bytes of ``part``.
+
+        ``part`` is the piece cut short (``"length header"``, ``"payload"``),
+        ``unit`` what it belongs to (a frame, a session message).
+        """
+        missing = size - got
+        return cls(
+            f"stream ended {missing} bytes short of a complete {unit} "
+            f"({part}: got {got} of {size})",
+            missing=missing,
+        )
+
 
 class DecodeError(ProtocolError):
     """A complete frame could not be decoded (invalid UTF-8, invalid JSON).

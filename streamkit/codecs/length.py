@@ -36,12 +36,7 @@ async def _read_exactly(reader: StreamReader, n: int, what: str, at_boundary: bo
         partial = len(exc.partial)
         if at_boundary and partial == 0:
             raise EndOfStream("end of stream") from None
-        missing = n - partial
-        raise IncompleteFrame(
-            f"stream ended {missing} bytes short of a complete frame "
-            f"({what}: got {partial} of {n})",
-            missing=missing,
-        ) from exc
+        raise IncompleteFrame.short(what, partial, n) from exc
 
 
 def _inside_varint(have: int) -> IncompleteFrame:
@@ -411,18 +406,9 @@ class LengthPrefixedDecoder(Decoder[bytes]):
         have = self.buffered
         prefix = codec.offset + codec.header
         if have < prefix:
-            return IncompleteFrame(
-                f"stream ended {prefix - have} bytes short of a complete frame "
-                f"(length header: got {have} of {prefix})",
-                missing=prefix - have,
-            )
+            return IncompleteFrame.short("length header", have, prefix)
         size = codec._unpack_from(self._buf, self._pos + codec.offset)[0] + codec.adjustment
-        missing = prefix + size - have
-        return IncompleteFrame(
-            f"stream ended {missing} bytes short of a complete frame "
-            f"(payload: got {have - prefix} of {size})",
-            missing=missing,
-        )
+        return IncompleteFrame.short("payload", have - prefix, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,9 +535,4 @@ class VarintPrefixedDecoder(Decoder[bytes]):
         if decoded is None:
             return _inside_varint(have)
         size, start = decoded
-        missing = start - self._pos + size - have
-        return IncompleteFrame(
-            f"stream ended {missing} bytes short of a complete frame "
-            f"(payload: got {have - (start - self._pos)} of {size})",
-            missing=missing,
-        )
+        return IncompleteFrame.short("payload", have - (start - self._pos), size)

@@ -805,18 +805,8 @@ class MessageDecoder(Decoder["bytes | Message"]):
     def _incomplete(self) -> IncompleteFrame:
         have = self.buffered
         if have < 4:
-            return IncompleteFrame(
-                f"stream ended {4 - have} bytes short of a complete message "
-                f"(length header: got {have} of 4)",
-                missing=4 - have,
-            )
-        size = self._size()
-        missing = 4 + size - have
-        return IncompleteFrame(
-            f"stream ended {missing} bytes short of a complete message "
-            f"(body: got {have - 4} of {size})",
-            missing=missing,
-        )
+            return IncompleteFrame.short("length header", have, 4, "message")
+        return IncompleteFrame.short("body", have - 4, self._size(), "message")
 
     def _fresh(self) -> MessageDecoder:
         return MessageDecoder(self._start_offset, self._max_body)
