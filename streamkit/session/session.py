@@ -423,7 +423,7 @@ class Session:
         limit = self._max_frame
         if size > limit:
             whose = "the peer's " if limit < self.settings.max_frame else ""
-            raise FrameTooLarge(f"frame of {size} bytes exceeds {whose}max_frame={limit}")
+            raise FrameTooLarge.exceeds(size, limit, whose)
         self._check_sendable()
         state = self._send_state
         while not state.push(payload):
