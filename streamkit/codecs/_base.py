@@ -15,7 +15,7 @@ from streamkit.errors import DecodeError, ProtocolError
 if TYPE_CHECKING:
     from asyncio import StreamReader
 
-__all__ = ["Buffer", "Codec", "Decoder", "EncodeMany", "FrameT"]
+__all__ = ["Buffer", "Codec", "Decoder", "EncodeMany", "FrameT", "check_max_frame"]
 
 FrameT = TypeVar("FrameT")
 FrameT_co = TypeVar("FrameT_co", covariant=True)
@@ -23,6 +23,12 @@ InT = TypeVar("InT")
 
 #: What decoders accept: anything exporting bytes without a copy.
 Buffer = bytes | bytearray | memoryview
+
+
+def check_max_frame(max_frame: int) -> None:
+    """Raise ``ValueError`` for a codec's ``max_frame`` below 0 (0 allows empty frames only)."""
+    if max_frame < 0:
+        raise ValueError(f"max_frame must be >= 0, not {max_frame}")
 
 
 class Codec(Protocol[FrameT]):

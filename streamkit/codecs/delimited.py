@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from streamkit._units import KiB, MiB
-from streamkit.codecs._base import Buffer, Decoder, EncodeMany
+from streamkit.codecs._base import Buffer, Decoder, EncodeMany, check_max_frame
 from streamkit.errors import DecodeError, EndOfStream, FrameTooLarge, IncompleteFrame
 
 if TYPE_CHECKING:
@@ -227,8 +227,7 @@ class Delimited(_DelimitedBase[bytes], EncodeMany[Buffer]):
     def __post_init__(self) -> None:
         if not isinstance(self.delimiter, bytes) or not self.delimiter:
             raise ValueError(f"delimiter must be non-empty bytes, not {self.delimiter!r}")
-        if self.max_frame < 0:
-            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        check_max_frame(self.max_frame)
 
     def _check(self, frame: Buffer) -> None:
         if len(frame) > self.max_frame:
@@ -333,8 +332,7 @@ class Lines(_DelimitedBase[str], EncodeMany[str]):
 
     def __post_init__(self) -> None:
         _check_newline(self.newline)
-        if self.max_frame < 0:
-            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        check_max_frame(self.max_frame)
         # Unknown encodings fail here, not at the first frame; lines are split
         # on the byte 0x0a, so the encoding must write "\r\n" as ASCII does.
         if "\r\n".encode(self.encoding) != b"\r\n":
@@ -410,8 +408,7 @@ class JsonLines(_DelimitedBase[Any], EncodeMany[Any]):
 
     def __post_init__(self) -> None:
         _check_newline(self.newline)
-        if self.max_frame < 0:
-            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        check_max_frame(self.max_frame)
         object.__setattr__(self, "_newline_bytes", self.newline.encode())
 
     def _encode_value(self, frame: Any) -> bytes:

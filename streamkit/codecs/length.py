@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from streamkit._units import MiB
-from streamkit.codecs._base import Buffer, Decoder, EncodeMany
+from streamkit.codecs._base import Buffer, Decoder, EncodeMany, check_max_frame
 from streamkit.codecs.varint import MAX_VARINT_BYTES, decode_varint, encode_varint
 from streamkit.errors import EndOfStream, FrameTooLarge, IncompleteFrame, ProtocolError
 
@@ -84,8 +84,7 @@ class LengthPrefixed(EncodeMany[Buffer]):
             raise ValueError(f"header must be 1, 2, 3, 4 or 8 bytes, not {self.header!r}")
         if self.byteorder not in ("big", "little"):
             raise ValueError(f"byteorder must be 'big' or 'little', not {self.byteorder!r}")
-        if self.max_frame < 0:
-            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        check_max_frame(self.max_frame)
         if self.offset < 0:
             raise ValueError(f"offset must be >= 0, not {self.offset}")
         order = ">" if self.byteorder == "big" else "<"
@@ -424,8 +423,7 @@ class VarintPrefixed(EncodeMany[Buffer]):
     max_frame: int = 16 * MiB
 
     def __post_init__(self) -> None:
-        if self.max_frame < 0:
-            raise ValueError(f"max_frame must be >= 0, not {self.max_frame}")
+        check_max_frame(self.max_frame)
 
     def encode(self, frame: Buffer) -> bytes:
         """Return the wire bytes of ``frame``; raises :class:`FrameTooLarge` over the limit."""
