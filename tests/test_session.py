@@ -1419,7 +1419,7 @@ async def test_duplicates_and_replays_do_not_count_against_the_window(
         writer2.write(frame(HelloResume(welcome.session_id, proof, 0).encode()))
         resumed = (await read_until(reader2, Welcome))[-1]
         assert isinstance(resumed, Welcome) and resumed.received == 4
-        assert resumed.max_unacked_frames == 4
+        assert resumed.limits.max_unacked_frames == 4
         writer2.write(fill + frame(Ping().encode()))
         await read_until(reader2, Pong)
         assert stalled[0].stats.duplicates_dropped == 8

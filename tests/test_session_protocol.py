@@ -21,6 +21,7 @@ from streamkit.session.protocol import (
     Message,
     MessageDecoder,
     Ping,
+    ReceiveLimits,
     ReceiveState,
     SendState,
     Welcome,
@@ -170,11 +171,11 @@ def test_complete_needs_exactly_the_missing_bytes() -> None:
 @pytest.mark.parametrize(
     "message",
     [
-        HelloNew(1000),
-        HelloNew(1, 2**32 - 1, 2**64 - 1),
-        HelloResume(b"\1" * 16, b"\2" * 32, 7, 2**32 - 10, 1, 1),
-        Welcome(False, b"\3" * 16, 0, b"\4" * 32, 1, 300, 5000),
-        Welcome(True, b"\3" * 16, 12, max_frame=5000, max_unacked_bytes=77),
+        HelloNew(ReceiveLimits(1000)),
+        HelloNew(ReceiveLimits(1, 2**32 - 1, 2**64 - 1)),
+        HelloResume(b"\1" * 16, b"\2" * 32, 7, ReceiveLimits(2**32 - 10, 1, 1)),
+        Welcome(False, b"\3" * 16, 0, b"\4" * 32, ReceiveLimits(1, 300, 5000)),
+        Welcome(True, b"\3" * 16, 12, limits=ReceiveLimits(max_frame=5000, max_unacked_bytes=77)),
     ],
 )
 def test_handshake_messages_round_trip_with_their_limits(
@@ -185,13 +186,14 @@ def test_handshake_messages_round_trip_with_their_limits(
 
 def test_handshake_layouts_are_as_documented() -> None:
     limits = struct.pack(">IIQ", 0x01020304, 0x05060708, 0x090A0B0C0D0E0F10)
-    assert HelloNew(0x01020304, 0x05060708, 0x090A0B0C0D0E0F10).encode() == b"\x01" + limits
+    announced = ReceiveLimits(0x01020304, 0x05060708, 0x090A0B0C0D0E0F10)
+    assert HelloNew(announced).encode() == b"\x01" + limits
     assert len(HelloNew().encode()) == 17
-    resume = HelloResume(b"i" * 16, b"p" * 32, 5, 9, 10, 11).encode()
+    resume = HelloResume(b"i" * 16, b"p" * 32, 5, ReceiveLimits(9, 10, 11)).encode()
     assert resume == b"\x02" + b"i" * 16 + b"p" * 32 + struct.pack(">QIIQ", 5, 9, 10, 11)
-    welcome = Welcome(False, b"i" * 16, 0, b"t" * 32, 9, 10, 11).encode()
+    welcome = Welcome(False, b"i" * 16, 0, b"t" * 32, ReceiveLimits(9, 10, 11)).encode()
     assert welcome == b"\x03\x00" + b"i" * 16 + struct.pack(">QIIQ", 0, 9, 10, 11) + b"t" * 32
-    resumed = Welcome(True, b"i" * 16, 3, b"", 9, 10, 11).encode()
+    resumed = Welcome(True, b"i" * 16, 3, b"", ReceiveLimits(9, 10, 11)).encode()
     assert resumed == b"\x03\x01" + b"i" * 16 + struct.pack(">QIIQ", 3, 9, 10, 11)
 
 

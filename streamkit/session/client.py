@@ -28,6 +28,7 @@ from streamkit.session.protocol import (
     VERSION,
     HelloNew,
     HelloResume,
+    ReceiveLimits,
     Reject,
     RejectReason,
     Welcome,
@@ -42,7 +43,6 @@ from streamkit.session.session import (
     SessionOptions,
     SessionSettings,
     _Connection,
-    _Limits,
     resolve_settings,
 )
 from streamkit.stream import FramedStream
@@ -182,7 +182,7 @@ class ClientSession(Session):
     _ping_on_attach = True
 
     def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer: _Limits
+        self, stream: FramedStream[bytes], peer_received: int, peer: ReceiveLimits
     ) -> _Connection:
         conn = super()._attach(stream, peer_received, peer)
         self._marks = self._progress_marks()
@@ -219,7 +219,7 @@ class ClientSession(Session):
     def _resume_hello(self, nonce: bytes) -> bytes:
         received = self._recv_state.received
         proof = resume_proof(self._token, nonce, self._id, received)
-        return HelloResume(self._id, proof, received, *self.settings.announced()).encode()
+        return HelloResume(self._id, proof, received, self.settings.announced()).encode()
 
     async def _resume_once(self) -> None:
         async with asyncio.timeout(self.settings.handshake_timeout):
@@ -228,7 +228,7 @@ class ClientSession(Session):
                 welcome = await _handshake(stream, self._resume_hello)
                 if not welcome.present or welcome.session_id != self._id:
                     raise ProtocolError("the server answered a resume with another session")
-                self._attach(stream, welcome.received, welcome)
+                self._attach(stream, welcome.received, welcome.limits)
             except BaseException:
                 stream.abort()
                 raise
@@ -301,7 +301,7 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
         async with asyncio.timeout(settings.handshake_timeout):
             stream = await opener()
             try:
-                hello = HelloNew(*settings.announced()).encode()
+                hello = HelloNew(settings.announced()).encode()
                 welcome = await _handshake(stream, lambda nonce: hello)
                 if (
                     welcome.present
@@ -320,7 +320,7 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
             raise  # the OS's connect timeout, or the TLS handshake's: they say so
         raise _handshake_timeout(stream, settings.handshake_timeout) from exc
     session = ClientSession(welcome.session_id, welcome.token, settings, opener)
-    session._attach(stream, welcome.received, welcome)
+    session._attach(stream, welcome.received, welcome.limits)
     return session
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "MessageType",
     "Ping",
     "Pong",
+    "ReceiveLimits",
     "ReceiveState",
     "Reject",
     "RejectReason",
@@ -142,11 +143,11 @@ class RejectReason(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class HelloNew:
-    """Client: open a new session.
+class ReceiveLimits:
+    """What a side announces in every hello and welcome, about what it receives.
 
-    ``max_frame`` is the largest payload the client takes;
-    ``max_unacked_frames`` / ``max_unacked_bytes`` its receive window.
+    ``max_frame`` is the largest payload it takes; ``max_unacked_frames`` /
+    ``max_unacked_bytes`` its receive window (docs/protocol.md 2.3, 2.6).
     """
 
     max_frame: int = DEFAULT_MAX_FRAME
@@ -154,25 +155,45 @@ class HelloNew:
     max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
 
     def encode(self) -> bytes:
-        return bytes([MessageType.HELLO_NEW]) + _LIMITS.pack(
-            self.max_frame, self.max_unacked_frames, self.max_unacked_bytes
-        )
+        """The 16 bytes of the three limits on the wire."""
+        return _LIMITS.pack(self.max_frame, self.max_unacked_frames, self.max_unacked_bytes)
+
+    @classmethod
+    def decode(cls, body: bytes, at: int, what: str) -> ReceiveLimits:
+        """The limits at ``body[at:]`` of a ``what`` message; :class:`ProtocolError` if invalid."""
+        max_frame, max_unacked_frames, max_unacked_bytes = _LIMITS.unpack_from(body, at)
+        if not 1 <= max_frame <= MAX_FRAME_LIMIT:
+            raise ProtocolError(f"malformed {what} message: max_frame={max_frame}")
+        if not max_unacked_frames or not max_unacked_bytes:
+            raise ProtocolError(
+                f"malformed {what} message: max_unacked_frames={max_unacked_frames}, "
+                f"max_unacked_bytes={max_unacked_bytes} (a window must be at least 1)"
+            )
+        return cls(max_frame, max_unacked_frames, max_unacked_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class HelloNew:
+    """Client: open a new session, announcing its :class:`ReceiveLimits`."""
+
+    limits: ReceiveLimits = ReceiveLimits()
+
+    def encode(self) -> bytes:
+        return bytes([MessageType.HELLO_NEW]) + self.limits.encode()
 
 
 @dataclass(frozen=True, slots=True)
 class HelloResume:
     """Client: resume ``session_id``; ``received`` is the next offset it expects.
 
-    ``max_frame`` is the largest payload the client takes;
-    ``max_unacked_frames`` / ``max_unacked_bytes`` its receive window.
+    ``proof`` is :func:`resume_proof` for this connection's nonce;
+    ``limits`` what the client receives.
     """
 
     session_id: bytes
     proof: bytes
     received: int
-    max_frame: int = DEFAULT_MAX_FRAME
-    max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
-    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
+    limits: ReceiveLimits = ReceiveLimits()
 
     def encode(self) -> bytes:
         return (
@@ -180,7 +201,7 @@ class HelloResume:
             + self.session_id
             + self.proof
             + _U64.pack(self.received)
-            + _LIMITS.pack(self.max_frame, self.max_unacked_frames, self.max_unacked_bytes)
+            + self.limits.encode()
         )
 
 
@@ -190,24 +211,21 @@ class Welcome:
 
     ``present`` tells whether an existing session was found (a resume);
     ``received`` is the next offset the server expects; ``token`` is set for
-    a new session only; ``max_frame`` is the largest payload the server
-    takes, ``max_unacked_frames`` / ``max_unacked_bytes`` its receive window.
+    a new session only; ``limits`` what the server receives.
     """
 
     present: bool
     session_id: bytes
     received: int
     token: bytes = b""
-    max_frame: int = DEFAULT_MAX_FRAME
-    max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
-    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
+    limits: ReceiveLimits = ReceiveLimits()
 
     def encode(self) -> bytes:
         return (
             bytes([MessageType.WELCOME, int(self.present)])
             + self.session_id
             + _U64.pack(self.received)
-            + _LIMITS.pack(self.max_frame, self.max_unacked_frames, self.max_unacked_bytes)
+            + self.limits.encode()
             + self.token
         )
 
@@ -364,19 +382,6 @@ def _need(body: bytes, size: int, what: str) -> None:
         raise ProtocolError(f"malformed {what} message: {len(body)} bytes, expected {size}")
 
 
-def _limits(body: bytes, at: int, what: str) -> tuple[int, int, int]:
-    """``max_frame``, ``max_unacked_frames`` and ``max_unacked_bytes`` of a hello or welcome."""
-    max_frame, max_unacked_frames, max_unacked_bytes = _LIMITS.unpack_from(body, at)
-    if not 1 <= max_frame <= MAX_FRAME_LIMIT:
-        raise ProtocolError(f"malformed {what} message: max_frame={max_frame}")
-    if not max_unacked_frames or not max_unacked_bytes:
-        raise ProtocolError(
-            f"malformed {what} message: max_unacked_frames={max_unacked_frames}, "
-            f"max_unacked_bytes={max_unacked_bytes} (a window must be at least 1)"
-        )
-    return max_frame, max_unacked_frames, max_unacked_bytes
-
-
 def decode_message(body: bytes) -> Message:
     """Parse one message body; raises :class:`ProtocolError` for anything malformed."""
     if not body:
@@ -406,14 +411,14 @@ def decode_message(body: bytes) -> Message:
         return CloseAck()
     if kind == MessageType.HELLO_NEW:
         _need(body, 1 + _LIMITS.size, "HELLO_NEW")
-        return HelloNew(*_limits(body, 1, "HELLO_NEW"))
+        return HelloNew(ReceiveLimits.decode(body, 1, "HELLO_NEW"))
     if kind == MessageType.HELLO_RESUME:
         _need(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE + 8 + _LIMITS.size, "HELLO_RESUME")
         session_id = body[1 : 1 + SESSION_ID_SIZE]
         proof = body[1 + SESSION_ID_SIZE : 1 + SESSION_ID_SIZE + _PROOF_SIZE]
         received = _U64.unpack_from(body, 1 + SESSION_ID_SIZE + _PROOF_SIZE)[0]
-        limits = _limits(body, len(body) - _LIMITS.size, "HELLO_RESUME")
-        return HelloResume(session_id, proof, received, *limits)
+        limits = ReceiveLimits.decode(body, len(body) - _LIMITS.size, "HELLO_RESUME")
+        return HelloResume(session_id, proof, received, limits)
     if kind == MessageType.WELCOME:
         base = 2 + SESSION_ID_SIZE + 8 + _LIMITS.size
         if len(body) not in (base, base + TOKEN_SIZE) or body[1] not in (0, 1):
@@ -427,7 +432,7 @@ def decode_message(body: bytes) -> Message:
             session_id,
             _U64.unpack_from(body, 2 + SESSION_ID_SIZE)[0],
             body[base:],
-            *_limits(body, base - _LIMITS.size, "WELCOME"),
+            ReceiveLimits.decode(body, base - _LIMITS.size, "WELCOME"),
         )
     if kind == MessageType.REJECT:
         if len(body) < 2:

@@ -42,6 +42,7 @@ from streamkit.session.protocol import (
     VERSION,
     HelloNew,
     HelloResume,
+    ReceiveLimits,
     Reject,
     RejectReason,
     Welcome,
@@ -57,7 +58,6 @@ from streamkit.session.session import (
     SessionOptions,
     SessionSettings,
     _Connection,
-    _Limits,
     resolve_settings,
 )
 from streamkit.stream import FramedStream
@@ -100,7 +100,7 @@ class ServerSession(Session):
         return hmac.compare_digest(expected, proof)
 
     def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer: _Limits
+        self, stream: FramedStream[bytes], peer_received: int, peer: ReceiveLimits
     ) -> _Connection:
         if self._expiry is not None:
             self._expiry.cancel()
@@ -328,7 +328,7 @@ class ResumableServer(ServerBase):
         stream.send_nowait(self._welcome(False, session_id, 0, token).encode())
         session = ServerSession(session_id, token, self.settings, self)
         self._sessions[session_id] = session
-        conn = session._attach(stream, 0, hello)
+        conn = session._attach(stream, 0, hello.limits)
         task = asyncio.create_task(self._run_handler(session))
         session.handler_task = task
         self._handlers.add(task)
@@ -355,13 +355,13 @@ class ResumableServer(ServerBase):
             raise self._refuse(stream, RejectReason.BAD_OFFSET, str(exc)) from None
         welcome = self._welcome(True, session._id, session._recv_state.received)
         stream.send_nowait(welcome.encode())
-        return session._attach(stream, hello.received, hello)
+        return session._attach(stream, hello.received, hello.limits)
 
     def _welcome(
         self, present: bool, session_id: bytes, received: int, token: bytes = b""
     ) -> Welcome:
         """A WELCOME announcing our max_frame and receive window."""
-        return Welcome(present, session_id, received, token, *self.settings.announced())
+        return Welcome(present, session_id, received, token, self.settings.announced())
 
 
 _HTTP_BODY = b"This port speaks the streamkit session protocol, not HTTP.\n"

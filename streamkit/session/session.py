@@ -41,17 +41,15 @@ from streamkit.session.protocol import (
     Close,
     CloseAck,
     Data,
-    HelloNew,
-    HelloResume,
     Message,
     MessageDecoder,
     MessageType,
     Ping,
     Pong,
+    ReceiveLimits,
     ReceiveState,
     SendState,
     SessionCodec,
-    Welcome,
 )
 from streamkit.stream import FramedStream
 
@@ -65,8 +63,6 @@ _FRAMED_DATA = FRAMED_DATA_HEADER
 _PING = Ping().encode()
 _PONG = Pong().encode()
 _CLOSE_ACK = CloseAck().encode()
-#: A peer's hello or welcome: its max_frame and receive window.
-_Limits = HelloNew | HelloResume | Welcome
 #: New frames written to the connection at once past this many bytes.
 _WRITE_SIZE = 64 * 1024
 
@@ -165,9 +161,9 @@ class SessionSettings:
         if self.keepalive_timeout <= self.keepalive_interval:
             raise ValueError("keepalive_timeout must be longer than keepalive_interval")
 
-    def announced(self) -> tuple[int, int, int]:
+    def announced(self) -> ReceiveLimits:
         """What a hello or welcome announces: ``max_frame`` and the receive window."""
-        return self.max_frame, self.max_unacked_frames, self.max_unacked_bytes
+        return ReceiveLimits(self.max_frame, self.max_unacked_frames, self.max_unacked_bytes)
 
     def framing_limit(self) -> int:
         """``max_frame`` of the connection's message framing."""
@@ -585,7 +581,7 @@ class Session:
     # -- connections ----------------------------------------------------------
 
     def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer: _Limits
+        self, stream: FramedStream[bytes], peer_received: int, peer: ReceiveLimits
     ) -> _Connection:
         """Make ``stream`` the session's connection and replay what the peer lacks.
 
