@@ -45,7 +45,7 @@ from streamkit.hub.storage import (
 from streamkit.net import Connector, Endpoint
 from streamkit.session import ClientSession, SessionOptions, SessionSettings
 from streamkit.session.client import connect_resumable_endpoint
-from streamkit.session.session import resolve_settings
+from streamkit.session.settings import resolve_settings
 
 __all__ = ["HubClient", "Producer", "Reader", "Record", "StreamStatus", "connect", "connect_unix"]
 

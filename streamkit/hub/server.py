@@ -57,7 +57,7 @@ from streamkit.hub.storage import (
 from streamkit.net import DEFAULT_GRACE_PERIOD, Connector, Endpoint, close_server
 from streamkit.session import ResumableServer, ServerSession, SessionOptions, SessionSettings
 from streamkit.session.server import DEFAULT_MAX_SESSIONS, serve_resumable_endpoint
-from streamkit.session.session import resolve_settings
+from streamkit.session.settings import resolve_settings
 
 __all__ = ["HubServer", "serve_hub", "serve_hub_unix"]
 

@@ -43,8 +43,8 @@ from streamkit.session.session import (
     SessionOptions,
     SessionSettings,
     _Connection,
-    resolve_settings,
 )
+from streamkit.session.settings import resolve_settings
 from streamkit.stream import FramedStream
 
 __all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]

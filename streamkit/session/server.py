@@ -58,8 +58,8 @@ from streamkit.session.session import (
     SessionOptions,
     SessionSettings,
     _Connection,
-    resolve_settings,
 )
+from streamkit.session.settings import resolve_settings
 from streamkit.stream import FramedStream
 
 __all__ = ["ResumableServer", "ServerSession", "serve_resumable", "serve_resumable_unix"]
