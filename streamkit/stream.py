@@ -27,7 +27,7 @@ from streamkit._lifecycle import Closable
 from streamkit.codecs import Buffer, Codec, Decoder
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
 
-__all__ = ["FramedStream", "StreamProtocol"]
+__all__ = ["FramedStream", "StreamProtocol", "TurnWriter"]
 
 logger = logging.getLogger("streamkit")
 
@@ -122,23 +122,12 @@ class FramedStream(Closable, Generic[FrameT]):
             protocol if isinstance(protocol, StreamProtocol) and protocol.reader is reader else None
         )
         self._receiver: _Receiver[FrameT] | None = None
-        self._out = bytearray()
-        self._flush_handle: asyncio.Handle | None = None
-        # A frame went out at once and no end of turn was seen since: the
-        # next frame starts gathering (see _written).
-        self._wrote_at_once = False
+        self._sender = TurnWriter(writer, high=write_buffer_high, low=write_buffer_low)
         self._loop = asyncio.get_running_loop()
         self._eof_received = False
         self._close_timeout = close_timeout
         self._close_deadline: float | None = None  # when close() gives up and aborts
         self._large_frames = False  # the last frame was read in one piece
-        if write_buffer_high is not None or write_buffer_low is not None:
-            self._transport.set_write_buffer_limits(write_buffer_high, write_buffer_low)
-        self._high_water = self._transport.get_write_buffer_limits()[1]
-        #: Gathered bytes are written once they reach this: at most _FLUSH_SIZE,
-        #: and no more than the room left under the high-water mark.
-        self._flush_at = _FLUSH_SIZE
-        self._flush_most = min(_FLUSH_SIZE, self._high_water)  # _flush_at when nothing is buffered
 
     # -- properties ---------------------------------------------------------
 
@@ -177,6 +166,15 @@ class FramedStream(Closable, Generic[FrameT]):
         """Transport information: ``"peername"``, ``"ssl_object"``, ``"socket"``..."""
         return self._writer.get_extra_info(name, default)
 
+    @property
+    def sender(self) -> TurnWriter:
+        """The connection's send side, for a layer above that frames its own bytes.
+
+        Frames sent through this stream and bytes written through it keep
+        their order (one writer); see :class:`TurnWriter`.
+        """
+        return self._sender
+
     # -- sending ------------------------------------------------------------
 
     async def send(self, frame: FrameT) -> None:
@@ -190,29 +188,21 @@ class FramedStream(Closable, Generic[FrameT]):
         transport = self._transport
         if transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
+        sender = self._sender
         if (
             self._encode_parts is not None
             and len(frame) >= _LARGE_SEND  # type: ignore[arg-type]
             and (len(frame) >= _HUGE_SEND or transport.get_write_buffer_size())  # type: ignore[arg-type]
         ):
-            over = self._write_parts(self._encode_parts(frame))
+            over = sender.write_parts(self._encode_parts(frame))
         else:
-            out = self._out
+            out = sender.buffer
             self._encode_into(out, frame)
-            if self._flush_handle is not None:
-                if len(out) < self._flush_at:
-                    return  # goes out with the rest of this turn's frames
-                over = self._written()
-            elif self._wrote_at_once:
-                over = self._written()
-            else:
-                # A lone frame, the request/response case: _written inlined.
-                self._wrote_at_once = True
-                self._out = bytearray()
-                transport.write(out)
-                over = self._check_buffer()
+            if sender.gathering and len(out) < sender.flush_at:
+                return  # goes out with the rest of this turn's frames
+            over = sender.wrote()
         if over:
-            await self._drain()
+            await sender.wait_drained()
 
     def send_nowait(self, frame: FrameT) -> None:
         """Queue one frame without waiting for the write buffer to drain.
@@ -222,29 +212,24 @@ class FramedStream(Closable, Generic[FrameT]):
         Raises like :meth:`send`.
         """
         self._check_open()
-        self._codec.encode_into(self._out, frame)
-        self._written()
+        self._codec.encode_into(self._sender.buffer, frame)
+        self._sender.wrote()
 
     def send_encoded_nowait(self, data: bytes, payload: bytes = b"") -> bool:
         """Queue bytes already framed with this stream's codec, as they are.
 
-        ``payload``, if given, follows ``data`` (a header and its payload
-        need not be joined first).
-
-        For a layer that frames its own messages on its hot path, or one
-        encoding sent to many streams. Nothing checks the framing. Returns
-        whether the write buffer is over its high-water mark (the caller
-        should ``await drain()``). Raises :class:`ConnectionLost` once the
-        connection is closing or lost.
+        ``payload``, if given, follows ``data``. Returns whether the write
+        buffer is over its high-water mark. Raises :class:`ConnectionLost`
+        once the connection is closing or lost.
         """
-        if self._transport.is_closing():
-            raise ConnectionLost("cannot send: the connection is closing or lost")
+        self._check_open()
+        sender = self._sender
         if len(payload) >= _LARGE_SEND and type(payload) is bytes:
-            return self._write_parts((data, payload))
-        self._out += data
+            return sender.write_parts((data, payload))
+        sender.buffer += data
         if payload:
-            self._out += payload
-        return self._written()
+            sender.buffer += payload
+        return sender.wrote()
 
     async def send_many(self, frames: Iterable[FrameT]) -> None:
         """Send several frames, written together with one ``write``.
@@ -254,108 +239,28 @@ class FramedStream(Closable, Generic[FrameT]):
         """
         self._check_open()
         encode_into = self._codec.encode_into
-        out = self._out
+        out = self._sender.buffer
         try:
             for frame in frames:
                 encode_into(out, frame)
         finally:
-            self._flush()
-        if self._transport.get_write_buffer_size() > self._high_water:
-            await self._drain()
+            self._sender.flush()
+        if self._sender.must_drain:
+            await self._sender.wait_drained()
 
     @property
     def must_drain(self) -> bool:
         """Whether the write buffer is over its high-water mark: callers of
         ``send_nowait`` should ``await drain()`` now."""
-        return self._transport.get_write_buffer_size() > self._high_water
+        return self._sender.must_drain
 
     async def drain(self) -> None:
         """Write the frames buffered so far and wait until the transport can take more."""
-        self._flush()
-        await self._drain()
+        await self._sender.drain()
 
     def _check_open(self) -> None:
         if self._transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
-
-    def _written(self) -> bool:
-        """Frames were added to the buffer: write them if due.
-
-        Returns whether the transport's buffer is over its high-water mark.
-        It only grows when we write to it, so it is checked only then.
-        """
-        if self._flush_handle is not None:
-            if len(self._out) < self._flush_at:
-                return False
-        elif self._wrote_at_once:
-            # A second frame before the turn ended: gather it and the rest
-            # of the turn's frames, and write them together when it ends.
-            self._flush_handle = self._loop.call_soon(self._end_turn)
-            if len(self._out) < self._flush_at:
-                return False
-        else:
-            # A lone frame goes out at once: no latency added, and no
-            # callback (an extra loop iteration) unless more follow it.
-            self._wrote_at_once = True
-        self._write_out()
-        return self._check_buffer()
-
-    def _write_parts(self, parts: tuple[Buffer, ...]) -> bool:
-        """Write one large frame now, its large parts as they are.
-
-        Joining them would copy the whole payload into the send buffer
-        first; the transport copies only what the socket does not take at
-        once (nothing at all on Python 3.12+). The parts must not change
-        later (``encode_parts`` guarantees it). Returns like ``_written``.
-        """
-        transport = self._transport
-        for part in parts:
-            if len(part) < _LARGE_SEND:
-                self._out += part
-            else:
-                self._write_out()  # the frames queued before it, and its header
-                if not transport.is_closing():
-                    # A view: Python 3.11's transport would copy a slice of
-                    # bytes before buffering the unsent rest.
-                    transport.write(memoryview(part))
-        self._write_out()
-        return self._check_buffer()
-
-    def _check_buffer(self) -> bool:
-        """After a write: whether the transport's buffer is over its high-water mark."""
-        buffered = self._transport.get_write_buffer_size()
-        if not buffered:  # all sent: the common case of a lone frame
-            self._flush_at = self._flush_most
-            return False
-        # The buffer only shrinks until our next write, so gathering no more
-        # than the room left keeps it within the high-water mark plus a frame.
-        self._flush_at = min(_FLUSH_SIZE, self._high_water - buffered)
-        return buffered > self._high_water
-
-    def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._write_out()
-
-    def _end_turn(self) -> None:
-        self._flush_handle = None
-        self._wrote_at_once = False
-        self._write_out()
-
-    def _write_out(self) -> None:
-        out = self._out
-        if out and not self._transport.is_closing():
-            # Hand the buffer over and start a new one: the transport may
-            # keep a reference to what it could not send yet.
-            self._out = bytearray()
-            self._transport.write(out)
-
-    async def _drain(self) -> None:
-        try:
-            await self._writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise ConnectionLost(f"connection lost while sending: {exc!r}") from exc
 
     # -- receiving ----------------------------------------------------------
 
@@ -454,7 +359,7 @@ class FramedStream(Closable, Generic[FrameT]):
             missing = decoder.missing() if buffered else 0
             # Waiting for the peer ends the turn: a frame sent after it
             # is a lone frame again, written at once.
-            self._wrote_at_once = False
+            self._sender.turn_ended()
             try:
                 if missing and missing + buffered >= _LARGE_REST:
                     # A large frame: read the rest of it in one piece,
@@ -509,7 +414,7 @@ class FramedStream(Closable, Generic[FrameT]):
         so a protocol can switch framing after a handshake. Frames already
         passed to ``send`` keep the old framing.
         """
-        self._flush()
+        self._sender.flush()
         self._codec = codec
         self._encode_into = codec.encode_into
         self._encode_parts = _parts_encoder(codec)
@@ -536,7 +441,7 @@ class FramedStream(Closable, Generic[FrameT]):
         peer sees no end until ``close()``; ``writer.can_write_eof()`` tells
         which.
         """
-        self._flush()
+        self._sender.flush()
         if self._writer.can_write_eof() and not self._transport.is_closing():
             self._writer.write_eof()
 
@@ -549,15 +454,12 @@ class FramedStream(Closable, Generic[FrameT]):
         """
         if self._close_deadline is None and self._close_timeout is not None:
             self._close_deadline = self._loop.time() + self._close_timeout
-        self._flush()
+        self._sender.flush()
         self._writer.close()
 
     def abort(self) -> None:
         """Close the connection at once, dropping unsent data."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._out = bytearray()
+        self._sender.abort()
         self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -595,6 +497,185 @@ class FramedStream(Closable, Generic[FrameT]):
 
     def __repr__(self) -> str:
         return f"<FramedStream {self._codec!r} peer={self.peername!r}>"
+
+
+class TurnWriter:
+    """A connection's send side: a lone write goes out at once, a turn's writes together.
+
+    The first write after the producer waited for its peer (or after the
+    last end of turn) goes to the transport at once: no latency added, no
+    callback. Writes that follow it in the same event-loop turn are
+    gathered and written in one piece when the turn ends, or once 64 KiB
+    are gathered (less when the transport's buffer is near its high-water
+    mark). Large pieces go to the transport as they are, never copied into
+    the buffer.
+
+    Two kinds of producer share it, in order: one that encodes into
+    :attr:`buffer` and calls :meth:`wrote` (``FramedStream``), and one with
+    its own output, registered as :attr:`source` (a sans-IO protocol's
+    ``data_to_send``), which calls ``wrote(pending)`` with the bytes it
+    has ready and is pulled whenever the writer writes. While
+    :attr:`gathering` is true and less than :attr:`flush_at` bytes wait, a
+    write needs no call at all. ``wrote`` and :meth:`write_parts` return
+    whether the transport's buffer is over its high-water mark: then
+    ``await wait_drained()``.
+    """
+
+    __slots__ = (
+        "_flush_most",
+        "_handle",
+        "_high_water",
+        "_loop",
+        "_transport",
+        "_writer",
+        "_wrote_at_once",
+        "buffer",
+        "flush_at",
+        "gathering",
+        "source",
+    )
+
+    def __init__(
+        self, writer: asyncio.StreamWriter, *, high: int | None = None, low: int | None = None
+    ) -> None:
+        self._writer = writer
+        self._transport = transport = writer.transport
+        self._loop = asyncio.get_running_loop()
+        #: Encoded bytes waiting to be written.
+        self.buffer = bytearray()
+        #: Pulled for the bytes a producer with its own output has ready.
+        self.source: Callable[[], list[Buffer]] | None = None
+        #: This turn's writes are being gathered, to go out when it ends.
+        self.gathering = False
+        self._handle: asyncio.Handle | None = None
+        # A write went out at once and no end of turn was seen since: the
+        # next write starts gathering.
+        self._wrote_at_once = False
+        if high is not None or low is not None:
+            transport.set_write_buffer_limits(high, low)
+        self._high_water = transport.get_write_buffer_limits()[1]
+        #: Gathered bytes are written once they reach this: at most _FLUSH_SIZE,
+        #: and no more than the room left under the high-water mark.
+        self.flush_at = _FLUSH_SIZE
+        self._flush_most = min(_FLUSH_SIZE, self._high_water)  # flush_at with nothing buffered
+
+    def wrote(self, pending: int = 0) -> bool:
+        """Bytes were added to :attr:`buffer` (or ``pending`` bytes at the source): write
+        them if due. Returns whether the transport's buffer is over its high-water mark
+        (it only grows when we write to it, so it is checked only then)."""
+        if self._handle is not None:
+            if len(self.buffer) + pending < self.flush_at:
+                return False
+        elif self._wrote_at_once:
+            # A second write before the turn ended: gather it and the rest
+            # of the turn's writes, and write them together when it ends.
+            self._handle = self._loop.call_soon(self._end_turn)
+            self.gathering = True
+            if len(self.buffer) + pending < self.flush_at:
+                return False
+        else:
+            # A lone write goes out at once: no latency added, and no
+            # callback (an extra loop iteration) unless more follow it.
+            self._wrote_at_once = True
+        self._write_out()
+        return self._check_buffer()
+
+    def write_parts(self, parts: Iterable[Buffer]) -> bool:
+        """Write one large frame now, its large parts as they are.
+
+        Joining them would copy the whole payload into the buffer first;
+        the transport copies only what the socket does not take at once
+        (nothing at all on Python 3.12+). The parts must not change later.
+        Returns like :meth:`wrote`.
+        """
+        for part in parts:
+            if len(part) < _LARGE_SEND:
+                self.buffer += part
+            else:
+                self._write_out()  # what was queued before it, and its header
+                self._write_large(part)
+        self._write_out()
+        return self._check_buffer()
+
+    def _write_large(self, part: Buffer) -> None:
+        if not self._transport.is_closing():
+            # A view: Python 3.11's transport would copy a slice of bytes
+            # before buffering the unsent rest.
+            self._transport.write(memoryview(part))
+
+    def turn_ended(self) -> None:
+        """The producer waits for its peer: the next write is a lone one again."""
+        self._wrote_at_once = False
+
+    @property
+    def must_drain(self) -> bool:
+        """Whether the transport's buffer is over its high-water mark."""
+        return self._transport.get_write_buffer_size() > self._high_water
+
+    def flush(self) -> None:
+        """Write everything waiting now."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self.gathering = False
+        self._write_out()
+
+    async def drain(self) -> None:
+        """Write everything waiting, then wait until the transport can take more."""
+        self.flush()
+        await self.wait_drained()
+
+    async def wait_drained(self) -> None:
+        """Wait until the transport's buffer is below its low-water mark.
+
+        Raises :class:`ConnectionLost` if the connection broke.
+        """
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLost(f"connection lost while sending: {exc!r}") from exc
+
+    def abort(self) -> None:
+        """Drop everything waiting (the connection is being aborted)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self.gathering = False
+        self.buffer = bytearray()
+
+    def _check_buffer(self) -> bool:
+        """After a write: whether the transport's buffer is over its high-water mark."""
+        buffered = self._transport.get_write_buffer_size()
+        if not buffered:  # all sent: the common case of a lone write
+            self.flush_at = self._flush_most
+            return False
+        # The buffer only shrinks until our next write, so gathering no more
+        # than the room left keeps it within the high-water mark plus a write.
+        self.flush_at = min(_FLUSH_SIZE, self._high_water - buffered)
+        return buffered > self._high_water
+
+    def _end_turn(self) -> None:
+        self._handle = None
+        self.gathering = False
+        self._wrote_at_once = False
+        self._write_out()
+
+    def _write_out(self) -> None:
+        transport = self._transport
+        out = self.buffer
+        if out:
+            # Hand the buffer over and start a new one: the transport may
+            # keep a reference to what it could not send yet.
+            self.buffer = bytearray()
+            if not transport.is_closing():
+                transport.write(out)
+        source = self.source
+        if source is not None:
+            for part in source():
+                if len(part) >= _LARGE_SEND and type(part) is bytes:
+                    self._write_large(part)
+                elif not transport.is_closing():
+                    transport.write(part)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -979,7 +1060,7 @@ class _Receiver(Generic[FrameT]):
                 self._start_large()
                 # Waiting for the peer ends the turn: a frame sent after it
                 # is a lone frame again, written at once.
-                stream._wrote_at_once = False
+                stream._sender.turn_ended()
                 waiter = self._waiter = stream._loop.create_future()
                 try:
                     await waiter
