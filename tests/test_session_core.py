@@ -30,6 +30,7 @@ from streamkit.session.core import (
     SessionCore,
     SessionFinished,
     State,
+    rejection_error,
 )
 from streamkit.session.protocol import (
     MAGIC,
@@ -200,11 +201,21 @@ def test_the_client_sends_its_preface_then_its_hello_bound_to_the_nonce() -> Non
         (RejectReason.BUSY, ResumeRejected),
     ],
 )
-def test_a_reject_raises_the_error_the_client_reports(reason: RejectReason, error: type) -> None:
+def test_a_reject_ends_the_handshake_and_names_the_error_the_client_reports(
+    reason: RejectReason, error: type
+) -> None:
     ch = ClientHandshake(lambda nonce: HelloNew())
     ch.receive_data(make_preface(bytes(NONCE_SIZE)))
-    with pytest.raises(error, match="server rejected the session: because"):
-        ch.receive_data(frame(Reject(reason, "because").encode()))
+    reject = ch.receive_data(frame(Reject(reason, "because").encode()))
+    assert reject == Reject(reason, "because")
+    assert isinstance(rejection_error(reject), error)
+    assert str(rejection_error(reject)) == "server rejected the session: because"
+    core, _ = attached(client=True)
+    core.rejected(reject)
+    if reason == RejectReason.FINISHED:
+        assert core.state is State.CLOSED and core.peer_closed and core.failure is None
+    else:
+        assert core.state is State.FAILED and isinstance(core.failure, error)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +241,7 @@ def test_the_client_names_what_another_server_speaks() -> None:
         ClientHandshake(lambda nonce: HelloNew()).receive_data(MAGIC + b"\x01" + bytes(16))
     with pytest.raises(ProtocolError, match="looks like HTTP"):
         ClientHandshake(lambda nonce: HelloNew()).receive_data(b"HTTP/1.1 400 Bad")
-    with pytest.raises(ProtocolError, match="over the 1024 bytes"):
+    with pytest.raises(ProtocolError, match="server's first message is over the 1024 bytes"):
         ch = ClientHandshake(lambda nonce: HelloNew())
         ch.receive_data(make_preface(bytes(NONCE_SIZE)) + struct.pack(">I", 1025))
     # A server that closes early: a lost connection, or another protocol.
@@ -723,7 +734,7 @@ def test_a_client_closing_resends_close_after_a_resume() -> None:
     assert core.state is State.CLOSING
     core.attach(0, ReceiveLimits(), clock.now)
     assert sent(core) == [Ack(0, 0), Close(0), Ping()]
-    core.finished_by_peer()  # or the server had finished: REJECT(FINISHED)
+    core.rejected(Reject(RejectReason.FINISHED, "closed"))  # the server had finished
     assert core.state is State.CLOSED and core.peer_closed
 
 
@@ -826,3 +837,21 @@ def test_exactly_once_in_order_under_random_chunking_and_cuts(
     assert got["up"] == to_server
     assert got["down"] == to_client
     assert link.client.state is link.server.state is State.ATTACHED
+
+
+def test_a_server_closing_without_a_connection_and_nothing_unacknowledged_is_closed() -> None:
+    core, clock = attached()
+    core.send(b"a")
+    core.receive_data(ack(1, 1))
+    core.detach(clock.now)
+    core.close()  # its CLOSE would go on the next connection: the client has everything
+    assert core.state is State.CLOSED and core.close_sent
+
+
+def test_a_client_closing_without_a_connection_sends_close_on_the_next() -> None:
+    core, clock = attached(client=True)
+    core.detach(clock.now)
+    core.close()
+    assert core.state is State.CLOSING and core.close_sent
+    core.attach(0, ReceiveLimits(), clock.now)
+    assert sent(core) == [Ack(0, 0), Close(0), Ping()]

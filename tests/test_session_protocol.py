@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import random
 import struct
 
@@ -11,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
-from streamkit.session import Backoff, ServerSession, SessionSettings, serve_resumable
+from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError
+from streamkit.session import Backoff, SessionSettings
 from streamkit.session.protocol import (
     Ack,
     Data,
@@ -22,13 +20,10 @@ from streamkit.session.protocol import (
     MessageDecoder,
     Ping,
     ReceiveLimits,
-    ReceiveState,
-    SendState,
     Welcome,
     decode_message,
     encode_data_header,
     guess_protocol,
-    make_preface,
 )
 
 LIMIT = 1 << 20
@@ -263,158 +258,6 @@ def test_backoff_delays_double_up_to_the_maximum_within_their_jitter() -> None:
     jittered = Backoff(initial=0.1, maximum=0.5, jitter=0.5).delays(random.Random(1))
     for ceiling in (0.1, 0.2, 0.4, 0.5, 0.5):
         assert ceiling / 2 <= next(jittered) <= ceiling
-
-
-# -- the replay buffer ----------------------------------------------------------
-
-
-def test_acks_release_held_frames_and_their_bytes() -> None:
-    state = SendState(max_frames=1000, max_bytes=10_000)
-    for number in range(300):
-        assert state.next_offset == number
-        assert state.push(bytes([number % 256]) * 10)
-    assert state.held_bytes == 3000
-    state.on_ack(received=250, consumed=100)
-    assert state.held_bytes == 2000
-    assert state.unacked == 50
-    state.on_ack(received=260, consumed=251)  # releases past the list's middle: compacted
-    assert state.held_bytes == 490
-    assert state.resume(255) == 45
-    assert state.frames_from(299) == [bytes([299 % 256]) * 10]
-    assert state.frames_from(251)[0] == bytes([251]) * 10
-    with pytest.raises(ResumeRejected, match="frames below 251 were consumed"):
-        state.resume(250)
-    assert state.bytes_sent == 3000
-
-
-def test_the_window_bounds_frames_and_bytes_but_one_frame_always_fits() -> None:
-    state = SendState(max_frames=2, max_bytes=100)
-    assert state.push(bytes(500))  # nothing held: any size goes
-    assert not state.push(b"x")
-    state.on_ack(1, 1)
-    assert state.push(bytes(60))
-    assert state.can_send(40)
-    assert state.push(bytes(40))
-    assert not state.can_send(0)  # two frames held
-    assert not state.push(b"")
-    assert state.next_offset == 3
-
-
-def test_the_receive_window_allows_one_oversized_frame_alone() -> None:
-    state = ReceiveState(max_frames=3, max_bytes=100)
-    state.check_window([bytes(5000)])  # alone: what a sender may send into an empty window
-    state.check_window([bytes(50), bytes(50), b""])
-    with pytest.raises(
-        ProtocolError,
-        match=r"sent past the receive window: 2 frames \(101 bytes\) received and not yet "
-        r"consumed, over max_unacked_bytes=100 announced in the handshake",
-    ):
-        state.check_window([bytes(100), b"x"])
-    with pytest.raises(ProtocolError, match=r"4 frames \(0 bytes\) .* over max_unacked_frames=3"):
-        state.check_window([b""] * 4)
-
-
-# -- acks on the wire -----------------------------------------------------------
-
-
-async def attached_raw_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(make_preface() + frame(HelloNew().encode()))
-    await reader.readexactly(len(make_preface()) + 16)
-    size = struct.unpack(">I", await reader.readexactly(4))[0]
-    assert isinstance(decode_message(await reader.readexactly(size)), Welcome)
-    return reader, writer
-
-
-async def acks_until(reader: asyncio.StreamReader, consumed: int) -> list[Ack]:
-    acks: list[Ack] = []
-    while not acks or acks[-1].consumed < consumed:
-        size = struct.unpack(">I", await reader.readexactly(4))[0]
-        message = decode_message(await reader.readexactly(size))
-        if isinstance(message, Ack) and message.received:
-            acks.append(message)
-    return acks
-
-
-async def test_a_batch_consumed_in_one_turn_is_acked_once() -> None:
-    async def consume(session: ServerSession) -> None:
-        async for _ in session:
-            pass
-
-    async with await serve_resumable(
-        consume, "127.0.0.1", 0, ack_every=64, ack_delay=5.0, grace_period=0.1
-    ) as server:
-        reader, writer = await attached_raw_client(server.port)
-        writer.write(b"".join(data(n, bytes(100)) for n in range(200)))
-        async with asyncio.timeout(2):  # well before ack_delay
-            acks = await acks_until(reader, 200)
-        # One ack per read batch (loopback may split the 22 KB write), each
-        # covering what was received and consumed, not one per 64 frames.
-        assert len(acks) <= 2
-        assert acks[-1] == Ack(200, 200)
-        writer.close()
-
-
-async def test_frames_consumed_slowly_are_all_acked_after_ack_delay() -> None:
-    async def consume_slowly(session: ServerSession) -> None:
-        async for _ in session:
-            await asyncio.sleep(0.02)
-
-    async with await serve_resumable(
-        consume_slowly, "127.0.0.1", 0, ack_every=64, ack_delay=0.01, grace_period=0.1
-    ) as server:
-        reader, writer = await attached_raw_client(server.port)
-        writer.write(b"".join(data(n, b"x") for n in range(10)))
-        async with asyncio.timeout(5):
-            acks = await acks_until(reader, 10)
-        assert acks[0].received == 10
-        assert acks[-1] == Ack(10, 10)
-        writer.close()
-
-
-async def test_frames_pipelined_behind_the_hello_are_delivered() -> None:
-    async def echo(session: ServerSession) -> None:
-        async for payload in session:
-            await session.send(payload)
-
-    async with await serve_resumable(echo, "127.0.0.1", 0, grace_period=0.1) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        # Everything in one write: the server reads the HELLO with its
-        # handshake framing and must hand the DATA behind it to the session.
-        writer.write(
-            make_preface()
-            + frame(HelloNew().encode())
-            + b"".join(data(n, b"%d" % n) for n in range(3))
-        )
-        await reader.readexactly(len(make_preface()) + 16)
-        echoed: list[bytes] = []
-        async with asyncio.timeout(2):
-            while len(echoed) < 3:
-                size = struct.unpack(">I", await reader.readexactly(4))[0]
-                message = decode_message(await reader.readexactly(size))
-                if isinstance(message, Data):
-                    echoed.append(message.payload)
-        assert echoed == [b"0", b"1", b"2"]
-        writer.close()
-
-
-async def test_bad_frames_pipelined_behind_the_hello_drop_the_connection(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.WARNING, "streamkit")
-
-    async def consume(session: ServerSession) -> None:
-        async for _ in session:
-            pass
-
-    async with await serve_resumable(consume, "127.0.0.1", 0, grace_period=0.1) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(make_preface() + frame(HelloNew().encode()) + data(5, b"gap"))
-        async with asyncio.timeout(2):
-            while await reader.read(65536):  # the server closes the connection
-                pass
-        writer.close()
-        assert "offset 5 but offset 0 was expected" in caplog.text
 
 
 @pytest.mark.parametrize(

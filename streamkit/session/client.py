@@ -10,75 +10,17 @@ from collections.abc import Awaitable, Callable
 from typing import Unpack
 
 from streamkit.codecs import LengthPrefixed
-from streamkit.errors import (
-    ConnectionLost,
-    EndOfStream,
-    ProtocolError,
-    ResumeRejected,
-    SessionError,
-    SessionExpired,
-    StreamkitError,
-)
+from streamkit.errors import ConnectionLost, ProtocolError, SessionError
 from streamkit.net import Connector, Endpoint, connect_endpoint
-from streamkit.session.protocol import (
-    NONCE_SIZE,
-    PREFACE_SIZE,
-    SESSION_ID_SIZE,
-    TOKEN_SIZE,
-    VERSION,
-    HelloNew,
-    HelloResume,
-    ReceiveLimits,
-    Reject,
-    RejectReason,
-    Welcome,
-    check_partial_preface,
-    check_preface,
-    decode_message,
-    make_preface,
-    resume_proof,
-)
-from streamkit.session.session import (
-    Session,
-    SessionOptions,
-    SessionSettings,
-    _Connection,
-)
+from streamkit.session.core import ClientHandshake, SessionCore, SessionFinished, rejection_error
+from streamkit.session.protocol import HelloNew, Reject, Welcome
+from streamkit.session.session import Session, SessionOptions, SessionSettings
 from streamkit.session.settings import resolve_settings
 from streamkit.stream import FramedStream
 
 __all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]
 
 Opener = Callable[[], Awaitable[FramedStream[bytes]]]
-
-
-class _Finished(SessionError):
-    """The server says the session was closed gracefully."""
-
-
-#: Why a server may drop a connection in the middle of the handshake.
-_HANDSHAKE_HINT = (
-    "is it a streamkit session server, does it use TLS exactly when this client does "
-    "(a TLS server drops a plain client), and is it below its max_connections?"
-)
-
-
-async def _read_raw(
-    stream: FramedStream[bytes], size: int, what: str, *, preface: bool = False
-) -> bytes:
-    """Read ``size`` unframed bytes of the handshake (``preface``: the server's preface)."""
-    try:
-        return await stream.reader.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        if preface:
-            check_partial_preface(exc.partial, "server")  # names what the peer speaks instead
-        raise ConnectionLost(
-            f"the server closed the connection during the {what}: {_HANDSHAKE_HINT}"
-        ) from exc
-    except (ConnectionError, OSError) as exc:
-        raise ConnectionLost(
-            f"connection lost during the {what}: {exc!r}; {_HANDSHAKE_HINT}"
-        ) from exc
 
 
 async def _open_tls(connecting: Awaitable[FramedStream[bytes]], where: str) -> FramedStream[bytes]:
@@ -100,37 +42,29 @@ async def _open_tls(connecting: Awaitable[FramedStream[bytes]], where: str) -> F
         ) from exc
 
 
-def _rejected(reject: Reject) -> StreamkitError:
-    message = f"server rejected the session: {reject.message}"
-    if reject.reason == RejectReason.EXPIRED:
-        return SessionExpired(message)
-    if reject.reason == RejectReason.FINISHED:
-        return _Finished(message)
-    return ResumeRejected(message)
+def _write(stream: FramedStream[bytes], parts: list[bytes]) -> None:
+    sender = stream.sender
+    for part in parts:
+        sender.buffer += part
+    sender.flush()
 
 
-async def _handshake(stream: FramedStream[bytes], hello: Callable[[bytes], bytes]) -> Welcome:
-    """Exchange prefaces, send ``hello(nonce)`` and return the server's welcome."""
-    stream.writer.write(make_preface())
-    preface = await _read_raw(stream, PREFACE_SIZE, "handshake", preface=True)
-    version = check_preface(preface, "server")
-    if version != VERSION:
-        raise ProtocolError(
-            f"the server speaks session protocol version {version}; this client speaks {VERSION}"
-        )
-    nonce = await _read_raw(stream, NONCE_SIZE, "handshake")
-    stream.send_nowait(hello(nonce))
-    try:
-        reply = decode_message(await stream.recv())
-    except EndOfStream as exc:
-        raise ConnectionLost(
-            f"the server closed the connection during the handshake: {_HANDSHAKE_HINT}"
-        ) from exc
-    if isinstance(reply, Reject):
-        raise _rejected(reply)
-    if not isinstance(reply, Welcome):
-        raise ProtocolError(f"expected WELCOME or REJECT, got {type(reply).__name__}")
-    return reply
+async def _handshake(
+    stream: FramedStream[bytes], handshake: ClientHandshake
+) -> tuple[Welcome | Reject, bytes]:
+    """Run the client's handshake on ``stream``: the server's answer and the bytes after it."""
+    _write(stream, handshake.data_to_send())
+    while True:
+        try:
+            data = await stream.read_bytes()
+        except ConnectionLost as exc:
+            raise handshake.connection_lost(exc.__cause__ or exc) from exc
+        if not data:
+            raise handshake.receive_eof()
+        answer = handshake.receive_data(data)
+        _write(stream, handshake.data_to_send())
+        if answer is not None:
+            return answer, handshake.rest
 
 
 class ClientSession(Session):
@@ -149,137 +83,63 @@ class ClientSession(Session):
     server refuses the resume.
     """
 
-    def __init__(
-        self, session_id: bytes, token: bytes, settings: SessionSettings, opener: Opener
-    ) -> None:
-        super().__init__(session_id, settings)
-        self._token = token
+    def __init__(self, core: SessionCore, opener: Opener) -> None:
+        super().__init__(core, on_detached=self._reconnect_soon, on_ended=self._stop_reconnecting)
         self._opener = opener
         self._reconnect_task: asyncio.Task[None] | None = None
         self._random = random.Random()
-        # Progress counters as of the last attach: frames the server
-        # acknowledged, frames received, PONGs received.
-        self._marks = (0, 0, 0)
-        # While connections make no progress: when the session gives up,
-        # the next backoff delays, resumes the server accepted and the last error.
-        self._retry_deadline: float | None = None
-        self._retry_delays = settings.reconnect_backoff.delays(self._random)
-        self._dropped = 0  # connections in a row that ended without progress
-        self._last_error: BaseException | None = None
-        self._last_dropped = False  # the last failure was such a connection
+        self._delays = core.settings.reconnect_backoff.delays(self._random)
 
     def reconnect(self) -> None:
         """Drop the current connection and resume on a new one; nothing is lost.
 
         For a client that knows its network changed, and for tests.
         """
-        conn = self._conn
-        if conn is not None:
-            conn.stream.abort()  # the read loop sees the loss and resumes
+        self.drop_connection()
 
-    # The PONG to that ping comes back after the server has taken our
-    # replay and sent its own: progress, even for an idle session.
-    _ping_on_attach = True
-
-    def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer: ReceiveLimits
-    ) -> _Connection:
-        conn = super()._attach(stream, peer_received, peer)
-        self._marks = self._progress_marks()
-        return conn
-
-    def _progress_marks(self) -> tuple[int, int, int]:
-        return (self._send_state.received, self._recv_state.received, self._pongs)
-
-    def _connection_lost(self, conn: _Connection, reason: BaseException | None) -> None:
-        if conn is self._conn:
-            self._last_error = reason
-        super()._connection_lost(conn, reason)
-
-    def _on_detached(self) -> None:
-        progressed = self._progress_marks() != self._marks
-        pause = not progressed and self._retry_deadline is not None
-        if not pause:
-            # A new run of reconnects: its own deadline, first try at once.
-            self._retry_deadline = self._loop.time() + self.settings.max_reconnect_time
-            self._retry_delays = self.settings.reconnect_backoff.delays(self._random)
-            self._dropped = 0
-        if not progressed:
-            self._dropped += 1
-        self._last_dropped = not progressed
+    def _reconnect_soon(self) -> None:
         if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = asyncio.create_task(self._reconnect(pause))
+            self._reconnect_task = asyncio.create_task(self._reconnect())
 
-    def _teardown(self) -> None:
+    def _stop_reconnecting(self) -> None:
         task = self._reconnect_task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-        super()._teardown()
 
-    def _resume_hello(self, nonce: bytes) -> bytes:
-        received = self._recv_state.received
-        proof = resume_proof(self._token, nonce, self._id, received)
-        return HelloResume(self._id, proof, received, self.settings.announced()).encode()
+    async def _reconnect(self) -> None:
+        """Resume the session, backing off while nothing gets through.
 
-    async def _resume_once(self) -> None:
-        async with asyncio.timeout(self.settings.handshake_timeout):
-            stream = await self._opener()
-            try:
-                welcome = await _handshake(stream, self._resume_hello)
-                if not welcome.present or welcome.session_id != self._id:
-                    raise ProtocolError("the server answered a resume with another session")
-                self._attach(stream, welcome.received, welcome.limits)
-            except BaseException:
-                stream.abort()
-                raise
-
-    async def _reconnect(self, pause: bool) -> None:
-        """Resume the session, backing off while nothing gets through."""
-        deadline = self._retry_deadline
-        assert deadline is not None
-        while True:
+        The core decides whether to begin at once and when to give up
+        (its timer fails the session, which cancels this task).
+        """
+        core = self.core
+        pause = not core.reconnect_at_once
+        if not pause:  # a new run of retries
+            self._delays = self.settings.reconnect_backoff.delays(self._random)
+        while not core.attached and not core.ended:
             if pause:
-                remaining = deadline - self._loop.time()
-                if remaining <= 0:
-                    self._give_up()
-                    return
-                await asyncio.sleep(min(remaining, next(self._retry_delays)))
+                await asyncio.sleep(next(self._delays))
             pause = True
             try:
                 await self._resume_once()
-            except _Finished:
-                # The server closed the session after we received all of it.
-                self._peer_closed = True
-                self._finish()
-                return
-            except (SessionExpired, ResumeRejected) as exc:
-                self._fail(exc)
-                self._teardown()
-                return
             except (OSError, TimeoutError, ProtocolError, ConnectionLost) as exc:
-                self._last_error = exc
-                self._last_dropped = False
-            else:
-                return
+                core.resume_failed(exc)
 
-    def _give_up(self) -> None:
-        """Fail the session: ``max_reconnect_time`` passed without progress."""
-        limit = self.settings.max_reconnect_time
-        error: StreamkitError
-        if self._last_dropped:
-            error = ProtocolError(
-                f"session {self.id} made no progress within max_reconnect_time={limit} s: "
-                f"{self._dropped} connections in a row were resumed and lost before "
-                "anything got through (the server may be refusing a frame we replay; "
-                f"see its log); last error: {self._last_error!r}"
-            )
+    async def _resume_once(self) -> None:
+        core = self.core
+        async with asyncio.timeout(self.settings.handshake_timeout):
+            stream = await self._opener()
+            try:
+                handshake = ClientHandshake(core.resume_hello, core.session_id)
+                answer, rest = await _handshake(stream, handshake)
+            except BaseException:
+                stream.abort()
+                raise
+        if isinstance(answer, Reject):
+            stream.abort()
+            self.rejected(answer)
         else:
-            error = ConnectionLost(
-                f"could not resume session {self.id} within max_reconnect_time={limit} s: "
-                f"{self._last_error!r}"
-            )
-        self._fail(error)
-        self._teardown()
+            self.attach(stream, answer.received, answer.limits, rest)
 
 
 def _handshake_timeout(stream: FramedStream[bytes] | None, timeout: float) -> TimeoutError:
@@ -301,17 +161,8 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
         async with asyncio.timeout(settings.handshake_timeout):
             stream = await opener()
             try:
-                hello = HelloNew(settings.announced()).encode()
-                welcome = await _handshake(stream, lambda nonce: hello)
-                if (
-                    welcome.present
-                    or len(welcome.session_id) != SESSION_ID_SIZE
-                    or len(welcome.token) != TOKEN_SIZE
-                ):
-                    raise ProtocolError("malformed WELCOME for a new session")
-            except _Finished as exc:
-                stream.abort()
-                raise SessionError(str(exc)) from None
+                hello = HelloNew(settings.announced())
+                answer, rest = await _handshake(stream, ClientHandshake(lambda nonce: hello))
             except BaseException:
                 stream.abort()
                 raise
@@ -319,8 +170,16 @@ async def _open_session(opener: Opener, settings: SessionSettings) -> ClientSess
         if stream is None and (exc.errno is not None or exc.args):
             raise  # the OS's connect timeout, or the TLS handshake's: they say so
         raise _handshake_timeout(stream, settings.handshake_timeout) from exc
-    session = ClientSession(welcome.session_id, welcome.token, settings, opener)
-    session._attach(stream, welcome.received, welcome.limits)
+    if isinstance(answer, Reject):
+        stream.abort()
+        error = rejection_error(answer)
+        if isinstance(error, SessionFinished):  # no new session is ever finished
+            raise SessionError(str(error))
+        raise error
+    clock = asyncio.get_running_loop().time
+    core = SessionCore(answer.session_id, answer.token, settings, client=True, clock=clock)
+    session = ClientSession(core, opener)
+    session.attach(stream, answer.received, answer.limits, rest)
     return session
 
 

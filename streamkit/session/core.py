@@ -188,6 +188,9 @@ class SessionCore:
         self._connections = 0
         self._replayed = 0
         self.pongs = 0  # PONG messages received, on any connection
+        #: Messages other than new frames received (acks, pings, closes...):
+        #: when it moves, the glue wakes senders and looks at the state.
+        self.messages_received = 0
 
         # -- sending: the replay buffer is _frames[_head:], frames _consumed.. --
         self.max_frame = settings.max_frame  # ours, then the smaller of ours and the peer's
@@ -220,10 +223,9 @@ class SessionCore:
         self._messages_seen = 0  # decoder.messages as of the last batch
         self._payload_bytes_seen = 0  # decoder.payload_bytes as of the last batch
         # At the end of each batch: the offset received and the payload bytes
-        # below it (from _mark_head on; compacted as consumption passes them).
+        # below it, from the last batch boundary the last ack had consumed.
         self._mark_offsets: list[int] = [0]
         self._mark_bytes: list[int] = [0]
-        self._mark_head = 0
         # Acks: what the last one said, and what makes the next one due.
         self._acked_received = 0
         self._acked_consumed = 0
@@ -231,6 +233,8 @@ class SessionCore:
         self._acked_bytes_consumed = 0
         self._ack_frames = settings.ack_every
         self._ack_bytes = max(1, settings.max_unacked_bytes // 4)
+        self._frame_target = self._ack_frames  # see on_consumed
+        self._byte_target: int | None = None
         #: The application calls on_consumed() once len(queue) is at most this.
         self.ack_low_water = -1
         self._ack_at: float | None = None  # when an ack is due (0: at once)
@@ -264,6 +268,11 @@ class SessionCore:
     def sending(self) -> bool:
         """Whether ``send`` takes new frames (open, not closing, the peer not closed)."""
         return self._send_limit >= 0
+
+    @property
+    def connections(self) -> int:
+        """Connections attached so far (the first one included)."""
+        return self._connections
 
     @property
     def unacked(self) -> int:
@@ -479,11 +488,11 @@ class SessionCore:
 
     def send_error(self, size: int) -> StreamkitError | None:
         """Why a frame of ``size`` bytes cannot be sent, or None if it waits for the window."""
-        if self.failure is not None:
-            return self.failure
         if size > self.max_frame:
             whose = "the peer's " if self.max_frame < self.settings.max_frame else ""
             return FrameTooLarge.exceeds(size, self.max_frame, whose)
+        if self.failure is not None:
+            return self.failure
         if self.peer_closed:
             return SessionError("cannot send: the peer closed the session")
         if self.state is State.CLOSED:
@@ -592,6 +601,7 @@ class SessionCore:
             self._payload_bytes_seen = decoder.payload_bytes
             return batch  # type: ignore[return-value]
         # Payloads and messages in order, ``received`` exact for each message.
+        self.messages_received += decoder.messages - self._messages_seen
         self._messages_seen = decoder.messages
         self._payload_bytes_seen = decoder.payload_bytes
         new: list[bytes] = []
@@ -668,56 +678,62 @@ class SessionCore:
             self._maybe_send_close()
 
     def _after_batch(self) -> None:
-        """Check the receive window and the acks after a batch (a read's worth)."""
+        """Check the receive window and decide on acks after a batch (a read's worth).
+
+        A few compares when nothing is due: the marks, the consumed-bytes
+        lower bound and the exact count are looked at only near a limit.
+        """
         received = self.received
+        bytes_received = self.bytes_received
         offsets = self._mark_offsets
         if offsets[-1] != received:
             offsets.append(received)
-            self._mark_bytes.append(self.bytes_received)
+            self._mark_bytes.append(bytes_received)
         unconsumed = len(self.queue)
-        consumed = received - unconsumed
-        head = self._drop_marks(consumed)
-        if offsets[head] != consumed:
-            head += 1  # the first batch not wholly consumed
-        # The receive window we announced, checked once per batch with a
-        # compare or two. A peer that keeps to it never trips it: acks lag,
-        # so it counts at least as many frames unconsumed as we hold;
-        # duplicates are never queued. Bytes are counted from the first
-        # batch not wholly consumed: a lower bound (see _check_window).
+        # The receive window we announced. A peer that keeps to it never
+        # trips it: acks lag, so it counts at least as many frames
+        # unconsumed as we hold; duplicates are never queued. The bytes
+        # consumed as of the last ack are a lower bound of those consumed.
         if (
             unconsumed > self._recv_frames
-            or self.bytes_received - self._mark_bytes[head] > self._recv_bytes
+            or bytes_received - self._acked_bytes_consumed > self._recv_bytes
         ):
-            self._check_window()
-        self._ack_check(unconsumed)
+            self._check_window(received - unconsumed)
+        if self._ack_at == 0.0 or self.ended:
+            return  # due already, or nothing more to acknowledge
+        if (
+            received - self._acked_received >= self._ack_frames
+            or bytes_received - self._acked_bytes_received >= self._ack_bytes
+        ):
+            self._ack_due()
+            return
+        if (
+            self._byte_target is None
+            and bytes_received - self._acked_bytes_consumed >= self._ack_bytes
+        ):
+            self._byte_target = received  # consuming this batch makes an ack due
+        if self._ack_at is None and (
+            received != self._acked_received or unconsumed != received - self._acked_consumed
+        ):
+            self._ack_at = self._clock() + self.settings.ack_delay
+        self._set_ack_low_water()
 
-    def _drop_marks(self, consumed: int) -> int:
-        """Forget the marks before the last one at or below ``consumed``; return its index.
-
-        Marks are ``(offset, payload bytes below it)`` at the end of each
-        batch, from ``(0, 0)``: the one returned counts the bytes consumed
-        at the last batch boundary passed (a lower bound).
-        """
-        offsets = self._mark_offsets
-        head = self._mark_head
-        if head + 1 < len(offsets) and offsets[head + 1] <= consumed:
-            head = bisect_right(offsets, consumed, head) - 1
-            if head * 2 > len(offsets):
-                del offsets[:head]
-                del self._mark_bytes[:head]
-                head = 0
-            self._mark_head = head
-        return head
-
-    def _check_window(self) -> None:
+    def _check_window(self, consumed: int) -> None:
         """Raise :class:`ProtocolError` if what is held overflows the receive window.
 
-        Exact, on the frames held: more than ``max_unacked_frames``, or more
-        than ``max_unacked_bytes`` in more than one frame (a peer that keeps
-        to the window sends a frame over it only into an empty window).
+        First on the marks (the bytes of the batches not wholly consumed: a
+        lower bound), then exactly, on the frames held: more than
+        ``max_unacked_frames``, or more than ``max_unacked_bytes`` in more
+        than one frame (a peer that keeps to the window sends a frame over
+        it only into an empty window). The exact count may leave out the
+        unconsumed rest of a batch the application is part way through.
         """
         queue = self.queue
         frames = len(queue)
+        if frames <= self._recv_frames:
+            first = bisect_left(self._mark_offsets, consumed)
+            if self.bytes_received - self._mark_bytes[first] <= self._recv_bytes:
+                return
         held = sum(map(len, queue))
         if frames > self._recv_frames:
             over = f"max_unacked_frames={self._recv_frames}"
@@ -734,58 +750,44 @@ class SessionCore:
 
     # The queue holds frames received, not consumed: consumed is always
     # received - len(queue), so the application counts nothing per frame; it
-    # calls on_consumed() only once the queue is down to ack_low_water.
+    # calls on_consumed() only once the queue is down to ack_low_water. An
+    # ack is due at once when ack_every frames, or a quarter of the byte
+    # window, were received or consumed since the last; else ack_delay after
+    # the first such frame. Consumed bytes are counted at batch boundaries
+    # (marks): an ack is due once the consumption reaches _frame_target or
+    # _byte_target (an offset).
 
     def on_consumed(self) -> None:
         """The application consumed down to :attr:`ack_low_water`: an ack may be due."""
-        if self.attached:
-            self._ack_check(len(self.queue))
-
-    def _ack_check(self, unconsumed: int) -> None:
-        """Frames were received or consumed: an ack is due at once when ``ack_every``
-        frames, or a quarter of the byte window, were received or consumed since the
-        last; else ``ack_delay`` after the first such frame."""
-        if self._ack_at == 0.0 or self.ended:
-            return  # due already, or nothing more to acknowledge
-        received = self.received
-        consumed = received - unconsumed
-        frames = self._ack_frames
-        if (
-            received - self._acked_received >= frames
-            or consumed - self._acked_consumed >= frames
-            or self.bytes_received - self._acked_bytes_received >= self._ack_bytes
-            or self._consumed_bytes(consumed) - self._acked_bytes_consumed >= self._ack_bytes
-        ):
-            # Sent once the input at hand is handled: the frames the
-            # application consumes meanwhile share it.
-            self._ack_at = 0.0
-            self.ack_low_water = -1
+        if not self.attached or self._ack_at == 0.0 or self.ended:
             return
-        if self._ack_at is None and (
-            received != self._acked_received or consumed != self._acked_consumed
-        ):
+        received = self.received
+        consumed = received - len(self.queue)
+        byte_target = self._byte_target
+        if consumed >= self._frame_target or (byte_target is not None and consumed >= byte_target):
+            self._ack_due()
+            return
+        if self._ack_at is None and consumed != self._acked_consumed:
             self._ack_at = self._clock() + self.settings.ack_delay
         self._set_ack_low_water()
 
-    def _consumed_bytes(self, consumed: int) -> int:
-        """Payload bytes consumed, counted at the last batch wholly consumed (a lower bound)."""
-        return self._mark_bytes[self._drop_marks(consumed)]
+    def _ack_due(self) -> None:
+        # Sent once the input at hand is handled: the frames the application
+        # consumes meanwhile share it.
+        self._ack_at = 0.0
+        self.ack_low_water = -1
 
     def _set_ack_low_water(self) -> None:
-        # While an ack waits for its timer, consumption matters once ack_every
-        # frames or a quarter of the byte window are consumed since the last
-        # ack; otherwise the first frame consumed starts the timer.
-        received = self.received
+        # While an ack waits for its timer, consumption matters once it
+        # reaches a target; otherwise the first frame consumed starts the timer.
         if self._ack_at is None:
-            self.ack_low_water = received - self._acked_consumed - 1
-            return
-        low = received - self._acked_consumed - self._ack_frames
-        index = bisect_left(
-            self._mark_bytes, self._acked_bytes_consumed + self._ack_bytes, self._mark_head
-        )
-        if index < len(self._mark_offsets):
-            low = max(low, received - self._mark_offsets[index])
-        self.ack_low_water = low
+            self.ack_low_water = self.received - self._acked_consumed - 1
+        else:
+            target = self._frame_target
+            byte_target = self._byte_target
+            if byte_target is not None and byte_target < target:
+                target = byte_target
+            self.ack_low_water = self.received - target
 
     def _make_ack(self) -> bytes:
         """A framed ACK with the counts now; they are acknowledged from here on."""
@@ -794,7 +796,16 @@ class SessionCore:
         self._acked_received = received
         self._acked_consumed = consumed
         self._acked_bytes_received = self.bytes_received
-        self._acked_bytes_consumed = self._consumed_bytes(consumed)
+        # The bytes consumed: counted at the last batch wholly consumed.
+        offsets, sizes = self._mark_offsets, self._mark_bytes
+        last = bisect_right(offsets, consumed) - 1
+        if last:
+            del offsets[:last]  # marks below it are of no more use
+            del sizes[:last]
+        consumed_bytes = self._acked_bytes_consumed = sizes[0]
+        self._frame_target = consumed + self._ack_frames
+        first = bisect_left(sizes, consumed_bytes + self._ack_bytes, 1)
+        self._byte_target = offsets[first] if first < len(offsets) else None
         return _PACK_ACK(17, _ACK_TYPE, received, consumed)
 
     def _send_ack(self) -> None:
@@ -880,8 +891,10 @@ class SessionCore:
         """Begin a graceful close: no new frames; ``CLOSE`` once the peer received them all.
 
         The session is ``CLOSED`` when the peer answers ``CLOSE_ACK`` (or
-        closes too); a server whose connection is lost with every frame
-        acknowledged after its ``CLOSE`` is ``CLOSED`` at once (2.8).
+        closes too). A server with every frame acknowledged and no
+        connection (its ``CLOSE`` sent, or due on the next one) is
+        ``CLOSED`` at once: the client has everything, and a resume is
+        answered ``FINISHED`` (2.8).
         """
         if self.ended or self.state is State.CLOSING:
             return
@@ -890,19 +903,29 @@ class SessionCore:
         self._maybe_send_close()
 
     def _maybe_send_close(self) -> None:
-        if self.close_sent or self.acknowledged < self.next_offset or not self.attached:
+        if self.close_sent or self.acknowledged < self.next_offset:
             return
         self.close_sent = True
-        # Acknowledge what we received first: the peer may be flushing frames
-        # we already consumed.
-        self._send_ack()
-        self._queue(_framed(Close(self.next_offset).encode()))
+        if self.attached:
+            # Acknowledge what we received first: the peer may be flushing
+            # frames we already consumed.
+            self._send_ack()
+            self._queue(_framed(Close(self.next_offset).encode()))
+        elif not self.client:
+            self._end(State.CLOSED)
 
-    def finished_by_peer(self) -> None:
-        """A client's resume got ``REJECT(FINISHED)``: the server closed the session after
-        every frame reached us; the application reads the queue, then the end."""
-        self.peer_closed = True
-        self._end(State.CLOSED)
+    def rejected(self, reject: Reject) -> None:
+        """A client's resume was rejected: the session ends.
+
+        ``FINISHED``: the server closed the session after every frame
+        reached us; the application reads the queue, then the end (2.8).
+        Anything else fails it with :func:`rejection_error`'s error.
+        """
+        if reject.reason == RejectReason.FINISHED:
+            self.peer_closed = True
+            self._end(State.CLOSED)
+        else:
+            self.fail(rejection_error(reject))
 
     def fail(self, error: StreamkitError) -> None:
         """End the session with ``error`` (every later call raises it); free its buffers."""
@@ -953,9 +976,9 @@ class _Handshake:
         size = int.from_bytes(buf[start : start + _LENGTH], "big")
         if size > MAX_HANDSHAKE_MESSAGE:
             raise ProtocolError(
-                f"the {peer}'s handshake message announces {size} bytes, over the "
-                f"{MAX_HANDSHAKE_MESSAGE} bytes a handshake message may have; closed "
-                "before reading it"
+                f"the {peer}'s first message is over the {MAX_HANDSHAKE_MESSAGE} bytes a "
+                "connection may send before its handshake completes "
+                f"({FrameTooLarge.exceeds(size, MAX_HANDSHAKE_MESSAGE)}); closed before reading it"
             )
         end = start + _LENGTH + size
         if len(buf) < end:
@@ -965,8 +988,8 @@ class _Handshake:
 
 #: Why a server may drop a connection in the middle of the handshake.
 _HANDSHAKE_HINT = (
-    "is it a streamkit session server, and does it use TLS exactly when this client does "
-    "(a TLS server drops a plain client)?"
+    "is it a streamkit session server, does it use TLS exactly when this client does "
+    "(a TLS server drops a plain client), and is it below its max_connections?"
 )
 
 
@@ -974,10 +997,11 @@ class ClientHandshake(_Handshake):
     """The client's side of a connection's handshake (docs/protocol.md 2.2-2.4), sans-IO.
 
     ``data_to_send()`` starts with the client's preface; ``receive_data``
-    takes what the server sent and returns its :class:`Welcome` once it
-    is complete (the bytes after it are in :attr:`rest`), after sending
-    ``hello(nonce)`` once the server's nonce is in. A ``REJECT`` raises
-    :func:`rejection_error`'s error; anything else that is wrong raises
+    takes what the server sent and returns its :class:`Welcome` or
+    :class:`Reject` once complete (the bytes after it are in :attr:`rest`),
+    after sending ``hello(nonce)`` once the server's nonce is in (a reject
+    becomes an error with :func:`rejection_error`, or ends a session with
+    :meth:`SessionCore.rejected`). Anything wrong raises
     :class:`ProtocolError` (another protocol, another version, a welcome
     of another session). ``resuming`` is the id of the session the hello
     resumes, None for a new one.
@@ -993,8 +1017,8 @@ class ClientHandshake(_Handshake):
         self.nonce: bytes | None = None
         self._out.append(make_preface())
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> Welcome | None:
-        """Take bytes from the server; the welcome once complete, else None."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> Welcome | Reject | None:
+        """Take bytes from the server; its answer once complete, else None."""
         buf = self._buf
         buf += data
         if not self._preface_checked:
@@ -1019,7 +1043,7 @@ class ClientHandshake(_Handshake):
         self.rest = bytes(buf[end:])
         self._buf = bytearray()
         if isinstance(reply, Reject):
-            raise rejection_error(reply)
+            return reply
         if not isinstance(reply, Welcome):
             raise ProtocolError(f"expected WELCOME or REJECT, got {type(reply).__name__}")
         if self._resuming is None:
@@ -1039,6 +1063,11 @@ class ClientHandshake(_Handshake):
         return ConnectionLost(
             f"the server closed the connection during the handshake: {_HANDSHAKE_HINT}"
         )
+
+    @staticmethod
+    def connection_lost(error: BaseException) -> ConnectionLost:
+        """The error for a connection that broke during the handshake (``error``: how)."""
+        return ConnectionLost(f"connection lost during the handshake: {error!r}; {_HANDSHAKE_HINT}")
 
 
 _HTTP_BODY = b"This port speaks the streamkit session protocol, not HTTP.\n"

@@ -14,18 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections import deque
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 from streamkit._units import MiB
-from streamkit.codecs import Buffer, Decoder, LengthPrefixed
-from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError, ResumeRejected
-
-if TYPE_CHECKING:
-    from asyncio import StreamReader
+from streamkit.codecs import Decoder
+from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError
 
 __all__ = [
     "DATA_HEADER",
@@ -55,11 +49,8 @@ __all__ = [
     "Ping",
     "Pong",
     "ReceiveLimits",
-    "ReceiveState",
     "Reject",
     "RejectReason",
-    "SendState",
-    "SessionCodec",
     "Welcome",
     "check_partial_preface",
     "check_preface",
@@ -445,234 +436,6 @@ def decode_message(body: bytes) -> Message:
     raise ProtocolError(f"unknown session message type 0x{kind:02x}")
 
 
-class SendState:
-    """One direction's sending side: offsets, replay buffer and the peer's credit.
-
-    The peer reports two counts: frames *received* (they need no replay) and
-    frames *consumed* by its application. Frames are held until consumed, so
-    the buffer is both the replay buffer and the credit window: at most
-    ``max_frames`` frames and ``max_bytes`` bytes are held, which bounds the
-    sender's memory and the peer's queue when the peer stops reading. A
-    single frame larger than ``max_bytes`` may still be sent when nothing is
-    held.
-    """
-
-    __slots__ = (
-        "_consumed",
-        "_frames",
-        "_head",
-        "_held_bytes",
-        "_released_bytes",
-        "max_bytes",
-        "max_frames",
-        "next_offset",
-        "received",
-    )
-
-    def __init__(self, max_frames: int, max_bytes: int) -> None:
-        self.max_frames = max_frames
-        self.max_bytes = max_bytes
-        self.next_offset = 0  # offset of the next frame to send
-        self.received = 0  # the peer has received every frame below this
-        self._released_bytes = 0  # payload bytes consumed by the peer and let go
-        self._consumed = 0  # offset of the first held frame
-        # Held frames are _frames[_head:]: an ack releases any number of
-        # them by moving _head; the list is compacted when half of it is
-        # released, so each frame is moved at most once, in C.
-        self._frames: list[bytes] = []
-        self._head = 0
-        self._held_bytes = 0
-
-    @property
-    def acknowledged(self) -> int:
-        """Offset below which the peer has received every frame."""
-        return self.received
-
-    @property
-    def unacked(self) -> int:
-        """Frames sent and not yet reported received."""
-        return self.next_offset - self.received
-
-    @property
-    def bytes_sent(self) -> int:
-        """Payload bytes of every frame sent so far."""
-        return self._released_bytes + self._held_bytes
-
-    @property
-    def held_bytes(self) -> int:
-        """Payload bytes held for replay (sent, not yet consumed by the peer)."""
-        return self._held_bytes
-
-    def can_send(self, size: int) -> bool:
-        """Whether a frame of ``size`` bytes fits in the peer's credit now."""
-        held = len(self._frames) - self._head
-        return not held or (held < self.max_frames and self._held_bytes + size <= self.max_bytes)
-
-    def push(self, payload: bytes) -> bool:
-        """Hold a new frame (offset ``next_offset``) for replay if the window has room.
-
-        Returns whether it did.
-        """
-        frames = self._frames
-        held = len(frames) - self._head
-        held_bytes = self._held_bytes + len(payload)
-        if held and (held_bytes > self.max_bytes or held >= self.max_frames):
-            return False
-        frames.append(payload)
-        self._held_bytes = held_bytes
-        self.next_offset += 1
-        return True
-
-    def on_ack(self, received: int, consumed: int) -> None:
-        """Apply the peer's cumulative acknowledgement.
-
-        Raises :class:`ProtocolError` for counts that go backwards, that
-        exceed what was sent, or a consumed count above the received one.
-        """
-        if received > self.next_offset:
-            raise ProtocolError(
-                f"ack for offset {received} but only {self.next_offset} frames were sent"
-            )
-        if received < self.received or consumed < self._consumed:
-            raise ProtocolError(
-                f"ack went backwards: received {received} (was {self.received}), "
-                f"consumed {consumed} (was {self._consumed})"
-            )
-        if consumed > received:
-            raise ProtocolError(f"ack says consumed {consumed} > received {received}")
-        self.received = received
-        if consumed == self._consumed:
-            return
-        frames, head = self._frames, self._head
-        stop = head + consumed - self._consumed
-        released = sum(map(len, frames[head:stop]))
-        if stop * 2 >= len(frames):
-            del frames[:stop]
-            stop = 0
-        self._head = stop
-        self._held_bytes -= released
-        self._released_bytes += released
-        self._consumed = consumed
-
-    def release(self) -> None:
-        """Drop every held frame (the session is over)."""
-        self._frames.clear()
-        self._head = 0
-        self._released_bytes += self._held_bytes
-        self._held_bytes = 0
-
-    def check_replay(self, offset: int) -> None:
-        """Raise :class:`ResumeRejected` unless a peer expecting ``offset`` can be served."""
-        if offset > self.next_offset:
-            raise ResumeRejected(
-                f"peer expects offset {offset} but only {self.next_offset} frames were sent"
-            )
-        if offset < self._consumed:
-            raise ResumeRejected(
-                f"peer expects offset {offset} but frames below {self._consumed} were "
-                "consumed and are no longer held"
-            )
-
-    def resume(self, offset: int) -> int:
-        """A peer resumed expecting ``offset``: how many held frames it needs again.
-
-        Those are ``frames_from(offset)``. Raises :class:`ResumeRejected`
-        for an offset never sent or no longer held.
-        """
-        self.check_replay(offset)
-        self.received = max(self.received, offset)
-        return self.next_offset - offset
-
-    def frames_from(self, offset: int) -> list[bytes]:
-        """The held frames from ``offset`` on (``offset`` is held: sent, not consumed)."""
-        return self._frames[self._head + offset - self._consumed :]
-
-
-class ReceiveState:
-    """One direction's receiving side: frames received and consumed, duplicates, acks due.
-
-    A :class:`MessageDecoder` checks offsets on the hot path; the session
-    adds what it delivered to ``received`` and ``bytes_received``, and sets
-    ``consumed`` before asking about acks.
-
-    ``max_frames`` / ``max_bytes`` is the receive window this side announced:
-    the peer may have at most that many frames and payload bytes received
-    and not yet consumed (one frame of any size when it is the only one).
-    ``marks`` holds ``(offset, bytes_received below offset)`` at the end of
-    each batch received; the session drops those below ``consumed`` after
-    each batch, so that ``bytes_received - marks[0][1]`` never exceeds the
-    payload bytes unconsumed, and equals them unless the application is
-    part way through a batch (whose rest it leaves out). That is the
-    per-batch test; :meth:`check_window` is the exact one behind it.
-    """
-
-    __slots__ = (
-        "_acked_received",
-        "acked_consumed",
-        "bytes_received",
-        "consumed",
-        "duplicates",
-        "marks",
-        "max_bytes",
-        "max_frames",
-        "received",
-    )
-
-    def __init__(
-        self,
-        max_frames: int = DEFAULT_MAX_UNACKED_FRAMES,
-        max_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
-    ) -> None:
-        self.max_frames = max_frames
-        self.max_bytes = max_bytes
-        self.bytes_received = 0
-        self.received = 0  # next offset expected
-        self.consumed = 0  # frames handed to the application
-        self.duplicates = 0
-        self._acked_received = 0
-        self.acked_consumed = 0  # consumed count in the last ack made
-        self.marks: deque[tuple[int, int]] = deque([(0, 0)])
-
-    def ack_lag(self) -> int:
-        """Frames received or consumed since the last ack was made."""
-        return max(self.received - self._acked_received, self.consumed - self.acked_consumed)
-
-    def ack_due(self, every: int) -> bool:
-        """Whether ``every`` frames were received or consumed since the last ack."""
-        return (
-            self.received - self._acked_received >= every
-            or self.consumed - self.acked_consumed >= every
-        )
-
-    def make_ack(self) -> Ack:
-        """The ack to send now; marks it as sent."""
-        self._acked_received = self.received
-        self.acked_consumed = self.consumed
-        return Ack(self.received, self.consumed)
-
-    def check_window(self, unconsumed: Sequence[bytes]) -> None:
-        """Raise :class:`ProtocolError` if ``unconsumed`` (the frames held) overflows the window.
-
-        The session calls it only when the cheap test after a batch fails:
-        more than ``max_frames`` frames, or more than ``max_bytes`` bytes by
-        ``marks``. A peer that keeps to the window never gets there with
-        more than one frame held: it sends a frame over ``max_bytes`` only
-        when it knows every earlier frame consumed.
-        """
-        frames = len(unconsumed)
-        held = sum(map(len, unconsumed))
-        if frames > self.max_frames:
-            over = f"max_unacked_frames={self.max_frames}"
-        elif held > self.max_bytes and frames > 1:
-            over = f"max_unacked_bytes={self.max_bytes}"
-        else:
-            return
-        raise ProtocolError(
-            f"the peer sent past the receive window: {frames} frames ({held} bytes) received "
-            f"and not yet consumed, over {over} announced in the handshake"
-        )
-
-
 class MessageDecoder(Decoder["bytes | Message"]):
     """Incremental decoder of a session connection's messages after the handshake.
 
@@ -815,43 +578,3 @@ class MessageDecoder(Decoder["bytes | Message"]):
 
     def _fresh(self) -> MessageDecoder:
         return MessageDecoder(self._start_offset, self._max_body)
-
-
-class SessionCodec:
-    """The framing of one session connection after the handshake.
-
-    Encodes like ``LengthPrefixed(4)`` (a ``u32`` length, then the message
-    body); decodes with its one :class:`MessageDecoder`, which
-    :meth:`decoder` returns, so the session can watch its counters.
-    """
-
-    __slots__ = ("_decoder", "_framing")
-
-    def __init__(self, decoder: MessageDecoder, max_body: int) -> None:
-        self._decoder = decoder
-        self._framing = LengthPrefixed(max_frame=max_body)
-
-    @property
-    def max_frame(self) -> int:
-        """The largest message body."""
-        return self._framing.max_frame
-
-    def encode(self, frame: Buffer) -> bytes:
-        """The wire bytes of one message body."""
-        return self._framing.encode(frame)
-
-    def encode_into(self, out: bytearray, frame: Buffer) -> None:
-        """Append the wire bytes of one message body to ``out``."""
-        self._framing.encode_into(out, frame)
-
-    def encode_many(self, frames: Iterable[Buffer]) -> bytes:
-        """The wire bytes of several message bodies."""
-        return self._framing.encode_many(frames)
-
-    def decoder(self) -> MessageDecoder:
-        """This connection's decoder (the same one on every call)."""
-        return self._decoder
-
-    async def read_frame(self, reader: StreamReader) -> bytes:
-        """Read one message body (as ``LengthPrefixed(4)`` does; not decoded)."""
-        return await self._framing.read_frame(reader)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import secrets
@@ -18,9 +17,7 @@ from streamkit.codecs import LengthPrefixed
 from streamkit.errors import (
     ConnectionLost,
     EndOfStream,
-    FrameTooLarge,
     ProtocolError,
-    ResumeRejected,
     SessionExpired,
     StreamkitError,
 )
@@ -33,32 +30,18 @@ from streamkit.net import (
     default_max_connections,
     serve_endpoint,
 )
+from streamkit.session.core import ServerHandshake, SessionCore, State
 from streamkit.session.protocol import (
     MAX_HANDSHAKE_MESSAGE,
     NONCE_SIZE,
-    PREFACE_SIZE,
     SESSION_ID_SIZE,
     TOKEN_SIZE,
-    VERSION,
     HelloNew,
     HelloResume,
-    ReceiveLimits,
     Reject,
     RejectReason,
-    Welcome,
-    check_partial_preface,
-    check_preface,
-    decode_message,
-    looks_like_http,
-    make_preface,
-    resume_proof,
 )
-from streamkit.session.session import (
-    Session,
-    SessionOptions,
-    SessionSettings,
-    _Connection,
-)
+from streamkit.session.session import Session, SessionOptions, SessionSettings
 from streamkit.session.settings import resolve_settings
 from streamkit.stream import FramedStream
 
@@ -72,89 +55,35 @@ SessionHandler = Callable[["ServerSession"], Awaitable[Any]]
 DEFAULT_MAX_SESSIONS = 10_000
 #: Ended session ids remembered, to tell a late resume why it is refused.
 _ENDED_MEMORY = 4096
-#: The framing of a connection until its handshake completes (the session
-#: then frames it with its own limits): a first message whose header
-#: announces more than a handshake message can be closes the connection
-#: before any of its body is read.
+#: The framing connections are served with. The session reads their bytes
+#: itself (a hello announcing more than MAX_HANDSHAKE_MESSAGE closes the
+#: connection before any of its body is read); this bounds a frame anyone
+#: would read through the stream before that.
 _HANDSHAKE_CODEC = LengthPrefixed(max_frame=MAX_HANDSHAKE_MESSAGE)
+#: How long an HTTP client's request head may take to arrive before the answer.
+_HTTP_READ_TIMEOUT = 1.0
 
 
 class _Refused(Exception):
-    """The handshake was refused; the REJECT is already queued."""
+    """The handshake was refused; the REJECT is already written."""
 
 
 class ServerSession(Session):
-    """A :class:`Session` held by a server; it waits ``resume_timeout`` for its client."""
+    """A :class:`Session` held by a server; it waits ``resume_timeout`` for its client.
 
-    def __init__(
-        self, session_id: bytes, token: bytes, settings: SessionSettings, server: ResumableServer
-    ) -> None:
-        super().__init__(session_id, settings)
-        self._token = token
+    A session that ends is unregistered and remembered at once, not when
+    its handler returns: a client whose CLOSE_ACK was lost resumes and must
+    hear FINISHED; one that comes back too late must hear EXPIRED; and an
+    ended session must not count towards ``max_sessions``.
+    """
+
+    def __init__(self, core: SessionCore, server: ResumableServer) -> None:
+        super().__init__(core, on_ended=self._unregister)
         self._server = server
-        self._expiry: asyncio.TimerHandle | None = None
         self.handler_task: asyncio.Task[None] | None = None
 
-    def _check_proof(self, nonce: bytes, received: int, proof: bytes) -> bool:
-        expected = resume_proof(self._token, nonce, self._id, received)
-        return hmac.compare_digest(expected, proof)
-
-    def _attach(
-        self, stream: FramedStream[bytes], peer_received: int, peer: ReceiveLimits
-    ) -> _Connection:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        return super()._attach(stream, peer_received, peer)
-
-    def _on_detached(self) -> None:
-        if not self._close_complete():
-            self._expiry = self._loop.call_later(self.settings.resume_timeout, self._expire)
-
-    def _on_close_sent(self) -> None:
-        self._close_complete()
-
-    def _close_complete(self) -> bool:
-        """End a closing session that has no connection and nothing unacknowledged.
-
-        The client has every frame; whether or not it saw the CLOSE, it
-        needs nothing more from us. If it comes back, its resume is
-        answered FINISHED, which is its end of stream. So ``close()`` does
-        not wait for a CLOSE_ACK lost with the connection.
-        """
-        if self._close_sent and self._conn is None and self._send_state.unacked == 0:
-            self._finish()
-            return True
-        return False
-
-    # A session that ends is unregistered and remembered at once, not when
-    # its handler returns: a client whose CLOSE_ACK was lost resumes and
-    # must hear FINISHED; one that comes back too late must hear EXPIRED;
-    # and an ended session must not count towards max_sessions.
-
-    def _finish(self) -> None:
-        super()._finish()
+    def _unregister(self) -> None:
         self._server._ended_session(self)
-
-    def _fail(self, error: StreamkitError) -> None:
-        super()._fail(error)
-        self._server._ended_session(self)
-
-    def _expire(self) -> None:
-        self._expiry = None
-        self._fail(
-            SessionExpired(
-                f"session {self.id} expired: its client did not resume within "
-                f"resume_timeout={self.settings.resume_timeout} s"
-            )
-        )
-        self._teardown()
-
-    def _teardown(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        super()._teardown()
 
 
 class ResumableServer(ServerBase):
@@ -222,15 +151,16 @@ class ResumableServer(ServerBase):
 
     def _ended_session(self, session: ServerSession) -> None:
         """Unregister a session that ended and remember why, for a late resume."""
-        if self._sessions.pop(session._id, None) is None:
+        core = session.core
+        if self._sessions.pop(core.session_id, None) is None:
             return
-        if session._failure is None and session._finished.is_set():
+        if core.state is State.CLOSED:
             ended = (RejectReason.FINISHED, f"session {session.id} was closed")
-        elif isinstance(session._failure, SessionExpired):
-            ended = (RejectReason.EXPIRED, str(session._failure))
+        elif isinstance(core.failure, SessionExpired):
+            ended = (RejectReason.EXPIRED, str(core.failure))
         else:
             ended = (RejectReason.UNKNOWN_SESSION, f"session {session.id} was aborted")
-        self._ended[session._id] = ended
+        self._ended[core.session_id] = ended
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
 
@@ -254,135 +184,152 @@ class ResumableServer(ServerBase):
             logger.info("closing session %s failed: %r", session.id, exc)
             session.abort()
         finally:
-            session._teardown()
+            session.abort()  # a session not closed by now is let go
             self._ended_session(session)
 
     # -- connections ----------------------------------------------------------
 
     async def _on_connection(self, stream: FramedStream[bytes]) -> None:
+        handshake = ServerHandshake(secrets.token_bytes(NONCE_SIZE))
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
-                conn = await self._handshake(stream)
+                hello = await _read_hello(stream, handshake)
+            closed = self._answer(stream, handshake, hello, handshake.nonce)
         except _Refused:
             return
         except (ProtocolError, ConnectionLost, EndOfStream, TimeoutError, OSError) as exc:
             logger.warning("session handshake with %s failed: %s", stream.peername, exc)
             return
-        await conn.closed
+        await closed
 
-    def _refuse(self, stream: FramedStream[bytes], reason: RejectReason, message: str) -> _Refused:
-        logger.warning(
-            "refused session handshake from %s (%s): %s", stream.peername, reason.name, message
-        )
-        stream.send_nowait(Reject(reason, message).encode())
-        return _Refused(message)
+    def _answer(
+        self,
+        stream: FramedStream[bytes],
+        handshake: ServerHandshake,
+        hello: HelloNew | HelloResume | Reject,
+        nonce: bytes,
+    ) -> asyncio.Future[None]:
+        """Answer ``hello``, whose resume proof is bound to ``nonce``; attach its session.
 
-    async def _handshake(self, stream: FramedStream[bytes]) -> _Connection:
-        try:
-            preface = await stream.reader.readexactly(PREFACE_SIZE)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                check_partial_preface(exc.partial, "client")
-            raise ConnectionLost("the client closed the connection during the handshake") from exc
-        try:
-            version = check_preface(preface, "client")
-        except ProtocolError:
-            if looks_like_http(preface):
-                await _answer_http(stream)
-            raise
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        stream.writer.write(make_preface(nonce))
-        if version != VERSION:
-            raise self._refuse(
-                stream,
-                RejectReason.UNSUPPORTED_VERSION,
-                f"client speaks session protocol version {version}; this server speaks {VERSION}",
-            )
-        try:
-            hello = decode_message(await stream.recv())
-        except FrameTooLarge as exc:
-            raise ProtocolError(
-                f"the client's first message is over the {MAX_HANDSHAKE_MESSAGE} bytes a "
-                f"connection may send before its handshake completes ({exc}); closed "
-                "before reading it"
-            ) from None
+        Returns the future of the connection's end. Raises :class:`_Refused`
+        once a REJECT is written.
+        """
+        if isinstance(hello, Reject):  # the handshake refused it itself
+            raise self._refused(stream, hello)
+        if stream.is_closing():
+            # Then no session is registered, which nothing would ever expire.
+            raise ConnectionLost("the client closed the connection during the handshake")
         if isinstance(hello, HelloNew):
-            return self._new_session(stream, hello)
-        if isinstance(hello, HelloResume):
-            return self._resume_session(stream, nonce, hello)
-        raise self._refuse(
-            stream, RejectReason.MALFORMED, f"expected a HELLO, got {type(hello).__name__}"
-        )
+            session = self._new_session(stream, handshake)
+            peer_received = 0
+        else:
+            session = self._resumed_session(stream, handshake, hello, nonce)
+            peer_received = hello.received
+        handshake.accept(session.core.welcome())
+        _write(stream, handshake.data_to_send())
+        closed = session.attach(stream, peer_received, hello.limits, handshake.rest)
+        if session.handler_task is None:
+            task = asyncio.create_task(self._run_handler(session))
+            session.handler_task = task
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        return closed
 
-    def _new_session(self, stream: FramedStream[bytes], hello: HelloNew) -> _Connection:
+    def _new_session(
+        self, stream: FramedStream[bytes], handshake: ServerHandshake
+    ) -> ServerSession:
         if self._closing_since is not None:
-            raise self._refuse(stream, RejectReason.BUSY, "the server is shutting down")
+            raise self._refuse(stream, handshake, RejectReason.BUSY, "the server is shutting down")
         if len(self._sessions) >= self._max_sessions:
             raise self._refuse(
-                stream, RejectReason.BUSY, f"the server holds max_sessions={self._max_sessions}"
+                stream,
+                handshake,
+                RejectReason.BUSY,
+                f"the server holds max_sessions={self._max_sessions}",
             )
         session_id = secrets.token_bytes(SESSION_ID_SIZE)
         token = secrets.token_bytes(TOKEN_SIZE)
-        # Raises ConnectionLost if the client is gone already: then no
-        # session is registered, which nothing would ever expire.
-        stream.send_nowait(self._welcome(False, session_id, 0, token).encode())
-        session = ServerSession(session_id, token, self.settings, self)
+        clock = asyncio.get_running_loop().time
+        core = SessionCore(session_id, token, self.settings, client=False, clock=clock)
+        session = ServerSession(core, self)
         self._sessions[session_id] = session
-        conn = session._attach(stream, 0, hello.limits)
-        task = asyncio.create_task(self._run_handler(session))
-        session.handler_task = task
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-        return conn
+        return session
 
-    def _resume_session(
-        self, stream: FramedStream[bytes], nonce: bytes, hello: HelloResume
-    ) -> _Connection:
+    def _resumed_session(
+        self,
+        stream: FramedStream[bytes],
+        handshake: ServerHandshake,
+        hello: HelloResume,
+        nonce: bytes,
+    ) -> ServerSession:
         session = self._sessions.get(hello.session_id)
         if session is None or session.closed:
             reason, message = self._ended.get(
                 hello.session_id,
                 (RejectReason.UNKNOWN_SESSION, f"no session {hello.session_id.hex()}"),
             )
-            raise self._refuse(stream, reason, message)
-        if not session._check_proof(nonce, hello.received, hello.proof):
-            raise self._refuse(
-                stream, RejectReason.BAD_TOKEN, f"wrong token for session {session.id}"
-            )
-        try:
-            session._send_state.check_replay(hello.received)
-        except ResumeRejected as exc:
-            raise self._refuse(stream, RejectReason.BAD_OFFSET, str(exc)) from None
-        welcome = self._welcome(True, session._id, session._recv_state.received)
-        stream.send_nowait(welcome.encode())
-        return session._attach(stream, hello.received, hello.limits)
+            raise self._refuse(stream, handshake, reason, message)
+        reject = session.core.check_resume(hello, nonce)
+        if reject is not None:
+            raise self._refuse(stream, handshake, reject.reason, reject.message)
+        return session
 
-    def _welcome(
-        self, present: bool, session_id: bytes, received: int, token: bytes = b""
-    ) -> Welcome:
-        """A WELCOME announcing our max_frame and receive window."""
-        return Welcome(present, session_id, received, token, self.settings.announced())
+    def _refuse(
+        self,
+        stream: FramedStream[bytes],
+        handshake: ServerHandshake,
+        reason: RejectReason,
+        message: str,
+    ) -> _Refused:
+        return self._refused(stream, handshake.reject(reason, message), handshake)
+
+    @staticmethod
+    def _refused(
+        stream: FramedStream[bytes], reject: Reject, handshake: ServerHandshake | None = None
+    ) -> _Refused:
+        """Log ``reject``, queued already; write what the handshake owes the client."""
+        logger.warning(
+            "refused session handshake from %s (%s): %s",
+            stream.peername,
+            reject.reason.name,
+            reject.message,
+        )
+        if handshake is not None:
+            _write(stream, handshake.data_to_send())
+        return _Refused(reject.message)
 
 
-_HTTP_BODY = b"This port speaks the streamkit session protocol, not HTTP.\n"
-_HTTP_REPLY = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_HTTP_BODY), _HTTP_BODY)
-)
-#: How long an HTTP client's request head may take to arrive before the answer.
-_HTTP_READ_TIMEOUT = 1.0
+def _write(stream: FramedStream[bytes], parts: list[bytes]) -> None:
+    sender = stream.sender
+    for part in parts:
+        sender.buffer += part
+    sender.flush()
 
 
-async def _answer_http(stream: FramedStream[bytes]) -> None:
-    """Tell an HTTP client, in HTTP, that this is a session port."""
-    # Read the request head first: closing with it unread would reset the
-    # connection, and the answer would be lost.
-    with contextlib.suppress(
-        TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError
-    ):
-        async with asyncio.timeout(_HTTP_READ_TIMEOUT):
-            await stream.reader.readuntil(b"\r\n\r\n")
-    stream.writer.write(_HTTP_REPLY)
+async def _read_hello(
+    stream: FramedStream[bytes], handshake: ServerHandshake
+) -> HelloNew | HelloResume | Reject:
+    """Read the client's preface and hello (or what the handshake refuses itself)."""
+    try:
+        while True:
+            if handshake.http:
+                # An HTTP client: its request head is read before the answer,
+                # or closing with it unread would reset the connection.
+                try:
+                    async with asyncio.timeout(_HTTP_READ_TIMEOUT):
+                        data = await stream.read_bytes()
+                except TimeoutError:
+                    data = b""
+            else:
+                data = await stream.read_bytes()
+            if not data:
+                raise handshake.receive_eof()
+            hello = handshake.receive_data(data)
+            if hello is not None:
+                return hello
+            _write(stream, handshake.data_to_send())  # the server's preface
+    finally:
+        _write(stream, handshake.data_to_send())  # a reject, or the answer to HTTP
 
 
 def serve_resumable_endpoint(
