@@ -29,7 +29,9 @@ from streamkit.errors import (
 if TYPE_CHECKING:
     from streamkit.net import Connector, Server, connect, connect_unix, serve, serve_unix
     from streamkit.session import (
+        ClientSession,
         ResumableServer,
+        ServerSession,
         Session,
         SessionSettings,
         SessionStats,
@@ -48,7 +50,9 @@ _LAZY = {
     ),
     **dict.fromkeys(
         (
+            "ClientSession",
             "ResumableServer",
+            "ServerSession",
             "Session",
             "SessionSettings",
             "SessionStats",
@@ -91,6 +95,7 @@ __version__ = "0.1.0"
 logging.getLogger("streamkit").addHandler(logging.NullHandler())
 
 __all__ = [
+    "ClientSession",
     "Codec",
     "ConnectionLost",
     "Connector",
@@ -108,6 +113,7 @@ __all__ = [
     "ResumableServer",
     "ResumeRejected",
     "Server",
+    "ServerSession",
     "Session",
     "SessionError",
     "SessionExpired",

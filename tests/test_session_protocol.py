@@ -22,19 +22,14 @@ from streamkit.session.protocol import (
     ReceiveLimits,
     Welcome,
     decode_message,
-    encode_data_header,
     guess_protocol,
 )
+from tests._sessions import data_frame, frame
 
 LIMIT = 1 << 20
 
 
-def frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
-
-
-def data(offset: int, payload: bytes) -> bytes:
-    return frame(encode_data_header(offset) + payload)
+data = data_frame
 
 
 def feed_all(decoder: MessageDecoder, chunks: list[bytes]) -> list[bytes | Message]:

@@ -38,10 +38,14 @@ def test_the_main_names_of_every_layer_are_exported_from_the_package() -> None:
     assert streamkit.connect_resumable is streamkit.session.connect_resumable
 
 
-def test_codec_modules_do_not_import_asyncio_at_module_level() -> None:
-    codec_dir = Path(streamkit.__file__).parent / "codecs"
-    modules = sorted(codec_dir.glob("*.py"))
-    assert len(modules) >= 4
+#: Modules that are sans-IO: importing them, and what they import, loads no asyncio.
+SANS_IO = ("session/protocol.py", "session/core.py", "session/settings.py", "hub/protocol.py")
+
+
+def test_sans_io_modules_do_not_import_asyncio_at_module_level() -> None:
+    package = Path(streamkit.__file__).parent
+    modules = sorted((package / "codecs").glob("*.py")) + [package / name for name in SANS_IO]
+    assert len(modules) >= 8
     for module in modules:
         tree = ast.parse(module.read_text())
         for node in tree.body:  # module level only; TYPE_CHECKING blocks are fine
@@ -59,6 +63,36 @@ def test_importing_the_codecs_loads_no_asyncio() -> None:
         "streamkit.JsonLines().decoder().feed(b'[1]\\n')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'))\n"
         "streamkit.connect\n"  # the asyncio layers load on first use
+        "print('asyncio' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+@pytest.mark.parametrize("module", SANS_IO)
+def test_loading_a_sans_io_module_loads_no_asyncio(module: str) -> None:
+    """The module alone, by its file (its package's ``__init__`` may load the asyncio parts)."""
+    path = Path(streamkit.__file__).parent / module
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('probe', {str(path)!r})\n"
+        "module = sys.modules['probe'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
+
+
+def test_importing_the_session_package_and_its_sans_io_parts_loads_no_asyncio() -> None:
+    code = (
+        "import sys, streamkit.session, streamkit.session.core, streamkit.session.protocol\n"
+        "core = streamkit.session.core.SessionCore(\n"
+        "    bytes(16), bytes(32), streamkit.session.SessionSettings(), client=True)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'))\n"
+        "streamkit.session.connect_resumable  # the asyncio parts load on first use\n"
         "print('asyncio' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

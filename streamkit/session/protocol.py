@@ -55,7 +55,6 @@ __all__ = [
     "check_partial_preface",
     "check_preface",
     "decode_message",
-    "encode_data_header",
     "guess_protocol",
     "looks_like_http",
     "make_preface",
@@ -286,11 +285,6 @@ class CloseAck:
 
 
 Message = HelloNew | HelloResume | Welcome | Reject | Data | Ack | Ping | Pong | Close | CloseAck
-
-
-def encode_data_header(offset: int) -> bytes:
-    """The first 9 bytes of a ``DATA`` body; the payload follows."""
-    return DATA_HEADER.pack(MessageType.DATA, offset)
 
 
 def make_preface(nonce: bytes = b"") -> bytes:
