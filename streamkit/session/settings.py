@@ -69,7 +69,9 @@ class SessionSettings:
       and the peer's queue. A peer that sends past our window has its
       connection closed with a :class:`ProtocolError`.
     - ``ack_every`` (frames) and ``ack_delay`` (seconds): acks are coalesced,
-      sent after that many frames or that long, whichever comes first.
+      sent after that many frames or that long, whichever comes first; and
+      once a quarter of the byte window (or of a frame window under
+      ``4 * ack_every``) was received or consumed.
     - ``keepalive_interval`` / ``keepalive_timeout``: a ping every interval;
       a connection silent for the timeout is dropped (half-open) and resumed.
     - ``resume_timeout``: how long a server keeps a detached session.
