@@ -171,7 +171,7 @@ def test_a_new_session_opens_through_both_handshakes_at_any_split() -> None:
     # Each keeps to the smaller of its own and the peer's announced limits.
     assert client.max_frame == server.max_frame == 1000
     assert client.send_window == (10, 8 * 1024 * 1024)
-    assert client.send(b"hello") and server.send(b"back")
+    assert client.send(b"hello") >= 0 and server.send(b"back") >= 0
     assert deliver(server, output(client)) == [b"hello"]
     assert deliver(client, output(server)) == [b"back"]
 
@@ -367,7 +367,7 @@ def test_a_client_welcomed_at_an_offset_it_cannot_serve_fails() -> None:
 def test_frames_go_out_in_order_and_duplicates_are_dropped_and_counted() -> None:
     core, _ = attached()
     for payload in (b"a", b"bb", b"c" * 20_000):  # the last one not copied
-        assert core.send(payload)
+        assert core.send(payload) >= 0
     parts = core.data_to_send()
     assert any(part is not None and len(part) == 20_000 for part in parts)
     wire = b"".join(bytes(p) for p in parts)
@@ -400,19 +400,21 @@ def test_a_gap_is_a_protocol_error_after_the_frames_before_it() -> None:
 def test_the_send_window_bounds_frames_and_bytes_but_one_frame_always_fits() -> None:
     core, _ = attached(peer=ReceiveLimits(max_unacked_frames=3, max_unacked_bytes=100))
     assert core.send_window == (3, 100)
-    assert [core.send(b"x" * 10) for _ in range(4)] == [True, True, True, False]
+    assert [core.send(b"x" * 10) >= 0 for _ in range(4)] == [True, True, True, False]
     assert core.send_error(10) is None  # it waits for room
     deliver(core, ack(3, 3))
-    assert core.send(bytes(1000))  # over the byte window, alone: fits
-    assert not core.send(b"")  # nothing more until it is consumed
+    assert core.send(bytes(1000)) >= 0  # over the byte window, alone: fits
+    assert core.send(b"") == -1  # nothing more until it is consumed
     deliver(core, ack(4, 4))
     assert core.held_bytes == 0
-    assert core.send(bytes(60)) and not core.send(bytes(41)) and core.send(bytes(40))
+    assert core.send(bytes(60)) >= 0
+    assert core.send(bytes(41)) == -1
+    assert core.send(bytes(40)) >= 0
 
 
 def test_a_frame_over_either_max_frame_is_refused_naming_the_smaller() -> None:
     core, _ = attached(peer=ReceiveLimits(max_frame=100), max_frame=200)
-    assert not core.send(bytes(101))
+    assert core.send(bytes(101)) == -1
     error = core.send_error(101)
     assert isinstance(error, FrameTooLarge)
     assert str(error) == "frame of 101 bytes exceeds the peer's max_frame=100"
@@ -677,7 +679,7 @@ def test_close_waits_for_every_frame_to_be_received_then_sends_close() -> None:
     output(core)
     core.close()
     assert core.state is State.CLOSING
-    assert not core.send(b"b")
+    assert core.send(b"b") == -1
     assert str(core.send_error(1)) == "cannot send: the session is closing"
     assert sent(core) == []  # frame 0 not yet received by the peer
     core.receive_data(data(0, b"in") + ack(1, 0))
@@ -746,7 +748,7 @@ def test_abort_fails_the_session_and_frees_its_buffers() -> None:
     assert core.state is State.FAILED and not core.queue and core.held_bytes == 0
     error = core.send_error(1)
     assert isinstance(error, SessionError) and "aborted" in str(error)
-    assert not core.send(b"x")
+    assert core.send(b"x") == -1
 
 
 # -- exactly once, in order, under any chunking and cuts ------------------------------------
@@ -821,7 +823,7 @@ def test_exactly_once_in_order_under_random_chunking_and_cuts(
         direction = rng.choice(("up", "down"))
         sender, receiver = cores[direction]
         if step < 0.3 and queues[direction]:
-            if sender.send(queues[direction][0]):
+            if sender.send(queues[direction][0]) >= 0:
                 queues[direction].pop(0)
         elif step < 0.7:
             link.pump(direction)

@@ -83,6 +83,8 @@ class ClientSession(Session):
     server refuses the resume.
     """
 
+    __slots__ = ("_delays", "_opener", "_random", "_reconnect_task")
+
     def __init__(self, core: SessionCore, opener: Opener) -> None:
         super().__init__(core, on_detached=self._reconnect_soon, on_ended=self._stop_reconnecting)
         self._opener = opener

@@ -163,6 +163,71 @@ class SessionCore:
     the ``ack_delay`` timer; every other time is passed in.
     """
 
+    __slots__ = (
+        "_ack_at",
+        "_ack_bytes",
+        "_ack_frames",
+        "_acked_bytes_consumed",
+        "_acked_bytes_received",
+        "_acked_consumed",
+        "_acked_received",
+        "_byte_target",
+        "_clock",
+        "_connections",
+        "_consumed",
+        "_credit_bytes",
+        "_credit_frames",
+        "_decoder",
+        "_expire_at",
+        "_frame_target",
+        "_frames",
+        "_head",
+        "_heard",
+        "_last_heard",
+        "_mark_bytes",
+        "_mark_offsets",
+        "_messages_seen",
+        "_out",
+        "_parts",
+        "_parts_bytes",
+        "_payload_bytes_seen",
+        "_ping_at",
+        "_progress_marks",
+        "_recv_bytes",
+        "_recv_frames",
+        "_released_bytes",
+        "_replayed",
+        "_retry_at",
+        "_send_limit",
+        "_small_limit",
+        "_window_bytes",
+        "_window_frames",
+        "_written",
+        "ack_low_water",
+        "acknowledged",
+        "attached",
+        "bytes_received",
+        "client",
+        "close_sent",
+        "detach_reason",
+        "dropped",
+        "duplicates",
+        "failure",
+        "last_dropped",
+        "max_frame",
+        "messages_received",
+        "next_offset",
+        "peer_closed",
+        "pongs",
+        "queue",
+        "received",
+        "reconnect_at_once",
+        "session_id",
+        "settings",
+        "state",
+        "token",
+    )
+
     def __init__(
         self,
         session_id: bytes,
@@ -194,22 +259,29 @@ class SessionCore:
 
         # -- sending: the replay buffer is _frames[_head:], frames _consumed.. --
         self.max_frame = settings.max_frame  # ours, then the smaller of ours and the peer's
-        # The largest payload send() takes: max_frame, or -1 once not sending.
+        # The largest payload send() takes: max_frame, or -1 once not sending;
+        # frames under _small_limit take the hot path (it is 0 while it cannot).
         self._send_limit = settings.max_frame
+        self._small_limit = min(settings.max_frame + 1, _LARGE_PAYLOAD)
         self._window_frames = settings.max_unacked_frames
         self._window_bytes = settings.max_unacked_bytes
+        # Room left in the window: the window less the frames and bytes held
+        # (the bytes' may go below 0: one frame of any size fits an empty window).
+        self._credit_frames = self._window_frames
+        self._credit_bytes = self._window_bytes
         self.next_offset = 0
         self.acknowledged = 0  # the peer received every frame below this
         self._consumed = 0  # the peer consumed every frame below this: the first held
         self._frames: list[bytes] = []
         self._head = 0
-        self._held_bytes = 0
         self._released_bytes = 0
         self._written = 0  # frames below this were handed to a connection
-        self._out = bytearray()
+        # What data_to_send() returns next: large payloads as they are in
+        # _parts (their bytes counted in _parts_bytes), the rest in _out. No
+        # output while detached (_out is None).
+        self._out: bytearray | None = None
         self._parts: list[bytes | bytearray | memoryview] = []
-        #: Bytes queued for data_to_send(), for the glue's write-size decisions.
-        self.unsent = 0
+        self._parts_bytes = 0
 
         # -- receiving ----------------------------------------------------------
         #: Payloads received and not yet consumed by the application.
@@ -282,7 +354,7 @@ class SessionCore:
     @property
     def held_bytes(self) -> int:
         """Payload bytes held for replay (sent, not yet consumed by the peer)."""
-        return self._held_bytes
+        return self._window_bytes - self._credit_bytes
 
     @property
     def send_window(self) -> tuple[int, int]:
@@ -295,7 +367,7 @@ class SessionCore:
             connections=self._connections,
             reconnects=max(0, self._connections - 1),
             frames_sent=self.next_offset,
-            bytes_sent=self._released_bytes + self._held_bytes,
+            bytes_sent=self._released_bytes + self.held_bytes,
             frames_received=self.received,
             bytes_received=self.bytes_received,
             frames_replayed=self._replayed,
@@ -367,8 +439,12 @@ class SessionCore:
         self.max_frame = min(settings.max_frame, peer.max_frame)
         if self._send_limit >= 0:
             self._send_limit = self.max_frame
-        self._window_frames = min(settings.max_unacked_frames, peer.max_unacked_frames)
-        self._window_bytes = min(settings.max_unacked_bytes, peer.max_unacked_bytes)
+            self._small_limit = min(self.max_frame + 1, _LARGE_PAYLOAD)
+        frames = min(settings.max_unacked_frames, peer.max_unacked_frames)
+        size = min(settings.max_unacked_bytes, peer.max_unacked_bytes)
+        self._credit_frames += frames - self._window_frames
+        self._credit_bytes += size - self._window_bytes
+        self._window_frames, self._window_bytes = frames, size
         # The peer's send window is at most ours and its own: ack every
         # quarter of it, so a sender never waits on ack_delay with room to go.
         self._ack_frames = max(
@@ -385,7 +461,7 @@ class SessionCore:
         self._expire_at = None
         self._out = bytearray()
         self._parts = []
-        self.unsent = 0
+        self._parts_bytes = 0
         # Replayed: frames handed to an earlier connection that the peer
         # lacks. Frames sent while detached go out for the first time.
         self._replayed += max(0, self._written - peer_received)
@@ -417,9 +493,9 @@ class SessionCore:
         self.attached = False
         self.detach_reason = reason
         self._decoder = None
-        self._out = bytearray()
+        self._out = None
         self._parts = []
-        self.unsent = 0
+        self._parts_bytes = 0
         self._ping_at = None
         self._ack_at = None
         self.ack_low_water = -1
@@ -456,35 +532,54 @@ class SessionCore:
 
     # -- sending -------------------------------------------------------------------
 
-    def send(self, payload: bytes) -> bool:
+    def send(self, payload: bytes) -> int:
         """Hold ``payload`` (immutable ``bytes``) as the next frame and queue it.
 
-        Returns False, holding nothing, when it cannot be sent now: over
-        :attr:`max_frame`, the send window full (one frame of any size fits
-        an empty window), or the session not sending; :meth:`send_error`
-        tells those apart.
+        Returns about how many bytes ``data_to_send()`` has now (0 while
+        detached; a small frame after a large one is not counted with it),
+        for the glue's write-size decisions. Returns -1, holding nothing,
+        when it cannot be sent now: over :attr:`max_frame`, the send window
+        full (one frame of any size fits an empty window), or the session
+        not sending; :meth:`send_error` tells those apart.
         """
         size = len(payload)
+        credit = self._credit_bytes - size
+        if size < self._small_limit and credit >= 0 and self._credit_frames > 0:
+            # The hot path: a small frame, in the window, while sending.
+            self._credit_bytes = credit
+            self._credit_frames -= 1
+            self._frames.append(payload)
+            offset = self.next_offset
+            self.next_offset = offset + 1
+            out = self._out
+            if out is None:
+                return 0
+            out += _PACK_DATA(size + 9, _DATA, offset)
+            out += payload
+            return len(out)
         if size > self._send_limit:
-            return False
-        frames = self._frames
-        held = len(frames) - self._head
-        held_bytes = self._held_bytes + size
-        if held and (held_bytes > self._window_bytes or held >= self._window_frames):
-            return False
-        frames.append(payload)
-        self._held_bytes = held_bytes
+            return -1
+        if (credit < 0 or self._credit_frames <= 0) and self._head != len(self._frames):
+            return -1  # full (an empty window takes one frame of any size)
+        self._credit_bytes = credit
+        self._credit_frames -= 1
+        self._frames.append(payload)
         offset = self.next_offset
         self.next_offset = offset + 1
-        if self.attached:
-            self.unsent += size + 13
-            if size < _LARGE_PAYLOAD:
-                out = self._out
-                out += _PACK_DATA(size + 9, _DATA, offset)
-                out += payload
-            else:
-                self._queue_large(offset, payload)
-        return True
+        out = self._out
+        if out is None:
+            return 0
+        if size < _LARGE_PAYLOAD:
+            out += _PACK_DATA(size + 9, _DATA, offset)
+            out += payload
+            return len(out)
+        return self._queue_large(offset, payload)
+
+    @property
+    def unsent(self) -> int:
+        """How many bytes ``data_to_send()`` has now."""
+        out = self._out
+        return 0 if out is None else len(out) + self._parts_bytes
 
     def send_error(self, size: int) -> StreamkitError | None:
         """Why a frame of ``size`` bytes cannot be sent, or None if it waits for the window."""
@@ -501,30 +596,34 @@ class SessionCore:
             return SessionError("cannot send: the session is closing")
         return None
 
-    def _queue_large(self, offset: int, payload: bytes) -> None:
+    def _queue_large(self, offset: int, payload: bytes) -> int:
         out = self._out
+        assert out is not None
         out += _PACK_DATA(len(payload) + 9, _DATA, offset)
         self._parts += (out, payload)
+        self._parts_bytes += len(out) + len(payload)
         self._out = bytearray()
+        return self._parts_bytes
 
     def _queue_frames(self, start: int) -> None:
         """Queue the held frames from offset ``start`` on (a replay)."""
         offset = start
         for payload in self._frames[self._head + start - self._consumed :]:
             size = len(payload)
+            out = self._out
+            assert out is not None
             if size < _LARGE_PAYLOAD:
-                out = self._out
                 out += _PACK_DATA(size + 9, _DATA, offset)
                 out += payload
             else:
                 self._queue_large(offset, payload)
-            self.unsent += size + 13
             offset += 1
 
     def _queue(self, message: bytes) -> None:
         """Queue a framed control message (after every frame queued before it)."""
-        self._out += message
-        self.unsent += len(message)
+        out = self._out
+        if out is not None:
+            out += message
 
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """The bytes due on the connection, in order: for one ``writelines``.
@@ -539,12 +638,12 @@ class SessionCore:
                 parts.append(out)
                 self._out = bytearray()
             self._parts = []
+            self._parts_bytes = 0
         elif out:
             parts = [out]
             self._out = bytearray()
         else:
             return parts
-        self.unsent = 0
         self._written = self.next_offset
         return parts
 
@@ -671,7 +770,8 @@ class SessionCore:
                 del frames[:stop]
                 stop = 0
             self._head = stop
-            self._held_bytes -= released
+            self._credit_bytes += released
+            self._credit_frames += consumed - self._consumed
             self._released_bytes += released
             self._consumed = consumed
         if self.state is State.CLOSING:
@@ -899,7 +999,7 @@ class SessionCore:
         if self.ended or self.state is State.CLOSING:
             return
         self.state = State.CLOSING
-        self._send_limit = -1
+        self._send_limit = self._small_limit = -1
         self._maybe_send_close()
 
     def _maybe_send_close(self) -> None:
@@ -933,10 +1033,10 @@ class SessionCore:
             return
         self.failure = error
         self.queue.clear()
-        self._released_bytes += self._held_bytes
+        self._released_bytes += self.held_bytes
         self._frames = []
         self._head = 0
-        self._held_bytes = 0
+        self._credit_frames, self._credit_bytes = self._window_frames, self._window_bytes
         self._end(State.FAILED)
 
     def abort(self) -> None:
@@ -945,7 +1045,7 @@ class SessionCore:
 
     def _end(self, state: State) -> None:
         self.state = state
-        self._send_limit = -1
+        self._send_limit = self._small_limit = -1
         self._expire_at = self._retry_at = None
         self._ack_at = None
 

@@ -102,6 +102,8 @@ _LENGTH = struct.Struct(">I")
 _DATA_BYTE = 0x10
 #: Wire bytes of a DATA message before its payload: length, type, offset.
 _DATA_PREFIX = FRAMED_DATA_HEADER.size
+#: Stands in for the view of a bytes buffer, which needs none.
+_NO_VIEW = memoryview(b"")
 
 
 class MessageType(IntEnum):
@@ -473,7 +475,10 @@ class MessageDecoder(Decoder["bytes | Message"]):
         unpack_data = FRAMED_DATA_HEADER.unpack_from
         # Locals, not globals, in the loop that runs once per frame.
         data_byte, data_prefix, min_data = _DATA_BYTE, _DATA_PREFIX, DATA_HEADER.size
-        view = memoryview(buf)
+        # Payloads are sliced out of a bytes buffer (the fed chunk itself)
+        # directly, else out of a view: one copy either way.
+        whole = buf if type(buf) is bytes else None
+        view = memoryview(buf) if whole is None else _NO_VIEW
         try:
             while True:
                 if end - pos >= data_prefix:
@@ -489,15 +494,19 @@ class MessageDecoder(Decoder["bytes | Message"]):
                 if stop > end:
                     break
                 if kind == data_byte and offset == expected and size >= min_data:
-                    append(view[pos + data_prefix : stop].tobytes())
+                    if whole is not None:
+                        append(whole[pos + data_prefix : stop])
+                    else:
+                        append(view[pos + data_prefix : stop].tobytes())
                     expected += 1
                 else:
-                    append(self._message(view[pos + 4 : stop].tobytes(), expected))
+                    append(self._message(bytes(buf[pos + 4 : stop]), expected))
                     self.messages += 1
                     other_bytes += stop - pos
                 pos = stop
         finally:
-            view.release()
+            if whole is None:
+                view.release()
             self._pos = pos
             self.payload_bytes += (
                 pos - start - other_bytes - data_prefix * (expected - self.expected)

@@ -77,6 +77,8 @@ class ServerSession(Session):
     ended session must not count towards ``max_sessions``.
     """
 
+    __slots__ = ("_server", "handler_task")
+
     def __init__(self, core: SessionCore, server: ResumableServer) -> None:
         super().__init__(core, on_ended=self._unregister)
         self._server = server

@@ -74,6 +74,22 @@ class Session:
     the connect and serve sides, which hand it connections.
     """
 
+    __slots__ = (
+        "_conn",
+        "_core",
+        "_ended",
+        "_loop",
+        "_on_detached",
+        "_on_ended",
+        "_progress",
+        "_queue",
+        "_readable",
+        "_sender",
+        "_timer",
+        "_timer_at",
+        "settings",
+    )
+
     def __init__(
         self,
         core: SessionCore,
@@ -146,11 +162,12 @@ class Session:
         if type(payload) is not bytes:
             payload = bytes(payload)  # the replay buffer must not change under us
         core = self._core
-        if not core.send(payload):
+        unsent = core.send(payload)
+        if unsent < 0:
             await self._send_slowly(payload)
+            unsent = core.unsent
         sender = self._sender
         if sender is not None:
-            unsent = core.unsent
             if sender.gathering and unsent < sender.flush_at:
                 return  # goes out with the rest of this turn's writes
             if sender.wrote(unsent):
@@ -170,7 +187,7 @@ class Session:
                 raise error
             self._progress.clear()
             await self._progress.wait()
-            if core.send(payload):
+            if core.send(payload) >= 0:
                 return
 
     async def recv(self, timeout: float | None = None) -> bytes:
