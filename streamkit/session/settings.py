@@ -68,10 +68,13 @@ class SessionSettings:
       frame of any size fits an empty one); it bounds the replay buffer
       and the peer's queue. A peer that sends past our window has its
       connection closed with a :class:`ProtocolError`.
-    - ``ack_every`` (frames) and ``ack_delay`` (seconds): acks are coalesced,
-      sent after that many frames or that long, whichever comes first; and
-      once a quarter of the byte window (or of a frame window under
-      ``4 * ack_every``) was received or consumed.
+    - ``ack_every`` (frames; default a quarter of the default frame
+      window) and ``ack_delay`` (seconds): acks are coalesced, sent after
+      that many frames or that long, whichever comes first; and once a
+      quarter of the byte window (or of a frame window under
+      ``4 * ack_every``) was received or consumed. An ack is a write on one
+      side and a wakeup on the other: for flow control a quarter of the
+      window is enough.
     - ``keepalive_interval`` / ``keepalive_timeout``: a ping every interval;
       a connection silent for the timeout is dropped (half-open) and resumed.
     - ``resume_timeout``: how long a server keeps a detached session.
@@ -86,7 +89,7 @@ class SessionSettings:
     max_frame: int = DEFAULT_MAX_FRAME
     max_unacked_frames: int = DEFAULT_MAX_UNACKED_FRAMES
     max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
-    ack_every: int = 64
+    ack_every: int = 1024
     ack_delay: float = 0.01
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 15.0
