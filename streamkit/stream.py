@@ -600,12 +600,13 @@ class TurnWriter:
         return self._check_buffer()
 
     def write_parts(self, parts: Iterable[Buffer]) -> bool:
-        """Write one large frame now, its large parts as they are.
+        """Write ``parts`` now, in order (a large frame; a handshake's bytes).
 
-        Joining them would copy the whole payload into the buffer first;
-        the transport copies only what the socket does not take at once
-        (nothing at all on Python 3.12+). The parts must not change later.
-        Returns like :meth:`wrote`.
+        Small parts go through the buffer, large ones to the transport as
+        they are: joining them would copy a large payload into the buffer
+        first; the transport copies only what the socket does not take at
+        once (nothing at all on Python 3.12+). The parts must not change
+        later. Returns like :meth:`wrote`.
         """
         for part in parts:
             if len(part) < _LARGE_SEND:

@@ -42,18 +42,11 @@ async def _open_tls(connecting: Awaitable[FramedStream[bytes]], where: str) -> F
         ) from exc
 
 
-def _write(stream: FramedStream[bytes], parts: list[bytes]) -> None:
-    sender = stream.sender
-    for part in parts:
-        sender.buffer += part
-    sender.flush()
-
-
 async def _handshake(
     stream: FramedStream[bytes], handshake: ClientHandshake
 ) -> tuple[Welcome | Reject, bytes]:
     """Run the client's handshake on ``stream``: the server's answer and the bytes after it."""
-    _write(stream, handshake.data_to_send())
+    stream.sender.write_parts(handshake.data_to_send())
     while True:
         try:
             data = await stream.read_bytes()
@@ -62,7 +55,7 @@ async def _handshake(
         if not data:
             raise handshake.receive_eof()
         answer = handshake.receive_data(data)
-        _write(stream, handshake.data_to_send())
+        stream.sender.write_parts(handshake.data_to_send())
         if answer is not None:
             return answer, handshake.rest
 

@@ -544,23 +544,12 @@ class SessionCore:
         """
         size = len(payload)
         credit = self._credit_bytes - size
-        if size < self._small_limit and credit >= 0 and self._credit_frames > 0:
-            # The hot path: a small frame, in the window, while sending.
-            self._credit_bytes = credit
-            self._credit_frames -= 1
-            self._frames.append(payload)
-            offset = self.next_offset
-            self.next_offset = offset + 1
-            out = self._out
-            if out is None:
-                return 0
-            out += _PACK_DATA(size + 9, _DATA, offset)
-            out += payload
-            return len(out)
-        if size > self._send_limit:
-            return -1
-        if (credit < 0 or self._credit_frames <= 0) and self._head != len(self._frames):
-            return -1  # full (an empty window takes one frame of any size)
+        # One compare or three on the hot path (a small frame in the window).
+        if not (size < self._small_limit and credit >= 0 and self._credit_frames > 0):
+            if size > self._send_limit:
+                return -1  # over max_frame, or not sending
+            if (credit < 0 or self._credit_frames <= 0) and self._head != len(self._frames):
+                return -1  # full (an empty window takes one frame of any size)
         self._credit_bytes = credit
         self._credit_frames -= 1
         self._frames.append(payload)

@@ -228,7 +228,7 @@ class ResumableServer(ServerBase):
             session = self._resumed_session(stream, handshake, hello, nonce)
             peer_received = hello.received
         handshake.accept(session.core.welcome())
-        _write(stream, handshake.data_to_send())
+        stream.sender.write_parts(handshake.data_to_send())
         closed = session.attach(stream, peer_received, hello.limits, handshake.rest)
         if session.handler_task is None:
             task = asyncio.create_task(self._run_handler(session))
@@ -297,15 +297,8 @@ class ResumableServer(ServerBase):
             reject.message,
         )
         if handshake is not None:
-            _write(stream, handshake.data_to_send())
+            stream.sender.write_parts(handshake.data_to_send())
         return _Refused(reject.message)
-
-
-def _write(stream: FramedStream[bytes], parts: list[bytes]) -> None:
-    sender = stream.sender
-    for part in parts:
-        sender.buffer += part
-    sender.flush()
 
 
 async def _read_hello(
@@ -329,9 +322,9 @@ async def _read_hello(
             hello = handshake.receive_data(data)
             if hello is not None:
                 return hello
-            _write(stream, handshake.data_to_send())  # the server's preface
+            stream.sender.write_parts(handshake.data_to_send())  # the server's preface
     finally:
-        _write(stream, handshake.data_to_send())  # a reject, or the answer to HTTP
+        stream.sender.write_parts(handshake.data_to_send())  # a reject, or the answer to HTTP
 
 
 def serve_resumable_endpoint(
