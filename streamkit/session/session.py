@@ -238,28 +238,22 @@ class Session:
         or :class:`SessionError` if it ends first.
         """
         core = self._core
-        while self._conn is None or core.connections <= after:
-            if core.failure is not None:
-                raise core.failure
-            if core.ended:
-                raise SessionError(f"the session is {core.state.value}")
-            self._progress.clear()
-            await self._progress.wait()
+        await self._until(
+            lambda: self._conn is not None and core.connections > after,
+            lambda: SessionError(f"the session is {core.state.value}"),
+        )
 
     async def flush(self) -> None:
         """Wait until the peer has received every frame sent so far."""
         core = self._core
         target = core.next_offset
-        while core.acknowledged < target:
-            if core.failure is not None:
-                raise core.failure
-            if core.ended:
-                raise SessionError(
-                    f"the session ended before the peer received frames "
-                    f"{core.acknowledged}..{target - 1}"
-                )
-            self._progress.clear()
-            await self._progress.wait()
+        await self._until(
+            lambda: core.acknowledged >= target,
+            lambda: SessionError(
+                f"the session ended before the peer received frames "
+                f"{core.acknowledged}..{target - 1}"
+            ),
+        )
 
     async def close(self) -> None:
         """End the session gracefully.
@@ -282,14 +276,10 @@ class Session:
             async with asyncio.timeout(self.settings.close_timeout):
                 core.close()
                 self._update()
-                while not core.ended:
-                    self._progress.clear()
-                    await self._progress.wait()
+                await self._until(lambda: core.state is State.CLOSED, lambda: SessionError())
         except BaseException:
             self.abort()
             raise
-        if core.failure is not None:
-            raise core.failure
 
     def abort(self) -> None:
         """End the session at once, without telling the peer; pending calls fail."""
@@ -312,6 +302,20 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} connected={self.connected}>"
+
+    async def _until(self, done: Callable[[], bool], ended: Callable[[], StreamkitError]) -> None:
+        """Wait, as acks, connections and the end come, until ``done()``.
+
+        Raises the session's failure, or ``ended()``, if it ends first.
+        """
+        core = self._core
+        while not done():
+            if core.failure is not None:
+                raise core.failure
+            if core.ended:
+                raise ended()
+            self._progress.clear()
+            await self._progress.wait()
 
     async def _wait_readable(self) -> None:
         core = self._core
@@ -348,7 +352,7 @@ class Session:
             stream.abort()
             self._update()
             raise
-        self._drop_connection()
+        self._let_go()
         conn = _Connection(stream)
         self._conn = conn
         sender = self._sender = conn.sender
@@ -422,13 +426,7 @@ class Session:
         if self._ended:
             return
         self._ended = True
-        conn, self._conn = self._conn, None
-        self._sender = None
-        if conn is not None:
-            conn.sender.flush()
-            conn.sender.source = None
-            conn.stream.close()
-            self._release(conn)
+        self._let_go(graceful=True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -437,17 +435,19 @@ class Session:
         if self._on_ended is not None:
             self._on_ended()
 
-    def _drop_connection(self) -> None:
-        """Let the current connection go, if any, at once."""
+    def _let_go(self, graceful: bool = False) -> None:
+        """Let the current connection go, if any: closed once what is due is sent, or aborted."""
         conn, self._conn = self._conn, None
         self._sender = None
-        if conn is not None:
-            conn.sender.source = None
+        if conn is None:
+            return
+        if graceful:
+            conn.sender.flush()
+        conn.sender.source = None
+        if graceful:
+            conn.stream.close()
+        else:
             conn.stream.abort()
-            self._release(conn)
-
-    @staticmethod
-    def _release(conn: _Connection) -> None:
         reader = conn.reader
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -457,7 +457,7 @@ class Session:
     def _connection_lost(self, conn: _Connection, reason: BaseException | None) -> None:
         if conn is not self._conn:
             return
-        self._drop_connection()
+        self._let_go()
         core = self._core
         core.detach(self._loop.time(), reason)
         if core.ended:
