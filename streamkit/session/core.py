@@ -143,8 +143,8 @@ class SessionCore:
     included) and :meth:`detach` when a connection ends. In between:
 
     - ``send(payload)`` holds a frame for replay and queues its bytes, or
-      returns False (window full, over ``max_frame``, or no longer
-      sending: :meth:`send_error` says which);
+      returns -1 (window full, over ``max_frame``, or no longer sending:
+      :meth:`send_error` says which);
     - ``receive_data(data)`` takes bytes read from the connection, appends
       new payloads to :attr:`queue` (the application pops them from the
       left; it calls :meth:`on_consumed` whenever ``len(queue)`` is at or
@@ -160,7 +160,8 @@ class SessionCore:
     After a call that may change it, the glue looks at :attr:`state` (and
     :attr:`attached`: the core detaches itself from a connection that went
     silent for ``keepalive_timeout``). ``clock`` (seconds, monotonic) starts
-    the ``ack_delay`` timer; every other time is passed in.
+    the ``ack_delay`` timer; every other time is passed in. The glue and its
+    users read the public attributes; only the core's methods change them.
     """
 
     __slots__ = (
@@ -260,7 +261,7 @@ class SessionCore:
         # -- sending: the replay buffer is _frames[_head:], frames _consumed.. --
         self.max_frame = settings.max_frame  # ours, then the smaller of ours and the peer's
         # The largest payload send() takes: max_frame, or -1 once not sending;
-        # frames under _small_limit take the hot path (it is 0 while it cannot).
+        # frames under _small_limit take the hot path (-1 too once not sending).
         self._send_limit = settings.max_frame
         self._small_limit = min(settings.max_frame + 1, _LARGE_PAYLOAD)
         self._window_frames = settings.max_unacked_frames
@@ -335,11 +336,6 @@ class SessionCore:
     def ended(self) -> bool:
         """Whether the session is over (closed by either side, or failed)."""
         return self.state is State.CLOSED or self.state is State.FAILED
-
-    @property
-    def sending(self) -> bool:
-        """Whether ``send`` takes new frames (open, not closing, the peer not closed)."""
-        return self._send_limit >= 0
 
     @property
     def connections(self) -> int:
