@@ -119,6 +119,8 @@ class ClientSession(Session):
                 await self._resume_once()
             except (OSError, TimeoutError, ProtocolError, ConnectionLost) as exc:
                 core.resume_failed(exc)
+            except SessionError:
+                return  # the welcome could not be served: the session failed with it
 
     async def _resume_once(self) -> None:
         core = self.core
