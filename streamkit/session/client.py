@@ -14,8 +14,8 @@ from streamkit.errors import ConnectionLost, ProtocolError, SessionError
 from streamkit.net import Connector, Endpoint, connect_endpoint
 from streamkit.session.core import ClientHandshake, SessionCore, SessionFinished, rejection_error
 from streamkit.session.protocol import HelloNew, Reject, Welcome
-from streamkit.session.session import Session, SessionOptions, SessionSettings
-from streamkit.session.settings import resolve_settings
+from streamkit.session.session import Session
+from streamkit.session.settings import SessionOptions, SessionSettings, resolve_settings
 from streamkit.stream import FramedStream
 
 __all__ = ["ClientSession", "connect_resumable", "connect_resumable_unix"]

@@ -41,8 +41,8 @@ from streamkit.session.protocol import (
     Reject,
     RejectReason,
 )
-from streamkit.session.session import Session, SessionOptions, SessionSettings
-from streamkit.session.settings import resolve_settings
+from streamkit.session.session import Session
+from streamkit.session.settings import SessionOptions, SessionSettings, resolve_settings
 from streamkit.stream import FramedStream
 
 __all__ = ["ResumableServer", "ServerSession", "serve_resumable", "serve_resumable_unix"]

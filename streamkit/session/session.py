@@ -30,15 +30,10 @@ from streamkit.errors import (
 )
 from streamkit.session.core import SessionCore, State
 from streamkit.session.protocol import ReceiveLimits, Reject
-from streamkit.session.settings import (
-    Backoff,
-    SessionOptions,
-    SessionSettings,
-    SessionStats,
-)
+from streamkit.session.settings import SessionSettings, SessionStats
 from streamkit.stream import FramedStream, TurnWriter
 
-__all__ = ["Backoff", "Session", "SessionOptions", "SessionSettings", "SessionStats"]
+__all__ = ["Session"]
 
 logger = logging.getLogger("streamkit.session")
 
@@ -497,23 +492,20 @@ class Session:
                     deadline = core.next_deadline()
                     if deadline is not None and deadline < self._timer_at:
                         self._arm()
-                missing = core.missing()
-                if missing:
-                    # A large payload: read the rest of it in one piece (it
-                    # is never copied through a buffer), then just the next
-                    # header, so that a large payload after it comes whole too.
+                # A large payload's rest is read in one piece (never copied
+                # through a buffer), then just the next header, so that a
+                # large payload after it comes whole too.
+                want = core.missing()
+                if want:
                     large = True
-                    data = await stream.read_exactly(missing)
-                    if len(data) < missing:
-                        raise IncompleteFrame("the connection ended inside a message")
-                    continue
-                header = core.header_missing() if large else 0
-                if header:
-                    data = await stream.read_exactly(header)
-                    if len(data) < header:
+                elif large:
+                    want = core.header_missing()
+                    large = bool(want)
+                if want:
+                    data = await stream.read_exactly(want)
+                    if len(data) < want:
                         raise IncompleteFrame("the connection ended inside a message")
                 else:
-                    large = False
                     data = await stream.read_bytes()
                     if not data:
                         raise EndOfStream("the peer closed the connection")
