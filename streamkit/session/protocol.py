@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from streamkit._units import MiB
-from streamkit.codecs import Decoder
+from streamkit.codecs import Buffer, Decoder
 from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError
 
 __all__ = [
