@@ -390,41 +390,6 @@ class FramedStream(Closable, Generic[FrameT]):
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def read_bytes(self, size: int = _READ_SIZE) -> bytes:
-        """Bytes as they come, for a layer above that parses them itself.
-
-        First what this stream received and did not return as frames (its
-        decoder's buffer), then up to ``size`` bytes per call, as soon as any
-        are in. ``b""`` at the end of the stream. Raises
-        :class:`ConnectionLost` if the connection breaks. Frames are not
-        read any more once bytes are (``recv`` would see what comes next).
-        """
-        if self._frames or self._decoder.buffered:
-            rest = self._decoder.take_buffered(frames=len(self._frames))
-            self._frames = []
-            if rest:
-                return rest
-        self._sender.turn_ended()
-        try:
-            return await self._reader.read(size)
-        except (ConnectionError, OSError) as exc:
-            raise ConnectionLost(f"connection lost: {exc!r}") from exc
-
-    async def read_exactly(self, size: int) -> bytes:
-        """``size`` bytes (fewer only at the end of the stream), as :meth:`read_bytes`.
-
-        For a large piece whose size is known: read in one piece, not copied
-        through a buffer. Call :meth:`read_bytes` first if frames or bytes
-        may be buffered.
-        """
-        self._sender.turn_ended()
-        try:
-            return await self._reader.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial
-        except (ConnectionError, OSError) as exc:
-            raise ConnectionLost(f"connection lost: {exc!r}") from exc
-
     def switch_codec(self, codec: Codec[Any]) -> None:
         """Decode and encode with ``codec`` from now on.
 

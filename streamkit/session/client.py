@@ -49,7 +49,7 @@ async def _handshake(
     stream.sender.write_parts(handshake.data_to_send())
     while True:
         try:
-            data = await stream.read_bytes()
+            data = await stream.recv_data()
         except ConnectionLost as exc:
             raise handshake.connection_lost(exc.__cause__ or exc) from exc
         if not data:

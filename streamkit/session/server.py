@@ -312,11 +312,11 @@ async def _read_hello(
                 # or closing with it unread would reset the connection.
                 try:
                     async with asyncio.timeout(_HTTP_READ_TIMEOUT):
-                        data = await stream.read_bytes()
+                        data = await stream.recv_data()
                 except TimeoutError:
                     data = b""
             else:
-                data = await stream.read_bytes()
+                data = await stream.recv_data()
             if not data:
                 raise handshake.receive_eof()
             hello = handshake.receive_data(data)

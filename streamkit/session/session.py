@@ -23,7 +23,6 @@ from typing import Any
 from streamkit.errors import (
     ConnectionLost,
     EndOfStream,
-    IncompleteFrame,
     ProtocolError,
     SessionError,
     StreamkitError,
@@ -473,7 +472,6 @@ class Session:
         stream = conn.stream
         readable = self._readable
         messages = core.messages_received
-        large = False  # the last message was read in one piece
         reason: BaseException | None = None
         data = rest
         try:
@@ -492,24 +490,10 @@ class Session:
                     deadline = core.next_deadline()
                     if deadline is not None and deadline < self._timer_at:
                         self._arm()
-                # A large payload's rest is read in one piece (never copied
-                # through a buffer), then just the next header, so that a
-                # large payload after it comes whole too.
-                want = core.missing()
-                if want:
-                    large = True
-                elif large:
-                    want = core.header_missing()
-                    large = bool(want)
-                if want:
-                    data = await stream.read_exactly(want)
-                    if len(data) < want:
-                        raise IncompleteFrame("the connection ended inside a message")
-                else:
-                    data = await stream.read_bytes()
-                    if not data:
-                        raise EndOfStream("the peer closed the connection")
-        except (EndOfStream, IncompleteFrame, ConnectionLost, OSError) as exc:
+                data = await stream.recv_data()
+                if not data:
+                    raise EndOfStream("the peer closed the connection")
+        except (EndOfStream, ConnectionLost, OSError) as exc:
             reason = exc  # the connection ended or broke, possibly mid-message
         except ProtocolError as exc:
             logger.warning("session %s: protocol error from %s: %s", self.id, stream.peername, exc)
