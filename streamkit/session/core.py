@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from streamkit.errors import (
     ConnectionLost,
+    EndOfStream,
     FrameTooLarge,
     ProtocolError,
     ResumeRejected,
@@ -579,6 +580,16 @@ class SessionCore:
             return SessionError("cannot send: the session is closed")
         if self.state is State.CLOSING:
             return SessionError("cannot send: the session is closing")
+        return None
+
+    def receive_error(self) -> StreamkitError | None:
+        """What a receive raises once the queue is empty, or None while frames may come."""
+        if self.peer_closed:
+            return EndOfStream("the peer closed the session")
+        if self.failure is not None:
+            return self.failure
+        if self.state is State.CLOSED:
+            return EndOfStream("the session is closed")
         return None
 
     def _queue_large(self, offset: int, payload: bytes) -> int:

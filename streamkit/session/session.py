@@ -1,13 +1,10 @@
 """Session: the application's side of a resumable session, shared by client and server.
 
 Asyncio glue around the sans-IO :class:`~streamkit.session.core.SessionCore`,
-which makes every decision: this module moves bytes between the core and
-the attached connection (one reader task, the connection's
-:class:`~streamkit.stream.TurnWriter`), runs the core's one timer, and
-wakes the application. A connection is attached to a session, carries
-frames while it lives, and is replaced by the next one; what happens in
-between is the core's decision and the role's business (a client
-reconnects, a server waits for it).
+which makes every decision: this module moves bytes between the core and the
+attached connection (one reader task, the stream's ``recv_data`` and
+:class:`~streamkit.stream.TurnWriter`), runs the core's one timer, and wakes
+the application. Between connections, a client reconnects, a server waits.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -54,18 +51,14 @@ class Session:
     """A bidirectional stream of byte frames that survives dropped connections.
 
     Every frame is delivered exactly once and in order while the session
-    lives. ``send`` waits while the send window is full (backpressure,
-    never loss); ``recv`` returns frames in order; ``flush`` waits until the
-    peer has received everything sent; ``close`` ends the session gracefully
-    and ``abort`` at once. ``id`` is the session id (hex); ``stats`` counts
-    connections, replays and duplicates; ``core`` is its sans-IO state
-    machine (:class:`~streamkit.session.core.SessionCore`), to inspect.
-
+    lives. ``send`` waits while the send window is full (backpressure, never
+    loss); ``flush`` waits until the peer has received everything sent;
+    ``close`` ends the session gracefully and ``abort`` at once. ``core`` is
+    its sans-IO state machine (:class:`~streamkit.session.core.SessionCore`).
     Once a session fails (it expired, could not reconnect, was rejected),
-    every pending and later call raises that error.
-
-    :meth:`attach`, :meth:`rejected` and :meth:`drop_connection` are for
-    the connect and serve sides, which hand it connections.
+    every pending and later call raises that error. :meth:`attach`,
+    :meth:`rejected` and :meth:`drop_connection` are for the connect and
+    serve sides, which hand it connections.
     """
 
     __slots__ = (
@@ -143,15 +136,12 @@ class Session:
     async def send(self, payload: bytes) -> None:
         """Send one frame; it will reach the peer's ``recv`` exactly once, in order.
 
-        A lone frame (the first since the application waited for the peer,
-        or since the last end-of-turn write) is written at once; frames that
-        follow it are gathered and written in one piece when the event-loop
-        turn ends (or every 64 KiB). Waits while the send window is full, and
-        while the connection's write buffer is over its high-water mark.
-        Raises :class:`FrameTooLarge` over ``max_frame`` or the peer's
-        ``max_frame`` (announced in the handshake),
-        :class:`SessionError` once the session is closing or closed, and
-        the session's failure if it failed.
+        Written as :class:`~streamkit.stream.TurnWriter` writes: a lone frame
+        at once, a turn's frames together. Waits while the send window is
+        full or the write buffer over its high-water mark. Raises
+        :class:`FrameTooLarge` over ``max_frame`` or the peer's,
+        :class:`SessionError` once the session is closing or closed, and the
+        session's failure if it failed.
         """
         if type(payload) is not bytes:
             payload = bytes(payload)  # the replay buffer must not change under us
@@ -165,12 +155,9 @@ class Session:
             if sender.gathering and unsent < sender.flush_at:
                 return  # goes out with the rest of this turn's writes
             if sender.wrote(unsent):
-                await self._drain(sender)
-
-    async def _drain(self, sender: TurnWriter) -> None:
-        with contextlib.suppress(ConnectionLost):
-            # A loss is the reader's to see; the frames stay in the replay buffer.
-            await sender.wait_drained()
+                with contextlib.suppress(ConnectionLost):
+                    # A loss is the reader's to see; the frames stay in the replay buffer.
+                    await sender.wait_drained()
 
     async def _send_slowly(self, payload: bytes) -> None:
         """Wait until ``payload`` fits the window and hold it; raise if it never can."""
@@ -184,38 +171,30 @@ class Session:
             if core.send(payload) >= 0:
                 return
 
-    async def recv(self, timeout: float | None = None) -> bytes:
-        """Return the next frame.
+    def recv(self, timeout: float | None = None) -> Coroutine[Any, Any, bytes]:
+        """Return the next frame (a coroutine: ``frame = await session.recv()``).
 
         Raises :class:`EndOfStream` once the peer closed the session and
         every frame was returned (or once this side's close completed),
         ``TimeoutError`` after ``timeout`` seconds (nothing is lost), and
         the session's failure if it failed.
         """
-        queue = self._queue
-        if not queue:
-            if timeout is None:
-                await self._wait_readable()
-            else:
-                async with asyncio.timeout(timeout):
-                    await self._wait_readable()
-        payload = queue.popleft()
-        core = self._core
-        if len(queue) <= core.ack_low_water:
-            core.on_consumed()
-            self._arm()
-        return payload
+        return self._receive() if timeout is None else self._receive_within(timeout)
+
+    async def _receive_within(self, timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self._receive()
 
     def __aiter__(self) -> Session:
         return self
 
-    async def __anext__(self) -> bytes:
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+        return self._receive(StopAsyncIteration)
+
+    async def _receive(self, end: type[Exception] = EndOfStream) -> bytes:
         queue = self._queue
         if not queue:
-            try:
-                await self._wait_readable()
-            except EndOfStream:
-                raise StopAsyncIteration from None
+            await self._wait_readable(end)
         payload = queue.popleft()
         core = self._core
         if len(queue) <= core.ack_low_water:
@@ -253,13 +232,11 @@ class Session:
         """End the session gracefully.
 
         Waits until the peer has received everything sent and acknowledged
-        the close; the peer's ``recv`` then raises :class:`EndOfStream`.
-        Frames the peer sends after that are discarded. On a server, once
-        the client has acknowledged every frame, a connection lost before
-        the CLOSE_ACK arrives also completes the close: the client has
-        everything, and a resume is answered FINISHED, its end of stream.
-        Bounded by ``close_timeout`` (then ``TimeoutError``, and the session
-        is aborted).
+        the close (its ``recv`` then raises :class:`EndOfStream`; what it
+        sends after that is discarded). On a server, a connection lost after
+        the client acknowledged every frame also completes it (a resume is
+        answered FINISHED). Bounded by ``close_timeout`` (then
+        ``TimeoutError``, and the session is aborted).
         """
         core = self._core
         if core.state is State.CLOSED:
@@ -311,15 +288,13 @@ class Session:
             self._progress.clear()
             await self._progress.wait()
 
-    async def _wait_readable(self) -> None:
-        core = self._core
+    async def _wait_readable(self, end: type[Exception]) -> None:
         while not self._queue:
-            if core.peer_closed:
-                raise EndOfStream("the peer closed the session")
-            if core.failure is not None:
-                raise core.failure
-            if core.state is State.CLOSED:
-                raise EndOfStream("the session is closed")
+            error = self._core.receive_error()
+            if error is not None:
+                if isinstance(error, EndOfStream) and end is not EndOfStream:
+                    raise end(*error.args)
+                raise error
             if self._sender is not None:
                 self._sender.turn_ended()  # waiting for the peer ends a turn
             self._readable.clear()
@@ -333,11 +308,11 @@ class Session:
         """Make ``stream``, whose handshake just completed, the session's connection.
 
         ``peer_received`` is the next offset the peer expects, ``peer`` what
-        it announced, ``rest`` the bytes read after its hello or welcome.
-        The replay goes out at once, after what the stream had queued (the
-        welcome). Returns a future done once the session lets the
-        connection go. Raises :class:`~streamkit.errors.ResumeRejected`,
-        and fails the session, if the peer expects frames it cannot serve.
+        it announced, ``rest`` the bytes read after its hello or welcome; the
+        replay follows what the stream had queued. Returns a future done once
+        the session lets the connection go. Raises
+        :class:`~streamkit.errors.ResumeRejected` (and fails) if the peer
+        expects frames it cannot serve.
         """
         core = self._core
         try:
@@ -365,9 +340,8 @@ class Session:
     def drop_connection(self) -> None:
         """Drop the current connection, as a network failure would; nothing is lost.
 
-        A client resumes on a new one; a server waits for its client. The
-        session notices as it would a failure: ``connected`` stays true
-        until it has (``wait_connected`` waits for the next connection).
+        A client resumes, a server waits for it; ``connected`` stays true
+        until the reader has seen the loss.
         """
         conn = self._conn
         if conn is not None:
@@ -376,9 +350,7 @@ class Session:
     # -- the core's decisions ---------------------------------------------------
 
     def _update(self) -> None:
-        """Act on the core after a call that may have changed it: write what is due,
-        drop a connection it detached (silent for keepalive_timeout), end, or arm the
-        timer."""
+        """After a core call: write what is due, drop a connection it detached, end, or arm."""
         core = self._core
         conn = self._conn
         if conn is not None:
@@ -415,8 +387,7 @@ class Session:
         self._update()
 
     def _end(self) -> None:
-        """The session ended: let its connection go (gracefully: what is due is sent
-        first), stop the timer, wake everyone, tell the role."""
+        """The session ended: send what is due, close, stop the timer, wake everyone."""
         if self._ended:
             return
         self._ended = True
@@ -436,12 +407,10 @@ class Session:
         if conn is None:
             return
         if graceful:
-            conn.sender.flush()
-        conn.sender.source = None
-        if graceful:
-            conn.stream.close()
+            conn.stream.close()  # after what is due: the sender pulls it from the core
         else:
             conn.stream.abort()
+        conn.sender.source = None
         reader = conn.reader
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -482,14 +451,9 @@ class Session:
                     if core.messages_received != messages:
                         messages = core.messages_received
                         self._progress.set()
-                        if core.ended:
-                            self._end()
-                            return
-                    if core.unsent:
-                        conn.sender.wrote(core.unsent)  # pongs, close acks
-                    deadline = core.next_deadline()
-                    if deadline is not None and deadline < self._timer_at:
-                        self._arm()
+                    self._update()  # pongs and close acks out, the end, the timer
+                    if self._conn is not conn:
+                        return
                 data = await stream.recv_data()
                 if not data:
                     raise EndOfStream("the peer closed the connection")
