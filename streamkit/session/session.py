@@ -117,10 +117,7 @@ class Session:
 
     @property
     def max_frame(self) -> int:
-        """The largest payload ``send`` takes: our ``max_frame`` or, if smaller, the peer's.
-
-        The peer's comes with each handshake.
-        """
+        """The largest payload ``send`` takes: our ``max_frame`` or, if smaller, the peer's."""
         return self._core.max_frame
 
     @property
@@ -193,8 +190,16 @@ class Session:
 
     async def _receive(self, end: type[Exception] = EndOfStream) -> bytes:
         queue = self._queue
-        if not queue:
-            await self._wait_readable(end)
+        while not queue:
+            error = self._core.receive_error()
+            if error is not None:
+                if isinstance(error, EndOfStream) and end is not EndOfStream:
+                    raise end(*error.args)
+                raise error
+            if self._sender is not None:
+                self._sender.turn_ended()  # waiting for the peer ends a turn
+            self._readable.clear()
+            await self._readable.wait()
         payload = queue.popleft()
         core = self._core
         if len(queue) <= core.ack_low_water:
@@ -275,10 +280,7 @@ class Session:
         return f"<{type(self).__name__} {self.id} connected={self.connected}>"
 
     async def _until(self, done: Callable[[], bool], ended: Callable[[], StreamkitError]) -> None:
-        """Wait, as acks, connections and the end come, until ``done()``.
-
-        Raises the session's failure, or ``ended()``, if it ends first.
-        """
+        """Wait until ``done()``; raise the session's failure, or ``ended()``, if it ends first."""
         core = self._core
         while not done():
             if core.failure is not None:
@@ -287,18 +289,6 @@ class Session:
                 raise ended()
             self._progress.clear()
             await self._progress.wait()
-
-    async def _wait_readable(self, end: type[Exception]) -> None:
-        while not self._queue:
-            error = self._core.receive_error()
-            if error is not None:
-                if isinstance(error, EndOfStream) and end is not EndOfStream:
-                    raise end(*error.args)
-                raise error
-            if self._sender is not None:
-                self._sender.turn_ended()  # waiting for the peer ends a turn
-            self._readable.clear()
-            await self._readable.wait()
 
     # -- connections (for the connect and serve sides) ---------------------------
 
@@ -426,10 +416,9 @@ class Session:
         if core.ended:
             self._end()
             return
-        if isinstance(reason, TimeoutError):
-            logger.info("session %s: %s; dropped the connection", self.id, reason)
-        else:
-            logger.debug("session %s lost its connection: %r", self.id, reason)
+        # A silent peer (keepalive_timeout) is worth an info; a network loss is routine.
+        level = logging.INFO if isinstance(reason, TimeoutError) else logging.DEBUG
+        logger.log(level, "session %s lost its connection: %r", self.id, reason)
         if self._on_detached is not None:
             self._on_detached()
         self._arm()
