@@ -32,6 +32,7 @@ __all__ = ["FramedStream", "StreamProtocol", "TurnWriter"]
 logger = logging.getLogger("streamkit")
 
 FrameT = TypeVar("FrameT")
+ItemT = TypeVar("ItemT")
 
 #: Default seconds ``wait_closed()`` waits after ``close()`` before aborting the connection.
 DEFAULT_CLOSE_TIMEOUT = 10.0
@@ -389,6 +390,27 @@ class FramedStream(Closable, Generic[FrameT]):
         except EndOfStream:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def recv_decoded(self, decoder: Decoder[ItemT]) -> list[ItemT]:
+        """Return what ``decoder`` makes of the bytes received next: at least one item, waiting.
+
+        For a layer that parses the connection's bytes with a decoder of its
+        own (a sans-IO core's, one per connection), as :meth:`recv_data`
+        does unparsed: ``decoder`` gets every byte received and not yet
+        returned (as after ``switch_codec``), then each read as it comes, as
+        this stream's own decoder would. So a decoder that parses in place
+        (``Decoder.in_place``) is read for as widely, with no copy of the
+        input, and a large message's rest (``Decoder.missing``) comes into
+        memory of its own. Sending keeps the codec. Returns ``[]`` at the end
+        of the stream; raises the decoder's errors (``IncompleteFrame`` for
+        an end inside a message) and :class:`ConnectionLost`.
+        """
+        if self._decoder is not decoder:
+            self._switch_decoder(decoder)
+        try:
+            return cast(list[ItemT], await self.recv_batch())
+        except EndOfStream:
+            return []
 
     def switch_codec(self, codec: Codec[Any]) -> None:
         """Decode and encode with ``codec`` from now on.

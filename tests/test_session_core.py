@@ -382,12 +382,20 @@ def test_a_large_payload_read_in_one_piece_is_taken_as_read() -> None:
     core, _ = attached()
     payload = bytes(100_000)
     wire = data(0, payload)
-    assert core.receive_data(wire[:13]) == []
-    assert core.missing() == len(payload)
+    decoder = core.decoder
+    assert core.receive_messages(decoder.feed(wire[:13])) == []
+    assert decoder.missing() == len(payload)
     rest = wire[13:]
-    [got] = core.receive_data(rest)
+    [got] = core.receive_messages([decoder.complete(rest)])
     assert got is rest  # not copied
-    assert core.header_missing() == 4
+    assert decoder.header_missing() == 4
+    assert (core.received, core.bytes_received) == (1, len(payload))
+
+
+def test_the_decoder_is_the_attached_connections() -> None:
+    core = make_core(False, Clock())
+    with pytest.raises(RuntimeError, match="no connection is attached"):
+        core.receive_data(data(0, b"x"))
 
 
 def test_a_gap_is_a_protocol_error_after_the_frames_before_it() -> None:

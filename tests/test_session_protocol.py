@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streamkit.codecs import Buffer
 from streamkit.errors import FrameTooLarge, IncompleteFrame, ProtocolError
 from streamkit.session import Backoff, SessionSettings
 from streamkit.session.protocol import (
@@ -25,6 +27,7 @@ from streamkit.session.protocol import (
     guess_protocol,
 )
 from tests._sessions import data_frame, frame
+from tests.test_codecs_properties import through_one_buffer
 
 LIMIT = 1 << 20
 
@@ -71,6 +74,41 @@ def test_payloads_and_messages_come_out_in_order_under_any_chunking(
     assert decoder.expected == first + len(payloads)
     assert decoder.payload_bytes == sum(map(len, payloads))
     assert decoder.messages == sum(not isinstance(item, bytes) for item in expected)
+
+
+@given(
+    st.lists(st.one_of(st.binary(max_size=300), st.just(b"junk")), max_size=20),
+    st.lists(st.integers(1, 400), min_size=1, max_size=20),
+    st.integers(0, 60),
+)
+def test_views_of_a_reused_buffer_decode_as_bytes_do_at_any_split(
+    items: list[bytes], cuts: list[int], cut_short: int
+) -> None:
+    """Parsed in place (in_place: a read of a reused receive buffer): the same messages,
+    the same error at the same point, and nothing kept of the buffer, as from bytes."""
+    wire = bytearray()
+    for number, payload in enumerate(items):
+        # b"junk" is an unknown message type: an error after the messages before it.
+        wire += frame(b"\x99junk") if payload == b"junk" else data(number, payload)
+    wire = wire[: len(wire) - cut_short] if cut_short < len(wire) else wire
+
+    def outcome(chunks: Iterable[Buffer]) -> tuple[list[bytes | Message], str]:
+        decoder = MessageDecoder(0, 250)  # some payloads are over it: FrameTooLarge
+        out: list[bytes | Message] = []
+        try:
+            for chunk in chunks:
+                out += decoder.feed(chunk)
+            decoder.close()
+        except ProtocolError as exc:
+            return out, type(exc).__name__
+        return out, "end"
+
+    chunks, position = [], 0
+    for size in cuts * (len(wire) // sum(cuts) + 1):
+        chunks.append(bytes(wire[position : position + size]))
+        position += size
+    assert MessageDecoder(0, 1).in_place
+    assert outcome(through_one_buffer(chunks)) == outcome([bytes(wire)])
 
 
 def test_a_gap_is_raised_after_the_frames_before_it() -> None:

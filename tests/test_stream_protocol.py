@@ -359,3 +359,36 @@ async def test_recv_data_hands_over_every_byte_not_yet_returned_then_reads_unfra
         server.writer.write_eof()
         assert await client.recv_data() == b""
         assert await client.recv_data() == b""
+
+
+@pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+async def test_recv_decoded_feeds_a_decoder_of_the_callers_every_byte_not_yet_returned(
+    reading: str,
+) -> None:
+    async with stream_pair(LengthPrefixed(), reading=reading) as (client, server):
+        server.writer.write(framed(b"hello", b"ahead") + b"\x00\x00\x00\x02hi")
+        assert await client.recv() == b"hello"
+        # A decoder of the caller's own: "ahead", decoded by the stream already, comes again.
+        decoder = LengthPrefixed().decoder()
+        got: list[bytes] = []
+        while len(got) < 2:
+            got += await client.recv_decoded(decoder)
+        assert got == [b"ahead", b"hi"]
+        large = bytes(range(256)) * 4096  # 1 MiB: its rest read in one piece
+        server.writer.write(framed(large, b"after"))
+        got = []
+        while len(got) < 2:
+            got += await client.recv_decoded(decoder)
+        assert got == [large, b"after"]
+        await client.send(b"framed still")  # sending keeps the codec
+        assert await server.recv() == b"framed still"
+        server.writer.write(b"\x00\x00")
+        server.writer.write_eof()
+        with pytest.raises(IncompleteFrame):  # the decoder's end: inside a frame
+            await client.recv_decoded(decoder)
+
+
+async def test_recv_decoded_returns_nothing_at_a_clean_end() -> None:
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        server.writer.write_eof()
+        assert await client.recv_decoded(LengthPrefixed().decoder()) == []

@@ -93,9 +93,6 @@ _PACK_ACK = struct.Struct(">IBQQ").pack
 #: A payload at least this long is handed to ``writelines`` as it is
 #: (header before it), not copied into the output buffer.
 _LARGE_PAYLOAD = 16 * 1024
-#: ``receive_data`` of exactly the bytes a message lacks, at least this
-#: many, completes it without copying them through the decoder's buffer.
-_LARGE_READ = 16 * 1024
 
 
 def _framed(body: bytes) -> bytes:
@@ -645,21 +642,15 @@ class SessionCore:
 
     # -- receiving -----------------------------------------------------------------
 
-    def missing(self) -> int:
-        """Bytes that complete the message being received, when known and worth reading
-        in one piece (a large payload: ``receive_data`` of exactly them copies nothing);
-        else 0."""
+    @property
+    def decoder(self) -> MessageDecoder:
+        """The attached connection's message decoder: for a glue that feeds it the bytes as
+        they arrive (in place, and a large payload's rest in one piece) and hands each batch
+        it returns to :meth:`receive_messages`. Raises ``RuntimeError`` while detached."""
         decoder = self._decoder
-        if decoder is None or not decoder.buffered:
-            return 0
-        missing = decoder.missing()
-        return missing if missing + decoder.buffered >= _LARGE_READ else 0
-
-    def header_missing(self) -> int:
-        """Bytes that complete the next message's header (13 for a ``DATA``), if known:
-        after a large payload, reading just them lets the next payload come in one piece."""
-        decoder = self._decoder
-        return 0 if decoder is None else decoder.header_missing()
+        if decoder is None:
+            raise RuntimeError("no connection is attached")
+        return decoder
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take bytes read from the connection; return the new payloads (also in :attr:`queue`).
@@ -670,20 +661,19 @@ class SessionCore:
         input, after delivering the payloads before it: the glue drops
         the connection (and calls :meth:`detach`).
         """
-        decoder = self._decoder
-        if decoder is None:
-            raise RuntimeError("receive_data() without an attached connection")
-        self._heard = True
-        if len(data) >= _LARGE_READ and decoder.missing() == len(data):
-            batch: list[bytes | Message] = [decoder.complete(bytes(data))]
-        else:
-            batch = decoder.feed(data)
-        new = self._take(batch, decoder)
+        decoder = self.decoder
+        new = self.receive_messages(decoder.feed(data))
         while decoder.pending:
             # An error held back for the payloads before it, or input after
             # a message that changed the state: no new input is needed.
-            more = self._take(decoder.feed(b""), decoder)
+            more = self.receive_messages(decoder.feed(b""))
             new = new + more if new else more
+        return new
+
+    def receive_messages(self, batch: list[bytes | Message]) -> list[bytes]:
+        """Take what one ``feed`` of :attr:`decoder` returned; as :meth:`receive_data`."""
+        self._heard = True
+        new = self._take(batch, self.decoder)
         self._after_batch()
         return new
 

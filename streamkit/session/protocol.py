@@ -463,6 +463,52 @@ class MessageDecoder(Decoder["bytes | Message"]):
         self.messages = 0
         self.payload_bytes = 0
 
+    @property
+    def in_place(self) -> bool:
+        return True
+
+    def feed(self, data: Buffer) -> list[bytes | Message]:
+        """Buffer ``data`` and return the messages it completes, in order.
+
+        A ``bytearray`` or ``memoryview`` (a reused receive buffer) is parsed
+        where it is: a message pending from the last feed is completed from
+        its start (joined to just its missing bytes), and only the partial
+        message at its end is kept, copied. Payloads are copied once either way.
+        """
+        if type(data) is bytes or self._error is not None or not data:
+            return super().feed(data)
+        with memoryview(data) as view:
+            start = 0
+            frames: list[bytes | Message] = []
+            have = len(self._buf) - self._pos
+            if have:
+                start = 4 + self._size() - have if have >= 4 else 0
+                if not 0 < start <= len(view):
+                    return super().feed(view)  # a split length, or a message still incomplete
+                if self.missing() == start:  # its header is in: joined to its rest, once
+                    frames = [self.complete(view[:start])]
+                else:
+                    frames = super().feed(view[:start].tobytes())
+                if self._error is not None:
+                    return frames  # raised next (fatal: nothing after it is served)
+            # Parsed where it is; the buffer is never left pointing into it.
+            self._buf, self._pos, self._need = view, start, 0  # type: ignore[assignment]
+            try:
+                self._parse(frames)
+            except ProtocolError as exc:
+                self._error, self._fatal = exc, True  # every error here is fatal
+                if not frames:
+                    raise
+                self._failed_at = 0  # deferred: the bytes from the bad message on are kept
+            finally:
+                if self._error is not None and not frames:
+                    self._free()
+                else:
+                    self._buf, self._pos = view[self._pos :].tobytes(), 0
+        if not self._need and self._error is None:
+            self._need = len(self._buf) + 1
+        return frames
+
     def _parse(self, frames: list[bytes | Message]) -> None:
         buf = self._buf
         pos = self._pos
@@ -548,9 +594,9 @@ class MessageDecoder(Decoder["bytes | Message"]):
         return 0
 
     def complete(self, data: Buffer | list[Buffer]) -> bytes | Message:
-        data = b"".join(data) if isinstance(data, list) else bytes(data)
+        parts = data if isinstance(data, list) else [data]
         missing = self.missing()
-        if not missing or len(data) != missing:
+        if not missing or sum(map(len, parts)) != missing:
             raise ValueError(f"complete() needs exactly the {missing} missing bytes")
         buf, start = self._buf, self._pos
         size = self._size()
@@ -558,12 +604,17 @@ class MessageDecoder(Decoder["bytes | Message"]):
             if len(buf) - start >= _DATA_PREFIX and buf[start + 4] == _DATA_BYTE:
                 offset: int = _U64.unpack_from(buf, start + 5)[0]
                 if offset == self.expected:
-                    partial = buf[start + _DATA_PREFIX :]
+                    if len(buf) - start == _DATA_PREFIX and len(parts) == 1 and type(data) is bytes:
+                        payload = data  # as read: no copy
+                    else:
+                        with memoryview(buf) as pending:
+                            payload = b"".join((pending[start + _DATA_PREFIX :], *parts))
                     self._free()
                     self.expected += 1
                     self.payload_bytes += size - DATA_HEADER.size
-                    return bytes(partial) + data if partial else data  # as read: no copy
-            body = bytes(buf[start + 4 :]) + data
+                    return payload
+            with memoryview(buf) as pending:
+                body = b"".join((pending[start + 4 :], *parts))
             self._free()
             self.messages += 1
             return self._message(body, self.expected)

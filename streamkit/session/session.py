@@ -20,6 +20,7 @@ from typing import Any
 from streamkit.errors import (
     ConnectionLost,
     EndOfStream,
+    IncompleteFrame,
     ProtocolError,
     SessionError,
     StreamkitError,
@@ -431,11 +432,12 @@ class Session:
         readable = self._readable
         messages = core.messages_received
         reason: BaseException | None = None
-        data = rest
         try:
+            new = core.receive_data(rest) if rest else None
+            decoder = core.decoder
             while True:
-                if data:
-                    if core.receive_data(data):
+                if new is not None:
+                    if new:
                         readable.set()
                     if core.messages_received != messages:
                         messages = core.messages_received
@@ -443,10 +445,12 @@ class Session:
                     self._update()  # pongs and close acks out, the end, the timer
                     if self._conn is not conn:
                         return
-                data = await stream.recv_data()
-                if not data:
+                # Decoded as it arrives: in place, a large payload in one piece.
+                batch = await stream.recv_decoded(decoder)
+                if not batch:
                     raise EndOfStream("the peer closed the connection")
-        except (EndOfStream, ConnectionLost, OSError) as exc:
+                new = core.receive_messages(batch)
+        except (EndOfStream, IncompleteFrame, ConnectionLost, OSError) as exc:
             reason = exc  # the connection ended or broke, possibly mid-message
         except ProtocolError as exc:
             logger.warning("session %s: protocol error from %s: %s", self.id, stream.peername, exc)
