@@ -420,7 +420,7 @@ async def test_a_sender_keeps_to_the_receivers_smaller_window(
             sender, receiving, task = peer, session, None
         await wait_until(lambda: receiving.stats.frames_received == fits)
         await asyncio.sleep(0.2)  # room for a frame past the window, were it sent
-        # The sender stopped at the receiver's window, not at its own (4096, 8 MiB).
+        # The sender stopped at the receiver's window, not at its own (16384, 8 MiB).
         assert sender.stats.frames_sent == fits
         assert receiving.stats.frames_received == fits
         if receiver == "server":

@@ -89,7 +89,7 @@ MAX_HANDSHAKE_MESSAGE = 1024
 MAX_UNACKED_FRAMES_LIMIT = 2**32 - 1
 MAX_UNACKED_BYTES_LIMIT = 2**64 - 1
 #: The receive window of the handshake messages when none is given.
-DEFAULT_MAX_UNACKED_FRAMES = 4096
+DEFAULT_MAX_UNACKED_FRAMES = 16384
 DEFAULT_MAX_UNACKED_BYTES = 8 * MiB
 #: The first bytes of a DATA body: type, then the offset (the payload follows).
 DATA_HEADER = struct.Struct(">BQ")
