@@ -68,8 +68,9 @@ class SessionSettings:
       frame of any size fits an empty one); it bounds the replay buffer
       and the peer's queue. A peer that sends past our window has its
       connection closed with a :class:`ProtocolError`.
-    - ``ack_every`` (frames; default 1024) and ``ack_delay`` (seconds): acks are coalesced, sent after
-      that many frames or that long, whichever comes first; and once a
+    - ``ack_every`` (frames; default 1024) and ``ack_delay`` (seconds):
+      acks are coalesced, sent after that many frames or that long,
+      whichever comes first; and once a
       quarter of the byte window (or of a frame window under
       ``4 * ack_every``) was received or consumed. An ack is a write on one
       side and a wakeup on the other: for flow control a quarter of the
