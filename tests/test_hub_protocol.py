@@ -47,6 +47,9 @@ def test_known_layout() -> None:
     assert message == (
         len(head).to_bytes(4, "big") + head + b"\0\0\0\2" + b"\0\0\0\2\0\0\0\0" + b"ab"
     )
+    # One record (an awaited append) is packed the same way, by its own path.
+    assert encode_records([b"abc"]) == b"\0\0\0\1" + b"\0\0\0\3" + b"abc"
+    assert encode_records([bytearray(b"")]) == b"\0\0\0\1\0\0\0\0"
 
 
 @pytest.mark.parametrize(

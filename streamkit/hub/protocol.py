@@ -78,8 +78,12 @@ MAX_TAG = 64
 
 _HEADER_SIZE = struct.Struct(">I")
 _COUNT = struct.Struct(">I")
+#: A body's count and first length, for the common batch of one record.
+_ONE_RECORD = struct.Struct(">II")
 #: Decodes a header already decoded from UTF-8 (json.loads would look for the encoding).
 _decode_json = json.JSONDecoder().decode
+#: Encodes a header as json.dumps(header, separators=(",", ":")) does, made once.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 #: Longer integers are quoted by their size (their digits may not even convert).
 _MAX_QUOTED_BITS = 256
@@ -120,7 +124,7 @@ def encode_message(header: dict[str, Any], records: Sequence[bytes] | None = Non
 
 def encode_head(header: dict[str, Any]) -> bytes:
     """A message's header, length-prefixed: a body (:func:`encode_records`) may follow."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _encode_json(header).encode()
     return _HEADER_SIZE.pack(len(head)) + head
 
 
@@ -135,6 +139,9 @@ def encode_records(records: Sequence[bytes]) -> bytes:
     if not records:
         return b""
     count = len(records)
+    if count == 1:  # an awaited append
+        record = records[0]
+        return _ONE_RECORD.pack(1, len(record)) + record
     return b"".join((_COUNT.pack(count), struct.pack(f">{count}I", *map(len, records)), *records))
 
 
@@ -181,7 +188,7 @@ def decode_records(body: memoryview | bytes) -> list[bytes]:
     return [data[begin:end] for begin, end in pairwise(ends)]
 
 
-def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...], list[int]]:
+def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...], array[int]]:
     """A records body's lengths, and where each record ends in it (after where they begin).
 
     Raises :class:`ProtocolError` if the body is malformed.
@@ -196,7 +203,7 @@ def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...],
     if start > size:
         raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
     lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
-    ends = list(accumulate(lengths, initial=start))
+    ends = array("q", accumulate(lengths, initial=start))
     if ends[-1] != size:
         raise ProtocolError(
             f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
@@ -254,7 +261,7 @@ class Records(Sequence[bytes]):
             data = body
         else:
             data = bytes(body)  # a buffer that may change: copied
-        return cls(data, array("q", ends), 0, len(lengths), max(lengths, default=0))
+        return cls(data, ends, 0, len(lengths), max(lengths, default=0))
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], data: bytes) -> Records:

@@ -80,6 +80,10 @@ _REQUESTS = frozenset(("append", "produce", "create", "status", "finish", "delet
 
 _T = TypeVar("_T")
 
+# Made once, not per request.
+_check_epoch = functools.partial(check_counter, "epoch")
+_check_seq = functools.partial(check_counter, "seq")
+
 
 def status_of(info: StreamInfo) -> dict[str, Any]:
     """A stream's status as sent on the wire."""
@@ -275,8 +279,8 @@ class HubServer(ServerBase):
         name = _field(header, "name", check_name)
         if op == "produce":
             producer = _field(header, "producer", check_producer_id)
-            epoch = _field(header, "epoch", functools.partial(check_counter, "epoch"))
-            seq = _field(header, "seq", functools.partial(check_counter, "seq"))
+            epoch = _field(header, "epoch", _check_epoch)
+            seq = _field(header, "seq", _check_seq)
             produced = await storage.produce(name, body.decode(), producer, epoch, seq)
             if not produced.duplicate:
                 self._notify(name)
