@@ -490,6 +490,17 @@ class Producer(AsyncClosable):
         length per record), or one larger record alone, so that it fits
         the session's ``max_frame`` whenever its records do.
         """
+        if type(data) is bytes and self._timer is not None and not self._refusing:
+            # The hot path: the pending batch (it has a timer) takes it and has room left.
+            room = self._room - len(data) - _RECORD_LENGTH
+            if room > 0:
+                self._batch.append(data)
+                self._room = room
+                return
+        self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        """``append_nowait`` of a record that starts or ends a batch, or has to be checked."""
         if self._refusing:
             self._refuse()
         if type(data) is not bytes:
