@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -473,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         _redis_url(args.storage, args.redis_url, data_dir) as redis_url,
     ):
         spec = args.storage if args.storage == "memory" else f"file:{data_dir}/{args.storage}"
+        hubs = itertools.count()
+
+        def fresh(spec: str) -> str:
+            """A file hub's own directory: a hub on an earlier one's would recover its streams."""
+            return f"{spec}-{next(hubs)}" if spec.startswith("file:") else spec
+
         storage = args.storage
         if redis_url is not None:
             spec = f"redis:{redis_url}"
@@ -489,19 +496,19 @@ def main(argv: list[str] | None = None) -> int:
         # (another storage: itself, the producer with one batch in flight).
         old_spec = "memory-one-by-one" if args.storage == "memory" else spec
         one_by_one = ", stored one by one" if args.storage == "memory" else ""
-        with _Hub(old_spec) as server:
+        with _Hub(fresh(old_spec)) as server:
             old_producer = table.rate(
                 f"producer, 1 batch in flight{one_by_one} (baseline)",
                 count,
                 asyncio.run(_producer_run(server.port, "old", count, 1)),
             )
-        with _Hub(old_spec) as server:
+        with _Hub(fresh(old_spec)) as server:
             old_fan_out = table.rate(
                 f"fan-out to {READERS} readers{one_by_one} (baseline)",
                 READERS * fan_out,
                 asyncio.run(_fan_out(server.port, fan_out)),
             )
-        with _Hub(spec) as server:
+        with _Hub(fresh(spec)) as server:
             append_p50, echo_p50 = asyncio.run(
                 _latency(server.port, server.echo_port, max(100, count // 100))
             )
@@ -522,14 +529,14 @@ def main(argv: list[str] | None = None) -> int:
             if raw is not None:
                 table.rate("producer, 8 in flight, against raw Redis", count, new["seconds"], raw)
             table.rate("read-back", count, asyncio.run(_read_back(server.port, count)))
-        with _Hub(spec) as server:
+        with _Hub(fresh(spec)) as server:
             table.rate(
                 f"fan-out to {READERS} readers, batches stored as they came",
                 READERS * fan_out,
                 asyncio.run(_fan_out(server.port, fan_out)),
                 old_fan_out,
             )
-        with _Hub(spec) as server:
+        with _Hub(fresh(spec)) as server:
             table.rate(
                 f"fan-out to {READERS} readers, as they came, taken in runs",
                 READERS * fan_out,

@@ -771,12 +771,18 @@ async def test_endless_new_producer_ids_hit_the_memory_limit() -> None:
             await client._call({**produce, "producer": "producer-X"}, [])
 
 
-def test_the_hub_benchmark_runs(tmp_path: Path) -> None:
-    """A smoke run of benchmarks/bench_hub.py (its numbers are not checked: timings vary)."""
+@pytest.mark.parametrize("storage", ["memory", "file"])
+def test_the_hub_benchmark_runs(tmp_path: Path, storage: str) -> None:
+    """A smoke run of benchmarks/bench_hub.py (its numbers are not checked: timings vary).
+
+    With file storage each hub gets a directory of its own: one started on
+    an earlier hub's would find its streams there.
+    """
     script = Path(__file__).parent.parent / "benchmarks" / "bench_hub.py"
     results = tmp_path / "bench.json"
+    command = [sys.executable, str(script), "--records", "400", "--storage", storage]
     run = subprocess.run(
-        [sys.executable, str(script), "--records", "400", "--json", str(results)],
+        [*command, "--json", str(results)],
         capture_output=True,
         text=True,
         timeout=120,
