@@ -148,6 +148,18 @@ def test_records_index_and_slice_as_a_list_does(
         packed[len(records)]
 
 
+@given(batches, st.integers(-35, 35), st.integers(-35, 35), st.binary(max_size=20))
+def test_a_records_message_is_its_head_and_the_packed_records(
+    records: list[bytes], start: int, stop: int, head: bytes
+) -> None:
+    message = encode_message({"op": "records"}, records)  # kept as a view, as received
+    _, body = decode_message(message)
+    packed = Records.unpack(body) if records else Records.pack(records)
+    for part in (packed, packed[start:stop], Records.pack(records)[start:stop]):
+        assert part.message(head) == head + encode_records(list(part))
+        assert type(part.message(head)) is bytes
+
+
 @given(batches)
 def test_a_whole_batch_is_sent_as_it_came(records: list[bytes]) -> None:
     body = encode_records(records)

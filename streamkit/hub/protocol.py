@@ -293,16 +293,7 @@ class Records(Sequence[bytes]):
         low, high, body = self._low, self._high, self._body
         if low == 0 and high == len(self._ends) - 1:
             return body if type(body) is bytes else bytes(body)
-        if low == high:
-            return b""
-        ends = self._ends
-        return b"".join(
-            (
-                _COUNT.pack(high - low),
-                body[4 + 4 * low : 4 + 4 * high],
-                body[ends[low] : ends[high]],
-            )
-        )
+        return b"".join(self._parts())
 
     def view(self) -> memoryview:
         """The records packed, as ``body``, without copying a whole batch kept as a view."""
@@ -310,6 +301,28 @@ class Records(Sequence[bytes]):
         if low == 0 and high == len(self._ends) - 1:
             return memoryview(body)
         return memoryview(self.body)
+
+    def message(self, head: bytes) -> bytes:
+        """``head`` and the records packed after it, as one ``bytes``: each byte copied once.
+
+        What a records message is made of, for each of a batch's readers.
+        """
+        return b"".join((head, *self._parts()))
+
+    def _parts(self) -> tuple[bytes | memoryview, ...]:
+        """The records packed, in pieces that share the batch's memory (nothing copied)."""
+        low, high, body = self._low, self._high, self._body
+        if low == 0 and high == len(self._ends) - 1:
+            return (body,)
+        if low == high:
+            return ()
+        ends = self._ends
+        whole = memoryview(body)
+        return (
+            _COUNT.pack(high - low),
+            whole[4 + 4 * low : 4 + 4 * high],
+            whole[ends[low] : ends[high]],
+        )
 
     @property
     def size(self) -> int:

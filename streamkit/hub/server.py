@@ -441,11 +441,11 @@ class HubServer(ServerBase):
         Returns how many were sent. ``stamp`` goes into the first message's header.
         """
         count = len(records)
-        body = records.view()
+        part = records
         while True:
             header = {"op": "records", "id": request, "offset": offset, "tag": tag, **stamp}
             try:
-                await session.send(encode_head(header) + body)
+                await session.send(part.message(encode_head(header)))
             except FrameTooLarge as exc:  # a lone large record, or many empty ones in tiny frames
                 if count == 1:
                     raise LimitExceeded(
@@ -453,7 +453,7 @@ class HubServer(ServerBase):
                         f" message of this session ({exc})"
                     ) from exc
                 count //= 2
-                body = records[:count].view()
+                part = records[:count]
                 found = await self.storage.tag_at(name, offset + count - 1)
                 if found is None:
                     raise StreamGone(f"stream {quote(name)} was deleted or expired") from exc
