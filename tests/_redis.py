@@ -7,14 +7,16 @@ kills or reconfigures Redis starts its own :class:`RedisServer`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,33 @@ async def proxied_redis_storage(
         redis_storage(f"redis://127.0.0.1:{proxy.port}/0", prefix, **options) as storage,
     ):
         yield proxy, storage
+
+
+def awaiting(task: asyncio.Task[Any]) -> Iterator[str]:
+    """The names of the coroutines ``task`` is suspended in, outermost first."""
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
+        if code is not None:
+            yield code.co_name
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+
+
+async def just_sent(task: asyncio.Task[Any], timeout: float = 5.0) -> None:
+    """Return once ``task``'s command to Redis has been sent but before the task has heard so.
+
+    On Python 3.11 redis-py's ``asyncio.wait_for`` runs the send as a task
+    of its own, which completes one turn of the loop after ``wait_for``
+    starts; ``wait_for`` hears of it a turn or two later, and a
+    cancellation in that gap is lost (``wait_for`` returns the send's
+    result instead). On 3.12 and later ``wait_for`` runs the send in
+    ``task`` itself, without a pause: there is no gap, and this returns
+    once ``task`` waits for Redis's answer.
+    """
+    gap = sys.version_info < (3, 12)
+    async with asyncio.timeout(timeout):
+        # One turn of the loop at a time: what is looked for lasts a turn or two.
+        while ("wait_for" if gap else "read_response") not in awaiting(task):  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    if gap:
+        await asyncio.sleep(0)  # the send has run (it never waits for Redis) and ended

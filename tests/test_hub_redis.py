@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamkit import hub
 from streamkit.hub.protocol import MAX_COUNTER
 from streamkit.hub.redis import RedisStorage, changes_channel, check_prefix, stream_keys
 from streamkit.hub.storage import (
@@ -29,7 +31,7 @@ from streamkit.hub.storage import (
     StreamFinished,
     decide_produce,
 )
-from tests._redis import RedisServer, proxied_redis_storage, redis_storage
+from tests._redis import RedisServer, just_sent, proxied_redis_storage, redis_storage
 
 # -- the key layout (no Redis needed) -------------------------------------------------
 
@@ -622,6 +624,91 @@ async def test_a_lost_subscription_is_renewed_and_reported_as_any_change(
         assert heard.seen == []
         proxy.restore()
         assert await heard.next(timeout=5) is None
+
+
+# -- closing, whatever Redis is doing ----------------------------------------------------
+
+
+async def test_closing_ends_the_listener_cancelled_as_redis_py_sends_its_ping(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Python 3.11's ``asyncio.wait_for`` loses a cancellation that comes as its send ends.
+
+    redis-py sends under it (see ``just_sent``); a close() at that moment
+    once cancelled the listener to no effect, and it listened (and waited
+    on every later cancellation) forever.
+    """
+    heard = Changes()
+    storage = RedisStorage.from_url(redis_server.url, prefix=redis_prefix, timeout=0.2)
+    try:
+        await storage.start()
+        storage.subscribe(heard)
+        assert await heard.next() is None
+        listener = storage._listener
+        assert listener is not None
+        await just_sent(listener)  # its ping, after 0.2 s without a word from Redis
+        async with asyncio.timeout(2):
+            await storage.close()
+        assert listener.cancelled()
+    finally:
+        await storage.close()
+
+
+async def test_a_request_cancelled_as_redis_py_sends_it_is_cancelled(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Not answered as if never cancelled: a live reader of a closing hub would go on reading."""
+    async with redis_storage(redis_server.url, redis_prefix) as storage:
+        await storage.create("s", ttl=None, content_type=None)
+        request = asyncio.create_task(storage.get("s"))
+        await just_sent(request)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+
+@pytest.mark.parametrize("redis", ["stopped", "killed", "restarted"])
+@pytest.mark.parametrize("after", [0.0, 0.25, 0.7])
+async def test_a_hub_on_redis_closes_in_bounded_time_whatever_redis_is_doing(
+    tmp_path: Path, redis: str, after: float
+) -> None:
+    """Redis SIGSTOPped (silent), SIGKILLed, or killed and started again; the hub closed at
+    once, about when its listener pings, or while the listener subscribes again."""
+    server = RedisServer(tmp_path).start()
+    assert server.process is not None
+    pid = server.process.pid
+    storage = RedisStorage.from_url(server.url, prefix="t", timeout=0.3, recheck_interval=0.1)
+    hub_server = await hub.serve_hub("127.0.0.1", 0, storage=storage, grace_period=0.1)
+    try:
+        async with hub.connect("127.0.0.1", hub_server.port) as client:
+            await client.create("s")
+            await client.append("s", b"a")
+            async with client.read("s", 0, live=True) as reader:
+                assert await anext(reader) == (0, b"a")
+                waiting = asyncio.create_task(anext(reader))
+                await asyncio.sleep(0.2)  # caught up: the reader re-checks
+                if redis == "stopped":
+                    os.kill(pid, signal.SIGSTOP)
+                else:
+                    server.kill()
+                    if redis == "restarted":
+                        server.start()
+                await asyncio.sleep(after)
+                started = time.monotonic()
+                hub_server.close()
+                async with asyncio.timeout(10):
+                    await hub_server.wait_closed()  # and closes the storage
+                # The grace period, a request of the reader's, closing the listener's
+                # (0.1 + 0.3 + 0.3 s), with room for a loaded machine.
+                assert time.monotonic() - started < 3
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+    finally:
+        hub_server.close()
+        await hub_server.wait_closed()
+        if redis == "stopped":
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
 
 
 def test_the_hub_benchmark_runs_on_redis(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ import logging
 import random
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from streamkit.hub.protocol import Records, quote
@@ -427,6 +427,34 @@ def _describe(url: str) -> str:
     return f"Redis at {host}:{parts.port or 6379}"
 
 
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float) -> AsyncIterator[None]:
+    """``asyncio.timeout(seconds)`` around redis-py calls, which can swallow a cancellation.
+
+    redis-py sends each command under ``asyncio.wait_for``, which on Python
+    3.11 returns the send's result when the task is cancelled just as the
+    send completes: the ``CancelledError`` is lost, though the task's
+    ``cancelling()`` count stays raised. Left so, a ``close()`` that cancels
+    the listener would never end it, and every later timeout of that task
+    would turn the next cancellation into a ``TimeoutError`` its retries
+    catch. Here a cancellation requested during the block that the block
+    did not raise is raised when it ends (as this deadline's own
+    ``TimeoutError`` if it was this deadline's).
+    """
+    task = asyncio.current_task()
+    assert task is not None, "a deadline needs a task"
+    cancels = task.cancelling()
+    async with asyncio.timeout(seconds):
+        try:
+            yield
+        except Exception as exc:
+            if task.cancelling() > cancels:
+                raise asyncio.CancelledError from exc
+            raise
+        if task.cancelling() > cancels:
+            raise asyncio.CancelledError
+
+
 class RedisStorage:
     """Hub storage in Redis Streams, shared by every hub process on one Redis.
 
@@ -582,7 +610,7 @@ class RedisStorage:
         """Make and await a call to Redis within ``timeout``; its failures become HubErrors."""
         errors = self._redis.exceptions
         try:
-            async with asyncio.timeout(self.timeout), self._turns:
+            async with _deadline(self.timeout), self._turns:
                 return await call()
         except TimeoutError as exc:
             raise StorageUnavailable(
@@ -750,7 +778,7 @@ class RedisStorage:
         """
         errors = self._redis.exceptions
         try:
-            async with asyncio.timeout(self.timeout):
+            async with _deadline(self.timeout):
                 server = await self._client.info("server")
                 memory = await self._client.info("memory")
         except (TimeoutError, errors.RedisError, OSError) as exc:
@@ -788,7 +816,7 @@ class RedisStorage:
             await asyncio.gather(self._listener, return_exceptions=True)
         if self._own_client:
             with contextlib.suppress(TimeoutError, OSError, self._redis.exceptions.RedisError):
-                async with asyncio.timeout(self.timeout):
+                async with _deadline(self.timeout):
                     await self._client.aclose()
 
     def _changed(self, name: str | None) -> None:
@@ -826,12 +854,12 @@ class RedisStorage:
         loop = asyncio.get_running_loop()
         pubsub = self._client.pubsub()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with _deadline(self.timeout):
                 await pubsub.subscribe(self._channel)
             heard = loop.time()  # when Redis was last heard on this connection
             pinged = False
             while True:
-                async with asyncio.timeout(2 * self.timeout):  # redis-py's timeout, bounded
+                async with _deadline(2 * self.timeout):  # redis-py's timeout, bounded
                     message = await pubsub.get_message(timeout=self.timeout)
                 if message is not None:
                     heard, pinged = loop.time(), False
@@ -850,10 +878,10 @@ class RedisStorage:
                 if pinged and silent >= 2 * self.timeout:
                     raise TimeoutError(f"no answer to a ping in {self.timeout} s")
                 if not pinged and silent >= self.timeout:
-                    async with asyncio.timeout(self.timeout):
+                    async with _deadline(self.timeout):
                         await pubsub.ping()
                     pinged = True
         finally:
             with contextlib.suppress(TimeoutError, OSError, errors.RedisError):
-                async with asyncio.timeout(self.timeout):
+                async with _deadline(self.timeout):
                     await pubsub.aclose()
