@@ -807,7 +807,11 @@ class RedisStorage:
             self._listener = asyncio.create_task(self._listen())
 
     async def close(self) -> None:
-        """Stop listening for changes; close the connections of a client made by from_url."""
+        """Stop listening for changes; close the connections of a client made by from_url.
+
+        Returns within about twice ``timeout``, whatever Redis is doing (killed,
+        restarting, silent).
+        """
         if self._closed:
             return
         self._closed = True
