@@ -1,0 +1,153 @@
+"""splice(): a relay's byte copy both ways, over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from streamkit import FramedStream, LengthPrefixed
+from streamkit.errors import ConnectionLost, EndOfStream
+from streamkit.session._splice import PASSTHROUGH, splice
+from tests._pairs import stream_pair
+
+CODEC = LengthPrefixed(max_frame=8 << 20)
+Pair = tuple[FramedStream[bytes], FramedStream[bytes]]
+
+
+@asynccontextmanager
+async def relayed(where: str = "tcp", tmp_path: Path | None = None) -> AsyncIterator[Pair]:
+    """(client, owner) streams joined by a splice in the middle, which must end with them."""
+    async with (
+        stream_pair(CODEC, where, tmp_path) as (client, front_in),
+        stream_pair(CODEC, where, tmp_path) as (front_out, owner),
+    ):
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        try:
+            yield client, owner
+        finally:
+            client.abort()
+            owner.abort()
+            async with asyncio.timeout(5):
+                await relay
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_frames_cross_both_ways_in_order(where: str, tmp_path: Path) -> None:
+    sizes = [0, 1, 100, 70_000, 4 << 20, 3, 300_000]
+    async with relayed(where, tmp_path) as (client, owner):
+
+        async def echo() -> None:
+            for _ in sizes:
+                await owner.send(await owner.recv())
+
+        echoing = asyncio.ensure_future(echo())
+        for size in sizes:
+            await client.send(bytes([size % 251]) * size)
+        got = [await client.recv() for _ in sizes]
+        await echoing
+    assert [len(frame) for frame in got] == sizes
+    assert all(frame == bytes([size % 251]) * size for frame, size in zip(got, sizes, strict=True))
+
+
+async def test_bytes_read_ahead_of_the_switch_go_first() -> None:
+    async with (
+        stream_pair(CODEC) as (client, front_in),
+        stream_pair(CODEC) as (front_out, owner),
+    ):
+        # The client's hello and what it sent right behind it arrive together:
+        # the front's decoder has read past the hello when it splices.
+        await client.send_many([b"hello", b"one", b"two"])
+        assert await front_in.recv() == b"hello"
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        assert [await owner.recv(), await owner.recv()] == [b"one", b"two"]
+        client.abort()
+        await relay
+
+
+async def test_a_side_that_ends_its_stream_closes_the_other() -> None:
+    async with relayed() as (client, owner):
+        await owner.send(b"last words")
+        owner.close()
+        assert await client.recv() == b"last words"
+        with pytest.raises(EndOfStream):
+            await client.recv(timeout=5)
+
+
+async def test_a_reset_on_one_side_closes_the_other() -> None:
+    async with relayed() as (client, owner):
+        await client.send(b"x")
+        assert await owner.recv() == b"x"
+        client.abort()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await owner.recv(timeout=5)
+
+
+async def test_a_reader_that_stops_holds_the_writer_back() -> None:
+    chunk = b"z" * (1 << 20)
+    async with (
+        stream_pair(CODEC) as (client, front_in),
+        stream_pair(CODEC) as (front_out, owner),
+    ):
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await client.send(chunk)
+                sent += len(chunk)
+
+        flooding = asyncio.ensure_future(flood())
+        # The owner reads nothing: the client is held back, once the kernel's
+        # socket buffers and the relay's own are full, a few MiB.
+        stalled = -1
+        while sent != stalled:
+            stalled = sent
+            await asyncio.sleep(0.2)
+        assert stalled < 64 << 20
+        transport = front_out.writer.transport
+        assert transport.get_write_buffer_size() <= (1 << 20) + 256 * 1024
+        # Everything that went in comes out, in order, once the owner reads.
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooding
+        received = 0
+        while received < stalled:
+            frame = await owner.recv(timeout=5)
+            assert frame == chunk
+            received += len(frame)
+        client.abort()
+        await relay
+
+
+async def test_cancelling_the_splice_aborts_both_sides() -> None:
+    async with (
+        stream_pair(CODEC) as (client, front_in),
+        stream_pair(CODEC) as (front_out, owner),
+    ):
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        await asyncio.sleep(0)
+        relay.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await relay
+        assert front_in.is_closing() and front_out.is_closing()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await client.recv(timeout=5)
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await owner.recv(timeout=5)
+
+
+def test_the_passthrough_codec_keeps_bytes_as_they_are() -> None:
+    decoder = PASSTHROUGH.decoder()
+    assert decoder.feed(b"abc") == [b"abc"]
+    assert decoder.feed(bytearray(b"de")) == [b"de"]
+    assert decoder.feed(b"") == []
+    decoder.close()
+    assert PASSTHROUGH.encode(memoryview(b"xy")) == b"xy"
+    assert PASSTHROUGH.encode_many([b"a", b"b"]) == b"ab"
+    assert PASSTHROUGH.encode_parts(bytearray(b"q")) == (b"q",)
