@@ -31,6 +31,7 @@ __all__ = [
     "MIN_CLUSTER_KEY",
     "Address",
     "Cluster",
+    "ClusterStats",
     "PeerDirectory",
     "StaticPeers",
     "check_address",
@@ -259,3 +260,32 @@ class Cluster:
             return self.listen
         assert isinstance(self.peers, StaticPeers)
         return self.peers.peers[self.node]
+
+
+@dataclass(slots=True)
+class ClusterStats:
+    """What a node's relaying has done so far (all zero without a cluster).
+
+    As a front (a resume of another node's session reached it):
+
+    - ``relayed_out``: resumes relayed to their owner that it welcomed;
+    - ``relays_rejected``: relayed resumes the owner answered with ``REJECT``;
+    - ``relays_failed``: resumes refused without an answer from the owner
+      (unknown to the directory, unreachable, a failed link handshake, past
+      ``relay_timeout``);
+    - ``relaying``: relayed connections open now.
+
+    As an owner:
+
+    - ``relayed_in``: resumes of its own sessions that came through another
+      node and that it welcomed;
+    - ``links_refused``: connections to its cluster port refused (no proof
+      of the cluster key, a malformed or unfinished link handshake).
+    """
+
+    relayed_out: int = 0
+    relays_rejected: int = 0
+    relays_failed: int = 0
+    relaying: int = 0
+    relayed_in: int = 0
+    links_refused: int = 0

@@ -1,0 +1,300 @@
+"""A cluster node's relaying: its cluster port (the owner's side), relays to owners (the front's).
+
+The asyncio glue around :mod:`streamkit.session.relay` (docs/protocol.md
+2.12). :class:`Relayer` belongs to one ``ResumableServer`` with a
+:class:`~streamkit.session.cluster.Cluster`: it listens on the cluster port
+and joins the peer directory when the server starts, and the server hands it
+every resume of another node's session (:meth:`Relayer.relay`). On the
+cluster port it authenticates each link and hands the relayed hello back to
+the server, which resumes its session as for a connection of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
+from streamkit.net import Endpoint, Server, connect_endpoint, serve_endpoint
+from streamkit.session._splice import PASSTHROUGH, splice
+from streamkit.session.cluster import (
+    Address,
+    Cluster,
+    ClusterStats,
+    StaticPeers,
+    format_address,
+)
+from streamkit.session.protocol import Reject, RejectReason, Welcome
+from streamkit.session.relay import FrontLink, OwnerLink, Relay
+from streamkit.stream import FramedStream
+
+__all__ = ["RelayedResume", "Relayer"]
+
+logger = logging.getLogger("streamkit.session")
+
+#: The owner's resume of a relayed hello on ``stream`` (switched back to the
+#: session's handshake framing by it), for the client's proof bound to the
+#: relay's nonce; it returns when that connection ends.
+RelayedResume = Callable[[FramedStream[bytes], Relay], Awaitable[None]]
+
+#: Hosts that listen on every interface: no address to give other nodes.
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+class _Unreachable(Exception):
+    """The owner cannot be relayed to; the message says why (for the client's REJECT).
+
+    ``broken``: the owner was reached but the link failed (a key mismatch, a
+    node that is not the owner, a malformed answer), worth a WARNING; else
+    the owner is unknown or down, as when it died.
+    """
+
+    def __init__(self, message: str, *, broken: bool = False) -> None:
+        super().__init__(message)
+        self.broken = broken
+
+
+def _peer(stream: FramedStream[bytes]) -> object:
+    """The peer's address for the log (a Unix-socket peer has none)."""
+    return stream.peername or "a Unix-socket peer"
+
+
+def _endpoint(address: Address) -> Endpoint:
+    if isinstance(address, str):
+        return Endpoint.unix(address)
+    return Endpoint.tcp(*address)
+
+
+class Relayer:
+    """Relaying for one node of ``cluster``; ``resume`` is its server's relayed resume.
+
+    ``start()`` listens on the cluster port (TLS with ``cluster.ssl``; at
+    most ``max_connections`` links, each link handshake within
+    ``handshake_timeout``) and joins the directory; ``close()`` stops
+    listening and cuts the relays this node carries as a front (their
+    clients resume through another node); ``await wait_closed()`` waits for
+    the cluster port's connections and leaves the directory.
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        resume: RelayedResume,
+        *,
+        handshake_timeout: float,
+        close_timeout: float,
+        grace_period: float,
+        max_connections: int,
+    ) -> None:
+        self.cluster = cluster
+        self.stats = ClusterStats()
+        self._resume = resume
+        self._handshake_timeout = handshake_timeout
+        self._close_timeout = close_timeout
+        self._grace_period = grace_period
+        self._max_connections = max_connections
+        self._server: Server[bytes] | None = None
+        self._joined = False
+        self._closing = False
+        # The client side of every relay open now, to cut them on close().
+        self._relays: set[FramedStream[bytes]] = set()
+
+    @property
+    def address(self) -> Address:
+        """Where other nodes reach this node's cluster port (once started)."""
+        advertise = self.cluster.advertise
+        if advertise is not None:
+            return advertise
+        listen = self.cluster.listen_address
+        if isinstance(listen, str) or self._server is None:
+            return listen
+        return (listen[0], self._server.port)
+
+    async def start(self) -> None:
+        """Listen on the cluster port, then join the peer directory."""
+        cluster = self.cluster
+        listen = cluster.listen_address
+        if (
+            cluster.advertise is None
+            and not isinstance(listen, str)
+            and listen[0] in _WILDCARDS
+            and not isinstance(cluster.peers, StaticPeers)
+        ):
+            raise ValueError(
+                f"the cluster port listens on every interface ({format_address(listen)}): "
+                "give advertise, the address other nodes reach it at"
+            )
+        self._server = await serve_endpoint(
+            self._on_link,
+            _endpoint(listen),
+            codec=PASSTHROUGH,
+            ssl=cluster.ssl,
+            grace_period=self._grace_period,
+            handshake_timeout=self._handshake_timeout,
+            close_timeout=self._close_timeout,
+            max_connections=self._max_connections,
+        )
+        try:
+            await cluster.peers.join(cluster.node, self.address)
+        except BaseException:
+            self._server.close()
+            await self._server.wait_closed()
+            raise
+        self._joined = True
+        logger.info(
+            "cluster node %r: cluster port on %s, reached at %s",
+            cluster.node,
+            format_address(listen),
+            format_address(self.address),
+        )
+
+    def close(self) -> None:
+        """Stop listening on the cluster port and cut the relays this node carries."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for stream in self._relays:
+            stream.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait for the cluster port's connections to end; leave the directory."""
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._joined:
+            self._joined = False
+            await self.cluster.peers.leave()
+
+    # -- the owner's side --------------------------------------------------------
+
+    async def _on_link(self, stream: FramedStream[bytes]) -> None:
+        """A connection to the cluster port: authenticate the front, then resume."""
+        link = OwnerLink(self.cluster.key, self.cluster.node)
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                relay = await self._read_relay(stream, link)
+        except EndOfStream:
+            error: Exception = ConnectionLost("the peer closed the link during its handshake")
+        except TimeoutError:  # before OSError, its base class
+            error = TimeoutError(
+                f"no proven RELAY within handshake_timeout={self._handshake_timeout} s"
+            )
+        except (ProtocolError, ConnectionLost, OSError) as exc:
+            error = exc
+        else:
+            await self._resume(stream, relay)
+            return
+        self.stats.links_refused += 1
+        logger.warning("refused a relay link from %s: %s", _peer(stream), error)
+        stream.abort()
+
+    async def _read_relay(self, stream: FramedStream[bytes], link: OwnerLink) -> Relay:
+        while True:
+            chunks = await stream.recv_batch()
+            for index, chunk in enumerate(chunks):
+                relay = link.receive_data(chunk)
+                reply = link.data_to_send()
+                if reply:
+                    stream.send_nowait(b"".join(reply))
+                if relay is not None:
+                    if link.rest or index + 1 < len(chunks):
+                        # A front sends nothing more until the owner answered.
+                        raise ProtocolError("the front sent bytes past its RELAY before the answer")
+                    return relay
+
+    # -- the front's side ----------------------------------------------------------
+
+    async def relay(
+        self, stream: FramedStream[bytes], nonce: bytes, hello: bytes, owner: str
+    ) -> None:
+        """Relay ``stream``, whose client sent ``hello`` after a preface with ``nonce``,
+        to node ``owner``; return when the relayed connection ends.
+
+        If the owner does not answer within ``relay_timeout`` (unknown,
+        unreachable, failing the link handshake), the client gets
+        ``REJECT(UNKNOWN_SESSION)`` saying why. Otherwise the owner's answer
+        goes to the client as it is, then bytes both ways until either
+        side closes.
+        """
+        try:
+            async with asyncio.timeout(self.cluster.relay_timeout):
+                link, forward = await self._reach(owner, nonce, hello)
+        except (_Unreachable, TimeoutError) as exc:
+            self.stats.relays_failed += 1
+            reason = str(exc) or (
+                f"did not answer within relay_timeout={self.cluster.relay_timeout} s"
+            )
+            message = f"the session's owner, node {owner!r}, {reason}"
+            level = logging.WARNING if getattr(exc, "broken", False) else logging.INFO
+            logger.log(level, "could not relay a resume from %s: %s", _peer(stream), message)
+            stream.send_nowait(Reject(RejectReason.UNKNOWN_SESSION, message).encode())
+            return
+        if self._closing:
+            link.abort()
+            stream.abort()
+            return
+        stream.switch_codec(PASSTHROUGH)
+        stream.send_nowait(forward)
+        self._relays.add(stream)
+        self.stats.relaying += 1
+        try:
+            await splice(stream, link)
+        finally:
+            self.stats.relaying -= 1
+            self._relays.discard(stream)
+
+    async def _reach(
+        self, owner: str, nonce: bytes, hello: bytes
+    ) -> tuple[FramedStream[bytes], bytes]:
+        """Open an authenticated link to ``owner`` and relay ``hello``.
+
+        Returns the link and the bytes to forward to the client: the owner's
+        answer (a WELCOME, or a REJECT after which the owner closes the link)
+        and what followed it. Raises :class:`_Unreachable` if the owner
+        cannot be relayed to.
+        """
+        try:
+            address = await self.cluster.peers.lookup(owner)
+        except Exception as exc:
+            raise _Unreachable(f"could not be looked up in the peer directory: {exc!r}") from exc
+        if address is None:
+            raise _Unreachable("is not in the peer directory (it left, or its claim expired)")
+        where = format_address(address)
+        try:
+            link = await connect_endpoint(
+                _endpoint(address),
+                codec=PASSTHROUGH,
+                ssl=self.cluster.peer_ssl,
+                close_timeout=self._close_timeout,
+            )
+        except OSError as exc:
+            raise _Unreachable(f"cannot be reached at {where}: {exc}") from exc
+        front = FrontLink(self.cluster.key, self.cluster.node, owner, nonce, hello)
+        try:
+            link.send_nowait(b"".join(front.data_to_send()))
+            while True:
+                try:
+                    chunks = await link.recv_batch()
+                except EndOfStream:
+                    raise front.receive_eof() from None
+                for index, chunk in enumerate(chunks):
+                    answer = front.receive_data(chunk)
+                    request = front.data_to_send()
+                    if request:
+                        link.send_nowait(b"".join(request))
+                    if answer is not None:
+                        forward = front.answer + front.rest + b"".join(chunks[index + 1 :])
+                        self._count(answer)
+                        return link, forward
+        except (ProtocolError, ConnectionLost, OSError) as exc:
+            link.abort()
+            raise _Unreachable(f"failed the relay link at {where}: {exc}", broken=True) from exc
+        except BaseException:
+            link.abort()
+            raise
+
+    def _count(self, answer: Welcome | Reject) -> None:
+        if isinstance(answer, Welcome):
+            self.stats.relayed_out += 1
+        else:
+            self.stats.relays_rejected += 1
