@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
 from streamkit.net import Endpoint, Server, connect_endpoint, serve_endpoint
@@ -38,6 +39,8 @@ logger = logging.getLogger("streamkit.session")
 #: relay's nonce; it returns when that connection ends.
 RelayedResume = Callable[[FramedStream[bytes], Relay], Awaitable[None]]
 
+_T_co = TypeVar("_T_co", covariant=True)
+
 #: Hosts that listen on every interface: no address to give other nodes.
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
@@ -58,6 +61,37 @@ class _Unreachable(Exception):
 def _peer(stream: FramedStream[bytes]) -> object:
     """The peer's address for the log (a Unix-socket peer has none)."""
     return stream.peername or "a Unix-socket peer"
+
+
+class _Side(Protocol[_T_co]):
+    """One side of the link handshake (:class:`FrontLink`, :class:`OwnerLink`)."""
+
+    rest: bytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> _T_co | None: ...
+
+    def data_to_send(self) -> list[bytes]: ...
+
+
+async def _exchange(stream: FramedStream[bytes], side: _Side[_T_co]) -> tuple[_T_co, bytes]:
+    """Run ``side`` of the link handshake on ``stream`` until it has its result.
+
+    Sends what it has due, feeds it what comes, and returns its result with
+    the bytes that came after the handshake. Raises :class:`EndOfStream` if
+    the peer closes first.
+    """
+    while True:
+        out = side.data_to_send()
+        if out:
+            stream.send_nowait(b"".join(out))
+        chunks = await stream.recv_batch()
+        for index, chunk in enumerate(chunks):
+            result = side.receive_data(chunk)
+            if result is not None:
+                out = side.data_to_send()
+                if out:
+                    stream.send_nowait(b"".join(out))
+                return result, side.rest + b"".join(chunks[index + 1 :])
 
 
 def _endpoint(address: Address) -> Endpoint:
@@ -172,7 +206,9 @@ class Relayer:
         link = OwnerLink(self.cluster.key, self.cluster.node)
         try:
             async with asyncio.timeout(self._handshake_timeout):
-                relay = await self._read_relay(stream, link)
+                relay, rest = await _exchange(stream, link)
+            if rest:  # a front sends nothing more until the owner has answered
+                raise ProtocolError("the front sent bytes past its RELAY before the answer")
         except EndOfStream:
             error: Exception = ConnectionLost("the peer closed the link during its handshake")
         except TimeoutError:  # before OSError, its base class
@@ -187,20 +223,6 @@ class Relayer:
         self.stats.links_refused += 1
         logger.warning("refused a relay link from %s: %s", _peer(stream), error)
         stream.abort()
-
-    async def _read_relay(self, stream: FramedStream[bytes], link: OwnerLink) -> Relay:
-        while True:
-            chunks = await stream.recv_batch()
-            for index, chunk in enumerate(chunks):
-                relay = link.receive_data(chunk)
-                reply = link.data_to_send()
-                if reply:
-                    stream.send_nowait(b"".join(reply))
-                if relay is not None:
-                    if link.rest or index + 1 < len(chunks):
-                        # A front sends nothing more until the owner answered.
-                        raise ProtocolError("the front sent bytes past its RELAY before the answer")
-                    return relay
 
     # -- the front's side ----------------------------------------------------------
 
@@ -271,21 +293,13 @@ class Relayer:
             raise _Unreachable(f"cannot be reached at {where}: {exc}") from exc
         front = FrontLink(self.cluster.key, self.cluster.node, owner, nonce, hello)
         try:
-            link.send_nowait(b"".join(front.data_to_send()))
-            while True:
-                try:
-                    chunks = await link.recv_batch()
-                except EndOfStream:
-                    raise front.receive_eof() from None
-                for index, chunk in enumerate(chunks):
-                    answer = front.receive_data(chunk)
-                    request = front.data_to_send()
-                    if request:
-                        link.send_nowait(b"".join(request))
-                    if answer is not None:
-                        forward = front.answer + front.rest + b"".join(chunks[index + 1 :])
-                        self._count(answer)
-                        return link, forward
+            try:
+                side: _Side[Welcome | Reject] = front  # (mypy infers object otherwise)
+                answer, rest = await _exchange(link, side)
+            except EndOfStream:
+                raise front.receive_eof() from None
+            self._count(answer)
+            return link, front.answer + rest
         except (ProtocolError, ConnectionLost, OSError) as exc:
             link.abort()
             raise _Unreachable(f"failed the relay link at {where}: {exc}", broken=True) from exc
