@@ -27,7 +27,7 @@ from streamkit._lifecycle import Closable
 from streamkit.codecs import Buffer, Codec, Decoder
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
 
-__all__ = ["FramedStream", "StreamProtocol", "TurnWriter"]
+__all__ = ["FramedStream", "StreamProtocol", "TurnWriter", "splice"]
 
 logger = logging.getLogger("streamkit")
 
@@ -435,6 +435,28 @@ class FramedStream(Closable, Generic[FrameT]):
         self._decoder = decoder
         if rest:
             _put(self._frames, decoder.feed(rest))
+
+    async def _take_received(self) -> bytes:
+        """Every byte received and not returned as a frame; the stream reads no more.
+
+        For :func:`splice`, which takes the connection over: the bytes of
+        the frames decoded ahead, the decoder's partial frame, and the bytes
+        not decoded yet: the receiving half's (a large frame's rest
+        included), or, before the first receive, the reader's (it is told
+        the input ended, so it hands them all over). The transport is left
+        paused: nothing is read until the caller says.
+        """
+        rest = self._decoder.take_buffered(frames=len(self._frames))
+        self._frames.clear()
+        receiver = self._receiver
+        if receiver is not None:
+            rest += receiver.take_undecoded()
+            self._transport.pause_reading()  # take_undecoded resumes a paused transport
+        else:
+            self._reader.feed_eof()
+            with contextlib.suppress(ConnectionError, OSError):  # lost: splice sees it closing
+                rest += await self._reader.read()
+        return rest
 
     # -- closing ------------------------------------------------------------
 
@@ -1191,3 +1213,91 @@ def _parts_encoder(codec: Codec[Any]) -> Callable[[Any], tuple[Buffer, ...]] | N
     """The codec's ``encode_parts``, if it has one (it is optional)."""
     parts: Callable[[Any], tuple[Buffer, ...]] | None = getattr(codec, "encode_parts", None)
     return parts
+
+
+class _SpliceSide(asyncio.Protocol):
+    """One connection of a splice: what it receives goes to the other's transport.
+
+    Flow control both ways: while this transport's write buffer is over its
+    high-water mark, the other connection is not read. The connection's own
+    protocol (its stream's) still hears of the end, so the stream's
+    ``wait_closed()`` works as ever.
+    """
+
+    def __init__(self, transport: asyncio.Transport, lost: asyncio.Future[None]) -> None:
+        self.transport = transport
+        self.previous = transport.get_protocol()
+        self.peer = self
+        self.paused = False  # our write buffer is full: the peer is not read
+        self.lost = lost
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer.transport
+        if not peer.is_closing():
+            peer.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # a session never half-closes: the transport closes, which ends both
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if not self.peer.transport.is_closing():
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.previous.connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def splice(one: FramedStream[Any], other: FramedStream[Any]) -> None:
+    """Copy bytes between the connections of ``one`` and ``other``, both ways, until either ends.
+
+    For a relay (a session's front, a proxy): from the call on, the two
+    connections are one. Bytes each stream received but did not return
+    (read ahead of its last frame) go to the other connection first; then
+    every read, as it comes, straight from transport to transport: no task
+    wakes up per read, nothing is decoded. Flow control: while a side's
+    write buffer is over its high-water mark, the other side is not read,
+    so a relay holds at most about a write buffer each way. When either
+    connection ends (closed by its peer, reset), the other is closed once
+    what it was sent is flushed (within its ``close_timeout``), and
+    ``splice`` returns when both are closed. Cancelling it aborts both.
+    The streams carry no frames afterwards.
+    """
+    loop = asyncio.get_running_loop()
+    streams = (one, other)
+    lost: asyncio.Future[None] = loop.create_future()
+    try:
+        transports = [cast(asyncio.Transport, stream._transport) for stream in streams]
+        for transport in transports:
+            transport.pause_reading()
+        pending = [await stream._take_received() for stream in streams]
+        for stream in streams:  # what each had to send goes first, under its flow control
+            await stream.drain()
+        if not any(stream.is_closing() for stream in streams):
+            sides = [_SpliceSide(transport, lost) for transport in transports]
+            sides[0].peer, sides[1].peer = sides[1], sides[0]
+            for side in sides:
+                side.transport.set_protocol(side)
+            for side, data in zip(sides, pending[::-1], strict=True):
+                if data:
+                    side.transport.write(data)  # may pause the peer's reading
+            for side in sides:
+                if not side.peer.paused:
+                    side.transport.resume_reading()
+            await lost
+    except (ConnectionLost, ConnectionError):
+        pass  # one side was lost before the splice began: it ends as if after
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise
+    for stream in streams:
+        stream.close()
+    await asyncio.gather(one.wait_closed(), other.wait_closed())

@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
 from streamkit.net import Endpoint, Server, connect_endpoint, serve_endpoint
-from streamkit.session._splice import PASSTHROUGH, splice
+from streamkit.session._passthrough import PASSTHROUGH
 from streamkit.session.cluster import (
     Address,
     Cluster,
@@ -28,7 +28,7 @@ from streamkit.session.cluster import (
 )
 from streamkit.session.protocol import Reject, RejectReason, Welcome
 from streamkit.session.relay import FrontLink, OwnerLink, Relay
-from streamkit.stream import FramedStream
+from streamkit.stream import FramedStream, splice
 
 __all__ = ["RelayedResume", "Relayer"]
 
@@ -255,8 +255,7 @@ class Relayer:
             link.abort()
             stream.abort()
             return
-        stream.switch_codec(PASSTHROUGH)
-        stream.send_nowait(forward)
+        stream.send_encoded_nowait(forward)
         self._relays.add(stream)
         self.stats.relaying += 1
         try:

@@ -1,18 +1,21 @@
-"""splice(): a relay's byte copy both ways, over real loopback sockets."""
+"""splice(): two connections joined into one, both ways, over real loopback sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trustme
 
-from streamkit import FramedStream, LengthPrefixed
+from streamkit import FramedStream, LengthPrefixed, connect, serve
 from streamkit.errors import ConnectionLost, EndOfStream
-from streamkit.session._splice import PASSTHROUGH, splice
+from streamkit.session._passthrough import PASSTHROUGH
+from streamkit.stream import splice
 from tests._pairs import stream_pair
 
 CODEC = LengthPrefixed(max_frame=8 << 20)
@@ -151,3 +154,76 @@ def test_the_passthrough_codec_keeps_bytes_as_they_are() -> None:
     assert PASSTHROUGH.encode(memoryview(b"xy")) == b"xy"
     assert PASSTHROUGH.encode_many([b"a", b"b"]) == b"ab"
     assert PASSTHROUGH.encode_parts(bytearray(b"q")) == (b"q",)
+
+
+async def test_a_side_lost_before_the_splice_ends_it_at_once() -> None:
+    async with (
+        stream_pair(CODEC) as (client, front_in),
+        stream_pair(CODEC) as (front_out, owner),
+    ):
+        client.abort()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await front_in.recv(timeout=5)
+        async with asyncio.timeout(5):
+            await splice(front_in, front_out)
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await owner.recv(timeout=5)
+
+
+async def test_bytes_the_reader_holds_go_first(tmp_path: Path) -> None:
+    async with (
+        stream_pair(CODEC, "unix", tmp_path) as (client, front_in),
+        stream_pair(CODEC, "unix", tmp_path) as (front_out, owner),
+    ):
+        await client.send(b"hello")
+        assert await front_in.recv() == b"hello"
+        # Sent while nobody reads the front: it waits in the front's reader
+        # (this loop reads the socket as soon as it runs).
+        await client.send_many([b"%d" % n for n in range(1000)])
+        await client.drain()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        assert [await owner.recv() for _ in range(1000)] == [b"%d" % n for n in range(1000)]
+        client.abort()
+        await relay
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def test_a_tls_connection_splices_with_a_plain_one(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, client_context = tls
+    accepted: asyncio.Queue[FramedStream[bytes]] = asyncio.Queue()
+
+    async def on_connection(stream: FramedStream[bytes]) -> None:
+        await accepted.put(stream)
+        await stream.wait_closed()
+
+    async with (
+        serve(on_connection, "127.0.0.1", 0, codec=CODEC, ssl=server_context) as server,
+        connect("127.0.0.1", server.port, codec=CODEC, ssl=client_context) as client,
+        stream_pair(CODEC) as (front_out, owner),
+    ):
+        front_in = await accepted.get()
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        payloads = [bytes([n]) * (n * 1000) for n in range(50)]
+        for payload in payloads:
+            await client.send(payload)
+            assert await owner.recv() == payload
+            await owner.send(payload[::-1])
+            assert await client.recv() == payload[::-1]
+        owner.close()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await client.recv(timeout=5)
+        async with asyncio.timeout(5):
+            await relay
