@@ -107,9 +107,11 @@ class RedisPeers:
       the other process and are refused).
     - :meth:`lookup` reads a node's entry: None if there is none (never
       joined, left, or expired: its process died or lost Redis for ``ttl``).
-    - Every Redis call is bounded by ``timeout`` seconds (default 2);
-      past it, ``lookup`` raises ``TimeoutError`` (the resume that needed it
-      is refused) and a refresh is retried at its next turn.
+    - Every Redis call is bounded by ``timeout`` seconds (default 2):
+      ``lookup`` raises ``TimeoutError``, or redis-py's ``RedisError`` for a
+      Redis it cannot reach (the resume that needed it is refused), and a
+      refresh that fails is retried at its next turn.
+    - ``leave()`` closes its connections; it may ``join`` again after.
     """
 
     def __init__(
