@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import secrets
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from streamkit.session.cluster import Address, check_address, check_node, format_address
@@ -108,9 +109,9 @@ class RedisPeers:
     - :meth:`lookup` reads a node's entry: None if there is none (never
       joined, left, or expired: its process died or lost Redis for ``ttl``).
     - Every Redis call is bounded by ``timeout`` seconds (default 2):
-      ``lookup`` raises ``TimeoutError``, or redis-py's ``RedisError`` for a
-      Redis it cannot reach (the resume that needed it is refused), and a
-      refresh that fails is retried at its next turn.
+      ``join`` and ``lookup`` raise ``TimeoutError``, or ``ConnectionError``
+      for a Redis they cannot reach or that fails (a resume whose lookup
+      fails is refused); a refresh that fails is retried at its next turn.
     - ``leave()`` closes its connections; it may ``join`` again after.
     """
 
@@ -143,6 +144,14 @@ class RedisPeers:
     def __repr__(self) -> str:
         return f"RedisPeers(prefix={self.prefix!r}, ttl={self.ttl})"
 
+    @contextlib.contextmanager
+    def _unreachable(self) -> Iterator[None]:
+        """Raise redis-py's errors as ``ConnectionError`` naming this directory's Redis."""
+        try:
+            yield
+        except self._redis.RedisError as exc:
+            raise ConnectionError(f"the peer directory's Redis failed: {exc}") from exc
+
     def _node_key(self, node: str) -> str:
         return f"{self.prefix}:node:{node}"
 
@@ -170,9 +179,10 @@ class RedisPeers:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.claim_timeout
         while True:
-            async with asyncio.timeout(self.timeout):
-                won = await client.set(key, claim, nx=True, px=self._ttl_ms)
-                held = None if won else await client.get(key)
+            with self._unreachable():
+                async with asyncio.timeout(self.timeout):
+                    won = await client.set(key, claim, nx=True, px=self._ttl_ms)
+                    held = None if won else await client.get(key)
             if won:
                 return
             if loop.time() >= deadline:
@@ -214,8 +224,9 @@ class RedisPeers:
         """Where ``node``'s cluster port is reached; None if no process holds the tag."""
         if self._client is None:
             raise RuntimeError("look nodes up between join() and leave()")
-        async with asyncio.timeout(self.timeout):
-            value = await self._client.get(self._node_key(node))
+        with self._unreachable():
+            async with asyncio.timeout(self.timeout):
+                value = await self._client.get(self._node_key(node))
         if value is None:
             return None
         try:
