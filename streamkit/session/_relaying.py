@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import ssl as _ssl
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -28,6 +30,7 @@ from streamkit.session.cluster import (
 )
 from streamkit.session.protocol import Reject, RejectReason, Welcome
 from streamkit.session.relay import FrontLink, OwnerLink, Relay
+from streamkit.session.session import Backoff
 from streamkit.stream import FramedStream, splice
 
 __all__ = ["RelayedResume", "Relayer"]
@@ -41,6 +44,12 @@ RelayedResume = Callable[[FramedStream[bytes], Relay], Awaitable[None]]
 
 _T_co = TypeVar("_T_co", covariant=True)
 
+#: Pauses between tries to reach an owner that failed transiently (within relay_timeout).
+_RETRY = Backoff(initial=0.02, maximum=0.5)
+#: The cluster port's listen backlog: every client cut at once resumes at once,
+#: and most of their resumes are relayed (asyncio's default is 100).
+_BACKLOG = 1024
+
 #: Hosts that listen on every interface: no address to give other nodes.
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
@@ -48,14 +57,17 @@ _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 class _Unreachable(Exception):
     """The owner cannot be relayed to; the message says why (for the client's REJECT).
 
-    ``broken``: the owner was reached but the link failed (a key mismatch, a
-    node that is not the owner, a malformed answer), worth a WARNING; else
-    the owner is unknown or down, as when it died.
+    ``transient``: it may work a moment later (a lost link, a full listen
+    backlog, a directory that did not answer): tried again until the relay
+    deadline. Else it will not: the owner is unknown or down (as when it
+    died), or, ``broken``, the link is misconfigured (another key, a node
+    that is not the owner, TLS that fails), worth a WARNING.
     """
 
-    def __init__(self, message: str, *, broken: bool = False) -> None:
+    def __init__(self, message: str, *, broken: bool = False, transient: bool = False) -> None:
         super().__init__(message)
         self.broken = broken
+        self.transient = transient
 
 
 def _peer(stream: FramedStream[bytes]) -> object:
@@ -168,6 +180,7 @@ class Relayer:
             handshake_timeout=self._handshake_timeout,
             close_timeout=self._close_timeout,
             max_connections=self._max_connections,
+            backlog=_BACKLOG,
         )
         try:
             await cluster.peers.join(cluster.node, self.address)
@@ -239,15 +252,11 @@ class Relayer:
         side closes.
         """
         try:
-            async with asyncio.timeout(self.cluster.relay_timeout):
-                link, forward = await self._reach(owner, nonce, hello)
-        except (_Unreachable, TimeoutError) as exc:
+            link, forward = await self._reach_in_time(owner, nonce, hello)
+        except _Unreachable as exc:
             self.stats.relays_failed += 1
-            reason = str(exc) or (
-                f"did not answer within relay_timeout={self.cluster.relay_timeout} s"
-            )
-            message = f"the session's owner, node {owner!r}, {reason}"
-            level = logging.WARNING if getattr(exc, "broken", False) else logging.INFO
+            message = f"the session's owner, node {owner!r}, {exc}"
+            level = logging.WARNING if exc.broken else logging.INFO
             logger.log(level, "could not relay a resume from %s: %s", _peer(stream), message)
             stream.send_nowait(Reject(RejectReason.UNKNOWN_SESSION, message).encode())
             return
@@ -264,6 +273,36 @@ class Relayer:
             self.stats.relaying -= 1
             self._relays.discard(stream)
 
+    async def _reach_in_time(
+        self, owner: str, nonce: bytes, hello: bytes
+    ) -> tuple[FramedStream[bytes], bytes]:
+        """:meth:`_reach`, tried again after a transient failure, within ``relay_timeout``.
+
+        A retry sends the same hello: the owner may take it twice (the
+        front holds the key), never a third party.
+        """
+        timeout = self.cluster.relay_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delays = _RETRY.delays(random.Random())
+        last: _Unreachable | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        return await self._reach(owner, nonce, hello)
+                    except _Unreachable as exc:
+                        if not exc.transient:
+                            raise
+                        last = exc
+                        logger.debug("relay to node %r failed, trying again: %s", owner, exc)
+                    await asyncio.sleep(next(delays))
+        except TimeoutError:
+            reason = f"did not answer within relay_timeout={timeout} s"
+            if last is not None:
+                reason += f" ({last})"
+            raise _Unreachable(reason, broken=last is not None and last.broken) from None
+
     async def _reach(
         self, owner: str, nonce: bytes, hello: bytes
     ) -> tuple[FramedStream[bytes], bytes]:
@@ -277,7 +316,9 @@ class Relayer:
         try:
             address = await self.cluster.peers.lookup(owner)
         except Exception as exc:
-            raise _Unreachable(f"could not be looked up in the peer directory: {exc!r}") from exc
+            raise _Unreachable(
+                f"could not be looked up in the peer directory: {exc!r}", transient=True
+            ) from exc
         if address is None:
             raise _Unreachable("is not in the peer directory (it left, or its claim expired)")
         where = format_address(address)
@@ -288,8 +329,12 @@ class Relayer:
                 ssl=self.cluster.peer_ssl,
                 close_timeout=self._close_timeout,
             )
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise _Unreachable(f"cannot be reached at {where} (is it down?): {exc}") from exc
+        except _ssl.SSLError as exc:
+            raise _Unreachable(f"failed TLS at {where}: {exc}", broken=True) from exc
         except OSError as exc:
-            raise _Unreachable(f"cannot be reached at {where}: {exc}") from exc
+            raise _Unreachable(f"cannot be reached at {where}: {exc}", transient=True) from exc
         front = FrontLink(self.cluster.key, self.cluster.node, owner, nonce, hello)
         try:
             try:
@@ -299,9 +344,14 @@ class Relayer:
                 raise front.receive_eof() from None
             self._count(answer)
             return link, front.answer + rest
-        except (ProtocolError, ConnectionLost, OSError) as exc:
+        except ProtocolError as exc:
             link.abort()
             raise _Unreachable(f"failed the relay link at {where}: {exc}", broken=True) from exc
+        except (ConnectionLost, OSError) as exc:
+            link.abort()
+            raise _Unreachable(
+                f"lost the relay link at {where}: {exc}", broken=True, transient=True
+            ) from exc
         except BaseException:
             link.abort()
             raise
