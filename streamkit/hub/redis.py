@@ -49,6 +49,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from streamkit._redis import import_redis
 from streamkit.hub.protocol import Records, quote
 from streamkit.hub.storage import (
     Batch,
@@ -77,8 +78,6 @@ __all__ = ["RedisStorage", "StreamKeys", "changes_channel", "check_prefix", "str
 
 logger = logging.getLogger("streamkit.hub")
 
-#: The extra that installs redis-py.
-EXTRA = "streamkit[redis]"
 #: The oldest Redis that runs the scripts (``#!lua`` flags: refused whole when out of memory).
 MIN_REDIS_VERSION = (7, 0)
 #: An argument of a script.
@@ -380,17 +379,7 @@ _UNAVAILABLE = ("BUSY", "MISCONF", "CLUSTERDOWN")
 
 def _redis() -> Any:
     """The ``redis`` package, or an ImportError naming the extra to install."""
-    try:
-        import redis
-        import redis.asyncio
-        import redis.backoff
-        import redis.exceptions
-    except ImportError as exc:
-        raise ImportError(
-            f'RedisStorage needs redis-py: pip install "{EXTRA}" (importing it failed: {exc})',
-            name=exc.name,
-        ) from exc
-    return redis
+    return import_redis("RedisStorage")
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -24,8 +24,9 @@ import json
 import logging
 import secrets
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from streamkit._redis import import_redis
 from streamkit.session.cluster import Address, check_address, check_node, format_address
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["RedisPeers"]
 
 logger = logging.getLogger("streamkit.session")
-
-#: The extra that installs redis-py.
-EXTRA = "streamkit[redis]"
 
 # Extend the claim if it is still ours; take it again if it lapsed (nobody
 # else took it meanwhile); 0 if another process holds the tag now.
@@ -59,19 +57,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def _redis() -> Any:
-    """The ``redis`` package, or an ImportError naming the extra to install."""
-    try:
-        import redis
-        import redis.asyncio
-    except ImportError as exc:
-        raise ImportError(
-            f'RedisPeers needs redis-py: pip install "{EXTRA}" (importing it failed: {exc})',
-            name=exc.name,
-        ) from exc
-    return redis
 
 
 def _encode(instance: str, address: Address) -> str:
@@ -124,7 +109,7 @@ class RedisPeers:
         timeout: float = 2.0,
         claim_timeout: float | None = None,
     ) -> None:
-        self._redis = _redis()
+        self._redis = import_redis("RedisPeers")
         if not ttl > 0 or not timeout > 0:
             raise ValueError(f"ttl and timeout must be > 0, not {ttl}, {timeout}")
         if claim_timeout is not None and claim_timeout < 0:
