@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import trustme
 
 from streamkit import FramedStream, LengthPrefixed, connect, serve
 from streamkit.errors import ConnectionLost, EndOfStream
 from streamkit.session._passthrough import PASSTHROUGH
 from streamkit.stream import splice
 from tests._pairs import stream_pair
+from tests._tls import tls_contexts
 
 CODEC = LengthPrefixed(max_frame=8 << 20)
 Pair = tuple[FramedStream[bytes], FramedStream[bytes]]
@@ -191,12 +191,7 @@ async def test_bytes_the_reader_holds_go_first(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
+    return tls_contexts()
 
 
 async def test_a_tls_connection_splices_with_a_plain_one(
