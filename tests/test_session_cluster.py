@@ -22,6 +22,7 @@ from streamkit.session.cluster import (
     tagged_session_id,
 )
 from streamkit.session.protocol import SESSION_ID_SIZE
+from tests.test_hub_redis import HIDE_REDIS, run_python
 
 KEY = b"k" * 32
 TAGS = st.text(
@@ -157,3 +158,42 @@ def test_cluster_settings_are_checked() -> None:
         Cluster("", peers, KEY)
     cluster = Cluster("a", _Directory(), KEY, listen="/x.sock", ssl=ssl.create_default_context())
     assert cluster.listen_address == "/x.sock"
+
+
+def test_the_cluster_modules_export_what_they_say() -> None:
+    import streamkit.session
+    import streamkit.session.cluster
+    import streamkit.session.redis
+    import streamkit.session.relay
+
+    for module in (streamkit.session.cluster, streamkit.session.relay, streamkit.session.redis):
+        for name in module.__all__:
+            assert hasattr(module, name), name
+    for name in ("Cluster", "ClusterStats", "PeerDirectory", "StaticPeers", "ServerStats"):
+        assert name in streamkit.session.__all__, name
+        assert getattr(streamkit.session, name) is getattr(
+            streamkit.session.cluster if name != "ServerStats" else streamkit.session.server, name
+        )
+
+
+def test_a_cluster_imports_no_redis() -> None:
+    done = run_python(
+        "import sys, streamkit, streamkit.session, streamkit.session.redis\n"
+        "from streamkit.session import *\n"
+        "print(sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_without_redis_py_redis_peers_name_the_extra() -> None:
+    done = run_python(
+        HIDE_REDIS
+        + "from streamkit.session.redis import RedisPeers\n"
+        + "try:\n"
+        + "    RedisPeers('redis://127.0.0.1:6379/0')\n"
+        + "except ImportError as exc:\n"
+        + "    print(exc)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'pip install "streamkit[redis]"' in done.stdout

@@ -10,6 +10,7 @@ parts that move bytes, connect, reconnect and serve: they load on first use.
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from streamkit.session.cluster import Cluster, ClusterStats, PeerDirectory, StaticPeers
 from streamkit.session.settings import Backoff, SessionOptions, SessionSettings, SessionStats
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from streamkit.session.server import (
         ResumableServer,
         ServerSession,
+        ServerStats,
         serve_resumable,
         serve_resumable_unix,
     )
@@ -28,11 +30,14 @@ _LAZY = {
     "connect_resumable_unix": "client",
     "ResumableServer": "server",
     "ServerSession": "server",
+    "ServerStats": "server",
     "serve_resumable": "server",
     "serve_resumable_unix": "server",
     "Session": "session",
 }
-_MODULES = frozenset({"client", "core", "protocol", "server", "session", "settings"})
+_MODULES = frozenset(
+    {"client", "cluster", "core", "protocol", "redis", "relay", "server", "session", "settings"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -53,12 +58,17 @@ def __dir__() -> list[str]:
 __all__ = [
     "Backoff",
     "ClientSession",
+    "Cluster",
+    "ClusterStats",
+    "PeerDirectory",
     "ResumableServer",
     "ServerSession",
+    "ServerStats",
     "Session",
     "SessionOptions",
     "SessionSettings",
     "SessionStats",
+    "StaticPeers",
     "connect_resumable",
     "connect_resumable_unix",
     "serve_resumable",

@@ -30,7 +30,7 @@ from streamkit.session.cluster import (
 )
 from streamkit.session.protocol import Reject, RejectReason, Welcome
 from streamkit.session.relay import FrontLink, OwnerLink, Relay
-from streamkit.session.session import Backoff
+from streamkit.session.settings import Backoff
 from streamkit.stream import FramedStream, splice
 
 __all__ = ["RelayedResume", "Relayer"]
@@ -240,7 +240,12 @@ class Relayer:
     # -- the front's side ----------------------------------------------------------
 
     async def relay(
-        self, stream: FramedStream[bytes], nonce: bytes, hello: bytes, owner: str
+        self,
+        stream: FramedStream[bytes],
+        nonce: bytes,
+        hello: bytes,
+        owner: str,
+        rest: bytes = b"",
     ) -> None:
         """Relay ``stream``, whose client sent ``hello`` after a preface with ``nonce``,
         to node ``owner``; return when the relayed connection ends.
@@ -248,8 +253,9 @@ class Relayer:
         If the owner does not answer within ``relay_timeout`` (unknown,
         unreachable, failing the link handshake), the client gets
         ``REJECT(UNKNOWN_SESSION)`` saying why. Otherwise the owner's answer
-        goes to the client as it is, then bytes both ways until either
-        side closes.
+        goes to the client as it is, then ``rest`` (what the client sent
+        after its hello, read with it) to the owner, then bytes both ways
+        until either side closes.
         """
         try:
             link, forward = await self._reach_in_time(owner, nonce, hello)
@@ -265,6 +271,8 @@ class Relayer:
             stream.abort()
             return
         stream.send_encoded_nowait(forward)
+        if rest:
+            link.send_encoded_nowait(rest)
         self._relays.add(stream)
         self.stats.relaying += 1
         try:

@@ -10,6 +10,7 @@ import secrets
 import ssl as _ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Unpack
 
 from streamkit._lifecycle import ServerBase
@@ -30,22 +31,33 @@ from streamkit.net import (
     default_max_connections,
     serve_endpoint,
 )
+from streamkit.session._relaying import Relayer
+from streamkit.session.cluster import Cluster, ClusterStats, node_of, tagged_session_id
 from streamkit.session.core import ServerHandshake, SessionCore, State
 from streamkit.session.protocol import (
     MAX_HANDSHAKE_MESSAGE,
     NONCE_SIZE,
     SESSION_ID_SIZE,
     TOKEN_SIZE,
+    VERSION,
     HelloNew,
     HelloResume,
     Reject,
     RejectReason,
+    decode_message,
 )
+from streamkit.session.relay import Relay
 from streamkit.session.session import Session
 from streamkit.session.settings import SessionOptions, SessionSettings, resolve_settings
 from streamkit.stream import FramedStream
 
-__all__ = ["ResumableServer", "ServerSession", "serve_resumable", "serve_resumable_unix"]
+__all__ = [
+    "ResumableServer",
+    "ServerSession",
+    "ServerStats",
+    "serve_resumable",
+    "serve_resumable_unix",
+]
 
 logger = logging.getLogger("streamkit.session")
 
@@ -64,8 +76,34 @@ _HANDSHAKE_CODEC = LengthPrefixed(max_frame=MAX_HANDSHAKE_MESSAGE)
 _HTTP_READ_TIMEOUT = 1.0
 
 
+@dataclass(slots=True)
+class ServerStats:
+    """Counters of a :class:`ResumableServer`: ``server.stats``.
+
+    - ``sessions``: held now (live, or waiting for their client);
+    - ``sessions_opened``: new sessions since the server started;
+    - ``resumes``: resumes it welcomed (of its own sessions, whether the
+      connection came straight or relayed by another node);
+    - ``cluster``: what its relaying did (:class:`ClusterStats`; zeros
+      without a cluster).
+    """
+
+    sessions: int = 0
+    sessions_opened: int = 0
+    resumes: int = 0
+    cluster: ClusterStats = field(default_factory=ClusterStats)
+
+
 class _Refused(Exception):
     """The handshake was refused; the REJECT is already written."""
+
+
+class _Relay(Exception):
+    """The hello resumes another node's session: relay the connection to ``owner``."""
+
+    def __init__(self, hello: HelloResume, owner: str) -> None:
+        self.hello = hello
+        self.owner = owner
 
 
 class ServerSession(Session):
@@ -105,8 +143,13 @@ class ResumableServer(ServerBase):
         *,
         max_sessions: int,
         grace_period: float,
+        cluster: Cluster | None = None,
     ) -> None:
         self._handler = handler
+        self.cluster = cluster
+        self._relayer: Relayer | None = None
+        self._opened = 0
+        self._resumes = 0
         self.settings = settings
         self._max_sessions = max_sessions
         self._grace_period = grace_period
@@ -123,12 +166,20 @@ class ResumableServer(ServerBase):
         """How many sessions are held (live, or waiting for their client)."""
         return len(self._sessions)
 
+    @property
+    def stats(self) -> ServerStats:
+        """A snapshot of the server's counters (see :class:`ServerStats`)."""
+        cluster = self._relayer.stats if self._relayer is not None else ClusterStats()
+        return ServerStats(len(self._sessions), self._opened, self._resumes, replace(cluster))
+
     def close(self) -> None:
         """Stop accepting connections and new sessions."""
         if self._closing_since is None:
             self._closing_since = asyncio.get_running_loop().time()
         if self._server is not None:
             self._server.close()
+        if self._relayer is not None:
+            self._relayer.close()
 
     async def wait_closed(self) -> None:
         """Wait for handlers up to the grace period from ``close()``; cancel the rest."""
@@ -148,6 +199,8 @@ class ResumableServer(ServerBase):
             self._ended_session(session)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._relayer is not None:
+            await self._relayer.wait_closed()
 
     # -- sessions -------------------------------------------------------------
 
@@ -199,9 +252,52 @@ class ResumableServer(ServerBase):
             closed = self._answer(stream, handshake, hello, handshake.nonce)
         except _Refused:
             return
+        except _Relay as relay:
+            assert self._relayer is not None
+            await self._relayer.relay(
+                stream, handshake.nonce, relay.hello.encode(), relay.owner, handshake.rest
+            )
+            return
         except (ProtocolError, ConnectionLost, EndOfStream, TimeoutError, OSError) as exc:
             logger.warning("session handshake with %s failed: %s", stream.peername, exc)
             return
+        await closed
+
+    async def _on_relayed(self, stream: FramedStream[bytes], relay: Relay) -> None:
+        """A resume another node relayed, its link authenticated: resume it as our own.
+
+        The client's proof is bound to the front's nonce (``relay.nonce``);
+        the answer goes back over the link, framed as on a session port.
+        """
+        handshake = ServerHandshake(relay.nonce)
+        try:
+            if relay.session_version != VERSION:
+                raise self._refuse(stream, handshake, RejectReason.UNSUPPORTED_VERSION, "version")
+            try:
+                hello = decode_message(relay.hello)
+            except ProtocolError as exc:
+                raise self._refuse(stream, handshake, RejectReason.MALFORMED, str(exc)) from None
+            if not isinstance(hello, HelloResume):
+                raise self._refuse(
+                    stream, handshake, RejectReason.MALFORMED, "relayed hello is no resume"
+                )
+            assert self.cluster is not None
+            owner = node_of(hello.session_id)
+            if owner != self.cluster.node:
+                raise self._refuse(
+                    stream,
+                    handshake,
+                    RejectReason.UNKNOWN_SESSION,
+                    f"session belongs to node {owner!r}",
+                )
+            closed = self._answer(stream, handshake, hello, relay.nonce)
+        except _Refused:
+            return
+        except ConnectionLost as exc:
+            logger.warning("relayed resume from %s failed: %s", stream.peername, exc)
+            return
+        assert self._relayer is not None
+        self._relayer.stats.relayed_in += 1
         await closed
 
     def _answer(
@@ -225,8 +321,13 @@ class ResumableServer(ServerBase):
             session = self._new_session(stream, handshake)
             peer_received = 0
         else:
+            if self.cluster is not None:
+                owner = node_of(hello.session_id)
+                if owner is not None and owner != self.cluster.node:
+                    raise _Relay(hello, owner)
             session = self._resumed_session(stream, handshake, hello, nonce)
             peer_received = hello.received
+            self._resumes += 1
         handshake.accept(session.core.welcome())
         stream.sender.write_parts(handshake.data_to_send())
         closed = session.attach(stream, peer_received, hello.limits, handshake.rest)
@@ -249,12 +350,19 @@ class ResumableServer(ServerBase):
                 RejectReason.BUSY,
                 f"the server holds max_sessions={self._max_sessions}",
             )
-        session_id = secrets.token_bytes(SESSION_ID_SIZE)
+        while True:
+            if self.cluster is not None:
+                session_id = tagged_session_id(self.cluster.node)
+            else:
+                session_id = secrets.token_bytes(SESSION_ID_SIZE)
+            if session_id not in self._sessions and session_id not in self._ended:
+                break
         token = secrets.token_bytes(TOKEN_SIZE)
         clock = asyncio.get_running_loop().time
         core = SessionCore(session_id, token, self.settings, client=False, clock=clock)
         session = ServerSession(core, self)
         self._sessions[session_id] = session
+        self._opened += 1
         return session
 
     def _resumed_session(
@@ -336,6 +444,7 @@ def serve_resumable_endpoint(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    cluster: Cluster | None = None,
     **options: Unpack[SessionOptions],
 ) -> Connector[ResumableServer]:
     """Serve resumable sessions on ``endpoint``: both serve functions in one.
@@ -349,8 +458,17 @@ def serve_resumable_endpoint(
     if max_connections is None:
         max_connections = default_max_connections(max_sessions)
     server = ResumableServer(
-        handler, resolved, max_sessions=max_sessions, grace_period=grace_period
+        handler, resolved, max_sessions=max_sessions, grace_period=grace_period, cluster=cluster
     )
+    if cluster is not None:
+        server._relayer = Relayer(
+            cluster,
+            server._on_relayed,
+            handshake_timeout=resolved.handshake_timeout,
+            close_timeout=resolved.close_timeout,
+            grace_period=grace_period,
+            max_connections=max_connections,
+        )
     serving = serve_endpoint(
         server._on_connection,
         endpoint,
@@ -363,6 +481,8 @@ def serve_resumable_endpoint(
     )
 
     async def start() -> ResumableServer:
+        if server._relayer is not None:
+            await server._relayer.start()
         server._server = await serving
         return server
 
@@ -379,6 +499,7 @@ def serve_resumable(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    cluster: Cluster | None = None,
     **options: Unpack[SessionOptions],
 ) -> Connector[ResumableServer]:
     """Serve resumable sessions on TCP ``host``:``port``; ``handler(session)`` once per session.
@@ -414,6 +535,7 @@ def serve_resumable(
         max_sessions=max_sessions,
         max_connections=max_connections,
         grace_period=grace_period,
+        cluster=cluster,
         **options,
     )
 
@@ -428,6 +550,7 @@ def serve_resumable_unix(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    cluster: Cluster | None = None,
     **options: Unpack[SessionOptions],
 ) -> Connector[ResumableServer]:
     """Serve resumable sessions on a Unix socket; otherwise as :func:`serve_resumable`.
@@ -443,5 +566,6 @@ def serve_resumable_unix(
         max_sessions=max_sessions,
         max_connections=max_connections,
         grace_period=grace_period,
+        cluster=cluster,
         **options,
     )
