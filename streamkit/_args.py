@@ -73,6 +73,27 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def endpoint(text: str) -> tuple[str, int] | str:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6), or a Unix socket path (it has a ``/``)."""
+    if "/" in text:
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or a Unix socket path")
+    return host.strip("[]"), int(port)
+
+
+def peers(text: str) -> dict[str, tuple[str, int] | str]:
+    """``NODE=ADDRESS,NODE=ADDRESS,...``, each ADDRESS as :func:`endpoint` reads it."""
+    result: dict[str, tuple[str, int] | str] = {}
+    for entry in text.split(","):
+        node, equals, where = entry.partition("=")
+        if not equals or not node:
+            raise argparse.ArgumentTypeError(f"{entry!r} is not NODE=HOST:PORT (or NODE=PATH)")
+        result[node] = endpoint(where)
+    return result
+
+
 def port(text: str) -> int:
     """A TCP port, 0 to 65535 (0: any free port)."""
     if not text.isdigit() or not 0 <= int(text) <= 65535:

@@ -294,10 +294,58 @@ def _build_parser() -> tuple[_args.Parser, dict[str, _args.Parser]]:
         " shared by every hub on it; needs streamkit[redis]",
     )
     hub.add_argument(
-        "--prefix", default="streamkit", help="with --storage: the deployment's key prefix"
+        "--prefix",
+        default="streamkit",
+        help="with --storage or --cluster-redis: the deployment's key prefix in Redis",
     )
+    _add_cluster(hub)
 
     return parser, commands.choices
+
+
+def _add_cluster(parser: argparse.ArgumentParser) -> None:
+    """The ``--cluster-*`` flags of a server of sessions (see streamkit.session.Cluster)."""
+    group = parser.add_argument_group(
+        "cluster",
+        "several servers behind one TCP balancer, each a node: a session resumes through any "
+        "of them (the node it reaches relays it to the node that holds it)",
+    )
+    group.add_argument("--cluster-node", metavar="TAG", help="this node's tag, e.g. a")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster-peers",
+        type=_args.peers,
+        metavar="NODE=ADDR,...",
+        help="every node's cluster port: HOST:PORT or a Unix socket path",
+    )
+    where.add_argument(
+        "--cluster-redis",
+        metavar="URL",
+        help="a peer directory in Redis instead (needs streamkit[redis])",
+    )
+    group.add_argument(
+        "--cluster-listen",
+        type=_args.endpoint,
+        metavar="ADDR",
+        help="where this node's cluster port listens (default: its entry in --cluster-peers)",
+    )
+    group.add_argument(
+        "--cluster-advertise",
+        type=_args.endpoint,
+        metavar="ADDR",
+        help="with --cluster-redis: the address the other nodes reach the cluster port at",
+    )
+    group.add_argument(
+        "--cluster-key-file",
+        metavar="FILE",
+        help="the cluster key, the same on every node (at least 16 bytes; a final newline "
+        "is not part of it)",
+    )
+    group.add_argument("--cluster-tls-cert", metavar="FILE", help="TLS on the cluster port")
+    group.add_argument("--cluster-tls-key", metavar="FILE", help="the certificate's key")
+    group.add_argument(
+        "--cluster-tls-ca", metavar="FILE", help="TLS to the other nodes, trusting this CA"
+    )
 
 
 # -- running until stopped --------------------------------------------------------
@@ -765,6 +813,7 @@ async def _hub(args: argparse.Namespace) -> None:
             options["storage"] = hub.RedisStorage.from_url(args.storage, prefix=args.prefix)
         except (ImportError, ValueError) as exc:
             raise _Failed(f"--storage {args.storage}: {exc}") from exc
+    options["cluster"] = cluster = _cluster(args)
     where = args.unix or _args.host_port(args.host, args.port)
     with _signals() as stop:
         try:
@@ -773,6 +822,8 @@ async def _hub(args: argparse.Namespace) -> None:
             else:
                 server = await hub.serve_hub(args.host, args.port, **options)
                 where = _args.host_port(args.host, server.port)
+        except (RuntimeError, ValueError) as exc:  # the cluster's node tag or addresses
+            raise _Failed(f"cluster: {exc}") from exc
         except OSError as exc:
             if exc.filename is not None:  # the data directory, not the address
                 reason = _args.os_reason(exc)
@@ -781,6 +832,8 @@ async def _hub(args: argparse.Namespace) -> None:
         storage = f"logs in {args.data_dir}" if args.data_dir else "in memory"
         if args.storage:
             storage = f"{options['storage'].where}, prefix {args.prefix!r}"
+        if cluster is not None:
+            storage += f"; cluster node {cluster.node!r}"
         print(f"hub on {where} ({storage})", flush=True)
         await stop.wait()
     server.close()
@@ -803,7 +856,70 @@ def _check(args: argparse.Namespace) -> str | None:
             return "--storage and --data-dir do not go together"
         if not args.storage.startswith(("redis://", "rediss://", "unix://")):
             return f"--storage must be a redis://, rediss:// or unix:// URL, not {args.storage!r}"
+    if args.command == "hub":
+        return _check_cluster(args)
     return None
+
+
+def _check_cluster(args: argparse.Namespace) -> str | None:
+    flags = {name: value for name, value in vars(args).items() if name.startswith("cluster_")}
+    if not args.cluster_node:
+        given = [name for name, value in flags.items() if value]
+        if given:
+            return f"--{given[0].replace('_', '-')} goes with --cluster-node"
+        return None
+    if not (args.cluster_peers or args.cluster_redis):
+        return "--cluster-node needs --cluster-peers or --cluster-redis"
+    if not args.cluster_key_file:
+        return "--cluster-node needs --cluster-key-file"
+    if args.cluster_redis and not args.cluster_listen:
+        return "--cluster-redis needs --cluster-listen"
+    if bool(args.cluster_tls_cert) != bool(args.cluster_tls_key):
+        return "--cluster-tls-cert and --cluster-tls-key go together"
+    return None
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    """The :class:`~streamkit.session.Cluster` of the ``--cluster-*`` flags, or None."""
+    if not args.cluster_node:
+        return None
+    from streamkit.session.cluster import Cluster, StaticPeers
+
+    try:
+        with open(args.cluster_key_file, "rb") as file:
+            key = file.read().rstrip(b"\r\n")
+    except OSError as exc:
+        raise _Failed(
+            f"cannot read --cluster-key-file {args.cluster_key_file}: {_args.os_reason(exc)}"
+        ) from exc
+    server_tls = client_tls = None
+    if args.cluster_tls_cert:
+        server_tls = _tls_context(
+            ssl.Purpose.CLIENT_AUTH,
+            "--cluster-tls-cert / --cluster-tls-key",
+            args.cluster_tls_cert,
+            args.cluster_tls_key,
+        )
+    if args.cluster_tls_ca:
+        client_tls = _tls_context(ssl.Purpose.SERVER_AUTH, "--cluster-tls-ca", args.cluster_tls_ca)
+    try:
+        if args.cluster_redis:
+            from streamkit.session.redis import RedisPeers
+
+            peers: Any = RedisPeers(args.cluster_redis, prefix=args.prefix)
+        else:
+            peers = StaticPeers(args.cluster_peers)
+        return Cluster(
+            args.cluster_node,
+            peers,
+            key,
+            listen=args.cluster_listen,
+            advertise=args.cluster_advertise,
+            ssl=server_tls,
+            peer_ssl=client_tls,
+        )
+    except (ImportError, ValueError, TypeError) as exc:
+        raise _Failed(f"cluster: {exc}") from exc
 
 
 # -- commands run by their own modules ---------------------------------------------

@@ -56,6 +56,7 @@ from streamkit.hub.storage import (
 )
 from streamkit.net import DEFAULT_GRACE_PERIOD, Connector, Endpoint, close_server
 from streamkit.session import ResumableServer, ServerSession, SessionOptions, SessionSettings
+from streamkit.session.cluster import Cluster
 from streamkit.session.server import DEFAULT_MAX_SESSIONS, serve_resumable_endpoint
 from streamkit.session.settings import resolve_settings
 
@@ -647,6 +648,7 @@ def serve_hub(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    cluster: Cluster | None = None,
     **options: Unpack[SessionOptions],
 ) -> Connector[HubServer]:
     """Serve a hub of named streams on TCP ``host``:``port``.
@@ -659,9 +661,12 @@ def serve_hub(
     memory; ``storage`` replaces the storage backend. ``ssl``,
     ``settings``, ``max_sessions``, ``max_connections`` (default: 11,000
     with the default ``max_sessions``, within the open-file limit),
-    ``grace_period`` and the :class:`~streamkit.session.SessionSettings`
-    fields as keywords are those of :func:`~streamkit.session.serve_resumable`
-    (a keyword that is none of these raises ``TypeError`` here).
+    ``grace_period``, ``cluster`` (hub processes behind one balancer, each
+    a node: a session resumes through any of them, see
+    :class:`~streamkit.session.Cluster`) and the
+    :class:`~streamkit.session.SessionSettings` fields as keywords are
+    those of :func:`~streamkit.session.serve_resumable` (a keyword that is
+    none of these raises ``TypeError`` here).
     """
     return _serve_hub(
         Endpoint.tcp(host, port),
@@ -672,6 +677,7 @@ def serve_hub(
             "max_sessions": max_sessions,
             "max_connections": max_connections,
             "grace_period": grace_period,
+            "cluster": cluster,
         },
     )
 
@@ -689,6 +695,7 @@ def serve_hub_unix(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_connections: int | None = None,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    cluster: Cluster | None = None,
     **options: Unpack[SessionOptions],
 ) -> Connector[HubServer]:
     """Serve a hub on a Unix socket (its file gets ``mode``); otherwise as :func:`serve_hub`."""
@@ -701,5 +708,6 @@ def serve_hub_unix(
             "max_sessions": max_sessions,
             "max_connections": max_connections,
             "grace_period": grace_period,
+            "cluster": cluster,
         },
     )
