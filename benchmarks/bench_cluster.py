@@ -52,7 +52,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from streamkit.bench import receive_from_child
+from _harness import receive_from_child
+
 from streamkit.session import (
     Backoff,
     ClientSession,

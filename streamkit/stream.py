@@ -451,7 +451,8 @@ class FramedStream(Closable, Generic[FrameT]):
         receiver = self._receiver
         if receiver is not None:
             rest += receiver.take_undecoded()
-            self._transport.pause_reading()  # take_undecoded resumes a paused transport
+            # take_undecoded resumes a paused transport: the caller keeps it paused.
+            cast(asyncio.ReadTransport, self._transport).pause_reading()
         else:
             self._reader.feed_eof()
             with contextlib.suppress(ConnectionError, OSError):  # lost: splice sees it closing

@@ -13,7 +13,6 @@ import pytest
 
 from streamkit import FramedStream, LengthPrefixed, connect, serve
 from streamkit.errors import ConnectionLost, EndOfStream
-from streamkit.session._passthrough import PASSTHROUGH
 from streamkit.stream import splice
 from tests._pairs import stream_pair
 from tests._tls import tls_contexts
@@ -22,13 +21,32 @@ CODEC = LengthPrefixed(max_frame=8 << 20)
 Pair = tuple[FramedStream[bytes], FramedStream[bytes]]
 
 
+#: Both ways streams read: through StreamProtocol (streamkit.net's) and asyncio's own.
+READINGS = pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+
+
 @asynccontextmanager
-async def relayed(where: str = "tcp", tmp_path: Path | None = None) -> AsyncIterator[Pair]:
-    """(client, owner) streams joined by a splice in the middle, which must end with them."""
+async def pairs(
+    where: str = "tcp", tmp_path: Path | None = None, reading: str = "streamkit"
+) -> AsyncIterator[tuple[Pair, Pair]]:
+    """(client, front_in), (front_out, owner): two connections for a front to splice."""
+    paths = [None, None] if tmp_path is None else [tmp_path / "in", tmp_path / "out"]
+    for path in paths:
+        if path is not None:
+            path.mkdir()
     async with (
-        stream_pair(CODEC, where, tmp_path) as (client, front_in),
-        stream_pair(CODEC, where, tmp_path) as (front_out, owner),
+        stream_pair(CODEC, where, paths[0], reading=reading) as first,
+        stream_pair(CODEC, where, paths[1], reading=reading) as second,
     ):
+        yield first, second
+
+
+@asynccontextmanager
+async def relayed(
+    where: str = "tcp", tmp_path: Path | None = None, reading: str = "streamkit"
+) -> AsyncIterator[Pair]:
+    """(client, owner) streams joined by a splice in the middle, which must end with them."""
+    async with pairs(where, tmp_path, reading) as ((client, front_in), (front_out, owner)):
         relay = asyncio.ensure_future(splice(front_in, front_out))
         try:
             yield client, owner
@@ -39,10 +57,11 @@ async def relayed(where: str = "tcp", tmp_path: Path | None = None) -> AsyncIter
                 await relay
 
 
+@READINGS
 @pytest.mark.parametrize("where", ["tcp", "unix"])
-async def test_frames_cross_both_ways_in_order(where: str, tmp_path: Path) -> None:
+async def test_frames_cross_both_ways_in_order(where: str, reading: str, tmp_path: Path) -> None:
     sizes = [0, 1, 100, 70_000, 4 << 20, 3, 300_000]
-    async with relayed(where, tmp_path) as (client, owner):
+    async with relayed(where, tmp_path, reading) as (client, owner):
 
         async def echo() -> None:
             for _ in sizes:
@@ -57,11 +76,9 @@ async def test_frames_cross_both_ways_in_order(where: str, tmp_path: Path) -> No
     assert all(frame == bytes([size % 251]) * size for frame, size in zip(got, sizes, strict=True))
 
 
-async def test_bytes_read_ahead_of_the_switch_go_first() -> None:
-    async with (
-        stream_pair(CODEC) as (client, front_in),
-        stream_pair(CODEC) as (front_out, owner),
-    ):
+@READINGS
+async def test_bytes_read_ahead_of_the_switch_go_first(reading: str) -> None:
+    async with pairs(reading=reading) as ((client, front_in), (front_out, owner)):
         # The client's hello and what it sent right behind it arrive together:
         # the front's decoder has read past the hello when it splices.
         await client.send_many([b"hello", b"one", b"two"])
@@ -145,17 +162,6 @@ async def test_cancelling_the_splice_aborts_both_sides() -> None:
             await owner.recv(timeout=5)
 
 
-def test_the_passthrough_codec_keeps_bytes_as_they_are() -> None:
-    decoder = PASSTHROUGH.decoder()
-    assert decoder.feed(b"abc") == [b"abc"]
-    assert decoder.feed(bytearray(b"de")) == [b"de"]
-    assert decoder.feed(b"") == []
-    decoder.close()
-    assert PASSTHROUGH.encode(memoryview(b"xy")) == b"xy"
-    assert PASSTHROUGH.encode_many([b"a", b"b"]) == b"ab"
-    assert PASSTHROUGH.encode_parts(bytearray(b"q")) == (b"q",)
-
-
 async def test_a_side_lost_before_the_splice_ends_it_at_once() -> None:
     async with (
         stream_pair(CODEC) as (client, front_in),
@@ -170,11 +176,9 @@ async def test_a_side_lost_before_the_splice_ends_it_at_once() -> None:
             await owner.recv(timeout=5)
 
 
-async def test_bytes_the_reader_holds_go_first(tmp_path: Path) -> None:
-    async with (
-        stream_pair(CODEC, "unix", tmp_path) as (client, front_in),
-        stream_pair(CODEC, "unix", tmp_path) as (front_out, owner),
-    ):
+@READINGS
+async def test_bytes_the_reader_holds_go_first(reading: str, tmp_path: Path) -> None:
+    async with pairs("unix", tmp_path, reading) as ((client, front_in), (front_out, owner)):
         await client.send(b"hello")
         assert await front_in.recv() == b"hello"
         # Sent while nobody reads the front: it waits in the front's reader
@@ -185,6 +189,32 @@ async def test_bytes_the_reader_holds_go_first(tmp_path: Path) -> None:
             await asyncio.sleep(0)
         relay = asyncio.ensure_future(splice(front_in, front_out))
         assert [await owner.recv() for _ in range(1000)] == [b"%d" % n for n in range(1000)]
+        client.abort()
+        await relay
+
+
+@READINGS
+async def test_a_large_frame_half_received_goes_on_whole(reading: str) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    framed = CODEC.encode(payload)
+    async with pairs(reading=reading) as ((client, front_in), (front_out, owner)):
+        await client.send(b"hello")
+        assert await front_in.recv() == b"hello"
+        # The front waits inside a large frame (over StreamProtocol, reading its
+        # rest into memory of its own) when the splice takes the connection.
+        receiving = asyncio.ensure_future(front_in.recv())
+        client.writer.write(framed[:300_000])
+        await client.drain()
+        await asyncio.sleep(0.1)
+        assert not receiving.done()
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiving
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        client.writer.write(framed[300_000:])
+        await client.send(b"after")
+        assert await owner.recv(timeout=5) == payload
+        assert await owner.recv(timeout=5) == b"after"
         client.abort()
         await relay
 
@@ -210,7 +240,11 @@ async def test_a_tls_connection_splices_with_a_plain_one(
         stream_pair(CODEC) as (front_out, owner),
     ):
         front_in = await accepted.get()
+        # Over TLS too, what the front received past its last frame goes first.
+        await client.send_many([b"hello", b"ahead"])
+        assert await front_in.recv() == b"hello"
         relay = asyncio.ensure_future(splice(front_in, front_out))
+        assert await owner.recv(timeout=5) == b"ahead"
         payloads = [bytes([n]) * (n * 1000) for n in range(50)]
         for payload in payloads:
             await client.send(payload)

@@ -18,9 +18,9 @@ import ssl as _ssl
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
+from streamkit.codecs import LengthPrefixed
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
 from streamkit.net import Endpoint, Server, connect_endpoint, serve_endpoint
-from streamkit.session._passthrough import PASSTHROUGH
 from streamkit.session.cluster import (
     Address,
     Cluster,
@@ -29,7 +29,7 @@ from streamkit.session.cluster import (
     format_address,
 )
 from streamkit.session.protocol import Reject, RejectReason, Welcome
-from streamkit.session.relay import FrontLink, OwnerLink, Relay
+from streamkit.session.relay import MAX_RELAY_MESSAGE, FrontLink, OwnerLink, Relay
 from streamkit.session.settings import Backoff
 from streamkit.stream import FramedStream, splice
 
@@ -43,6 +43,12 @@ logger = logging.getLogger("streamkit.session")
 RelayedResume = Callable[[FramedStream[bytes], Relay], Awaitable[None]]
 
 _T_co = TypeVar("_T_co", covariant=True)
+
+#: The codec of a link's streams. The link handshake is read unframed
+#: (``recv_data``) and written as it is (``send_encoded_nowait``); after it,
+#: the owner's side switches to the session's handshake framing and the
+#: front's is spliced: this codec frames nothing of the link's.
+_LINK_CODEC = LengthPrefixed(max_frame=MAX_RELAY_MESSAGE)
 
 #: Pauses between tries to reach an owner that failed transiently (within relay_timeout).
 _RETRY = Backoff(initial=0.02, maximum=0.5)
@@ -95,15 +101,16 @@ async def _exchange(stream: FramedStream[bytes], side: _Side[_T_co]) -> tuple[_T
     while True:
         out = side.data_to_send()
         if out:
-            stream.send_nowait(b"".join(out))
-        chunks = await stream.recv_batch()
-        for index, chunk in enumerate(chunks):
-            result = side.receive_data(chunk)
-            if result is not None:
-                out = side.data_to_send()
-                if out:
-                    stream.send_nowait(b"".join(out))
-                return result, side.rest + b"".join(chunks[index + 1 :])
+            stream.send_encoded_nowait(b"".join(out))
+        data = await stream.recv_data()
+        if not data:
+            raise EndOfStream("the peer closed the relay link")
+        result = side.receive_data(data)
+        if result is not None:
+            out = side.data_to_send()
+            if out:
+                stream.send_encoded_nowait(b"".join(out))
+            return result, side.rest
 
 
 def _endpoint(address: Address) -> Endpoint:
@@ -174,7 +181,7 @@ class Relayer:
         self._server = await serve_endpoint(
             self._on_link,
             _endpoint(listen),
-            codec=PASSTHROUGH,
+            codec=_LINK_CODEC,
             ssl=cluster.ssl,
             grace_period=self._grace_period,
             handshake_timeout=self._handshake_timeout,
@@ -333,7 +340,7 @@ class Relayer:
         try:
             link = await connect_endpoint(
                 _endpoint(address),
-                codec=PASSTHROUGH,
+                codec=_LINK_CODEC,
                 ssl=self.cluster.peer_ssl,
                 close_timeout=self._close_timeout,
             )
