@@ -1,28 +1,33 @@
 """Sessions on a cluster behind a load balancer: resumes relayed to their owner, and their cost.
 
-    python benchmarks/bench_cluster.py [--quick] [--sessions 2000] [--cut-every 0.1]
-                                       [--echo-every 1] [--json PATH]
+    python benchmarks/bench_cluster.py [--quick] [--sessions 2000] [--groups 50]
+                                       [--cut-every 0.1] [--echo-every 1] [--json PATH]
 
 Four node processes serve resumable sessions (an echo handler), each its own
 node of one cluster (``serve_resumable(..., cluster=...)``), their cluster
-ports on Unix sockets. A :class:`streamkit.testing.Balancer` in a process of
-its own spreads connections over the nodes' public ports, round robin.
+ports on Unix sockets. :class:`streamkit.testing.Balancer` instances in a
+process of their own spread connections over the nodes' public ports, round
+robin: ``--groups`` of them (50), each for its share of the sessions, so a
+cut can take one group's connections.
 
-1. **Resumes.** ``--sessions`` sessions (2,000) open through the balancer.
-   *Storms*: the balancer cuts every connection at once, and the time until
-   every session has echoed a frame again (so has resumed, through whichever
-   node) gives the resumes per second, with the share the owners got relayed
-   by another node (three storms). *Cuts*: every connection cut every
-   ``--cut-every`` seconds (0.1) while each session echoes a numbered frame
-   every ``--echo-every`` seconds (1), then the cuts stop and every session
-   goes on: resumes welcomed while the cuts went on, relays that failed,
-   sessions lost (0), every frame back once and in order. A storm takes the
-   whole cluster longer than 100 ms here, so while every connection is cut
-   every 100 ms few resumes or none complete: none is lost, and each
-   completes once the cuts stop. One machine runs every process (clients,
-   balancer, four nodes) on its cores, so these rates are the simulation's,
-   not a node's: on N machines each node handles its share of the resumes
-   and of the relays.
+1. **Resumes.** ``--sessions`` sessions (2,000) open through the balancers.
+   *Storms*: every connection cut at once, and the time until every session
+   has echoed a frame again (so has resumed, through whichever node) gives
+   the resumes per second, with the share the owners got relayed by another
+   node (three storms). *Cuts*: a cut every ``--cut-every`` seconds (0.1)
+   for a while, each session echoing a numbered frame every
+   ``--echo-every`` seconds (1): *rolling*, each cut takes the connections
+   of one group in turn (40 sessions; every session cut every 5 s); *all*,
+   each cut takes every connection. For each: resumes welcomed while the
+   cuts went on, per second, the share relayed, relays that failed, and
+   how long after the last cut every session had echoed again; then the
+   sessions lost (none) and the frames echoed, each back once, in order. A
+   storm of 2,000 takes this machine longer than 100 ms, so with every
+   connection cut every 100 ms few resumes or none complete: none is lost,
+   and each completes once the cuts stop. One machine runs every process
+   (clients, balancers, four nodes) on its cores, so these rates are the
+   simulation's, not a node's: on N machines each node handles its share of
+   the resumes and of the relays.
 2. **Relay cost.** One session uploads frames to its owner, a node of its
    own, straight (client -> owner), beside one session that reaches the
    same owner through another node (client -> front -> owner), alternately
@@ -126,32 +131,41 @@ def _node_main(name: str, directory: str, key: bytes, public: str | None, pipe: 
 # -- the balancer ------------------------------------------------------------------------------
 
 
-async def _balance(ports: list[int], cut_every: float, pipe: Connection) -> None:
-    async with Balancer([("127.0.0.1", port) for port in ports]) as balancer:
-        pipe.send(balancer.port)
+async def _balance(ports: list[int], groups: int, cut_every: float, pipe: Connection) -> None:
+    """``groups`` balancers over the nodes, each for its share of the sessions."""
+    async with contextlib.AsyncExitStack() as stack:
+        balancers = [
+            await stack.enter_async_context(Balancer([("127.0.0.1", port) for port in ports]))
+            for _ in range(groups)
+        ]
+        pipe.send([balancer.port for balancer in balancers])
         loop = asyncio.get_running_loop()
 
-        async def cut() -> None:
+        async def cut(rolling: bool) -> None:
+            turn = 0
             while True:
                 await asyncio.sleep(cut_every)
-                balancer.cut()
+                for balancer in balancers[turn % groups :][:1] if rolling else balancers:
+                    balancer.cut()
+                turn += 1
 
         cutting: asyncio.Task[None] | None = None
         while (command := await loop.run_in_executor(None, pipe.recv)) != "stop":
             if command == "cut once":
-                balancer.cut()
-            elif command == "start cutting":
-                cutting = asyncio.create_task(cut())
+                for balancer in balancers:
+                    balancer.cut()
+            elif command in ("cut all", "cut rolling"):
+                cutting = asyncio.create_task(cut(command == "cut rolling"))
             elif cutting is not None:  # "stop cutting"
                 cutting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await cutting
-            pipe.send(balancer.stats.cuts)
+            pipe.send(sum(balancer.stats.cuts for balancer in balancers))
 
 
-def _balancer_main(ports: list[int], cut_every: float, pipe: Connection) -> None:
+def _balancer_main(ports: list[int], groups: int, cut_every: float, pipe: Connection) -> None:
     _raise_fd_limit()
-    asyncio.run(_balance(ports, cut_every, pipe))
+    asyncio.run(_balance(ports, groups, cut_every, pipe))
 
 
 class _Child:
@@ -178,15 +192,15 @@ class _Child:
 class _Cluster:
     """The node processes and the balancer of phase 1."""
 
-    def __init__(self, directory: str, cut_every: float) -> None:
+    def __init__(self, directory: str, groups: int, cut_every: float) -> None:
         key = secrets.token_bytes(32)
         self.nodes = [
             _Child(f"node {name}", _node_main, name, directory, key, None) for name in NODES
         ]
         self.balancer: _Child | None = None
         ports = [node.recv() for node in self.nodes]
-        self.balancer = _Child("balancer", _balancer_main, ports, cut_every)
-        self.port: int = self.balancer.recv()
+        self.balancer = _Child("balancer", _balancer_main, ports, groups, cut_every)
+        self.ports: list[int] = self.balancer.recv()
 
     def tell_balancer(self, command: str) -> int:
         """Send the balancer ``command``; the cuts it made so far."""
@@ -220,11 +234,17 @@ async def _echo_once(session: ClientSession, number: int) -> None:
         raise AssertionError(f"session {session.id}: frame {number} came back as {echo!r}")
 
 
-async def _client(session: ClientSession, stop: asyncio.Event, every: float, first: int) -> int:
-    """Echo a numbered frame every ``every`` seconds until ``stop``; the frames echoed."""
+async def _client(
+    session: ClientSession, stop: asyncio.Event, every: float, first: int, echoed: list[float]
+) -> int:
+    """Echo a numbered frame every ``every`` seconds until ``stop``; the frames echoed.
+
+    ``echoed[0]`` is when the last echo came back.
+    """
     number = first
     while not stop.is_set():
         await _echo_once(session, number)
+        echoed[0] = time.perf_counter()
         number += 1
         await asyncio.sleep(every)
     return number - first
@@ -242,15 +262,40 @@ def _measured(cluster: _Cluster, before: tuple[int, int, int], seconds: float) -
     }
 
 
+async def _cuts(
+    cluster: _Cluster, echoed: list[list[float]], how: str, seconds: float
+) -> dict[str, Any]:
+    """Cut for ``seconds`` (``how``: "cut all" or "cut rolling"); what the nodes did meanwhile."""
+    before = cluster.stats()
+    cuts_before = cluster.tell_balancer(how)
+    await asyncio.sleep(seconds)
+    cuts = cluster.tell_balancer("stop cutting") - cuts_before
+    measured = _measured(cluster, before, seconds)
+    measured["cuts"] = cuts
+    # Every session back (an echo since the cuts stopped) before what comes next.
+    stopped = time.perf_counter()
+    while min(last for (last,) in echoed) < stopped:  # a lost session is reported after
+        if time.perf_counter() - stopped > CLIENT.max_reconnect_time:
+            break
+        await asyncio.sleep(0.1)
+    measured["back_in"] = time.perf_counter() - stopped
+    return measured
+
+
 async def _resumes(
     cluster: _Cluster, sessions: int, storms: int, seconds: float, every: float
 ) -> dict[str, Any]:
     opened: list[ClientSession] = []
+    ports = cluster.ports
     start = time.perf_counter()
     while len(opened) < sessions:  # in batches: thousands at once would time out
         batch = min(100, sessions - len(opened))
+        first = len(opened)
         opened += await asyncio.gather(
-            *(connect_resumable("127.0.0.1", cluster.port, settings=CLIENT) for _ in range(batch))
+            *(
+                connect_resumable("127.0.0.1", ports[n % len(ports)], settings=CLIENT)
+                for n in range(first, first + batch)
+            )
         )
     _progress(f"{sessions} sessions open in {time.perf_counter() - start:.1f} s")
     try:
@@ -263,26 +308,32 @@ async def _resumes(
             start = time.perf_counter()
             await asyncio.gather(*(_echo_once(session, storm) for session in opened))
             rows.append(_measured(cluster, before, time.perf_counter() - start))
-        # Cuts every cut_every seconds while the sessions echo; then every
-        # session carries on (none lost, every frame back once, in order).
+        # Cuts every cut_every seconds while the sessions echo: of one group
+        # of sessions in turn, then of every connection; then every session
+        # carries on (none lost, every frame back once, in order).
         stop = asyncio.Event()
-        clients = [asyncio.create_task(_client(s, stop, every, storms)) for s in opened]
-        before = cluster.stats()
-        cluster.tell_balancer("start cutting")
-        await asyncio.sleep(seconds)
-        cuts = cluster.tell_balancer("stop cutting")
-        cutting = _measured(cluster, before, seconds)
+        echoed = [[0.0] for _ in opened]
+        clients = [
+            asyncio.create_task(_client(session, stop, every, storms, last))
+            for session, last in zip(opened, echoed, strict=True)
+        ]
+        rolling = await _cuts(cluster, echoed, "cut rolling", seconds)
+        everything = await _cuts(cluster, echoed, "cut all", seconds)
         stop.set()
         results = await asyncio.gather(*clients, return_exceptions=True)
         lost = [result for result in results if isinstance(result, BaseException)]
         for failure in lost[:3]:
             _progress(f"a session failed: {failure!r}")
-        cutting.update(
-            cuts=cuts,
-            lost=len(lost),
-            frames=sum(result for result in results if isinstance(result, int)),
-        )
-        return {"sessions": sessions, "storms": rows, "cutting": cutting}
+        frames = sum(result for result in results if isinstance(result, int))
+        return {
+            "sessions": sessions,
+            "groups": len(ports),
+            "storms": rows,
+            "rolling": rolling,
+            "all": everything,
+            "lost": len(lost),
+            "frames": frames,
+        }
     finally:
         await asyncio.gather(*(session.close() for session in opened), return_exceptions=True)
 
@@ -292,9 +343,9 @@ def _progress(message: str) -> None:
 
 
 def _phase_resumes(
-    directory: str, sessions: int, seconds: float, cut_every: float, echo_every: float
+    directory: str, sessions: int, groups: int, seconds: float, cut_every: float, echo_every: float
 ) -> dict[str, Any]:
-    cluster = _Cluster(directory, cut_every)
+    cluster = _Cluster(directory, groups, cut_every)
     try:
         return asyncio.run(_resumes(cluster, sessions, 3, seconds, echo_every))
     finally:
@@ -386,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=2000, help="sessions in phase 1 (2000)")
     parser.add_argument("--cut-every", type=float, default=0.1, help="seconds between cuts (0.1)")
     parser.add_argument(
+        "--groups", type=int, default=50, help="balancers, each for its share of the sessions (50)"
+    )
+    parser.add_argument(
         "--echo-every", type=float, default=1.0, help="seconds between a session's echoes (1)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -394,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 5.0 if args.quick else 15.0
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as directory:
         print(f"{len(NODES)} nodes behind a round-robin balancer, {args.sessions} sessions")
-        resumes = _phase_resumes(directory, args.sessions, seconds, args.cut_every, args.echo_every)
+        resumes = _phase_resumes(
+            directory, args.sessions, args.groups, seconds, args.cut_every, args.echo_every
+        )
         print(f"storms: every connection cut at once, until all {args.sessions} have echoed again")
         print(f"{'storm':>8} {'seconds':>8} {'resumes':>8} {'resumes/s':>10} {'relayed':>8}")
         for number, storm in enumerate(resumes["storms"], 1):
@@ -402,19 +458,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{number:>8} {storm['seconds']:>8.2f} {storm['resumes']:>8} "
                 f"{storm['resumes_per_s']:>10,.0f} {storm['relayed_share']:>8.0%}"
             )
-        cutting = resumes["cutting"]
+        group = args.sessions // args.groups
         print(
-            f"every connection cut every {args.cut_every:g} s for {seconds:.0f} s, sessions "
-            f"echoing a frame every {args.echo_every:g} s"
+            f"a cut every {args.cut_every:g} s for {seconds:.0f} s, each session echoing a "
+            f"frame every {args.echo_every:g} s; rolling: the {group} sessions of one of "
+            f"{args.groups} balancers in turn, all: every connection"
         )
         print(
-            f"{'cuts':>8} {'resumes':>8} {'resumes/s':>10} {'relayed':>8} {'failed':>7} "
-            f"{'lost':>5} {'frames':>7}  echoes"
+            f"{'cut':>8} {'cuts':>5} {'resumes':>8} {'resumes/s':>10} {'relayed':>8} "
+            f"{'failed':>7} {'all back in':>12}"
         )
+        for name in ("rolling", "all"):
+            row = resumes[name]
+            print(
+                f"{name:>8} {row['cuts']:>5} {row['resumes']:>8} {row['resumes_per_s']:>10,.0f} "
+                f"{row['relayed_share']:>8.0%} {row['failed']:>7} {row['back_in']:>10.1f} s"
+            )
         print(
-            f"{cutting['cuts']:>8} {cutting['resumes']:>8} {cutting['resumes_per_s']:>10,.0f} "
-            f"{cutting['relayed_share']:>8.0%} {cutting['failed']:>7} {cutting['lost']:>5} "
-            f"{cutting['frames']:>7}  all back once, in order"
+            f"sessions lost: {resumes['lost']}; frames echoed: {resumes['frames']}, "
+            "every one back once, in order"
         )
         print()
         repeat = 2 if args.quick else 5

@@ -10,6 +10,7 @@ link by hand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import ssl
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from streamkit.session.cluster import Address, StaticPeers, tagged_session_id
+from streamkit.session import serve_resumable
+from streamkit.session.cluster import Address, Cluster, StaticPeers, tagged_session_id
 from streamkit.session.protocol import (
     HelloNew,
     HelloResume,
@@ -37,7 +39,17 @@ from streamkit.session.relay import (
     FrontLink,
     Relay,
 )
-from tests._cluster import KEY, Raw, SharedPeers, new_session, nodes, rejected, resume
+from tests._cluster import (
+    FAST,
+    KEY,
+    Raw,
+    SharedPeers,
+    echo,
+    new_session,
+    nodes,
+    rejected,
+    resume,
+)
 from tests._tls import tls_contexts
 
 # -- resumes through another node ---------------------------------------------------------
@@ -315,6 +327,38 @@ async def test_a_link_that_never_finishes_its_handshake_is_closed(
         assert await link.closed_without_answer()
         assert servers["a"].stats.cluster.links_refused == 1
     assert any("no proven RELAY within handshake_timeout" in m for m in refusals(caplog))
+
+
+async def test_a_flood_of_links_is_bounded_and_the_port_serves_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamkit")
+    peers = StaticPeers({name: str(tmp_path / f"{name}.sock") for name in "ab"})
+    limits = {"grace_period": 0.1, "handshake_timeout": 0.3, "max_connections": 4}
+    async with (
+        serve_resumable(echo, "127.0.0.1", 0, cluster=Cluster("a", peers, KEY), **limits) as a,  # type: ignore[arg-type]
+        serve_resumable(echo, "127.0.0.1", 0, cluster=Cluster("b", peers, KEY), **FAST) as b,  # type: ignore[arg-type]
+    ):
+        welcome = await new_session(a.port)
+        # 40 links that start the handshake and never finish it: a's cluster
+        # port holds max_connections of them, each for handshake_timeout, and
+        # closes the rest at once.
+        flood = [await Link.open(tmp_path / "a.sock") for _ in range(40)]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for link in flood:
+            link.writer.write(RELAY_MAGIC + b"\x01")
+        for link in flood:
+            with contextlib.suppress(ConnectionError):  # closed unread: a reset
+                assert await link.closed_without_answer()
+        assert loop.time() - started < 3
+        assert 1 <= a.stats.cluster.links_refused <= 4  # the others never got a handshake
+        # Once they are gone, relays reach a again.
+        answer, raw, _ = await resume(b.port, welcome)
+        raw.close()
+        assert isinstance(answer, Welcome) and answer.present
+        assert a.stats.cluster.relayed_in == 1
+    assert any("max_connections=4" in r.getMessage() for r in caplog.records)
 
 
 async def relayed_answer(path: Path, hello: bytes) -> Message:
