@@ -10,7 +10,6 @@ import ssl
 import struct
 
 import pytest
-import trustme
 
 from streamkit import EndOfStream, ResumeRejected
 from streamkit.codecs import LengthPrefixed
@@ -31,6 +30,7 @@ from streamkit.session.protocol import (
     make_preface,
     resume_proof,
 )
+from tests import _tls
 from tests._handlers import echo_session as echo
 from tests._sessions import (
     FAST,
@@ -233,12 +233,7 @@ async def test_client_against_a_non_session_server_gets_a_clear_error() -> None:
 @pytest.fixture(scope="module")
 def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """A server and a client TLS context, with a certificate made for the test."""
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
+    return _tls.tls_contexts()
 
 
 async def test_tls_client_on_a_plain_port_gets_a_clear_error(
