@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import ssl
 import struct
 from pathlib import Path
@@ -359,6 +360,38 @@ async def test_a_flood_of_links_is_bounded_and_the_port_serves_again(
         assert isinstance(answer, Welcome) and answer.present
         assert a.stats.cluster.relayed_in == 1
     assert any("max_connections=4" in r.getMessage() for r in caplog.records)
+
+
+class Recording(SharedPeers):
+    """A shared directory that records joins and leaves."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.calls: list[str] = []
+
+    async def join(self, node: str, address: Address) -> None:
+        await super().join(node, address)
+        self.calls.append(f"join {node}")
+
+    async def leave(self) -> None:
+        self.calls.append("leave")
+
+
+async def test_a_node_whose_public_port_fails_leaves_no_cluster_port(tmp_path: Path) -> None:
+    peers = Recording()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cluster = Cluster("a", peers, KEY, listen=str(tmp_path / "a.sock"))
+        with pytest.raises(OSError):
+            await serve_resumable(echo, "127.0.0.1", port, cluster=cluster)
+    assert peers.calls == ["join a", "leave"]
+    with pytest.raises(OSError):  # nobody listens on the cluster port
+        await asyncio.open_unix_connection(str(tmp_path / "a.sock"))
+    async with serve_resumable(echo, "127.0.0.1", 0, cluster=cluster, **FAST) as server:  # type: ignore[arg-type]
+        assert (await new_session(server.port)).session_id[:2] == b"\x01a"
+    assert peers.calls == ["join a", "leave", "join a", "leave"]
 
 
 async def relayed_answer(path: Path, hello: bytes) -> Message:

@@ -481,9 +481,16 @@ def serve_resumable_endpoint(
     )
 
     async def start() -> ResumableServer:
-        if server._relayer is not None:
-            await server._relayer.start()
-        server._server = await serving
+        relayer = server._relayer
+        if relayer is not None:
+            await relayer.start()
+        try:
+            server._server = await serving
+        except BaseException:  # the cluster port and the directory entry go too
+            if relayer is not None:
+                relayer.close()
+                await relayer.wait_closed()
+            raise
         return server
 
     return Connector(start, close_server)
