@@ -37,17 +37,17 @@ __all__ = ["RelayedResume", "Relayer"]
 
 logger = logging.getLogger("streamkit.session")
 
-#: The owner's resume of a relayed hello on ``stream`` (switched back to the
-#: session's handshake framing by it), for the client's proof bound to the
-#: relay's nonce; it returns when that connection ends.
+#: The owner's resume of a relayed hello on ``stream`` (answered in the
+#: session's handshake framing), for the client's proof bound to the relay's
+#: nonce; it returns when that connection ends.
 RelayedResume = Callable[[FramedStream[bytes], Relay], Awaitable[None]]
 
 _T_co = TypeVar("_T_co", covariant=True)
 
 #: The codec of a link's streams. The link handshake is read unframed
-#: (``recv_data``) and written as it is (``send_encoded_nowait``); after it,
-#: the owner's side switches to the session's handshake framing and the
-#: front's is spliced: this codec frames nothing of the link's.
+#: (``recv_data``) and written as it is (``stream.sender``); after it, the
+#: owner's server answers the relayed hello in the session's handshake
+#: framing and the front's is spliced: this codec frames nothing of the link's.
 _LINK_CODEC = LengthPrefixed(max_frame=MAX_RELAY_MESSAGE)
 
 #: Pauses between tries to reach an owner that failed transiently (within relay_timeout).
@@ -99,17 +99,13 @@ async def _exchange(stream: FramedStream[bytes], side: _Side[_T_co]) -> tuple[_T
     the peer closes first.
     """
     while True:
-        out = side.data_to_send()
-        if out:
-            stream.send_encoded_nowait(b"".join(out))
+        stream.sender.write_parts(side.data_to_send())
         data = await stream.recv_data()
         if not data:
             raise EndOfStream("the peer closed the relay link")
         result = side.receive_data(data)
         if result is not None:
-            out = side.data_to_send()
-            if out:
-                stream.send_encoded_nowait(b"".join(out))
+            stream.sender.write_parts(side.data_to_send())
             return result, side.rest
 
 
@@ -277,9 +273,9 @@ class Relayer:
             link.abort()
             stream.abort()
             return
-        stream.send_encoded_nowait(forward)
-        if rest:
-            link.send_encoded_nowait(rest)
+        stream.sender.write_parts((forward,))
+        if rest:  # sent with the hello, before the answer: the owner's, after it
+            link.sender.write_parts((rest,))
         self._relays.add(stream)
         self.stats.relaying += 1
         try:

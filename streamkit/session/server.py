@@ -327,10 +327,11 @@ class ResumableServer(ServerBase):
                     raise _Relay(hello, owner)
             session = self._resumed_session(stream, handshake, hello, nonce)
             peer_received = hello.received
-            self._resumes += 1
         handshake.accept(session.core.welcome())
         stream.sender.write_parts(handshake.data_to_send())
         closed = session.attach(stream, peer_received, hello.limits, handshake.rest)
+        if isinstance(hello, HelloResume):
+            self._resumes += 1
         if session.handler_task is None:
             task = asyncio.create_task(self._run_handler(session))
             session.handler_task = task
