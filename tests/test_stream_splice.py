@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -256,3 +257,30 @@ async def test_a_tls_connection_splices_with_a_plain_one(
             await client.recv(timeout=5)
         async with asyncio.timeout(5):
             await relay
+
+
+@READINGS
+async def test_frames_queued_before_the_splice_go_first(reading: str) -> None:
+    async with pairs(reading=reading) as ((client, front_in), (front_out, owner)):
+        await client.send_many([b"hello", b"one", b"two"])
+        assert await front_in.recv() == b"hello"  # "one" and "two" are read ahead
+        # The first goes out at once, the second is gathered for the end of
+        # the turn; bytes written through the sender share its order.
+        front_in.send_nowait(b"welcome")
+        front_in.send_nowait(b"gathered")
+        front_out.sender.write_parts([CODEC.encode(b"raw"), CODEC.encode(b"parts")])
+        front_out.send_nowait(b"first")
+        front_out.send_nowait(b"gathered too")  # and before what the splice forwards
+        splicing = splice(front_in, front_out)
+        if sys.version_info >= (3, 12):
+            # Begun at once, while the turn's gathered frames wait in the senders.
+            relay = asyncio.eager_task_factory(asyncio.get_running_loop(), splicing)
+        else:
+            relay = asyncio.ensure_future(splicing)
+        assert [await client.recv() for _ in range(2)] == [b"welcome", b"gathered"]
+        got = [await owner.recv() for _ in range(6)]
+        assert got == [b"raw", b"parts", b"first", b"gathered too", b"one", b"two"]
+        await client.send(b"after")
+        assert await owner.recv(timeout=5) == b"after"
+        client.abort()
+        await relay
