@@ -2,77 +2,44 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import struct
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from streamkit.session import ResumableServer, ServerSession, serve_resumable
+from streamkit.session import ResumableServer, serve_resumable
 from streamkit.session.cluster import Address, Cluster, StaticPeers
 from streamkit.session.protocol import (
-    NONCE_SIZE,
-    PREFACE_SIZE,
     HelloNew,
     HelloResume,
     Message,
     Reject,
     Welcome,
-    decode_message,
-    make_preface,
     resume_proof,
 )
-
-
-class Raw:
-    """A connection speaking the session handshake by hand."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.nonce = b""
-
-    @classmethod
-    async def open(cls, port: int) -> Raw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        raw = cls(reader, writer)
-        writer.write(make_preface())
-        assert await reader.readexactly(PREFACE_SIZE) == make_preface()
-        raw.nonce = await reader.readexactly(NONCE_SIZE)
-        return raw
-
-    async def hello(self, hello: bytes) -> Message:
-        self.writer.write(struct.pack(">I", len(hello)) + hello)
-        return await self.read()
-
-    async def read(self) -> Message:
-        size = struct.unpack(">I", await self.reader.readexactly(4))[0]
-        return decode_message(await self.reader.readexactly(size))
-
-    def close(self) -> None:
-        self.writer.close()
+from tests._handlers import echo_session as echo
+from tests._sessions import RawClient, open_raw
 
 
 async def new_session(port: int) -> Welcome:
-    raw = await Raw.open(port)
+    raw = await open_raw(port)
     welcome = await raw.hello(HelloNew().encode())
     raw.close()
     assert isinstance(welcome, Welcome) and not welcome.present
     return welcome
 
 
-async def resume(port: int, welcome: Welcome) -> tuple[Message, Raw, bytes]:
+async def resume(port: int, welcome: Welcome) -> tuple[Message, RawClient, bytes]:
     """Resume ``welcome``'s session on ``port``: the answer, the connection, the hello sent."""
-    raw = await Raw.open(port)
+    raw = await open_raw(port)
     proof = resume_proof(welcome.token, raw.nonce, welcome.session_id, 0)
     hello = HelloResume(welcome.session_id, proof, 0).encode()
     return await raw.hello(hello), raw, hello
 
 
 async def rejected(port: int, session_id: bytes) -> Reject:
-    raw = await Raw.open(port)
+    raw = await open_raw(port)
     reply = await raw.hello(HelloResume(session_id, bytes(32), 0).encode())
     raw.close()
     assert isinstance(reply, Reject)
@@ -81,11 +48,6 @@ async def rejected(port: int, session_id: bytes) -> Reject:
 
 KEY = secrets.token_bytes(32)
 FAST = {"grace_period": 0.1, "handshake_timeout": 2.0}
-
-
-async def echo(session: ServerSession) -> None:
-    async for payload in session:
-        await session.send(payload)
 
 
 class SharedPeers:

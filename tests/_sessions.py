@@ -81,6 +81,16 @@ class RawClient:
         """Write message bodies, each framed."""
         self.writer.write(b"".join(map(frame, bodies)))
 
+    async def hello(self, hello: Hello) -> Message:
+        """Send ``hello`` (its body, or made from the nonce) and return the server's reply."""
+        self.send(hello(self.nonce) if callable(hello) else hello)
+        self.reply = await self.receive()
+        return self.reply
+
+    def close(self) -> None:
+        """Close the connection (without waiting)."""
+        self.writer.close()
+
     async def receive(self) -> Message:
         """The next message (``asyncio.IncompleteReadError`` if the server closed)."""
         size = struct.unpack(">I", await self.reader.readexactly(4))[0]
@@ -105,6 +115,22 @@ class RawClient:
         return messages
 
 
+async def open_raw(port: int, *, preface: bytes | None = None) -> RawClient:
+    """Open a raw connection and exchange prefaces; the caller closes it.
+
+    ``preface`` replaces the client's (another version, say).
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(preface if preface is not None else make_preface())
+        server_preface = await reader.readexactly(PREFACE_SIZE)
+        assert server_preface == make_preface()
+        return RawClient(reader, writer, await reader.readexactly(NONCE_SIZE))
+    except BaseException:
+        writer.close()
+        raise
+
+
 @asynccontextmanager
 async def raw_client(
     port: int, hello: Hello | None = None, *, preface: bytes | None = None
@@ -115,20 +141,15 @@ async def raw_client(
     makes it; ``preface`` replaces the client's (another version, say).
     The connection is closed on exit.
     """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    raw = await open_raw(port, preface=preface)
     try:
-        writer.write(preface if preface is not None else make_preface())
-        server_preface = await reader.readexactly(PREFACE_SIZE)
-        assert server_preface == make_preface()
-        raw = RawClient(reader, writer, await reader.readexactly(NONCE_SIZE))
         if hello is not None:
-            raw.send(hello(raw.nonce) if callable(hello) else hello)
-            raw.reply = await raw.receive()
+            await raw.hello(hello)
         yield raw
     finally:
-        writer.close()
+        raw.close()
         with contextlib.suppress(ConnectionError):  # reset by the server: closed all the same
-            await writer.wait_closed()
+            await raw.writer.wait_closed()
 
 
 async def raw_handshake(port: int, hello: Hello) -> tuple[Message | None, bytes]:

@@ -16,7 +16,8 @@ from streamkit.session import serve_resumable
 from streamkit.session.cluster import Cluster
 from streamkit.session.protocol import Welcome
 from streamkit.session.redis import RedisPeers
-from tests._cluster import KEY, echo, new_session, rejected, resume
+from tests._cluster import KEY, new_session, rejected, resume
+from tests._handlers import echo_session as echo
 from tests._redis import RedisServer
 
 

@@ -43,14 +43,14 @@ from streamkit.session.relay import (
 from tests._cluster import (
     FAST,
     KEY,
-    Raw,
     SharedPeers,
-    echo,
     new_session,
     nodes,
     rejected,
     resume,
 )
+from tests._handlers import echo_session as echo
+from tests._sessions import open_raw
 from tests._tls import tls_contexts
 
 # -- resumes through another node ---------------------------------------------------------
@@ -77,7 +77,7 @@ async def test_a_relayed_hello_cannot_be_replayed_through_another_node(tmp_path:
         raw.close()
         # The proof is bound to b's nonce: through c (or b again) it fails.
         for name in ("c", "b", "a"):
-            again = await Raw.open(servers[name].port)
+            again = await open_raw(servers[name].port)
             reply = await again.hello(hello)
             again.close()
             assert isinstance(reply, Reject) and reply.reason == RejectReason.BAD_TOKEN

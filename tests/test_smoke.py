@@ -39,7 +39,14 @@ def test_the_main_names_of_every_layer_are_exported_from_the_package() -> None:
 
 
 #: Modules that are sans-IO: importing them, and what they import, loads no asyncio.
-SANS_IO = ("session/protocol.py", "session/core.py", "session/settings.py", "hub/protocol.py")
+SANS_IO = (
+    "session/protocol.py",
+    "session/core.py",
+    "session/settings.py",
+    "session/cluster.py",
+    "session/relay.py",
+    "hub/protocol.py",
+)
 
 
 def test_sans_io_modules_do_not_import_asyncio_at_module_level() -> None:
@@ -89,6 +96,7 @@ def test_loading_a_sans_io_module_loads_no_asyncio(module: str) -> None:
 def test_importing_the_session_package_and_its_sans_io_parts_loads_no_asyncio() -> None:
     code = (
         "import sys, streamkit.session, streamkit.session.core, streamkit.session.protocol\n"
+        "import streamkit.session.cluster, streamkit.session.relay\n"
         "core = streamkit.session.core.SessionCore(\n"
         "    bytes(16), bytes(32), streamkit.session.SessionSettings(), client=True)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asyncio'))\n"
