@@ -23,6 +23,7 @@ import pytest
 from streamkit.session import serve_resumable
 from streamkit.session.cluster import Address, Cluster, StaticPeers, tagged_session_id
 from streamkit.session.protocol import (
+    Data,
     HelloNew,
     HelloResume,
     Message,
@@ -50,7 +51,7 @@ from tests._cluster import (
     resume,
 )
 from tests._handlers import echo_session as echo
-from tests._sessions import open_raw
+from tests._sessions import data_frame, frame, open_raw
 from tests._tls import tls_contexts
 
 # -- resumes through another node ---------------------------------------------------------
@@ -67,6 +68,23 @@ async def test_a_resume_through_another_node_reaches_its_session(tmp_path: Path)
         a, b = servers["a"].stats, servers["b"].stats
         assert (a.resumes, a.cluster.relayed_in, a.cluster.relayed_out) == (1, 1, 0)
         assert (b.resumes, b.cluster.relayed_out, b.cluster.relayed_in) == (0, 1, 0)
+
+
+async def test_frames_sent_right_behind_a_relayed_hello_reach_the_owner(tmp_path: Path) -> None:
+    async with nodes(tmp_path) as servers:
+        welcome = await new_session(servers["a"].port)
+        raw = await open_raw(servers["b"].port)
+        try:
+            # The hello and a frame in one write: the front reads both together.
+            proof = resume_proof(welcome.token, raw.nonce, welcome.session_id, 0)
+            hello = HelloResume(welcome.session_id, proof, 0).encode()
+            raw.writer.write(frame(hello) + data_frame(0, b"right behind"))
+            replies = await raw.receive_until(Data)
+        finally:
+            raw.close()
+        assert isinstance(replies[0], Welcome) and replies[0].present
+        assert replies[-1] == Data(0, b"right behind")  # echoed by the owner's handler
+        assert servers["b"].stats.cluster.relayed_out == 1
 
 
 async def test_a_relayed_hello_cannot_be_replayed_through_another_node(tmp_path: Path) -> None:
