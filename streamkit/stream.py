@@ -428,13 +428,24 @@ class FramedStream(Closable, Generic[FrameT]):
 
     def _switch_decoder(self, decoder: Decoder[Any]) -> None:
         """Decode with ``decoder`` from now on, first what the old one had not returned."""
-        rest = self._decoder.take_buffered(frames=len(self._frames))
-        if self._receiver is not None:
-            rest += self._receiver.take_undecoded()
-        self._frames.clear()
+        rest = self._take_undelivered()
         self._decoder = decoder
         if rest:
             _put(self._frames, decoder.feed(rest))
+
+    def _take_undelivered(self) -> bytes:
+        """Remove and return the bytes received but not returned as frames.
+
+        The frames decoded ahead, the decoder's partial frame and the
+        receiving half's bytes not decoded yet (a large frame's rest
+        included); a reader's bytes before the first receive are not among
+        them.
+        """
+        rest = self._decoder.take_buffered(frames=len(self._frames))
+        self._frames.clear()
+        if self._receiver is not None:
+            rest += self._receiver.take_undecoded()
+        return rest
 
     async def _take_received(self) -> bytes:
         """Every byte received and not returned as a frame; the stream reads no more.
@@ -446,11 +457,8 @@ class FramedStream(Closable, Generic[FrameT]):
         the input ended, so it hands them all over). The transport is left
         paused: nothing is read until the caller says.
         """
-        rest = self._decoder.take_buffered(frames=len(self._frames))
-        self._frames.clear()
-        receiver = self._receiver
-        if receiver is not None:
-            rest += receiver.take_undecoded()
+        rest = self._take_undelivered()
+        if self._receiver is not None:
             # take_undecoded resumes a paused transport: the caller keeps it paused.
             cast(asyncio.ReadTransport, self._transport).pause_reading()
         else:
