@@ -10,7 +10,7 @@ import os
 import random
 import ssl as _ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Unpack
 
@@ -1138,7 +1138,7 @@ class HubClient(AsyncClosable):
 
     async def read_json(
         self, name: str, offset: int | Literal["now"] = 0, *, live: bool = False
-    ) -> AsyncIterator[tuple[int, Any]]:
+    ) -> AsyncGenerator[tuple[int, Any], None]:
         """``(offset, value)`` for each JSON record of ``name``.
 
         A record that is not JSON raises :class:`~streamkit.errors.DecodeError`
