@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,19 @@ from streamkit import hub
 from streamkit.errors import DecodeError
 from streamkit.hub import HubClient, HubServer, Limits, MemoryStorage
 from streamkit.hub import server as hub_server
+from streamkit.hub.protocol import encode_message
 from streamkit.hub.storage import Batch, Produced
+from streamkit.session import SessionOptions
 
-FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
+FAST: SessionOptions = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002}
 
 
 @asynccontextmanager
-async def hub_and_client(**options: object) -> AsyncIterator[tuple[HubServer, HubClient]]:
+async def hub_and_client(
+    limits: Limits | None = None,
+) -> AsyncIterator[tuple[HubServer, HubClient]]:
     async with (
-        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **{**FAST, **options}) as server,
+        await hub.serve_hub("127.0.0.1", 0, limits=limits, grace_period=0.2, **FAST) as server,
         hub.connect("127.0.0.1", server.port, **FAST) as client,
     ):
         yield server, client
@@ -278,7 +282,7 @@ async def test_producers_and_readers_through_a_cutting_proxy() -> None:
     from streamkit.session import Backoff
     from streamkit.testing import FaultProxy
 
-    through_proxy = {
+    through_proxy: SessionOptions = {
         **FAST,
         "handshake_timeout": 1.0,
         "reconnect_backoff": Backoff(initial=0.002, maximum=0.02),
@@ -327,11 +331,11 @@ async def test_live_reader_sees_an_append_made_while_it_sends_caught_up() -> Non
     # client: the hub's "caught_up" to the reader waits for an ack, and the
     # append from another client lands during that wait. The reader must
     # still be woken for it (it once slept until the next append).
+    one_frame_window: SessionOptions = {**FAST, "max_unacked_frames": 1}
+    slow_acks: SessionOptions = {**FAST, "ack_delay": 0.2}
     async with (
-        await hub.serve_hub(
-            "127.0.0.1", 0, grace_period=0.2, **{**FAST, "max_unacked_frames": 1}
-        ) as server,
-        hub.connect("127.0.0.1", server.port, **{**FAST, "ack_delay": 0.2}) as reading,
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **one_frame_window) as server,
+        hub.connect("127.0.0.1", server.port, **slow_acks) as reading,
         hub.connect("127.0.0.1", server.port, **FAST) as writing,
     ):
         await writing.create("race")
@@ -385,7 +389,7 @@ async def test_a_malformed_records_body_gets_an_error_reply() -> None:
         await client.create("s")
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         client._pending[99_999] = (reply, client.session, None)
-        message = hub_server.encode_message({"op": "append", "id": 99_999, "name": "s"})
+        message = encode_message({"op": "append", "id": 99_999, "name": "s"})
         await client.session.send(message + b"\0\0\0\1\0\0\0\x09abc")
         header, _ = await asyncio.wait_for(reply, 5)
         assert (header["op"], header["code"]) == ("error", "bad_request")
@@ -407,7 +411,7 @@ async def test_a_read_with_a_bad_offset_gets_an_error_not_a_hang(
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         client._pending[99_999] = (reply, client.session, None)
         read = {"op": "read", "id": 99_999, "name": "s", "offset": offset, "live": True}
-        await client.session.send(hub_server.encode_message(read))
+        await client.session.send(encode_message(read))
         header, _ = await asyncio.wait_for(reply, 5)
         assert (header["op"], header["code"]) == ("error", "bad_request")
         assert re.search(f"'offset'.*{message}", header["message"])
@@ -729,7 +733,7 @@ async def test_caught_up_and_next_offset_count_only_records_yielded() -> None:
 
 
 async def test_producer_batches_fit_the_session_frame_when_their_records_do() -> None:
-    small = {**FAST, "max_frame": 64 * 1024}
+    small: SessionOptions = {**FAST, "max_frame": 64 * 1024}
     async with (
         await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **small) as server,
         hub.connect("127.0.0.1", server.port, **small) as client,
@@ -743,7 +747,8 @@ async def test_producer_batches_fit_the_session_frame_when_their_records_do() ->
 
 
 async def test_a_record_too_large_for_the_readers_session_is_an_error_not_a_hang() -> None:
-    large, small = {**FAST, "max_frame": 1024 * 1024}, {**FAST, "max_frame": 64 * 1024}
+    large: SessionOptions = {**FAST, "max_frame": 1024 * 1024}
+    small: SessionOptions = {**FAST, "max_frame": 64 * 1024}
     async with (
         await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **large) as server,
         hub.connect("127.0.0.1", server.port, **large) as writer,
@@ -838,7 +843,7 @@ async def test_a_bad_window_is_refused_at_the_call_and_by_the_hub() -> None:
 
 
 async def test_a_record_too_large_to_read_back_is_refused_at_append() -> None:
-    small = {**FAST, "max_frame": 64 * 1024}
+    small: SessionOptions = {**FAST, "max_frame": 64 * 1024}
     async with (
         await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **small) as server,
         hub.connect("127.0.0.1", server.port, **small) as client,
@@ -846,7 +851,7 @@ async def test_a_record_too_large_to_read_back_is_refused_at_append() -> None:
         await client.create("s")
         # The largest record an append message of this session carries: its
         # read-back message (a longer header) would not fit in a frame.
-        head = len(hub_server.encode_message({"op": "append", "name": "s", "id": 3}))
+        head = len(encode_message({"op": "append", "name": "s", "id": 3}))
         largest = 64 * 1024 - head - 8
         with pytest.raises(hub.LimitExceeded, match=f"record of {largest} bytes could not be read"):
             await client.append("s", b"x" * largest)
@@ -911,7 +916,7 @@ class _HeldProduces(MemoryStorage):
         self.arrived = 0
 
     async def produce(
-        self, name: str, records: list[bytes], producer_id: str, epoch: int, seq: int
+        self, name: str, records: Sequence[bytes], producer_id: str, epoch: int, seq: int
     ) -> Produced:
         self.arrived += 1
         await self.open.wait()

@@ -22,7 +22,7 @@ from streamkit.errors import EndOfStream, SessionError
 from streamkit.hub import HubServer, Limits, MemoryStorage
 from streamkit.hub.protocol import decode_message, encode_message
 from streamkit.hub.storage import StreamInfo
-from streamkit.session import Session, connect_resumable
+from streamkit.session import Session, SessionOptions, connect_resumable
 from tests.test_hub import FAST, hub_and_client
 
 #: A 1.5 MB stream name whose repr (and JSON) doubles it: its error reply
@@ -126,7 +126,7 @@ async def test_a_reply_too_large_for_the_clients_frame_becomes_an_error_with_its
     # The client's frames are smaller than the hub's: a name that fits its
     # request does not fit the status that quotes it back (whatever the reply,
     # the hub sends a small error in its place).
-    small = {**FAST, "max_frame": 64 * 1024}
+    small: SessionOptions = {**FAST, "max_frame": 64 * 1024}
     name = "n" * (64 * 1024 - 100)
     async with (
         hub_and_client(limits=Limits(max_name=100_000)) as (server, client),
@@ -293,7 +293,8 @@ async def test_a_client_whose_frames_cannot_carry_an_error_loses_its_session_not
     # calls fail), rather than leave the request unanswered.
     async with hub_and_client() as (server, client):
         before = asyncio.all_tasks()
-        session = await connect_resumable("127.0.0.1", server.port, max_frame=80, **FAST)
+        tiny_frames: SessionOptions = {**FAST, "max_frame": 80}
+        session = await connect_resumable("127.0.0.1", server.port, **tiny_frames)
         try:
             await session.send(encode_message({"op": op, "id": 1, "name": "absent"}))
             with pytest.raises((EndOfStream, SessionError)):

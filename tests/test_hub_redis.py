@@ -78,7 +78,7 @@ def test_the_redis_storage_and_the_balancer_are_exported() -> None:
     assert streamkit.hub.RedisStorage is RedisStorage is streamkit.hub.redis.RedisStorage
     assert {"Balancer", "BalancerStats"} <= set(streamkit.testing.__all__)
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
-        streamkit.hub.Nothing  # type: ignore[attr-defined]  # noqa: B018
+        streamkit.hub.Nothing  # noqa: B018
 
 
 # -- redis-py stays optional -------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from streamkit import hub
 from streamkit.errors import ConnectionLost, SessionError, StreamkitError
-from streamkit.session import Backoff, ClientSession, SessionSettings
+from streamkit.session import Backoff, ClientSession, SessionOptions, SessionSettings
 
 SERVER = """
 import asyncio, os, signal, sys
@@ -40,8 +40,15 @@ async def main():
 asyncio.run(main())
 """
 
+
+class _ClientOptions(SessionOptions, total=False):
+    """``hub.connect`` keywords: the session options and ``reconnect_timeout``."""
+
+    reconnect_timeout: float
+
+
 #: Clients that retry fast, so a restart costs them little time.
-FAST = {
+FAST: _ClientOptions = {
     "keepalive_interval": 0.2,
     "keepalive_timeout": 0.6,
     "ack_delay": 0.002,
@@ -271,7 +278,7 @@ async def test_a_client_whose_hub_never_comes_back_fails_after_reconnect_timeout
 ) -> None:
     async with HubProcess(tmp_path) as hub_process:
         port = hub_process.port
-        options = {**FAST, "reconnect_timeout": 0.5}
+        options: _ClientOptions = {**FAST, "reconnect_timeout": 0.5}
         async with hub.connect("127.0.0.1", port, **options) as client:
             await client.create("s")
             reader = client.read("s", 0, live=True)
@@ -426,7 +433,8 @@ async def test_closing_a_client_whose_hub_is_down_does_not_wait_for_it(tmp_path:
     async with HubProcess(tmp_path) as hub_process:
         port = hub_process.port
         # It would try to resume for a minute, longer than the test may take.
-        client = await hub.connect("127.0.0.1", port, **{**FAST, "reconnect_timeout": 60})
+        patient: _ClientOptions = {**FAST, "reconnect_timeout": 60}
+        client = await hub.connect("127.0.0.1", port, **patient)
         await client.create("s")
         await hub_process.kill()
         await detached(client.session)
