@@ -34,6 +34,7 @@ from streamkit import (
 )
 from streamkit.net import FD_RESERVE, default_max_connections
 from streamkit.session import (
+    SessionOptions,
     connect_resumable,
     connect_resumable_unix,
     serve_resumable,
@@ -50,7 +51,11 @@ from streamkit.session.server import DEFAULT_MAX_SESSIONS
 from tests._handlers import echo, echo_session
 
 CODEC = LengthPrefixed()
-QUICK = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "handshake_timeout": 2.0}
+QUICK: SessionOptions = {
+    "keepalive_interval": 0.2,
+    "keepalive_timeout": 0.6,
+    "handshake_timeout": 2.0,
+}
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import trustme
@@ -23,7 +25,7 @@ from streamkit import (
     serve,
     serve_unix,
 )
-from streamkit.session import connect_resumable, serve_resumable
+from streamkit.session import SessionOptions, connect_resumable, serve_resumable
 from streamkit.session.client import connect_resumable_unix
 from streamkit.session.server import serve_resumable_unix
 from streamkit.stream import RECEIVE_BUFFER_SIZE
@@ -31,6 +33,16 @@ from streamkit.testing import FaultProxy
 from tests._handlers import echo, echo_session
 
 CODEC = LengthPrefixed()
+
+
+class _Server(Protocol):
+    """What the handshake_timeout test asks of a server of any layer."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def connections(self) -> int: ...
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +240,9 @@ async def test_a_tls_handshake_that_never_finishes_ends_at_handshake_timeout(
     client_context: ssl.SSLContext,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    tls = {"ssl": server_context, "handshake_timeout": 0.5}
     if layer == "serve_unix":
         path = tmp_path / "tls.sock"
-        async with serve_unix(echo, path, codec=CODEC, **tls):
+        async with serve_unix(echo, path, codec=CODEC, ssl=server_context, handshake_timeout=0.5):
             loop = asyncio.get_running_loop()
             reader, writer = await asyncio.open_unix_connection(path)
             started = loop.time()
@@ -247,10 +258,16 @@ async def test_a_tls_handshake_that_never_finishes_ends_at_handshake_timeout(
                 await stream.send(b"served")
                 assert await stream.recv(timeout=10) == b"served"
     else:
-        servers = {
-            "serve": lambda: serve(echo, "127.0.0.1", 0, codec=CODEC, **tls),
-            "serve_resumable": lambda: serve_resumable(echo_session, "127.0.0.1", 0, **tls),
-            "serve_hub": lambda: hub.serve_hub("127.0.0.1", 0, **tls),
+        servers: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[_Server]]] = {
+            "serve": lambda: serve(
+                echo, "127.0.0.1", 0, codec=CODEC, ssl=server_context, handshake_timeout=0.5
+            ),
+            "serve_resumable": lambda: serve_resumable(
+                echo_session, "127.0.0.1", 0, ssl=server_context, handshake_timeout=0.5
+            ),
+            "serve_hub": lambda: hub.serve_hub(
+                "127.0.0.1", 0, ssl=server_context, handshake_timeout=0.5
+            ),
         }
         async with servers[layer]() as server:
             assert await dropped_after(server.port, sends) >= 0.45
@@ -361,7 +378,11 @@ async def test_a_tls_server_closes_a_black_holed_connection_within_close_timeout
 async def test_closing_a_tls_session_to_a_black_holed_peer_ends_at_close_timeout(
     server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
-    quick = {"close_timeout": 0.5, "keepalive_interval": 5.0, "keepalive_timeout": 30.0}
+    quick: SessionOptions = {
+        "close_timeout": 0.5,
+        "keepalive_interval": 5.0,
+        "keepalive_timeout": 30.0,
+    }
     loop = asyncio.get_running_loop()
     async with (
         serve_resumable(
