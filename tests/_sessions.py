@@ -14,11 +14,11 @@ import logging
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypedDict, Unpack
 
 import pytest
 
-from streamkit.session import ClientSession, ResumableServer, serve_resumable
+from streamkit.session import ClientSession, ResumableServer, SessionOptions, serve_resumable
 from streamkit.session.protocol import (
     NONCE_SIZE,
     PREFACE_SIZE,
@@ -30,17 +30,34 @@ from streamkit.session.protocol import (
 )
 from tests._handlers import echo_session
 
-FAST: dict[str, Any] = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.005}
-QUICK_SHUTDOWN: dict[str, Any] = {"grace_period": 0.1}
+
+class _GracePeriod(TypedDict):
+    grace_period: float
+
+
+class _ServerOptions(SessionOptions, total=False):
+    """The keywords of serve_resumable that echo_server takes."""
+
+    grace_period: float
+    max_sessions: int
+
+
+FAST: SessionOptions = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.005}
+QUICK_SHUTDOWN: _GracePeriod = {"grace_period": 0.1}
 
 #: What a hello is: its bytes, or built from the server's nonce.
 Hello = bytes | Callable[[bytes], bytes]
 
 
+def fast(**options: Unpack[SessionOptions]) -> SessionOptions:
+    """FAST with ``options`` added (or in place of its timers)."""
+    return {**FAST, **options}
+
+
 @asynccontextmanager
-async def echo_server(**options: Any) -> AsyncIterator[ResumableServer]:
+async def echo_server(**options: Unpack[_ServerOptions]) -> AsyncIterator[ResumableServer]:
     """A session server on loopback that echoes every payload (quick timers)."""
-    settings = {**FAST, **QUICK_SHUTDOWN, **options}
+    settings: _ServerOptions = {**FAST, **QUICK_SHUTDOWN, **options}
     async with serve_resumable(echo_session, "127.0.0.1", 0, **settings) as server:
         yield server
 

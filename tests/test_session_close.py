@@ -12,7 +12,7 @@ from streamkit import EndOfStream, ResumeRejected, SessionError, SessionExpired
 from streamkit.session import ServerSession, connect_resumable, serve_resumable
 from streamkit.session.protocol import Ack, Close, Data, HelloNew, Welcome
 from streamkit.testing import FaultProxy
-from tests._sessions import FAST, QUICK_SHUTDOWN, raw_client, wait_until
+from tests._sessions import FAST, QUICK_SHUTDOWN, fast, raw_client, wait_until
 
 
 async def test_close_is_graceful_and_peer_sees_end_of_stream() -> None:
@@ -95,7 +95,7 @@ async def test_server_close_completes_when_the_clients_close_ack_is_lost() -> No
             closed.set_result(None)
 
     async with serve_resumable(
-        handler, "127.0.0.1", 0, close_timeout=3, resume_timeout=30, **FAST, **QUICK_SHUTDOWN
+        handler, "127.0.0.1", 0, **fast(close_timeout=3, resume_timeout=30), **QUICK_SHUTDOWN
     ) as server:
         async with raw_client(server.port, HelloNew().encode()) as client:
             assert isinstance(client.reply, Welcome)
@@ -151,7 +151,7 @@ async def test_client_abort_fails_pending_calls_and_the_server_session_expires()
             raise
 
     async with await serve_resumable(
-        handler, "127.0.0.1", 0, resume_timeout=0.2, **FAST, **QUICK_SHUTDOWN
+        handler, "127.0.0.1", 0, **fast(resume_timeout=0.2), **QUICK_SHUTDOWN
     ) as server:
         session = await connect_resumable("127.0.0.1", server.port, **FAST)
         pending = asyncio.create_task(session.recv())

@@ -13,6 +13,8 @@ import pytest
 from streamkit import FrameTooLarge
 from streamkit.session import (
     ServerSession,
+    Session,
+    SessionOptions,
     connect_resumable,
     connect_resumable_unix,
     serve_resumable,
@@ -35,6 +37,7 @@ from tests._sessions import (
     RawClient,
     data_frame,
     echo_server,
+    fast,
     frame,
     raw_client,
     resume_hello,
@@ -87,7 +90,7 @@ async def test_recv_timeout_leaves_session_usable() -> None:
 async def test_send_over_max_frame_is_refused() -> None:
     async with (
         echo_server(max_frame=1024) as server,
-        connect_resumable("127.0.0.1", server.port, max_frame=1024, **FAST) as session,
+        connect_resumable("127.0.0.1", server.port, **fast(max_frame=1024)) as session,
     ):
         await session.send(b"x" * 1024)
         assert await session.recv() == b"x" * 1024
@@ -117,9 +120,9 @@ async def test_send_over_the_peers_max_frame_is_refused_locally(
 
     async with (
         await serve_resumable(
-            handler, "127.0.0.1", 0, max_frame=server_max, **FAST, **QUICK_SHUTDOWN
+            handler, "127.0.0.1", 0, **fast(max_frame=server_max), **QUICK_SHUTDOWN
         ) as server,
-        connect_resumable("127.0.0.1", server.port, max_frame=client_max, **FAST) as session,
+        connect_resumable("127.0.0.1", server.port, **fast(max_frame=client_max)) as session,
     ):
         assert server_error in await asyncio.wait_for(refused, 5)
         assert session.max_frame == 1000
@@ -146,7 +149,7 @@ async def test_stalled_receiver_bounds_sender_and_blocks_send() -> None:
     async with (
         await serve_resumable(stalled, "127.0.0.1", 0, **FAST) as server,
         connect_resumable(
-            "127.0.0.1", server.port, max_unacked_bytes=limit, max_unacked_frames=10_000, **FAST
+            "127.0.0.1", server.port, **fast(max_unacked_bytes=limit, max_unacked_frames=10_000)
         ) as session,
     ):
         await started.wait()
@@ -216,7 +219,7 @@ async def test_oversized_frame_from_peer_closes_the_connection(
     caplog.set_level(logging.WARNING, "streamkit")
     async with (
         echo_server(max_frame=1000) as server,
-        connect_resumable("127.0.0.1", server.port, max_frame=1000, **FAST) as good,
+        connect_resumable("127.0.0.1", server.port, **fast(max_frame=1000)) as good,
     ):
         async with raw_client(server.port, NEW) as raw:
             raw.writer.write(struct.pack(">I", 5000) + bytes([0x10]))
@@ -254,7 +257,7 @@ async def test_duplicate_frames_from_a_peer_are_dropped_and_counted() -> None:
     ids=["frames", "bytes"],
 )
 async def test_a_peer_sending_past_the_receive_window_is_cut_off(
-    window: dict[str, int], payload: bytes, over: str, caplog: pytest.LogCaptureFixture
+    window: SessionOptions, payload: bytes, over: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "streamkit")
     stalled: list[ServerSession] = []
@@ -267,13 +270,13 @@ async def test_a_peer_sending_past_the_receive_window_is_cut_off(
 
     total = 2_000_000 // len(payload)  # 2 MB and more on the wire, far past the window
     async with await serve_resumable(
-        handler, "127.0.0.1", 0, **window, **FAST, **QUICK_SHUTDOWN
+        handler, "127.0.0.1", 0, **fast(**window), **QUICK_SHUTDOWN
     ) as server:
         async with raw_client(server.port, NEW) as raw:
             with contextlib.suppress(ConnectionError):
                 for start in range(0, total, 64):
-                    frames = (data_frame(n, payload) for n in range(start, start + 64))
-                    raw.writer.write(b"".join(frames))
+                    burst = (data_frame(n, payload) for n in range(start, start + 64))
+                    raw.writer.write(b"".join(burst))
                     await raw.writer.drain()
             await wait_until(lambda: bool(stalled) and not stalled[0].connected)
         [error] = window_errors(caplog)
@@ -303,7 +306,7 @@ async def test_duplicates_and_replays_do_not_count_against_the_window(
         await asyncio.Event().wait()
 
     async with serve_resumable(
-        handler, "127.0.0.1", 0, max_unacked_frames=4, **FAST, **QUICK_SHUTDOWN
+        handler, "127.0.0.1", 0, **fast(max_unacked_frames=4), **QUICK_SHUTDOWN
     ) as server:
         fill = b"".join(data_frame(n, b"%d" % n) for n in range(4))
         async with raw_client(server.port, NEW) as first:
@@ -341,7 +344,7 @@ async def test_one_frame_over_the_byte_window_passes_only_alone(
 
     async with (
         serve_resumable(
-            handler, "127.0.0.1", 0, max_unacked_bytes=1000, **FAST, **QUICK_SHUTDOWN
+            handler, "127.0.0.1", 0, **fast(max_unacked_bytes=1000), **QUICK_SHUTDOWN
         ) as server,
         raw_client(server.port, NEW) as raw,
     ):
@@ -374,7 +377,7 @@ async def test_one_frame_over_the_byte_window_passes_only_alone(
 )
 async def test_a_sender_keeps_to_the_receivers_smaller_window(
     receiver: str,
-    window: dict[str, int],
+    window: SessionOptions,
     payload: bytes,
     fits: int,
     caplog: pytest.LogCaptureFixture,
@@ -398,16 +401,18 @@ async def test_a_sender_keeps_to_the_receivers_smaller_window(
 
     # Only the receiver sets the small window: the sender (default settings)
     # learns it from the handshake.
-    server_window = window if receiver == "server" else {}
-    client_window = window if receiver == "client" else {}
+    server_window: SessionOptions = window if receiver == "server" else {}
+    client_window: SessionOptions = window if receiver == "client" else {}
     async with (
         await serve_resumable(
-            handler, "127.0.0.1", 0, **server_window, **FAST, **QUICK_SHUTDOWN
+            handler, "127.0.0.1", 0, **fast(**server_window), **QUICK_SHUTDOWN
         ) as server,
-        connect_resumable("127.0.0.1", server.port, **client_window, **FAST) as session,
+        connect_resumable("127.0.0.1", server.port, **fast(**client_window)) as session,
     ):
         await wait_until(lambda: bool(served))
         peer = served[0]
+        sender: Session
+        receiving: Session
         if receiver == "server":
             sender, receiving = session, peer
 

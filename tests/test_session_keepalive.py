@@ -8,7 +8,7 @@ import pytest
 
 from streamkit.session import connect_resumable
 from streamkit.testing import FaultProxy
-from tests._sessions import FAST, echo_server
+from tests._sessions import FAST, echo_server, fast
 
 
 async def test_keepalive_detects_half_open_connection() -> None:
@@ -39,7 +39,7 @@ async def test_an_idle_session_cut_again_and_again_lives_on() -> None:
     async with (
         echo_server() as server,
         FaultProxy("127.0.0.1", server.port) as proxy,
-        connect_resumable("127.0.0.1", proxy.port, max_reconnect_time=0.2, **FAST) as session,
+        connect_resumable("127.0.0.1", proxy.port, **fast(max_reconnect_time=0.2)) as session,
     ):
         for _ in range(8):  # cuts spread over more than max_reconnect_time
             pongs = session.core.pongs

@@ -15,20 +15,26 @@ from streamkit.session import (
     Backoff,
     ClientSession,
     ServerSession,
+    SessionOptions,
     connect_resumable,
     serve_resumable,
 )
 from streamkit.testing import FaultProxy
 
-FAST = {"keepalive_interval": 0.2, "keepalive_timeout": 0.6, "ack_delay": 0.002, "ack_every": 8}
+FAST: SessionOptions = {
+    "keepalive_interval": 0.2,
+    "keepalive_timeout": 0.6,
+    "ack_delay": 0.002,
+    "ack_every": 8,
+}
 #: The cutter often cuts a connection before anything got through on it,
 #: which makes the client back off: keep the back-off short.
-CLIENT = {**FAST, "reconnect_backoff": Backoff(0.001, 0.01)}
+CLIENT: SessionOptions = {**FAST, "reconnect_backoff": Backoff(0.001, 0.01)}
 #: Each receiver's window, small enough that both senders wait on it often
 #: across cuts. Only the receivers set them: each sender learns the other's
 #: in the handshake, so it is enforced exactly at the edge a sender keeps to.
-SERVER_WINDOW = {"max_unacked_frames": 64}
-CLIENT_WINDOW = {"max_unacked_bytes": 4096}
+SERVER_WINDOW: SessionOptions = {"max_unacked_frames": 64}
+CLIENT_WINDOW: SessionOptions = {"max_unacked_bytes": 4096}
 
 
 class _Collect(logging.Handler):
@@ -81,12 +87,12 @@ async def exchange_with_cuts(
         done.set_result(None)
         await session.recv()  # until the client closes
 
+    server_options: SessionOptions = {**SERVER_WINDOW, **FAST}
+    client_options: SessionOptions = {**CLIENT_WINDOW, **CLIENT}
     async with (
-        await serve_resumable(
-            handler, "127.0.0.1", 0, grace_period=1, **SERVER_WINDOW, **FAST
-        ) as server,
+        await serve_resumable(handler, "127.0.0.1", 0, grace_period=1, **server_options) as server,
         FaultProxy("127.0.0.1", server.port) as proxy,
-        connect_resumable("127.0.0.1", proxy.port, **CLIENT_WINDOW, **CLIENT) as session,
+        connect_resumable("127.0.0.1", proxy.port, **client_options) as session,
     ):
         # Each sender keeps to the smaller window, the receiver's.
         assert session.core.send_window[0] == 64

@@ -34,6 +34,7 @@ from tests._sessions import (
     cut_and_resume,
     data_frame,
     echo_server,
+    fast,
     frame,
     raw_client,
     resume_hello,
@@ -93,7 +94,7 @@ async def test_resume_after_expiry_raises_session_expired() -> None:
         FaultProxy("127.0.0.1", server.port) as proxy,
     ):
         session = await connect_resumable(
-            "127.0.0.1", proxy.port, max_reconnect_time=5, handshake_timeout=0.1, **FAST
+            "127.0.0.1", proxy.port, **fast(max_reconnect_time=5, handshake_timeout=0.1)
         )
         await session.send(b"x")
         assert await session.recv() == b"x"
@@ -112,7 +113,7 @@ async def test_resume_after_expiry_raises_session_expired() -> None:
 async def test_client_that_cannot_reconnect_fails_with_connection_lost() -> None:
     async with echo_server() as server:
         proxy = await FaultProxy("127.0.0.1", server.port).start()
-        session = await connect_resumable("127.0.0.1", proxy.port, max_reconnect_time=0.3, **FAST)
+        session = await connect_resumable("127.0.0.1", proxy.port, **fast(max_reconnect_time=0.3))
         proxy.close()  # stops listening and cuts: every reconnect is refused
         await proxy.wait_closed()
         with pytest.raises(ConnectionLost, match="max_reconnect_time") as failure:
@@ -226,17 +227,18 @@ async def test_session_expiring_while_its_handler_runs_is_unregistered_at_once()
 
     async with (
         await serve_resumable(
-            handler, "127.0.0.1", 0, resume_timeout=0.2, **FAST, **QUICK_SHUTDOWN
+            handler, "127.0.0.1", 0, **fast(resume_timeout=0.2), **QUICK_SHUTDOWN
         ) as server,
         FaultProxy("127.0.0.1", server.port) as proxy,
     ):
         session = await connect_resumable(
             "127.0.0.1",
             proxy.port,
-            max_reconnect_time=5,
-            handshake_timeout=0.1,
-            reconnect_backoff=Backoff(0.01, 0.05),
-            **FAST,
+            **fast(
+                max_reconnect_time=5,
+                handshake_timeout=0.1,
+                reconnect_backoff=Backoff(0.01, 0.05),
+            ),
         )
         await session.send(b"x")
         assert await got == b"x"
@@ -266,9 +268,7 @@ async def test_resumes_that_never_make_progress_end_the_session() -> None:
         session = await connect_resumable(
             "127.0.0.1",
             port,
-            max_reconnect_time=0.5,
-            reconnect_backoff=Backoff(0.01, 0.05),
-            **FAST,
+            **fast(max_reconnect_time=0.5, reconnect_backoff=Backoff(0.01, 0.05)),
         )
         await session.send(b"never acknowledged")
         with pytest.raises(ProtocolError, match="no progress") as failure:
