@@ -17,7 +17,7 @@ import typing
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -149,15 +149,19 @@ async def nothing() -> AsyncIterator[None]:
     yield
 
 
+#: A misspelt setting, cast so that mypy lets it through to the call that
+#: raises (test_a_misspelt_setting_is_a_mypy_error checks that mypy flags it).
+TYPO = cast(SessionOptions, {"resume_timout": 5})
+
 MISSPELT: dict[str, Callable[[Path], object]] = {
-    "connect_resumable": lambda tmp: connect_resumable("127.0.0.1", 1, resume_timout=5),
-    "connect_resumable_unix": lambda tmp: connect_resumable_unix(tmp, resume_timout=5),
-    "serve_resumable": lambda tmp: serve_resumable(echo_session, None, 0, resume_timout=5),
-    "serve_resumable_unix": lambda tmp: serve_resumable_unix(echo_session, tmp, resume_timout=5),
-    "hub.connect": lambda tmp: hub.connect("127.0.0.1", 1, resume_timout=5),
-    "hub.connect_unix": lambda tmp: hub.connect_unix(tmp, resume_timout=5),
-    "serve_hub": lambda tmp: hub.serve_hub(None, 0, resume_timout=5),
-    "serve_hub_unix": lambda tmp: hub.serve_hub_unix(tmp, resume_timout=5),
+    "connect_resumable": lambda tmp: connect_resumable("127.0.0.1", 1, **TYPO),
+    "connect_resumable_unix": lambda tmp: connect_resumable_unix(tmp, **TYPO),
+    "serve_resumable": lambda tmp: serve_resumable(echo_session, None, 0, **TYPO),
+    "serve_resumable_unix": lambda tmp: serve_resumable_unix(echo_session, tmp, **TYPO),
+    "hub.connect": lambda tmp: hub.connect("127.0.0.1", 1, **TYPO),
+    "hub.connect_unix": lambda tmp: hub.connect_unix(tmp, **TYPO),
+    "serve_hub": lambda tmp: hub.serve_hub(None, 0, **TYPO),
+    "serve_hub_unix": lambda tmp: hub.serve_hub_unix(tmp, **TYPO),
 }
 
 

@@ -117,7 +117,7 @@ def test_the_layers_are_attributes_of_the_package() -> None:
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        _ = streamkit.nope  # type: ignore[attr-defined]
+        _ = streamkit.nope
 
 
 def test_demo_runs() -> None:

@@ -11,11 +11,17 @@ import random
 
 import pytest
 
-from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
+from streamkit.session import (
+    Backoff,
+    ServerSession,
+    SessionOptions,
+    connect_resumable,
+    serve_resumable,
+)
 from streamkit.testing import FaultProxy
 
 SOAK_SECONDS = 60.0
-FAST = {
+FAST: SessionOptions = {
     "keepalive_interval": 0.1,
     "keepalive_timeout": 0.3,
     "handshake_timeout": 1.0,
@@ -34,10 +40,11 @@ async def test_session_soak_through_cuts_delays_and_blackholes() -> None:
             server_got.append(payload)
             await session.send(payload)
 
+    client_options: SessionOptions = {**FAST, "max_unacked_frames": 256}
     async with (
         await serve_resumable(echo, "127.0.0.1", 0, **FAST) as server,
         FaultProxy("127.0.0.1", server.port, seed=5) as proxy,
-        connect_resumable("127.0.0.1", proxy.port, max_unacked_frames=256, **FAST) as session,
+        connect_resumable("127.0.0.1", proxy.port, **client_options) as session,
     ):
         proxy.cut_every(0.02)
         sent: list[bytes] = []
@@ -55,7 +62,7 @@ async def test_session_soak_through_cuts_delays_and_blackholes() -> None:
                     proxy.restore()
 
         sending = asyncio.create_task(send_until_deadline())
-        echoed = []
+        echoed: list[bytes] = []
         while not sending.done() or len(echoed) < len(sent):
             echoed.append(await session.recv(timeout=30))
         await sending

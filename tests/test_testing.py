@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -23,7 +24,7 @@ from streamkit.session import (
     connect_resumable,
     serve_resumable,
 )
-from streamkit.testing import FaultProxy, main
+from streamkit.testing import Direction, FaultProxy, main
 from tests._pairs import HAS_IPV6
 
 FAST = SessionSettings(
@@ -292,7 +293,7 @@ async def test_a_one_way_blackhole_holds_only_that_direction() -> None:
         assert not proxy.blackholed
         assert await reader.readexactly(4) == b"pong"
         with pytest.raises(ValueError, match="direction must be 'up', 'down' or None"):
-            proxy.blackhole("sideways")  # type: ignore[arg-type]
+            proxy.blackhole(cast(Direction, "sideways"))  # not a direction
         writer.close()
 
 
