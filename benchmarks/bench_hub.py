@@ -63,9 +63,8 @@ from typing import Any
 from _harness import receive_from_child
 
 from streamkit import hub
-from streamkit.hub import server as hub_server
 from streamkit.hub.filelog import FileStorage
-from streamkit.hub.protocol import Records
+from streamkit.hub.protocol import Records, encode_message
 from streamkit.hub.storage import Storage, _Entry, _Stream, take_within
 from streamkit.session import ServerSession, connect_resumable, serve_resumable
 
@@ -186,7 +185,7 @@ async def _latency(port: int, echo_port: int, count: int) -> tuple[float, float]
         connect_resumable("127.0.0.1", echo_port) as session,
     ):
         await client.create("latency")
-        message = hub_server.encode_message({"op": "append", "name": "latency", "id": 1}, [RECORD])
+        message = encode_message({"op": "append", "name": "latency", "id": 1}, [RECORD])
         appends: list[float] = []
         echoes: list[float] = []
         block = max(10, count // 20)
