@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from streamkit._lifecycle import Closable
 from streamkit.codecs import Buffer, Codec, Decoder
-from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError
+from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
 
 __all__ = ["FramedStream", "StreamProtocol", "TurnWriter", "splice"]
 
@@ -129,6 +129,7 @@ class FramedStream(Closable, Generic[FrameT]):
         self._close_timeout = close_timeout
         self._close_deadline: float | None = None  # when close() gives up and aborts
         self._large_frames = False  # the last frame was read in one piece
+        self._delivering: asyncio.Task[None] | None = None  # deliver()'s, over another reader
 
     # -- properties ---------------------------------------------------------
 
@@ -411,6 +412,70 @@ class FramedStream(Closable, Generic[FrameT]):
             return cast(list[ItemT], await self.recv_batch())
         except EndOfStream:
             return []
+
+    def deliver(
+        self,
+        decoder: Decoder[ItemT],
+        received: Callable[[list[ItemT]], None],
+        ended: Callable[[StreamkitError], None],
+        first: bytes = b"",
+    ) -> None:
+        """From now on, hand what ``decoder`` makes of the bytes received to ``received``.
+
+        For a layer that reacts to every read itself (a sans-IO core's glue):
+        no task waits in ``recv``, so a read costs no task wake-up and no
+        extra loop turn. ``received(items)`` is called with what each read
+        decoded (never empty), in order, in the event loop's read callback
+        (over a :class:`StreamProtocol`; over another reader, from a task
+        reading it): first what ``decoder`` makes of ``first`` (bytes the
+        caller read ahead and did not use) and of every byte received and
+        not returned yet, from the next loop turn on. The decoder is read for
+        as :meth:`recv_decoded` reads for it (in place; a large message's
+        rest into memory of its own).
+
+        ``ended(error)`` is called once, after the last items, and nothing
+        after it: with :class:`EndOfStream` at a clean end, the decoder's
+        :class:`~streamkit.errors.ProtocolError` (``IncompleteFrame`` for an
+        end inside a message), a ``StreamkitError`` that ``received`` raised,
+        or :class:`ConnectionLost`. The stream stays open: closing it is the
+        caller's. ``recv`` is not available once delivering; sending keeps
+        the codec.
+        """
+        if self._receiving:
+            raise RuntimeError("deliver() called while a task is receiving from this stream")
+        self._receiving = True  # for good: recv() raises from now on
+        rest = first + self._take_undelivered()
+        self._decoder = decoder  # type: ignore[assignment]  # ItemT: the caller's
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.deliver(rest, received, ended)
+        else:
+            self._delivering = self._loop.create_task(self._deliver_later(rest, received, ended))
+
+    async def _deliver_later(
+        self,
+        rest: bytes,
+        received: Callable[[list[Any]], None],
+        ended: Callable[[StreamkitError], None],
+    ) -> None:
+        """deliver() before the first receive, or over a reader of another protocol."""
+        if self._protocol is not None:
+            # What the reader holds comes after ``rest``: held, then decoded.
+            receiver = await self._take_over(self._protocol)
+            receiver.deliver(rest, received, ended)
+            return
+        frames = self._frames
+        try:
+            if rest:
+                _put(frames, self._decoder.feed(rest))
+            while True:
+                if not frames:
+                    await self._read_frames(EndOfStream)
+                got = frames[::-1]
+                frames.clear()
+                received(got)
+        except StreamkitError as exc:
+            ended(exc)
 
     def switch_codec(self, codec: Codec[Any]) -> None:
         """Decode and encode with ``codec`` from now on.
@@ -926,6 +991,7 @@ class _Receiver(Generic[FrameT]):
         "_buffer",
         "_completed",
         "_ended",
+        "_ended_cb",
         "_error",
         "_filled",
         "_frames",
@@ -939,6 +1005,7 @@ class _Receiver(Generic[FrameT]):
         "_paused",
         "_piece",
         "_pieces",
+        "_received_cb",
         "_small",
         "_stream",
         "_transport",
@@ -975,6 +1042,9 @@ class _Receiver(Generic[FrameT]):
         self._large_got = 0
         self._large_missing = 0
         self._completed: list[Buffer] | None = None  # the rest, read: complete() it when taken
+        # FramedStream.deliver's callbacks, once delivering.
+        self._received_cb: Callable[[list[Any]], None] | None = None
+        self._ended_cb: Callable[[StreamkitError], None] | None = None
 
     # -- called by the protocol, in the event loop's callbacks ----------------------------
 
@@ -1035,6 +1105,9 @@ class _Receiver(Generic[FrameT]):
         # Wide reads only where they cost no copy of the read (see _Receiver).
         if got:
             self._wide = decoder.in_place and len(data) >= _LARGE_FRAMES * len(got)
+            if self._received_cb is not None:
+                self._hand(got)  # nothing waits (else the read would be held)
+                return
             _put(self._frames, got)
             self._wake()
         else:
@@ -1068,33 +1141,8 @@ class _Receiver(Generic[FrameT]):
         """Wait until the stream's frame list (empty) has frames; raise what ends the input."""
         stream = self._stream
         frames = self._frames
-        held = self._held
         while True:
-            decoder = stream._decoder
-            if self._completed is not None:
-                rest, self._completed = self._completed, None
-                frames.append(decoder.complete(rest))
-                return
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            if decoder.pending:
-                # An error held back for the frames before it, or the frames
-                # after a bad one, not parsed yet: no new input is needed.
-                _put(frames, decoder.feed(b""))
-            elif held:
-                data = held.pop(0)
-                self._held_bytes -= len(data)
-                if not held and self._paused:
-                    self._paused = False
-                    self._transport.resume_reading()
-                _put(frames, decoder.feed(data))
-            elif self._lost is not None:
-                raise ConnectionLost(f"connection lost: {self._lost!r}") from self._lost
-            elif self._ended:
-                decoder.close()
-                raise end("end of stream")
-            else:
+            if not self._take_next(end):
                 self._start_large()
                 # Waiting for the peer ends the turn: a frame sent after it
                 # is a lone frame again, written at once.
@@ -1106,6 +1154,23 @@ class _Receiver(Generic[FrameT]):
                     self._waiter = None
             if frames:
                 return
+
+    def deliver(
+        self,
+        rest: bytes,
+        received: Callable[[list[Any]], None],
+        ended: Callable[[StreamkitError], None],
+    ) -> None:
+        """Hand decoded frames to ``received`` from the next loop turn on (FramedStream.deliver).
+
+        ``rest`` is decoded first, then what this receiver holds, then each
+        read in the read callback. Until then, reads are held or decoded
+        ahead, as for a receive to come.
+        """
+        if rest:
+            self._held.insert(0, rest)
+            self._held_bytes += len(rest)
+        self._stream._loop.call_soon(self._begin, received, ended)
 
     def take_undecoded(self) -> bytes:
         """Remove and return the bytes received but not given to the decoder (switch_codec)."""
@@ -1122,6 +1187,82 @@ class _Receiver(Generic[FrameT]):
 
     # -- inside ---------------------------------------------------------------------------
 
+    def _take_next(self, end: type[Exception]) -> bool:
+        """Move what waits to be decoded into the frame list (empty), one step of it.
+
+        Returns False if nothing waits: the peer must send more. Raises what
+        ends the input (``end`` at a clean end) once it is next.
+        """
+        frames = self._frames
+        decoder = self._stream._decoder
+        if self._completed is not None:
+            rest, self._completed = self._completed, None
+            frames.append(decoder.complete(rest))
+        elif self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        elif decoder.pending:
+            # An error held back for the frames before it, or the frames
+            # after a bad one, not parsed yet: no new input is needed.
+            _put(frames, decoder.feed(b""))
+        elif self._held:
+            held = self._held
+            data = held.pop(0)
+            self._held_bytes -= len(data)
+            if not held and self._paused:
+                self._paused = False
+                self._transport.resume_reading()
+            _put(frames, decoder.feed(data))
+        elif self._lost is not None:
+            raise ConnectionLost(f"connection lost: {self._lost!r}") from self._lost
+        elif self._ended:
+            decoder.close()
+            raise end("end of stream")
+        else:
+            return False
+        return True
+
+    def _begin(
+        self, received: Callable[[list[Any]], None], ended: Callable[[StreamkitError], None]
+    ) -> None:
+        self._received_cb = received
+        self._ended_cb = ended
+        self._pump()
+
+    def _hand(self, got: list[Any]) -> None:
+        """Hand a read's frames to the deliver() callback, then what else waits."""
+        try:
+            self._received_cb(got)  # type: ignore[misc]
+        except StreamkitError as exc:
+            self._end_delivery(exc)
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand everything that waits to the deliver() callbacks: frames, then the end."""
+        frames = self._frames
+        try:
+            while self._received_cb is not None:
+                if frames:
+                    got = frames[::-1]
+                    frames.clear()
+                    self._received_cb(got)
+                elif not self._take_next(EndOfStream):
+                    break
+        except StreamkitError as exc:
+            self._end_delivery(exc)
+            return
+        if self._received_cb is not None:
+            # Each read is a turn: a frame sent after it is written at once.
+            self._stream._sender.turn_ended()
+            self._start_large()
+
+    def _end_delivery(self, error: StreamkitError) -> None:
+        ended = self._ended_cb
+        self._received_cb = self._ended_cb = None
+        if ended is not None:
+            ended(error)
+
     def _waiting(self) -> bool:
         """Whether something received waits to be taken: a new read is then held."""
         return bool(
@@ -1133,6 +1274,9 @@ class _Receiver(Generic[FrameT]):
         )
 
     def _wake(self) -> None:
+        if self._received_cb is not None:
+            self._pump()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -2,7 +2,8 @@
 
 Asyncio glue around the sans-IO :class:`~streamkit.session.core.SessionCore`,
 which makes every decision: this module moves bytes between the core and the
-attached connection (one reader task, the stream's ``recv_data`` and
+attached connection (the stream's ``deliver``, which hands each read's
+messages to the core in the read callback, and its
 :class:`~streamkit.stream.TurnWriter`), runs the core's one timer, and wakes
 the application. Between connections, a client reconnects, a server waits.
 """
@@ -36,14 +37,13 @@ logger = logging.getLogger("streamkit.session")
 
 
 class _Connection:
-    """One attached connection: its stream, its send side and its reader task."""
+    """One attached connection: its stream and its send side."""
 
-    __slots__ = ("closed", "reader", "sender", "stream")
+    __slots__ = ("closed", "sender", "stream")
 
     def __init__(self, stream: FramedStream[Any]) -> None:
         self.stream = stream
         self.sender: TurnWriter = stream.sender
-        self.reader: asyncio.Task[None] | None = None
         #: Done once the session lets this connection go.
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -65,7 +65,9 @@ class Session:
     __slots__ = (
         "_conn",
         "_core",
+        "_done",
         "_ended",
+        "_lifetime",
         "_loop",
         "_on_detached",
         "_on_ended",
@@ -98,6 +100,11 @@ class Session:
         self._timer: asyncio.Handle | None = None
         self._timer_at = math.inf
         self._ended = False
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        # _live ends with the session. The loop's shutdown (asyncio.run
+        # returning with the session open) cancels every task: this one then
+        # ends the session, rather than a reconnect start on a closing loop.
+        self._lifetime = self._loop.create_task(self._live())
 
     # -- public API ---------------------------------------------------------
 
@@ -318,7 +325,12 @@ class Session:
         sender = self._sender = conn.sender
         sender.source = core.data_to_send
         sender.flush()  # before any new frame can be sent on it
-        conn.reader = asyncio.create_task(self._read_loop(conn, rest))
+        stream.deliver(
+            core.decoder,
+            lambda batch: self._received(conn, batch),
+            lambda reason: self._ended_input(conn, reason),
+            rest,
+        )
         self._progress.set()
         self._arm()
         return conn.closed
@@ -332,11 +344,11 @@ class Session:
         """Drop the current connection, as a network failure would; nothing is lost.
 
         A client resumes, a server waits for it; ``connected`` stays true
-        until the reader has seen the loss.
+        until the stream has reported the loss.
         """
         conn = self._conn
         if conn is not None:
-            conn.stream.abort()  # the reader meets the loss and detaches the session
+            conn.stream.abort()  # the stream reports the loss: the session detaches
 
     # -- the core's decisions ---------------------------------------------------
 
@@ -377,11 +389,20 @@ class Session:
         self._core.on_deadline(self._loop.time())
         self._update()
 
+    async def _live(self) -> None:
+        try:
+            await self._done
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
     def _end(self) -> None:
         """The session ended: send what is due, close, stop the timer, wake everyone."""
         if self._ended:
             return
         self._ended = True
+        if not self._done.done():  # cancelled with _live at the loop's shutdown
+            self._done.set_result(None)
         self._let_go(graceful=True)
         if self._timer is not None:
             self._timer.cancel()
@@ -402,9 +423,6 @@ class Session:
         else:
             conn.stream.abort()
         conn.sender.source = None
-        reader = conn.reader
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
         if not conn.closed.done():
             conn.closed.set_result(None)
 
@@ -424,45 +442,28 @@ class Session:
             self._on_detached()
         self._arm()
 
-    # -- the connection's reader ------------------------------------------------
+    # -- the connection's input (the stream's deliver callbacks) ----------------
 
-    async def _read_loop(self, conn: _Connection, rest: bytes) -> None:
+    def _received(self, conn: _Connection, batch: list[Any]) -> None:
+        """A read's messages: to the core, then wake who can proceed and do what is due."""
+        if conn is not self._conn:
+            return
         core = self._core
-        stream = conn.stream
-        readable = self._readable
         messages = core.messages_received
-        reason: BaseException | None = None
-        try:
-            new = core.receive_data(rest) if rest else None
-            decoder = core.decoder
-            while True:
-                if new is not None:
-                    if new:
-                        readable.set()
-                    if core.messages_received != messages:
-                        messages = core.messages_received
-                        self._progress.set()
-                    self._update()  # pongs and close acks out, the end, the timer
-                    if self._conn is not conn:
-                        return
-                # Decoded as it arrives: in place, a large payload in one piece.
-                batch = await stream.recv_decoded(decoder)
-                if not batch:
-                    raise EndOfStream("the peer closed the connection")
-                new = core.receive_messages(batch)
-        except (EndOfStream, IncompleteFrame, ConnectionLost, OSError) as exc:
-            reason = exc  # the connection ended or broke, possibly mid-message
-        except ProtocolError as exc:
-            logger.warning("session %s: protocol error from %s: %s", self.id, stream.peername, exc)
-            reason = exc
-        except asyncio.CancelledError:
-            if conn is self._conn:
-                # Cancelled from outside, not by a drop of ours: the event
-                # loop is shutting down (say, asyncio.run returned with the
-                # session open). End the session rather than reconnect.
-                self.abort()
-            raise
-        finally:
-            if self._queue:
-                readable.set()  # the payloads before an error
-            self._connection_lost(conn, reason)
+        if core.receive_messages(batch):  # raises ProtocolError: the stream ends the input
+            self._readable.set()
+        if core.messages_received != messages:
+            self._progress.set()
+        self._update()  # pongs and close acks out, the end, the timer
+
+    def _ended_input(self, conn: _Connection, reason: StreamkitError) -> None:
+        """The connection's input ended: a drop, or a protocol error of the peer's."""
+        if self._queue:
+            self._readable.set()  # the payloads before an error
+        if isinstance(reason, ProtocolError) and not isinstance(reason, IncompleteFrame):
+            logger.warning(
+                "session %s: protocol error from %s: %s", self.id, conn.stream.peername, reason
+            )
+        elif isinstance(reason, EndOfStream):
+            reason = EndOfStream("the peer closed the connection")
+        self._connection_lost(conn, reason)
