@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from streamkit import ResumeRejected, SessionExpired
+from streamkit import ConnectionLost, ResumeRejected, SessionExpired
 from streamkit.session import connect_resumable
 
 
@@ -51,9 +51,11 @@ async def main(port: int, count: int) -> int:
                     await asyncio.gather(sender, return_exceptions=True)
                     reconnects += session.stats.reconnects
                     replayed += session.stats.frames_replayed
-        except (ResumeRejected, SessionExpired, ConnectionRefusedError) as exc:
-            # The server lost our session (it restarted) or is still down: what
-            # it had not answered is lost with it, so send again from there.
+        except (ResumeRejected, SessionExpired, ConnectionRefusedError, ConnectionLost) as exc:
+            # The server lost our session (it restarted) or is still down, or
+            # the link broke before the session opened or for longer than
+            # max_reconnect_time (ConnectionLost): what was not answered is
+            # lost with the session, so send again from there.
             print(f"session lost ({exc}); a new session from message {answered}")
             await asyncio.sleep(0.2)
     print(f"all {count} messages answered in order; reconnects={reconnects}, replayed={replayed}")
