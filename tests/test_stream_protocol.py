@@ -24,8 +24,10 @@ from streamkit import (
     Delimited,
     EndOfStream,
     FramedStream,
+    FrameTooLarge,
     IncompleteFrame,
     LengthPrefixed,
+    ProtocolError,
 )
 from streamkit.stream import RECEIVE_BUFFER_SIZE, StreamProtocol
 from tests._pairs import stream_pair
@@ -392,3 +394,142 @@ async def test_recv_decoded_returns_nothing_at_a_clean_end() -> None:
     async with stream_pair(LengthPrefixed()) as (client, server):
         server.writer.write_eof()
         assert await client.recv_decoded(LengthPrefixed().decoder()) == []
+
+
+# -- deliver: decoded items to a callback, in the read callback ------------------------------
+
+
+class Delivery:
+    """What ``FramedStream.deliver`` hands over: items, whether a task was running, the end."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.in_task: list[bool] = []
+        self.ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    def received(self, items: list[Any]) -> None:
+        assert items, "never called with nothing"
+        assert not self.ended.done(), "called after ended"
+        self.items += items
+        self.in_task.append(asyncio.current_task() is not None)
+
+    def end(self, error: BaseException) -> None:
+        assert not self.ended.done(), "ended twice"
+        self.ended.set_result(error)
+
+    async def until(self, count: int) -> None:
+        for _ in range(500):
+            if len(self.items) >= count or self.ended.done():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(self.items)} of {count} items delivered in 5 s")
+
+
+@pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+async def test_deliver_hands_first_then_everything_not_returned_then_each_read_in_order(
+    reading: str,
+) -> None:
+    async with stream_pair(LengthPrefixed(), reading=reading) as (client, server):
+        server.writer.write(framed(b"hello", b"ahead") + b"\x00\x00\x00\x02h")
+        assert await client.recv() == b"hello"  # "ahead" and "h" are received, not returned
+        delivery = Delivery()
+        client.deliver(
+            LengthPrefixed().decoder(), delivery.received, delivery.end, first=framed(b"first")
+        )
+        assert delivery.items == []  # from the next loop turn on
+        server.writer.write(b"i" + framed(*(b"%d" % n for n in range(1000))))
+        large = bytes(range(256)) * 4096  # 1 MiB: its rest read into memory of its own
+        server.writer.write(framed(large, b"after"))
+        await delivery.until(1005)
+        assert delivery.items == [
+            b"first",
+            b"ahead",
+            b"hi",
+            *(b"%d" % n for n in range(1000)),
+            large,
+            b"after",
+        ]
+        with pytest.raises(RuntimeError, match="receiving"):
+            await client.recv()
+        with pytest.raises(RuntimeError, match="receiving"):
+            client.deliver(LengthPrefixed().decoder(), delivery.received, delivery.end)
+        await client.send(b"framed still")  # sending keeps the codec
+        assert await server.recv() == b"framed still"
+        server.writer.write_eof()
+        assert isinstance(await asyncio.wait_for(delivery.ended, 5), EndOfStream)
+        assert delivery.items[-1] == b"after"
+        if reading == "streamkit":
+            assert not any(delivery.in_task)  # in the read callback: no task woken per read
+        else:
+            assert all(delivery.in_task)  # another protocol's reader is read by a task
+
+
+async def test_deliver_before_the_first_receive_takes_the_readers_bytes_after_first() -> None:
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        server.writer.write(framed(b"in the reader"))
+        await asyncio.sleep(0.05)  # read by the reader: no receive has taken the bytes yet
+        delivery = Delivery()
+        client.deliver(
+            LengthPrefixed().decoder(), delivery.received, delivery.end, first=framed(b"first")
+        )
+        await delivery.until(2)
+        server.writer.write(framed(b"then"))
+        await delivery.until(3)
+        assert delivery.items == [b"first", b"in the reader", b"then"]
+        assert delivery.in_task[-1] is False  # taken over: reads come in the read callback
+
+
+@pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+@pytest.mark.parametrize(
+    ("ending", "error"),
+    [
+        (b"\x00\x00", IncompleteFrame),  # the end inside a header
+        (b"\x00\x00\x00\x09part", IncompleteFrame),  # and inside a payload
+        (b"\x7f\xff\xff\xff", FrameTooLarge),  # the decoder's error: after the frames before it
+    ],
+)
+async def test_deliver_ends_with_the_decoders_error_after_the_items_before_it(
+    reading: str, ending: bytes, error: type[Exception]
+) -> None:
+    async with stream_pair(LengthPrefixed(), reading=reading) as (client, server):
+        delivery = Delivery()
+        client.deliver(LengthPrefixed().decoder(), delivery.received, delivery.end)
+        server.writer.write(framed(b"a", b"b") + ending)
+        server.writer.write_eof()
+        assert isinstance(await asyncio.wait_for(delivery.ended, 5), error)
+        assert delivery.items == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+async def test_deliver_ends_with_connection_lost_on_a_reset(reading: str) -> None:
+    async with stream_pair(LengthPrefixed(), reading=reading) as (client, server):
+        delivery = Delivery()
+        client.deliver(LengthPrefixed().decoder(), delivery.received, delivery.end)
+        server.writer.write(framed(b"before"))
+        await delivery.until(1)
+        sock = server.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server.writer.transport.abort()  # an RST
+        assert isinstance(await asyncio.wait_for(delivery.ended, 5), ConnectionLost)
+        assert delivery.items == [b"before"]
+
+
+@pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
+async def test_an_error_the_callback_raises_ends_the_delivery_with_it(reading: str) -> None:
+    async with stream_pair(LengthPrefixed(), reading=reading) as (client, server):
+        delivery = Delivery()
+
+        def refuse(items: list[bytes]) -> None:
+            delivery.received(items)
+            if b"bad" in items:
+                raise ProtocolError("a bad item")
+
+        client.deliver(LengthPrefixed().decoder(), refuse, delivery.end)
+        server.writer.write(framed(b"good", b"bad", b"never"))
+        ended = await asyncio.wait_for(delivery.ended, 5)
+        assert isinstance(ended, ProtocolError)
+        assert str(ended) == "a bad item"
+        server.writer.write(framed(b"later"))
+        await asyncio.sleep(0.05)
+        assert b"later" not in delivery.items  # nothing after ended
+        assert not client.is_closing()  # closing is the caller's
