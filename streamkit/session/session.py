@@ -36,18 +36,6 @@ __all__ = ["Session"]
 logger = logging.getLogger("streamkit.session")
 
 
-class _Connection:
-    """One attached connection: its stream and its send side."""
-
-    __slots__ = ("closed", "sender", "stream")
-
-    def __init__(self, stream: FramedStream[Any]) -> None:
-        self.stream = stream
-        self.sender: TurnWriter = stream.sender
-        #: Done once the session lets this connection go.
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-
 class Session:
     """A bidirectional stream of byte frames that survives dropped connections.
 
@@ -63,6 +51,7 @@ class Session:
     """
 
     __slots__ = (
+        "_closed",
         "_conn",
         "_core",
         "_done",
@@ -95,7 +84,8 @@ class Session:
         self._queue = core.queue
         self._readable = asyncio.Event()  # data, end or failure: recv may proceed
         self._progress = asyncio.Event()  # acks, attach, end or failure: senders may proceed
-        self._conn: _Connection | None = None
+        self._conn: FramedStream[Any] | None = None  # the attached connection
+        self._closed: asyncio.Future[None] | None = None  # done once it is let go
         self._sender: TurnWriter | None = None  # the attached connection's
         self._timer: asyncio.Handle | None = None
         self._timer_at = math.inf
@@ -320,20 +310,20 @@ class Session:
             self._update()
             raise
         self._let_go()
-        conn = _Connection(stream)
-        self._conn = conn
-        sender = self._sender = conn.sender
+        self._conn = stream
+        closed = self._closed = self._loop.create_future()
+        sender = self._sender = stream.sender
         sender.source = core.data_to_send
         sender.flush()  # before any new frame can be sent on it
         stream.deliver(
             core.decoder,
-            lambda batch: self._received(conn, batch),
-            lambda reason: self._ended_input(conn, reason),
+            lambda batch: self._received(stream, batch),
+            lambda reason: self._ended_input(stream, reason),
             rest,
         )
         self._progress.set()
         self._arm()
-        return conn.closed
+        return closed
 
     def rejected(self, reject: Reject) -> None:
         """A resume was rejected: the session ends (see ``SessionCore.rejected``)."""
@@ -346,9 +336,8 @@ class Session:
         A client resumes, a server waits for it; ``connected`` stays true
         until the stream has reported the loss.
         """
-        conn = self._conn
-        if conn is not None:
-            conn.stream.abort()  # the stream reports the loss: the session detaches
+        if self._conn is not None:
+            self._conn.abort()  # the stream reports the loss: the session detaches
 
     # -- the core's decisions ---------------------------------------------------
 
@@ -415,18 +404,19 @@ class Session:
     def _let_go(self, graceful: bool = False) -> None:
         """Let the current connection go, if any: closed once what is due is sent, or aborted."""
         conn, self._conn = self._conn, None
+        closed, self._closed = self._closed, None
         self._sender = None
-        if conn is None:
+        if conn is None or closed is None:
             return
         if graceful:
-            conn.stream.close()  # after what is due: the sender pulls it from the core
+            conn.close()  # after what is due: the sender pulls it from the core
         else:
-            conn.stream.abort()
+            conn.abort()
         conn.sender.source = None
-        if not conn.closed.done():
-            conn.closed.set_result(None)
+        if not closed.done():  # cancelled with its waiter at the loop's shutdown
+            closed.set_result(None)
 
-    def _connection_lost(self, conn: _Connection, reason: BaseException | None) -> None:
+    def _connection_lost(self, conn: FramedStream[Any], reason: BaseException | None) -> None:
         if conn is not self._conn:
             return
         self._let_go()
@@ -444,7 +434,7 @@ class Session:
 
     # -- the connection's input (the stream's deliver callbacks) ----------------
 
-    def _received(self, conn: _Connection, batch: list[Any]) -> None:
+    def _received(self, conn: FramedStream[Any], batch: list[Any]) -> None:
         """A read's messages: to the core, then wake who can proceed and do what is due."""
         if conn is not self._conn:
             return
@@ -456,14 +446,12 @@ class Session:
             self._progress.set()
         self._update()  # pongs and close acks out, the end, the timer
 
-    def _ended_input(self, conn: _Connection, reason: StreamkitError) -> None:
+    def _ended_input(self, conn: FramedStream[Any], reason: StreamkitError) -> None:
         """The connection's input ended: a drop, or a protocol error of the peer's."""
         if self._queue:
             self._readable.set()  # the payloads before an error
         if isinstance(reason, ProtocolError) and not isinstance(reason, IncompleteFrame):
-            logger.warning(
-                "session %s: protocol error from %s: %s", self.id, conn.stream.peername, reason
-            )
+            logger.warning("session %s: protocol error from %s: %s", self.id, conn.peername, reason)
         elif isinstance(reason, EndOfStream):
             reason = EndOfStream("the peer closed the connection")
         self._connection_lost(conn, reason)
