@@ -64,6 +64,9 @@ RECEIVE_BUFFER_SIZE = 256 * 1024
 _SMALL_READ = 64 * 1024
 #: Frames of this size on average make reads of the whole receive buffer.
 _LARGE_FRAMES = 1024
+#: At most this much memory of large frames' pieces is kept, per event loop,
+#: for the next large frames (see _Pieces).
+_SPARE_PIECES = 8 * 1024 * 1024
 
 
 class FramedStream(Closable, Generic[FrameT]):
@@ -1007,6 +1010,7 @@ class _Receiver(Generic[FrameT]):
         "_pieces",
         "_received_cb",
         "_small",
+        "_spares",
         "_stream",
         "_transport",
         "_waiter",
@@ -1036,12 +1040,13 @@ class _Receiver(Generic[FrameT]):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         # A large frame's rest, read into pieces of its own.
-        self._pieces: list[bytearray] = []
+        self._pieces: list[memoryview] = []
         self._piece: memoryview | None = None  # the piece being filled
         self._filled = 0  # bytes in it
         self._large_got = 0
         self._large_missing = 0
         self._completed: list[Buffer] | None = None  # the rest, read: complete() it when taken
+        self._spares = _spare_pieces(stream._loop)
         # FramedStream.deliver's callbacks, once delivering.
         self._received_cb: Callable[[list[Any]], None] | None = None
         self._ended_cb: Callable[[StreamkitError], None] | None = None
@@ -1175,9 +1180,9 @@ class _Receiver(Generic[FrameT]):
     def take_undecoded(self) -> bytes:
         """Remove and return the bytes received but not given to the decoder (switch_codec)."""
         self._give_back_large()
-        parts: list[Buffer] = [*(self._completed or ()), *self._held]
-        self._completed = None
-        rest = b"".join(parts)
+        completed, self._completed = self._completed or [], None
+        rest = b"".join([*completed, *self._held])
+        self._give_back_pieces(completed)
         self._held.clear()
         self._held_bytes = 0
         if self._paused:
@@ -1198,6 +1203,7 @@ class _Receiver(Generic[FrameT]):
         if self._completed is not None:
             rest, self._completed = self._completed, None
             frames.append(decoder.complete(rest))
+            self._give_back_pieces(rest)
         elif self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -1299,9 +1305,8 @@ class _Receiver(Generic[FrameT]):
         # At most as large as what came of the frame so far (a header alone
         # never makes us allocate max_frame), and at least one buffer.
         size = min(self._large_missing - self._large_got, max(RECEIVE_BUFFER_SIZE, have))
-        piece = bytearray(size)
+        piece = self._piece = memoryview(self._spares.take(size))[:size]
         self._pieces.append(piece)
-        self._piece = memoryview(piece)
         self._filled = 0
 
     def _large_updated(self, nbytes: int) -> None:
@@ -1314,10 +1319,15 @@ class _Receiver(Generic[FrameT]):
         if self._large_got < self._large_missing:
             self._new_piece(self._stream._decoder.buffered + self._large_got)
             return
-        self._completed = list(self._pieces)
+        self._completed = self._filled_pieces()
         self._end_large()
         self._header_next = True
         self._wake()
+
+    def _filled_pieces(self) -> list[Buffer]:
+        """What the pieces hold: views of them (the last one up to what was read into it)."""
+        assert self._piece is not None
+        return [*self._pieces[:-1], self._piece[: self._filled]]
 
     def _end_large(self) -> None:
         if self._piece is not None:
@@ -1325,17 +1335,81 @@ class _Receiver(Generic[FrameT]):
         self._piece = None
         self._pieces = []
 
+    def _give_back_pieces(self, views: list[Buffer]) -> None:
+        """The frame made of ``views`` (see _filled_pieces) is complete: their memory is spare."""
+        for view in views:
+            assert isinstance(view, memoryview)
+            piece = view.obj
+            try:
+                view.release()
+            except BufferError:
+                continue  # a decoder kept a view of it: not for reuse
+            self._spares.give(cast(bytearray, piece))
+
     def _give_back_large(self) -> None:
         """End a large frame's read early: what came of it is held, to decode first."""
         piece = self._piece
         if piece is None:
             return
-        came: list[Buffer] = [*self._pieces[:-1], piece[: self._filled]]
+        came = self._filled_pieces()
         data = b"".join(came)
         self._end_large()
+        self._give_back_pieces(came)
         if data:
             self._held.insert(0, data)
             self._held_bytes += len(data)
+
+
+class _Pieces:
+    """An event loop's spare memory for large frames' rests (see _Receiver), up to a bound.
+
+    Why (DESIGN, performance principles): a large frame's rest is read into
+    pieces of memory of its own, then copied once into the frame. Fresh
+    pieces for every frame are fresh memory from the kernel whenever glibc's
+    malloc hands freed large blocks back (its thresholds move with what the
+    process freed before): at 1 MiB frames, 460 minor page faults per MB
+    received and a quarter of the speed (benchmarks/bench_session.py), or
+    none, by the history of the process. Pieces kept for the next frames
+    cost no fault, whatever that history. Sizes are rounded up to whole
+    receive buffers, so frames of any size share them, and at most
+    ``_SPARE_PIECES`` bytes are kept per event loop.
+    """
+
+    __slots__ = ("_bytes", "_spare")
+
+    def __init__(self) -> None:
+        self._spare: dict[int, list[bytearray]] = {}  # by size
+        self._bytes = 0
+
+    def take(self, size: int) -> bytearray:
+        """Memory for at least ``size`` bytes: a spare piece, else a new one."""
+        rounded = -(-size // RECEIVE_BUFFER_SIZE) * RECEIVE_BUFFER_SIZE
+        spare = self._spare.get(rounded)
+        if spare:
+            self._bytes -= rounded
+            return spare.pop()
+        return bytearray(rounded)
+
+    def give(self, piece: bytearray) -> None:
+        """``piece`` (from :meth:`take`) is free: keep it, if there is room."""
+        size = len(piece)
+        if self._bytes + size <= _SPARE_PIECES:
+            self._spare.setdefault(size, []).append(piece)
+            self._bytes += size
+
+
+def _spare_pieces(loop: asyncio.AbstractEventLoop) -> _Pieces:
+    """The spare pieces of ``loop``, made on first use."""
+    pieces = _loop_pieces.get(loop)
+    if pieces is None:
+        pieces = _loop_pieces[loop] = _Pieces()
+    return pieces
+
+
+#: Each event loop's spare pieces (see _Pieces).
+_loop_pieces: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pieces] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _Unframed(Decoder[bytes]):
