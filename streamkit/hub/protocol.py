@@ -117,9 +117,22 @@ def quote(value: object) -> str:
 
 
 def encode_message(header: dict[str, Any], records: Sequence[bytes] | None = None) -> bytes:
-    """One hub message: ``header`` and optional ``records``."""
+    """One hub message: ``header`` and optional ``records``.
+
+    Made with one join: each record's bytes are copied once, straight into
+    the message.
+    """
     head = encode_head(header)
-    return head + encode_records(records) if records else head
+    if not records:
+        return head
+    if isinstance(records, Records):
+        return records.message(head)
+    count = len(records)
+    if count == 1:  # an awaited append
+        record = records[0]
+        return b"".join((head, _ONE_RECORD.pack(1, len(record)), record))
+    lengths = struct.pack(f">{count}I", *map(len, records))
+    return b"".join((head, _COUNT.pack(count), lengths, *records))
 
 
 def encode_head(header: dict[str, Any]) -> bytes:
