@@ -268,7 +268,7 @@ class Reader(AsyncClosable):
             return None if tag is None else (self._offset + len(self._current) - 1, tag)
         return self._lineage
 
-    def _on_message(self, header: dict[str, Any], body: memoryview) -> None:
+    def _on_message(self, header: dict[str, Any], body: memoryview, message: bytes) -> None:
         op = header["op"]
         created = header.get("created")
         if created is not None:
@@ -277,7 +277,7 @@ class Reader(AsyncClosable):
             first = header["offset"]
             if not self._known:
                 self._known, self._offset = True, first
-            records = decode_records(body)
+            records = decode_records(body, message)
             if records:
                 self._queue.append(_Message(first, records, len(body), header.get("tag")))
             self._caught_up = False
@@ -821,7 +821,7 @@ class HubClient(AsyncClosable):
                     continue
                 reader = self._reads.get(request)
                 if reader is not None:
-                    reader._on_message(header, body)
+                    reader._on_message(header, body, message)
                     continue
                 pending = self._pending.pop(request, None)
                 if pending is not None and not pending[0].done():

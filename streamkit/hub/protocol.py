@@ -192,19 +192,30 @@ def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(message)[end:]
 
 
-def decode_records(body: memoryview | bytes) -> list[bytes]:
-    """The records of a message body; raises :class:`ProtocolError` if malformed."""
+def decode_records(body: memoryview | bytes, message: bytes | None = None) -> list[bytes]:
+    """The records of a message body; raises :class:`ProtocolError` if malformed.
+
+    With ``message``, the ``bytes`` that ``body`` is the tail of (as
+    :func:`decode_message` gives it), the records are sliced straight out
+    of ``message``: the body is not copied first.
+    """
     if not body:
         return []  # a message without records has no body
-    _, ends = _record_ends(body)
-    data = bytes(body)
+    if message is None:
+        data, base = bytes(body), 0
+    else:
+        data, base = message, len(message) - len(body)
+    _, ends = _record_ends(body, base)
     return [data[begin:end] for begin, end in pairwise(ends)]
 
 
-def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...], array[int]]:
+def _record_ends(
+    body: bytes | bytearray | memoryview, base: int = 0
+) -> tuple[tuple[int, ...], array[int]]:
     """A records body's lengths, and where each record ends in it (after where they begin).
 
-    Raises :class:`ProtocolError` if the body is malformed.
+    Positions count from ``base`` (where the body begins in the bytes to
+    slice). Raises :class:`ProtocolError` if the body is malformed.
     """
     size = len(body)
     if size < _COUNT.size:
@@ -216,10 +227,11 @@ def _record_ends(body: bytes | bytearray | memoryview) -> tuple[tuple[int, ...],
     if start > size:
         raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
     lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
-    ends = array("q", accumulate(lengths, initial=start))
-    if ends[-1] != size:
+    ends = array("q", accumulate(lengths, initial=base + start))
+    if ends[-1] != base + size:
         raise ProtocolError(
-            f"hub records body of {size} bytes does not match its record lengths ({ends[-1]})"
+            f"hub records body of {size} bytes does not match its record lengths"
+            f" ({ends[-1] - base})"
         )
     return lengths, ends
 
