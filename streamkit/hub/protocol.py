@@ -29,7 +29,7 @@ import reprlib
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, pairwise
 from typing import Any, Literal, overload
 
@@ -84,6 +84,46 @@ _ONE_RECORD = struct.Struct(">II")
 _decode_json = json.JSONDecoder().decode
 #: Encodes a header as json.dumps(header, separators=(",", ":")) does, made once.
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
+#: The scanner _decode_json runs, for a header that is one JSON value and nothing
+#: else (every header a peer of ours sends); anything else goes to _decode_json.
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _not_json(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: What _encode_json runs for each header, made once rather than per header:
+#: the C encoder json.JSONEncoder.encode makes anew for each call (with the
+#: same settings, but no check for circular references: a header is a tree
+#: of our own making; one that is not fails with RecursionError). None
+#: without the C accelerator.
+_make_encoder: Callable[..., Callable[[object, int], Iterable[str]]] | None
+_make_encoder = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+_encoder = (
+    None
+    if _make_encoder is None
+    else _make_encoder(
+        None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+)
+
+
+def _encode_header(header: dict[str, Any]) -> str:
+    """``header`` as JSON text, as _encode_json makes it."""
+    if _encoder is None:
+        return _encode_json(header)
+    return "".join(_encoder(header, 0))
+
+
+def _decode_header(text: str) -> Any:
+    """The JSON value of ``text``, as _decode_json decodes it (and raises)."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        return _decode_json(text)  # not a value at 0: raises (or skips leading spaces)
+    return value if end == len(text) else _decode_json(text)
+
 
 #: Longer integers are quoted by their size (their digits may not even convert).
 _MAX_QUOTED_BITS = 256
@@ -137,7 +177,7 @@ def encode_message(header: dict[str, Any], records: Sequence[bytes] | None = Non
 
 def encode_head(header: dict[str, Any]) -> bytes:
     """A message's header, length-prefixed: a body (:func:`encode_records`) may follow."""
-    head = _encode_json(header).encode()
+    head = _encode_header(header).encode()
     return _HEADER_SIZE.pack(len(head)) + head
 
 
@@ -184,7 +224,7 @@ def decode_message(message: bytes) -> tuple[dict[str, Any], memoryview]:
     if end > len(message):
         raise ProtocolError(f"hub header of {size} bytes runs past its message")
     try:
-        header = _decode_json(message[_HEADER_SIZE.size : end].decode())
+        header = _decode_header(message[_HEADER_SIZE.size : end].decode())
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"hub header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):

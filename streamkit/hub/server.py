@@ -540,7 +540,7 @@ async def _answer(session: ServerSession, reply: dict[str, Any]) -> None:
     substitute: Exception
     try:
         message = encode_message(reply)
-    except (TypeError, ValueError) as exc:  # a bug: the reader must still hear of it
+    except (TypeError, ValueError, RecursionError) as exc:  # a bug: the reader must hear of it
         substitute = exc
     else:
         try:
