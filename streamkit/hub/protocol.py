@@ -262,6 +262,10 @@ def _record_ends(
         raise ProtocolError(
             f"hub records body of {size} bytes is too short (at least {_COUNT.size})"
         )
+    if size >= _ONE_RECORD.size:
+        count, length = _ONE_RECORD.unpack_from(body)
+        if count == 1 and length == size - _ONE_RECORD.size:  # an awaited append's record
+            return (length,), array("q", (base + _ONE_RECORD.size, base + size))
     (count,) = _COUNT.unpack_from(body)
     start = _COUNT.size + 4 * count
     if start > size:
