@@ -472,10 +472,6 @@ class Producer(AsyncClosable):
         self._on_error = on_error
         self._batch: list[bytes] = []
         self._room = max_batch_bytes  # bytes the pending batch may still take
-        # While append_nowait's hot path may take records (a batch is pending,
-        # with its timer, and nothing is to be refused), the room is kept
-        # here instead of in _room; 0 otherwise (see _cool).
-        self._hot_room = 0
         self._seq: int | None = None  # next batch's sequence, learned from the server
         self._timer: asyncio.TimerHandle | None = None
         self._unsent: deque[_Batch] = deque()  # batches to send, in order
@@ -494,24 +490,17 @@ class Producer(AsyncClosable):
         length per record), or one larger record alone, so that it fits
         the session's ``max_frame`` whenever its records do.
         """
-        # The hot path: the pending batch takes it and has room left. One
-        # compare stands for every condition (_hot_room is 0 unless they hold).
-        if type(data) is bytes:
-            room = self._hot_room - len(data) - _RECORD_LENGTH
+        if type(data) is bytes and self._timer is not None and not self._refusing:
+            # The hot path: the pending batch (it has a timer) takes it and has room left.
+            room = self._room - len(data) - _RECORD_LENGTH
             if room > 0:
                 self._batch.append(data)
-                self._hot_room = room
+                self._room = room
                 return
         self._append(data)
 
-    def _cool(self) -> None:
-        """Take the room back from the hot path: ``append_nowait`` goes through ``_append``."""
-        if self._hot_room:
-            self._room, self._hot_room = self._hot_room, 0
-
     def _append(self, data: bytes) -> None:
         """``append_nowait`` of a record that starts or ends a batch, or has to be checked."""
-        self._cool()
         if self._refusing:
             self._refuse()
         if type(data) is not bytes:
@@ -523,11 +512,8 @@ class Producer(AsyncClosable):
         self._room -= size
         if self._room <= 0:
             self._send_batch()
-        else:
-            if self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self.linger, self._send_batch)
-            if not self._refusing:
-                self._hot_room = self._room
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger, self._send_batch)
 
     def _refuse(self) -> None:
         if self._closed:
@@ -540,7 +526,6 @@ class Producer(AsyncClosable):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._hot_room = 0
         if not self._batch:
             return
         records, self._batch, self._room = self._batch, [], self.max_batch_bytes
@@ -698,7 +683,6 @@ class Producer(AsyncClosable):
         elif self._error is None:
             self._error = error
             self._refusing = True
-            self._cool()
 
     async def flush(self) -> None:
         """Send the pending batch and wait until every batch is appended (or refused).
@@ -717,7 +701,6 @@ class Producer(AsyncClosable):
     async def close(self) -> None:
         """Flush, then stop: ``append_nowait`` raises from now on."""
         self._closed = self._refusing = True
-        self._cool()
         await self.flush()
 
 
