@@ -667,6 +667,20 @@ async def test_a_request_cancelled_as_redis_py_sends_it_is_cancelled(
             await request
 
 
+async def test_a_closed_storage_refuses_to_start_or_subscribe(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Not a listener nothing would ever stop: a clear error, and no task left running."""
+    async with redis_storage(redis_server.url, redis_prefix) as storage:
+        pass
+    tasks = asyncio.all_tasks()
+    with pytest.raises(HubError, match="is closed"):
+        storage.subscribe(lambda name: None)
+    with pytest.raises(HubError, match="is closed"):
+        await storage.start()
+    assert asyncio.all_tasks() == tasks
+
+
 @pytest.mark.parametrize("redis", ["stopped", "killed", "restarted"])
 @pytest.mark.parametrize("after", [0.0, 0.25, 0.7])
 async def test_a_hub_on_redis_closes_in_bounded_time_whatever_redis_is_doing(

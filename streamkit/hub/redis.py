@@ -752,8 +752,10 @@ class RedisStorage:
 
         ``on_change(None)``: anything may have changed (after the
         notification channel was lost and subscribed again). One
-        subscription per storage, however many callbacks.
+        subscription per storage, however many callbacks. Raises
+        :class:`HubError` once the storage is closed.
         """
+        self._check_open()
         self._on_change.append(on_change)
         if self._started and self._listener is None:
             self._listener = asyncio.create_task(self._listen())
@@ -763,8 +765,10 @@ class RedisStorage:
 
         Raises :class:`StorageUnavailable` if Redis cannot be reached within
         ``timeout``, and :class:`HubError` for a Redis that would lose
-        streams (an evicting ``maxmemory-policy``) or is too old.
+        streams (an evicting ``maxmemory-policy``) or is too old, or once
+        the storage is closed.
         """
+        self._check_open()
         errors = self._redis.exceptions
         try:
             async with _deadline(self.timeout):
@@ -811,6 +815,11 @@ class RedisStorage:
             with contextlib.suppress(TimeoutError, OSError, self._redis.exceptions.RedisError):
                 async with _deadline(self.timeout):
                     await self._client.aclose()
+
+    def _check_open(self) -> None:
+        # A listener started now would run on, with nothing left to stop it.
+        if self._closed:
+            raise HubError(f"the RedisStorage of {self.where} is closed")
 
     def _changed(self, name: str | None) -> None:
         for on_change in self._on_change:
