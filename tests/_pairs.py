@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,30 @@ async def stream_pair(
             stream.abort()
         server.close()
         await server.wait_closed()
+
+
+async def on_uvloop(main: Callable[[], Coroutine[Any, Any, None]], timeout: float = 20) -> None:
+    """Run ``main()`` on uvloop, in a thread of its own, within ``timeout`` seconds.
+
+    The test's own loop is asyncio's; skips the test where uvloop is not installed.
+    """
+    import pytest  # a test helper: only tests import this module
+
+    uvloop = pytest.importorskip("uvloop")
+    failure: list[BaseException] = []
+
+    async def within_a_time_limit() -> None:
+        async with asyncio.timeout(timeout):
+            await main()
+
+    def in_thread() -> None:
+        try:
+            uvloop.run(within_a_time_limit())
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    await asyncio.get_running_loop().run_in_executor(None, thread.join)
+    if failure:
+        raise failure[0]

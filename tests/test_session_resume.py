@@ -27,6 +27,7 @@ from streamkit.session.protocol import (
     make_preface,
 )
 from streamkit.testing import FaultProxy
+from tests._pairs import on_uvloop
 from tests._sessions import (
     FAST,
     QUICK_SHUTDOWN,
@@ -366,3 +367,33 @@ async def test_frames_sent_during_an_outage_are_not_counted_as_replayed() -> Non
         stats = session.stats
         assert stats.frames_sent == 22
         assert stats.frames_replayed == 5  # the lost frames; not the 7 sent while away
+
+
+async def test_on_uvloop_every_frame_once_in_order_across_cuts() -> None:
+    """uvloop's transports read into memory of their own (data_received): the same guarantees."""
+
+    async def run() -> None:
+        sizes = [10, 5000, 300_000, 1024 * 1024, 3, 70_000] * 5
+        payloads = [bytes([n]) * size for n, size in enumerate(sizes)]
+        async with (
+            echo_server() as server,
+            FaultProxy("127.0.0.1", server.port) as proxy,
+            connect_resumable("127.0.0.1", proxy.port, **FAST) as session,
+        ):
+
+            async def send_all() -> None:
+                for n, payload in enumerate(payloads):
+                    await session.send(payload)
+                    if n % 7 == 3:
+                        before = session.stats.connections
+                        proxy.cut()
+                        await session.wait_connected(before)
+
+            sending = asyncio.create_task(send_all())
+            got = [await session.recv() for _ in payloads]
+            await sending
+            assert [len(payload) for payload in got] == sizes
+            assert got == payloads
+            assert session.stats.reconnects == 4  # a cut after frames 3, 10, 17 and 24
+
+    await on_uvloop(run)

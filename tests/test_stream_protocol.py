@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import pytest
@@ -30,7 +29,7 @@ from streamkit import (
     ProtocolError,
 )
 from streamkit.stream import RECEIVE_BUFFER_SIZE, StreamProtocol
-from tests._pairs import stream_pair
+from tests._pairs import on_uvloop, stream_pair
 
 HEADER = struct.Struct(">I")
 
@@ -221,8 +220,6 @@ async def test_switch_codec_with_a_large_frame_read_but_not_taken_hands_it_back_
 
 
 async def test_on_uvloop_too() -> None:
-    uvloop = pytest.importorskip("uvloop")
-
     async def run() -> None:
         big = bytes(range(256)) * (4 * RECEIVE_BUFFER_SIZE // 256)
         async with stream_pair(LengthPrefixed(), limit=256 * 1024) as (client, server):
@@ -238,24 +235,7 @@ async def test_on_uvloop_too() -> None:
             assert [await client.recv() for _ in frames] == frames
             await sending
 
-    # Its own loop, in a thread: the test's loop is asyncio's.
-    failure: list[BaseException] = []
-
-    async def within_a_time_limit() -> None:
-        async with asyncio.timeout(20):
-            await run()
-
-    def in_thread() -> None:
-        try:
-            uvloop.run(within_a_time_limit())
-        except BaseException as exc:  # reported below
-            failure.append(exc)
-
-    thread = threading.Thread(target=in_thread)
-    thread.start()
-    await asyncio.get_running_loop().run_in_executor(None, thread.join)
-    if failure:
-        raise failure[0]
+    await on_uvloop(run)  # its own loop, in a thread: the test's loop is asyncio's
 
 
 #: Receives 48 MB of frames of ``SIZE`` bytes from a blocking thread, through
