@@ -1110,11 +1110,8 @@ class _Receiver(Generic[FrameT]):
         # Wide reads only where they cost no copy of the read (see _Receiver).
         if got:
             self._wide = decoder.in_place and len(data) >= _LARGE_FRAMES * len(got)
-            if self._received_cb is not None:
-                self._hand(got)  # nothing waits (else the read would be held)
-                return
             _put(self._frames, got)
-            self._wake()
+            self._wake()  # or, delivering, hand them over
         else:
             self._wide = decoder.in_place
             self._start_large()
@@ -1233,15 +1230,6 @@ class _Receiver(Generic[FrameT]):
     ) -> None:
         self._received_cb = received
         self._ended_cb = ended
-        self._pump()
-
-    def _hand(self, got: list[Any]) -> None:
-        """Hand a read's frames to the deliver() callback, then what else waits."""
-        try:
-            self._received_cb(got)  # type: ignore[misc]
-        except StreamkitError as exc:
-            self._end_delivery(exc)
-            return
         self._pump()
 
     def _pump(self) -> None:
