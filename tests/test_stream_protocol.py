@@ -30,6 +30,7 @@ from streamkit import (
 )
 from streamkit.stream import RECEIVE_BUFFER_SIZE, StreamProtocol
 from tests._pairs import on_uvloop, stream_pair
+from tests._sessions import wait_until
 
 HEADER = struct.Struct(">I")
 
@@ -399,11 +400,7 @@ class Delivery:
         self.ended.set_result(error)
 
     async def until(self, count: int) -> None:
-        for _ in range(500):
-            if len(self.items) >= count or self.ended.done():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{len(self.items)} of {count} items delivered in 5 s")
+        await wait_until(lambda: len(self.items) >= count or self.ended.done())
 
 
 @pytest.mark.parametrize("reading", ["streamkit", "asyncio"])
