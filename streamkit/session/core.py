@@ -189,6 +189,7 @@ class SessionCore:
         "_mark_offsets",
         "_messages_seen",
         "_out",
+        "_out_bytes",
         "_parts",
         "_parts_bytes",
         "_payload_bytes_seen",
@@ -278,9 +279,12 @@ class SessionCore:
         self._released_bytes = 0
         self._written = 0  # frames below this were handed to a connection
         # What data_to_send() returns next: large payloads as they are in
-        # _parts (their bytes counted in _parts_bytes), the rest in _out. No
-        # output while detached (_out is None).
-        self._out: bytearray | None = None
+        # _parts (their bytes counted in _parts_bytes), the rest in _out, to
+        # be joined (_out_bytes bytes; a list, not a growing bytearray, whose
+        # reallocations copy what it holds again and again). No output while
+        # detached (_out is None).
+        self._out: list[bytes] | None = None
+        self._out_bytes = 0
         self._parts: list[bytes | bytearray | memoryview] = []
         self._parts_bytes = 0
 
@@ -455,7 +459,8 @@ class SessionCore:
         if self.state is State.DETACHED:
             self.state = State.ATTACHED
         self._expire_at = None
-        self._out = bytearray()
+        self._out = []
+        self._out_bytes = 0
         self._parts = []
         self._parts_bytes = 0
         # Replayed: frames handed to an earlier connection that the peer
@@ -490,6 +495,7 @@ class SessionCore:
         self.detach_reason = reason
         self._decoder = None
         self._out = None
+        self._out_bytes = 0
         self._parts = []
         self._parts_bytes = 0
         self._ping_at = None
@@ -555,16 +561,15 @@ class SessionCore:
         if out is None:
             return 0
         if size < _LARGE_PAYLOAD:
-            out += _PACK_DATA(size + 9, _DATA, offset)
-            out += payload
-            return len(out)
+            out += (_PACK_DATA(size + 9, _DATA, offset), payload)
+            self._out_bytes = unsent = self._out_bytes + size + 13
+            return unsent
         return self._queue_large(offset, payload)
 
     @property
     def unsent(self) -> int:
         """How many bytes ``data_to_send()`` has now."""
-        out = self._out
-        return 0 if out is None else len(out) + self._parts_bytes
+        return self._out_bytes + self._parts_bytes
 
     def send_error(self, size: int) -> StreamkitError | None:
         """Why a frame of ``size`` bytes cannot be sent, or None if it waits for the window."""
@@ -592,12 +597,9 @@ class SessionCore:
         return None
 
     def _queue_large(self, offset: int, payload: bytes) -> int:
-        out = self._out
-        assert out is not None
-        out += _PACK_DATA(len(payload) + 9, _DATA, offset)
-        self._parts += (out, payload)
-        self._parts_bytes += len(out) + len(payload)
-        self._out = bytearray()
+        self._queue(_PACK_DATA(len(payload) + 9, _DATA, offset))
+        self._parts += (self._joined(), payload)
+        self._parts_bytes += len(payload)
         return self._parts_bytes
 
     def _queue_frames(self, start: int) -> None:
@@ -605,11 +607,9 @@ class SessionCore:
         offset = start
         for payload in self._frames[self._head + start - self._consumed :]:
             size = len(payload)
-            out = self._out
-            assert out is not None
             if size < _LARGE_PAYLOAD:
-                out += _PACK_DATA(size + 9, _DATA, offset)
-                out += payload
+                self._queue(_PACK_DATA(size + 9, _DATA, offset))
+                self._queue(payload)
             else:
                 self._queue_large(offset, payload)
             offset += 1
@@ -618,7 +618,18 @@ class SessionCore:
         """Queue a framed control message (after every frame queued before it)."""
         out = self._out
         if out is not None:
-            out += message
+            out.append(message)
+            self._out_bytes += len(message)
+
+    def _joined(self) -> bytes:
+        """What waits in ``_out``, joined, its bytes moved to ``_parts_bytes`` (attached)."""
+        out = self._out
+        assert out is not None
+        joined = b"".join(out)
+        out.clear()
+        self._parts_bytes += self._out_bytes
+        self._out_bytes = 0
+        return joined
 
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         """The bytes due on the connection, in order: for one ``writelines``.
@@ -626,19 +637,13 @@ class SessionCore:
         Large payloads come as they are (never copied), the rest joined.
         Empty when nothing is due or no connection is attached.
         """
-        out = self._out
         parts = self._parts
-        if parts:
-            if out:
-                parts.append(out)
-                self._out = bytearray()
-            self._parts = []
-            self._parts_bytes = 0
-        elif out:
-            parts = [out]
-            self._out = bytearray()
-        else:
+        if self._out:
+            parts.append(self._joined())
+        elif not parts:
             return parts
+        self._parts = []
+        self._parts_bytes = 0
         self._written = self.next_offset
         return parts
 
