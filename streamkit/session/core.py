@@ -208,6 +208,7 @@ class SessionCore:
         "ack_low_water",
         "acknowledged",
         "attached",
+        "ended",
         "bytes_received",
         "client",
         "close_sent",
@@ -245,6 +246,8 @@ class SessionCore:
         self.client = client
         self._clock = clock
         self.state = State.DETACHED
+        #: Whether the session is over (closed by either side, or failed).
+        self.ended = False
         self.attached = False
         #: Why the session failed (raised by every call from then on), else None.
         self.failure: StreamkitError | None = None
@@ -335,11 +338,6 @@ class SessionCore:
     def id(self) -> str:
         """The session id, as hex."""
         return self.session_id.hex()
-
-    @property
-    def ended(self) -> bool:
-        """Whether the session is over (closed by either side, or failed)."""
-        return self.state is State.CLOSED or self.state is State.FAILED
 
     @property
     def connections(self) -> int:
@@ -680,19 +678,21 @@ class SessionCore:
     def receive_messages(self, batch: list[bytes | Message]) -> list[bytes]:
         """Take what one ``feed`` of :attr:`decoder` returned; as :meth:`receive_data`."""
         self._heard = True
-        new = self._take(batch, self.decoder)
-        self._after_batch()
-        return new
-
-    def _take(self, batch: list[bytes | Message], decoder: MessageDecoder) -> list[bytes]:
+        decoder = self.decoder
         if decoder.messages == self._messages_seen:
             # Payloads only, all new and in order: the hot path.
             self.queue.extend(batch)  # type: ignore[arg-type]
             self.received += len(batch)
             self.bytes_received += decoder.payload_bytes - self._payload_bytes_seen
             self._payload_bytes_seen = decoder.payload_bytes
+            self._after_batch()
             return batch  # type: ignore[return-value]
-        # Payloads and messages in order, ``received`` exact for each message.
+        new = self._take(batch, decoder)
+        self._after_batch()
+        return new
+
+    def _take(self, batch: list[bytes | Message], decoder: MessageDecoder) -> list[bytes]:
+        """Payloads and messages in order, ``received`` exact for each message."""
         self.messages_received += decoder.messages - self._messages_seen
         self._messages_seen = decoder.messages
         self._payload_bytes_seen = decoder.payload_bytes
@@ -1038,6 +1038,7 @@ class SessionCore:
 
     def _end(self, state: State) -> None:
         self.state = state
+        self.ended = True
         self._send_limit = self._small_limit = -1
         self._expire_at = self._retry_at = None
         self._ack_at = None

@@ -82,8 +82,8 @@ class Session:
         self._on_ended = on_ended
         self._loop = asyncio.get_running_loop()
         self._queue = core.queue
-        self._readable = asyncio.Event()  # data, end or failure: recv may proceed
-        self._progress = asyncio.Event()  # acks, attach, end or failure: senders may proceed
+        self._readable = _Wakeup(self._loop)  # data, end or failure: recv may proceed
+        self._progress = _Wakeup(self._loop)  # acks, attach, end or failure: senders may proceed
         self._conn: FramedStream[Any] | None = None  # the attached connection
         self._closed: asyncio.Future[None] | None = None  # done once it is let go
         self._sender: TurnWriter | None = None  # the attached connection's
@@ -161,7 +161,6 @@ class Session:
             error = core.send_error(len(payload))
             if error is not None:
                 raise error
-            self._progress.clear()
             await self._progress.wait()
             if core.send(payload) >= 0:
                 return
@@ -196,7 +195,6 @@ class Session:
                 raise error
             if self._sender is not None:
                 self._sender.turn_ended()  # waiting for the peer ends a turn
-            self._readable.clear()
             await self._readable.wait()
         payload = queue.popleft()
         core = self._core
@@ -285,7 +283,6 @@ class Session:
                 raise core.failure
             if core.ended:
                 raise ended()
-            self._progress.clear()
             await self._progress.wait()
 
     # -- connections (for the connect and serve sides) ---------------------------
@@ -444,7 +441,9 @@ class Session:
             self._readable.set()
         if core.messages_received != messages:
             self._progress.set()
-        self._update()  # pongs and close acks out, the end, the timer
+            self._update()  # pongs and close acks out, the end, the timer
+        else:
+            self._arm()  # payloads only: at most an ack came due
 
     def _ended_input(self, conn: FramedStream[Any], reason: StreamkitError) -> None:
         """The connection's input ended: a drop, or a protocol error of the peer's."""
@@ -455,3 +454,31 @@ class Session:
         elif isinstance(reason, EndOfStream):
             reason = EndOfStream("the peer closed the connection")
         self._connection_lost(conn, reason)
+
+
+class _Wakeup:
+    """Tasks waiting for the next change, woken together by :meth:`set`.
+
+    ``asyncio.Event`` without its flag: each waiter waits for the next
+    ``set()``, as after ``clear()``, which every wait here came with.
+    """
+
+    __slots__ = ("_loop", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def wait(self) -> None:
+        waiter = self._loop.create_future()
+        waiters = self._waiters
+        waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            waiters.remove(waiter)
+
+    def set(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
