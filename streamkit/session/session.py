@@ -187,17 +187,17 @@ class Session:
 
     async def _receive(self, end: type[Exception] = EndOfStream) -> bytes:
         queue = self._queue
+        core = self._core
         while not queue:
-            error = self._core.receive_error()
-            if error is not None:
+            if core.ended:  # else frames may come
+                error = core.receive_error()
                 if isinstance(error, EndOfStream) and end is not EndOfStream:
                     raise end(*error.args)
-                raise error
-            if self._sender is not None:
-                self._sender.turn_ended()  # waiting for the peer ends a turn
+                raise error or EndOfStream("the session ended")
+            # Each read the connection delivers ends a turn (the next frame
+            # sent is written at once), so waiting here need not.
             await self._readable.wait()
         payload = queue.popleft()
-        core = self._core
         if len(queue) <= core.ack_low_water:
             core.on_consumed()
             self._arm()
