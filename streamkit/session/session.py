@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Coroutine
@@ -314,8 +315,8 @@ class Session:
         sender.flush()  # before any new frame can be sent on it
         stream.deliver(
             core.decoder,
-            lambda batch: self._received(stream, batch),
-            lambda reason: self._ended_input(stream, reason),
+            functools.partial(self._received, stream),  # a partial calls in C: no frame
+            functools.partial(self._ended_input, stream),
             rest,
         )
         self._progress.set()
