@@ -154,7 +154,7 @@ def test_a_large_payload_is_read_in_one_piece_and_kept_as_read() -> None:
     payload = bytes(100_000)
     wire = data(7, payload)
     decoder = MessageDecoder(7, LIMIT)
-    assert decoder.header_missing() == 4
+    assert decoder.header_missing() == 13  # up to a DATA header, whatever comes
     assert decoder.feed(wire[:4]) == []
     assert decoder.missing() == 0  # the offset is not buffered yet
     assert decoder.header_missing() == 9

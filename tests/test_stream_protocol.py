@@ -27,10 +27,12 @@ from streamkit import (
     IncompleteFrame,
     LengthPrefixed,
     ProtocolError,
+    StreamkitError,
 )
+from streamkit.session.protocol import MessageDecoder
 from streamkit.stream import RECEIVE_BUFFER_SIZE, StreamProtocol
 from tests._pairs import on_uvloop, stream_pair
-from tests._sessions import wait_until
+from tests._sessions import data_frame, wait_until
 
 HEADER = struct.Struct(">I")
 
@@ -133,6 +135,25 @@ async def test_a_frame_larger_than_the_buffer_is_read_into_memory_of_its_own() -
     assert sum(own) >= 2 * (len(big) - RECEIVE_BUFFER_SIZE)
     # Memory is allocated as the bytes come: no piece larger than what came before it.
     assert max(own) <= len(big) // 2 + RECEIVE_BUFFER_SIZE
+
+
+async def test_delivered_session_messages_read_each_large_payload_into_memory_of_its_own() -> None:
+    # After a large message, the next read takes just the next header (13
+    # bytes for DATA), so the next payload goes to its own memory too: none
+    # of it is copied through the decoder's buffer.
+    big = bytes(range(256)) * (4 * RECEIVE_BUFFER_SIZE // 256)
+    decoder = MessageDecoder(0, 2 * len(big))
+    got: list[Any] = []
+    ended: asyncio.Future[StreamkitError] = asyncio.get_running_loop().create_future()
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        reads = watch_reads(client)
+        client.deliver(decoder, got.extend, ended.set_result)
+        server.writer.write(b"".join(data_frame(offset, big) for offset in range(3)))
+        await wait_until(lambda: len(got) == 3)
+    assert got == [big] * 3
+    own = sum(size for size, shared in reads if not shared)
+    assert own >= 3 * len(big) - RECEIVE_BUFFER_SIZE  # all but the first read
+    assert decoder.buffered == 0
 
 
 async def test_a_header_alone_allocates_nothing_near_max_frame() -> None:

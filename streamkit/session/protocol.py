@@ -587,7 +587,9 @@ class MessageDecoder(Decoder["bytes | Message"]):
         if self._error is not None:
             return 0
         if have < 4:
-            return 4 - have
+            # Up to a DATA header: after a shorter message, the next one's
+            # first bytes come with it, parsed as any read.
+            return _DATA_PREFIX - have
         if self._size() >= DATA_HEADER.size:
             # At least 13 bytes on the wire whatever the type: safe to wait for.
             return max(0, _DATA_PREFIX - have)
