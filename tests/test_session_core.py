@@ -379,6 +379,29 @@ def test_frames_go_out_in_order_and_duplicates_are_dropped_and_counted() -> None
     assert (stats.frames_sent, stats.bytes_sent) == (3, 300_003)
 
 
+def test_output_joins_each_run_of_frames_once_and_hands_over_large_payloads_as_they_are() -> None:
+    core, _ = attached()
+    large = b"L" * 300_000
+    payloads = [b"s", b"m" * 5000, b"n" * 2000, b"t", large, b"u" * 3000, b"v", b"w" * 1500]
+    for payload in payloads:
+        assert core.send(payload) > 0
+    unsent = core.unsent
+    parts = core.data_to_send()
+    # The frames before the large payload in one piece, it as it is, the rest in one.
+    assert [len(part) for part in parts][1:] == [300_000, len(parts[2])]
+    assert parts[1] is large
+    assert sum(map(len, parts)) == unsent
+    wire = b"".join(bytes(part) for part in parts)
+    assert messages(wire) == [Data(n, payload) for n, payload in enumerate(payloads)]
+    assert core.unsent == 0
+    assert core.data_to_send() == []
+    # Medium frames alone: one piece.
+    for payload in payloads[1:3]:
+        core.send(payload)
+    [joined] = core.data_to_send()
+    assert messages(joined) == [Data(8, payloads[1]), Data(9, payloads[2])]
+
+
 def test_a_large_payload_read_in_one_piece_is_taken_as_read() -> None:
     core, _ = attached()
     payload = bytes(100_000)
