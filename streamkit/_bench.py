@@ -108,6 +108,48 @@ def allocator() -> str:
     return f"glibc malloc, GLIBC_TUNABLES={tunables!r} (from the environment)"
 
 
+# -- repeats ----------------------------------------------------------------------
+
+
+def repeat_count(text: str) -> int:
+    """``--repeat N``'s type: a whole number of passes, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("--repeat takes 1 or more passes")
+    return count
+
+
+def add_repeat_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--repeat N`` (default 1): the whole comparison N times, then medians and ranges."""
+    parser.add_argument(
+        "--repeat",
+        type=repeat_count,
+        default=1,
+        metavar="N",
+        help="run the whole comparison N times, then print each row's median ratio and its "
+        "range over the N passes (default 1: one pass, as it always ran)",
+    )
+
+
+class Spread(NamedTuple):
+    """A ratio over several passes: its median and its range."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """The median, the lowest and the highest of ``values`` (at least one)."""
+    return Spread(statistics.median(values), min(values), max(values))
+
+
 # -- the receiving process --------------------------------------------------------
 
 
@@ -577,9 +619,33 @@ def _print_latency(row: dict[str, Any]) -> None:
         f"{row['loop']:<8}{row['transport']:<10}echo {row['latency_payload']} B, one in flight, "
         f"{row['round_trips']} round trips each: p50 {row['naive_p50_us']:.0f} us naive, "
         f"{row['streamkit_p50_us']:.0f} us streamkit ({row['p50_ratio']:.2f}x); "
-        f"p99 {row['naive_p99_us']:.0f} / {row['streamkit_p99_us']:.0f} us",
+        f"p99 {row['naive_p99_us']:.0f} / {row['streamkit_p99_us']:.0f} us"
+        + (
+            f"; p50 ratio over the passes {row['p50_ratio_low']:.2f}-{row['p50_ratio_high']:.2f}"
+            if "p50_ratio_low" in row
+            else ""
+        ),
         flush=True,
     )
+
+
+def _over_passes(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several passes: each number's median; a ratio's median and range.
+
+    ``ratio`` (or ``p50_ratio``, a latency row) is the median of the passes'
+    ratios, ``ratio_low`` / ``ratio_high`` their range: how far apart whole
+    runs of the benchmark land, not the runs inside one pass.
+    """
+    summary: dict[str, Any] = {"passes": len(rows)}
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            summary[key] = statistics.median(row[key] for row in rows)
+        else:
+            summary[key] = value
+    ratio = "ratio" if "ratio" in summary else "p50_ratio"
+    over = spread([row[ratio] for row in rows])
+    summary[ratio], summary[f"{ratio}_low"], summary[f"{ratio}_high"] = over
+    return summary
 
 
 def run(
@@ -587,6 +653,7 @@ def run(
     transport: str = "both",
     json_path: str | None = None,
     payloads: Sequence[int] = PAYLOADS,
+    repeat: int = 1,
 ) -> int:
     """Run the benchmark and print its table; ``ratio`` is streamkit's speed over naive.
 
@@ -597,7 +664,10 @@ def run(
     ``transport`` is ``"tcp"``, ``"unix"`` or ``"both"``; ``payloads`` the
     payload sizes in bytes; with ``json_path`` the rows are also written
     there as JSON. The benchmark also runs on ``uvloop`` when it is
-    installed. Returns 0 (the exit status).
+    installed. With ``repeat`` > 1 the whole table is measured that many
+    times, each pass's rows printed as they come, then one table of them
+    all: each column's median, and the ratio's median and range over the
+    passes (:func:`_over_passes`). Returns 0 (the exit status).
     """
     transports = ["tcp", "unix"] if transport == "both" else [transport]
     loops = ["asyncio"]
@@ -611,23 +681,41 @@ def run(
         f"framed streams, one way, client -> server in two processes (loopback); "
         f"ratio = streamkit / naive; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
         f"{', quick' if quick else ''}; {allocator()}; faults: the receiver's minor page faults"
+        + (f"; {repeat} passes" if repeat > 1 else "")
     )
     print(_HEAD)
-    rows: list[dict[str, Any]] = []
+    passes: list[list[dict[str, Any]]] = []
     context = multiprocessing.get_context("spawn")
-    for loop_name in loops:
-        for transport_name in transports:
-            for lines in (False, True):
-                for size in payloads:
-                    rows.append(
-                        _measure_row(context, loop_name, transport_name, lines, size, quick)
-                    )
-                    _print_row(rows[-1])
-            rows.append(_measure_latency(context, loop_name, transport_name, quick))
-            _print_latency(rows[-1])
+    for number in range(1, repeat + 1):
+        if repeat > 1:
+            print(f"-- pass {number} of {repeat}", flush=True)
+        rows: list[dict[str, Any]] = []
+        passes.append(rows)
+        for loop_name in loops:
+            for transport_name in transports:
+                for lines in (False, True):
+                    for size in payloads:
+                        rows.append(
+                            _measure_row(context, loop_name, transport_name, lines, size, quick)
+                        )
+                        _print_row(rows[-1])
+                rows.append(_measure_latency(context, loop_name, transport_name, quick))
+                _print_latency(rows[-1])
+    results: dict[str, Any] = {"python": sys.version, "quick": quick}
+    if repeat > 1:
+        print(
+            f"-- over the {repeat} passes: each column's median; ratio: the median of the "
+            "passes' ratios, range: theirs (lowest-highest)"
+        )
+        print(_HEAD)
+        rows = [_over_passes(same) for same in zip(*passes, strict=True)]
+        for row in rows:
+            (_print_row if "ratio" in row else _print_latency)(row)
+        results["passes"] = passes
+    results["rows"] = rows
     if json_path:
         with open(json_path, "w") as out:
-            json.dump({"python": sys.version, "quick": quick, "rows": rows}, out, indent=2)
+            json.dump(results, out, indent=2)
     return 0
 
 
@@ -674,6 +762,7 @@ def _parse(argv: Sequence[str] | None, prog: str, full: bool, transport: str) ->
         metavar="BYTES",
         help="payload sizes (16 256 4096 65536 1048576)",
     )
+    add_repeat_option(parser)
     return parser.parse_args(argv)
 
 
@@ -694,6 +783,7 @@ def _run_args(args: argparse.Namespace) -> int:
             transport=args.transport,
             json_path=args.json,
             payloads=tuple(args.payloads),
+            repeat=args.repeat,
         )
     except (RuntimeError, OSError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -704,8 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m streamkit bench``: the quick benchmark over TCP by default.
 
     Flags: ``--quick`` (default) / ``--full``, ``--transport tcp|unix|both``,
-    ``--json PATH``, ``--payloads BYTES...``. Bad arguments exit with status 2
-    (``SystemExit``, as argparse does); otherwise returns the exit status.
+    ``--json PATH``, ``--payloads BYTES...``, ``--repeat N``. Bad arguments
+    exit with status 2 (``SystemExit``, as argparse does); otherwise returns
+    the exit status.
     """
     return _run_args(_parse(argv, "python -m streamkit bench", full=False, transport="tcp"))
 
