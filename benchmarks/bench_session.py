@@ -1,6 +1,6 @@
 """Resumable-session throughput against a plain FramedStream, in the same run.
 
-    python benchmarks/bench_session.py [--quick] [--json PATH]
+    python benchmarks/bench_session.py [--quick] [--json PATH] [--repeat N]
 
 Each measurement runs the sender and the receiver in two fresh processes
 (spawned, so no run inherits another's heap) on loopback TCP; the sender
@@ -22,6 +22,9 @@ Then a session streams numbered frames for a fixed time through a
 100 ms, often in the middle of a frame, beside the same run through the
 proxy without cuts. The receiver checks that every number arrives once and
 in order, and reports how many duplicates it dropped.
+
+``--repeat N`` runs all of it N times and ends with each ratio's median and
+range over the N passes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import sys
 import time
 from typing import Any
 
-from _harness import allocator, minor_faults, receive_from_child
+from _harness import add_repeat_option, allocator, minor_faults, receive_from_child, spread
 
 from streamkit import EndOfStream, FramedStream, LengthPrefixed, connect, serve
 from streamkit.session import Backoff, ServerSession, connect_resumable, serve_resumable
@@ -313,30 +316,18 @@ def _cpu(run: dict[str, Any]) -> str:
     return f"{run['sender_cpu_ns']:,.0f}/{run['receiver_cpu_ns']:,.0f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller runs, one repeat")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    repeat = 1 if args.quick else 3
-    rows: list[dict[str, Any]] = []
-    print(
-        f"session vs plain FramedStream, one way over loopback TCP, best of {repeat}; {allocator()}"
-    )
-    print(
-        "CPU: ns per frame, sender/receiver; its ratio (plain/session, busier side) holds "
-        "steadier than wall time on a busy machine; faults: the receivers' minor page faults "
-        "per MB (median)"
-    )
+def _throughput(quick: bool, runs: int) -> list[dict[str, Any]]:
+    """The throughput table, printed row by row as measured."""
     print(
         f"{'payload':>8} {'frames':>8} {'plain f/s':>12} {'session f/s':>12} "
         f"{'session MB/s':>12} {'ratio':>6} {'plain CPU':>14} {'session CPU':>14} {'ratio':>6}"
         f" {'faults/MB plain':>15} {'session':>7}"
     )
+    rows: list[dict[str, Any]] = []
     for size in SIZES:
-        count = _frames_for(size, args.quick)
+        count = _frames_for(size, quick)
         plain_runs, session_runs = [], []
-        for _ in range(repeat):  # alternately, so both see the same machine
+        for _ in range(runs):  # alternately, so both see the same machine
             plain_runs.append(_measure("plain", size, count))
             session_runs.append(_measure("session", size, count))
         plain, session = _best(plain_runs), _best(session_runs)
@@ -348,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{size:>8} {count:>8} {plain['frames_per_s']:>12,.0f} "
             f"{session['frames_per_s']:>12,.0f} {session['mb_per_s']:>12,.1f} {ratio:>6.2f} "
             f"{_cpu(plain):>14} {_cpu(session):>14} {cpu_ratio:>6.2f}"
-            f" {plain['receiver_faults_per_mb']:>15.1f} {session['receiver_faults_per_mb']:>7.1f}"
+            f" {plain['receiver_faults_per_mb']:>15.1f} {session['receiver_faults_per_mb']:>7.1f}",
+            flush=True,
         )
         rows.append(
             {
@@ -360,16 +352,26 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_ratio": cpu_ratio,
             }
         )
-    print()
-    echo = _measure_echo(4000 if args.quick else 20000)
+    return rows
+
+
+def _echo(quick: bool) -> dict[str, Any]:
+    echo = _measure_echo(4000 if quick else 20000)
     print(
         f"echo {ECHO_PAYLOAD} B, one in flight, {echo['round_trips']} round trips each: "
         f"p50 {echo['plain_p50_us']:.0f} us plain, {echo['session_p50_us']:.0f} us session "
         f"({echo['p50_ratio']:.2f}x); p99 {echo['plain_p99_us']:.0f} / "
-        f"{echo['session_p99_us']:.0f} us"
+        f"{echo['session_p99_us']:.0f} us",
+        flush=True,
     )
-    print()
-    seconds = 2.0 if args.quick else 5.0
+    return echo
+
+
+_CUT_SIZES = (256, 4096)
+
+
+def _through_proxy(quick: bool) -> list[dict[str, Any]]:
+    seconds = 2.0 if quick else 5.0
     print(
         f"session through a proxy for {seconds:.0f} s: without cuts, then cut every 100 ms; "
         "every frame checked by number"
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'cuts':>5} {'reconnects':>10} {'replayed':>9} {'dups':>5}  delivered"
     )
     cut_rows = []
-    for size in (256, 4096):
+    for size in _CUT_SIZES:
         uncut = _measure_through_proxy(size, seconds, None)
         result = _measure_through_proxy(size, seconds, 0.1)
         ratio = result["frames_per_s"] / uncut["frames_per_s"]
@@ -387,16 +389,66 @@ def main(argv: list[str] | None = None) -> int:
             f"{size:>8} {uncut['frames_per_s']:>10,.0f} {result['frames']:>8} "
             f"{result['frames_per_s']:>10,.0f} {ratio:>6.2f} {result['cuts']:>5} "
             f"{result['reconnects']:>10} {result['replayed']:>9} {result['duplicates']:>5}  "
-            "all, once, in order"
+            "all, once, in order",
+            flush=True,
         )
         cut_rows.append({"payload": size, "uncut": uncut, **result, "ratio": ratio})
+    return cut_rows
+
+
+def _print_over_passes(passes: list[dict[str, Any]]) -> None:
+    """Each row's ratios over the passes: median and range (lowest-highest)."""
+    print()
+    print(
+        f"over the {len(passes)} passes: each ratio's median (lowest-highest); "
+        "throughput and CPU ratios are session/plain, echo p50 plain/session, cut/uncut"
+    )
+    print(f"{'payload':>8} {'ratio':>20} {'CPU ratio':>20}")
+    for index, size in enumerate(SIZES):
+        rows = [one["rows"][index] for one in passes]
+        ratio = spread([row["ratio"] for row in rows])
+        cpu_ratio = spread([row["cpu_ratio"] for row in rows])
+        print(f"{size:>8} {ratio!s:>20} {cpu_ratio!s:>20}")
+    echo = spread([one["echo"]["p50_ratio"] for one in passes])
+    print(f"echo {ECHO_PAYLOAD} B p50: {echo}")
+    for index, size in enumerate(_CUT_SIZES):
+        cut = spread([one["cut_rows"][index]["ratio"] for one in passes])
+        print(f"through the proxy, {size} B, cut every 100 ms / uncut: {cut}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs, one repeat")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_repeat_option(parser)
+    args = parser.parse_args(argv)
+    runs = 1 if args.quick else 3
+    print(
+        f"session vs plain FramedStream, one way over loopback TCP, best of {runs}; {allocator()}"
+        + (f"; {args.repeat} passes" if args.repeat > 1 else "")
+    )
+    print(
+        "CPU: ns per frame, sender/receiver; its ratio (plain/session, busier side) holds "
+        "steadier than wall time on a busy machine; faults: the receivers' minor page faults "
+        "per MB (median)"
+    )
+    passes: list[dict[str, Any]] = []
+    for number in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            print(f"-- pass {number} of {args.repeat}")
+        rows = _throughput(args.quick, runs)
+        print()
+        echo = _echo(args.quick)
+        print()
+        passes.append({"rows": rows, "echo": echo, "cut_rows": _through_proxy(args.quick)})
+    if args.repeat > 1:
+        _print_over_passes(passes)
     if args.json:
+        results = {"python": sys.version, **passes[-1]}
+        if args.repeat > 1:
+            results["passes"] = passes
         with open(args.json, "w") as out:
-            json.dump(
-                {"python": sys.version, "rows": rows, "echo": echo, "cut_rows": cut_rows},
-                out,
-                indent=2,
-            )
+            json.dump(results, out, indent=2)
     return 0
 
 
