@@ -87,6 +87,8 @@ def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:
         ["demo", "--cut-every", "fast"],
         ["bench", "--transport", "carrier-pigeon"],
         ["bench", "--json", "/nonexistent/dir/bench.json"],
+        ["bench", "--repeat", "0"],
+        ["bench", "--repeat", "many"],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(
@@ -435,6 +437,48 @@ def test_bench_writes_json(tmp_path: Path) -> None:
     assert {row["framing"] for row in throughput} == {"length4", "lines"}
     assert all(row["ratio"] > 0 for row in throughput)
     assert "ratio" in result.stdout and "p50" in result.stdout
+
+
+def test_bench_repeat_ends_with_the_rows_over_the_passes(tmp_path: Path) -> None:
+    """--repeat 2: both passes' rows, then one summary row each, in the output and the JSON."""
+    out = tmp_path / "bench.json"
+    args = ["--transport", "unix", "--payloads", "16", "--repeat", "2", "--json", str(out)]
+    result = subprocess.run(
+        [*CLI, "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert len(results["passes"]) == 2
+    assert len(results["rows"]) == len(results["passes"][0])
+    for row in results["rows"]:
+        ratio = "ratio" if "ratio" in row else "p50_ratio"
+        assert row["passes"] == 2
+        assert row[f"{ratio}_low"] <= row[ratio] <= row[f"{ratio}_high"]
+    assert "-- pass 2 of 2" in result.stdout and "over the 2 passes" in result.stdout
+
+
+def test_bench_rows_over_passes_give_the_ratios_median_and_range() -> None:
+    """--repeat N: a row over the passes has each number's median, the ratio's median and range."""
+    passes = [
+        {"payload": 65536, "frames": 384, "naive_mb_per_s": mb, "ratio": ratio}
+        for mb, ratio in ((300.0, 3.1), (900.0, 1.1), (700.0, 1.4))
+    ]
+    row = bench._over_passes(passes)
+    assert row == {
+        "passes": 3,
+        "payload": 65536,
+        "frames": 384,
+        "naive_mb_per_s": 700.0,
+        "ratio": 1.4,
+        "ratio_low": 1.1,
+        "ratio_high": 3.1,
+    }
+    echo = bench._over_passes([{"p50_ratio": 1.2}, {"p50_ratio": 0.9}])
+    assert (echo["p50_ratio"], echo["p50_ratio_low"], echo["p50_ratio_high"]) == (1.05, 0.9, 1.2)
+    assert str(bench.spread([1.0, 2.0, 4.0])) == "2.00x (1.00-4.00)"
 
 
 def test_bench_fails_in_one_line_when_a_benchmark_process_dies(tmp_path: Path) -> None:
