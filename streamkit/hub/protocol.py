@@ -251,11 +251,13 @@ def decode_records(body: memoryview | bytes, message: bytes | None = None) -> li
 
 def _record_ends(
     body: bytes | bytearray | memoryview, base: int = 0
-) -> tuple[tuple[int, ...], array[int]]:
+) -> tuple[tuple[int, ...], list[int]]:
     """A records body's lengths, and where each record ends in it (after where they begin).
 
     Positions count from ``base`` (where the body begins in the bytes to
-    slice). Raises :class:`ProtocolError` if the body is malformed.
+    slice). Raises :class:`ProtocolError` if the body is malformed. The
+    ends are a list, made in C without a conversion per item: what a
+    client slices once; a batch that is kept packs them (:func:`_packed_ends`).
     """
     size = len(body)
     if size < _COUNT.size:
@@ -265,19 +267,28 @@ def _record_ends(
     if size >= _ONE_RECORD.size:
         count, length = _ONE_RECORD.unpack_from(body)
         if count == 1 and length == size - _ONE_RECORD.size:  # an awaited append's record
-            return (length,), array("q", (base + _ONE_RECORD.size, base + size))
+            return (length,), [base + _ONE_RECORD.size, base + size]
     (count,) = _COUNT.unpack_from(body)
     start = _COUNT.size + 4 * count
     if start > size:
         raise ProtocolError(f"hub records body of {size} bytes cannot hold {count} lengths")
     lengths = struct.unpack_from(f">{count}I", body, _COUNT.size)
-    ends = array("q", accumulate(lengths, initial=base + start))
+    ends = list(accumulate(lengths, initial=base + start))
     if ends[-1] != base + size:
         raise ProtocolError(
             f"hub records body of {size} bytes does not match its record lengths"
             f" ({ends[-1] - base})"
         )
     return lengths, ends
+
+
+def _packed_ends(ends: list[int]) -> array[int]:
+    """``ends`` as the array a kept batch holds (8 bytes each, no object per record).
+
+    Packed by ``struct`` and copied in: ``array("q", ends)`` would convert
+    each item through a format-string parse, about twice the work.
+    """
+    return array("q", struct.pack(f"={len(ends)}q", *ends))
 
 
 class Records(Sequence[bytes]):
@@ -330,7 +341,7 @@ class Records(Sequence[bytes]):
             data = body
         else:
             data = bytes(body)  # a buffer that may change: copied
-        return cls(data, ends, 0, len(lengths), max(lengths, default=0))
+        return cls(data, _packed_ends(ends), 0, len(lengths), max(lengths, default=0))
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], data: bytes) -> Records:
@@ -353,7 +364,7 @@ class Records(Sequence[bytes]):
 
     @classmethod
     def _trusted(cls, body: bytes, lengths: Iterable[int], count: int) -> Records:
-        ends = array("q", accumulate(lengths, initial=_COUNT.size + 4 * count))
+        ends = _packed_ends(list(accumulate(lengths, initial=_COUNT.size + 4 * count)))
         return cls(body, ends, 0, count)
 
     @property
