@@ -19,7 +19,9 @@ is (for latency: how many times the baseline's p50 the row's p50 is).
 - producer: ``append_nowait`` through an idempotent producer, 8 batches in
   flight, each batch stored as it came; the baseline is the old way: one
   batch in flight, and (in memory) each record stored on its own
-  (``_StoredOneByOne``, a faithful copy of the old MemoryStorage);
+  (``_StoredOneByOne``, a faithful copy of the old MemoryStorage); the row
+  "given in lists" hands the producer lists of 1,000 records
+  (``append_many_nowait``) rather than one record per call;
 - fan-out: one producer while 100 live readers, spread over 4 client
   processes (25 connections each), tail the stream; the rate is records
   delivered to all readers together per second, from the first record
@@ -211,19 +213,30 @@ async def _single_appends(port: int, count: int) -> float:
         return time.perf_counter() - start
 
 
-async def _produce(client: hub.HubClient, name: str, count: int, in_flight: int = 8) -> None:
+async def _produce(
+    client: hub.HubClient, name: str, count: int, in_flight: int = 8, lists: bool = False
+) -> None:
+    """Append ``count`` records one by one, or with ``lists`` in lists of 1,000."""
     async with client.producer(name, "bench", max_in_flight=in_flight) as producer:
+        if lists:
+            chunk = [RECORD] * 1000
+            for first in range(0, count, 1000):
+                producer.append_many_nowait(chunk[: count - first])
+                await asyncio.sleep(0)  # let batches go out while producing
+            return
         for n in range(count):
             producer.append_nowait(RECORD)
             if n % 1000 == 999:
                 await asyncio.sleep(0)  # let batches go out while producing
 
 
-async def _producer_run(port: int, name: str, count: int, in_flight: int) -> float:
+async def _producer_run(
+    port: int, name: str, count: int, in_flight: int, lists: bool = False
+) -> float:
     async with hub.connect("127.0.0.1", port) as client:
         await client.create(name)
         start = time.perf_counter()
-        await _produce(client, name, count, in_flight)
+        await _produce(client, name, count, in_flight, lists)
         return time.perf_counter() - start
 
 
@@ -527,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             if raw is not None:
                 table.rate("producer, 8 in flight, against raw Redis", count, new["seconds"], raw)
+            table.rate(
+                "producer, 8 in flight, as they came, given in lists of 1,000",
+                count,
+                asyncio.run(_producer_run(server.port, "lists", count, 8, lists=True)),
+                old_producer,
+            )
             table.rate("read-back", count, asyncio.run(_read_back(server.port, count)))
         with _Hub(fresh(spec)) as server:
             table.rate(

@@ -1067,3 +1067,54 @@ async def test_a_live_reader_waits_for_an_unavailable_storage_and_a_plain_one_fa
             await client.append("s", b"r1")
             assert (await anext(reader)).data == b"r1"
     assert caplog.text.count("live read of stream 's' waits") == 1  # said once, not each time
+
+
+async def test_append_many_nowait_makes_the_batches_append_nowait_makes() -> None:
+    small: SessionOptions = {**FAST, "max_frame": 64 * 1024}
+    async with (
+        await hub.serve_hub("127.0.0.1", 0, grace_period=0.2, **small) as server,
+        hub.connect("127.0.0.1", server.port, **small) as client,
+    ):
+        rng = random.Random(13)
+        records = [bytes([n % 256]) * rng.choice((0, 1, 100, 9_000, 39_000)) for n in range(400)]
+        sent: dict[str, list[list[bytes]]] = {}
+        for name in ("one-by-one", "many"):
+            await client.create(name)
+            producer = client.producer(name, "w", linger=60, max_batch_bytes=40_000)
+            batches = sent[name] = []
+            real_send = producer._send_batch
+
+            def send_batch(
+                batches: list[list[bytes]] = batches,
+                producer: hub.Producer = producer,
+                send: Any = real_send,
+            ) -> None:
+                if producer._batch:
+                    batches.append(list(producer._batch))
+                send()
+
+            producer._send_batch = send_batch  # type: ignore[method-assign]
+            async with producer:
+                if name == "many":
+                    producer.append_many_nowait(records[:7])
+                    producer.append_many_nowait(iter(records[7:300]))  # any iterable
+                    producer.append_many_nowait([])
+                    producer.append_many_nowait(records[300:])
+                else:
+                    for record in records:
+                        producer.append_nowait(record)
+            assert await read_all(client, name) == records
+        assert sent["many"] == sent["one-by-one"]
+        assert all(sum(map(len, batch)) + 4 * len(batch) <= 40_000 for batch in sent["many"])
+
+
+async def test_append_many_nowait_checks_each_record_as_append_nowait_does() -> None:
+    async with hub_and_client() as (_, client):
+        await client.create("m")
+        async with client.producer("m", "w") as producer:
+            producer.append_many_nowait([b"a", bytearray(b"b"), memoryview(b"c")])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="a record must be bytes-like, not str"):
+                producer.append_many_nowait([b"d", "e"])  # type: ignore[list-item]
+        assert await read_all(client, "m") == [b"a", b"b", b"c", b"d"]
+        with pytest.raises(RuntimeError, match="is closed"):
+            producer.append_many_nowait([b"f"])
