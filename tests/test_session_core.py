@@ -399,7 +399,7 @@ def test_output_joins_each_run_of_frames_once_and_hands_over_large_payloads_as_t
     for payload in payloads[1:3]:
         core.send(payload)
     [joined] = core.data_to_send()
-    assert messages(joined) == [Data(8, payloads[1]), Data(9, payloads[2])]
+    assert messages(bytes(joined)) == [Data(8, payloads[1]), Data(9, payloads[2])]
 
 
 def test_a_large_payload_read_in_one_piece_is_taken_as_read() -> None:
