@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from streamkit._lifecycle import Closable
 from streamkit.codecs import Buffer, Codec, Decoder
+from streamkit.codecs._base import APART_PAYLOAD
 from streamkit.errors import ConnectionLost, EndOfStream, ProtocolError, StreamkitError
 
 __all__ = ["FramedStream", "StreamProtocol", "TurnWriter", "splice"]
@@ -194,12 +195,16 @@ class FramedStream(Closable, Generic[FrameT]):
         if transport.is_closing():
             raise ConnectionLost("cannot send: the connection is closing or lost")
         sender = self._sender
-        if (
-            self._encode_parts is not None
-            and len(frame) >= _LARGE_SEND  # type: ignore[arg-type]
-            and (len(frame) >= _HUGE_SEND or transport.get_write_buffer_size())  # type: ignore[arg-type]
-        ):
-            over = sender.write_parts(self._encode_parts(frame))
+        if self._encode_parts is not None and len(frame) >= APART_PAYLOAD:  # type: ignore[arg-type]
+            parts = self._encode_parts(frame)
+            if len(frame) >= _LARGE_SEND and (  # type: ignore[arg-type]
+                len(frame) >= _HUGE_SEND or transport.get_write_buffer_size()  # type: ignore[arg-type]
+            ):
+                over = sender.write_parts(parts)
+            elif sender.gather_parts(parts):
+                return  # goes out with the rest of this turn's frames
+            else:
+                over = sender.wrote()
         else:
             out = sender.buffer
             self._encode_into(out, frame)
@@ -631,6 +636,8 @@ class TurnWriter:
         "_handle",
         "_high_water",
         "_loop",
+        "_pieces",
+        "_pieces_bytes",
         "_transport",
         "_writer",
         "_wrote_at_once",
@@ -646,8 +653,13 @@ class TurnWriter:
         self._writer = writer
         self._transport = transport = writer.transport
         self._loop = asyncio.get_running_loop()
-        #: Encoded bytes waiting to be written.
+        #: Encoded bytes waiting to be written (after those in _pieces).
         self.buffer = bytearray()
+        # Waiting before the buffer's bytes, to be joined with them: frames
+        # given in parts (their payloads of APART_PAYLOAD or more uncopied),
+        # and the buffer's bytes before each.
+        self._pieces: list[Buffer] = []
+        self._pieces_bytes = 0
         #: Pulled for the bytes a producer with its own output has ready.
         self.source: Callable[[], list[Buffer]] | None = None
         #: This turn's writes are being gathered, to go out when it ends.
@@ -668,6 +680,7 @@ class TurnWriter:
         """Bytes were added to :attr:`buffer` (or ``pending`` bytes at the source): write
         them if due. Returns whether the transport's buffer is over its high-water mark
         (it only grows when we write to it, so it is checked only then)."""
+        pending += self._pieces_bytes
         if self._handle is not None:
             if len(self.buffer) + pending < self.flush_at:
                 return False
@@ -684,6 +697,20 @@ class TurnWriter:
             self._wrote_at_once = True
         self._write_out()
         return self._check_buffer()
+
+    def gather_parts(self, parts: tuple[Buffer, ...]) -> bool:
+        """Add a frame given as ``parts`` (they must not change later) after what waits.
+
+        Returns True if it waits with this turn's writes (no call needed),
+        else call :meth:`wrote` now.
+        """
+        buffer = self.buffer
+        if buffer:
+            self._pieces.append(buffer)
+            self.buffer = bytearray()
+        self._pieces += parts
+        self._pieces_bytes = waiting = self._pieces_bytes + sum(map(len, parts))
+        return self.gathering and waiting < self.flush_at
 
     def write_parts(self, parts: Iterable[Buffer]) -> bool:
         """Write ``parts`` now, in order (a large frame; a handshake's bytes).
@@ -748,6 +775,8 @@ class TurnWriter:
             self._handle = None
             self.gathering = False
         self.buffer = bytearray()
+        self._pieces = []
+        self._pieces_bytes = 0
 
     def _check_buffer(self) -> bool:
         """After a write: whether the transport's buffer is over its high-water mark."""
@@ -768,13 +797,20 @@ class TurnWriter:
 
     def _write_out(self) -> None:
         transport = self._transport
-        out = self.buffer
+        out: Buffer = self.buffer
         if out:
             # Hand the buffer over and start a new one: the transport may
             # keep a reference to what it could not send yet.
             self.buffer = bytearray()
-            if not transport.is_closing():
-                transport.write(out)
+        pieces = self._pieces
+        if pieces:
+            if out:
+                pieces.append(out)
+            out = b"".join(pieces)
+            self._pieces = []
+            self._pieces_bytes = 0
+        if out and not transport.is_closing():
+            transport.write(out)
         source = self.source
         if source is not None:
             for part in source():

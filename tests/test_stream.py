@@ -112,6 +112,22 @@ async def test_frames_sent_in_one_turn_are_coalesced() -> None:
         assert [await server.recv() for _ in range(100)] == [b"%03d" % n for n in range(100)]
 
 
+async def test_a_turn_of_mixed_sizes_is_one_write_and_no_larger_payload_is_copied_in() -> None:
+    # Payloads of 1 KiB or more wait apart from the buffer (not copied into
+    # it) and are joined with the bytes around them once, when written.
+    frames = [b"first", b"s1", b"m" * 3000, b"s2", b"s3", b"n" * 1024, b"o" * 5000, b"s4"]
+    async with stream_pair(LengthPrefixed()) as (client, server):
+        sizes, _ = record_writes(client)
+        buffered: list[int] = []
+        for frame in frames:
+            await client.send(frame)
+            buffered.append(len(client.sender.buffer))
+        assert max(buffered) < 1024  # the small frames since the last larger one
+        await asyncio.sleep(0)  # the turn ends
+        assert sizes == [9, sum(len(frame) + 4 for frame in frames[1:])]
+        assert [await server.recv() for _ in frames] == frames
+
+
 async def test_recv_batch_returns_every_frame_received() -> None:
     async with stream_pair(LengthPrefixed()) as (client, server):
         await client.send_many([b"1", b"2", b"3"])

@@ -31,6 +31,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 
+from streamkit.codecs._base import APART_PAYLOAD
 from streamkit.errors import (
     ConnectionLost,
     EndOfStream,
@@ -95,12 +96,6 @@ _PACK_ACK = struct.Struct(">IBQQ").pack
 #: copied, as FramedStream does with an empty write buffer: one write per
 #: frame, where header and payload apart cost a syscall and a segment each.
 _LARGE_PAYLOAD = 256 * 1024
-#: A payload at least this long is not copied into the output buffer either,
-#: but joined with the bytes around it when they are handed over: one copy.
-#: Appended to a bytearray, it would grow it past what can grow in place in a
-#: busy heap, and each reallocation copies everything gathered so far again
-#: (4 KiB frames: 2-4 us each instead of about 1 us, measured).
-_SMALL_PAYLOAD = 1024
 
 
 def _framed(body: bytes) -> bytes:
@@ -562,7 +557,7 @@ class SessionCore:
         out = self._out
         if out is None:
             return 0
-        if size < _SMALL_PAYLOAD:
+        if size < APART_PAYLOAD:
             out += _PACK_DATA(size + 9, _DATA, offset)
             out += payload
             return len(out)
