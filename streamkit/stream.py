@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar, cast
@@ -1506,6 +1509,178 @@ class _SpliceSide(asyncio.Protocol):
             self.lost.set_result(None)
 
 
+#: Bytes a kernel splice holds in each direction's pipe (F_SETPIPE_SZ; the default is 64 KiB): what
+#: one of asyncio's reads takes (max_size); a larger pipe saved little CPU, and pipes count
+#: against a user's pipe-user-pages-soft (64 MiB), past which new pipes are small.
+_PIPE_SIZE = 1 << 18
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)  # Linux
+
+
+def _kernel_sockets(transports: list[asyncio.Transport]) -> list[int] | None:
+    """The descriptors of the plain sockets under ``transports``, if the kernel can splice them.
+
+    Not for TLS (the bytes must be decrypted and encrypted in this process),
+    nor while a transport still holds bytes to write (they would go after
+    what the kernel forwards).
+    """
+    if not sys.platform.startswith("linux") or not hasattr(os, "splice"):
+        return None
+    sockets = []
+    for transport in transports:
+        sock = transport.get_extra_info("socket")
+        if (
+            transport.get_extra_info("sslcontext") is not None
+            or sock is None
+            or sock.type != socket.SOCK_STREAM
+            or transport.get_write_buffer_size()
+        ):
+            return None
+        sockets.append(sock.fileno())
+    return sockets
+
+
+class _KernelPipe:
+    """One direction of a kernel splice: socket -> pipe -> socket, no byte through Python.
+
+    Flow control: the source is read (``os.splice`` into the pipe) only
+    while the pipe is empty; while the destination cannot take the pipe's
+    bytes, the source is not read. ``first`` (bytes read ahead before the
+    splice) goes before anything read from the source.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        source: int,
+        sink: int,
+        first: bytes,
+        ended: asyncio.Future[None],
+    ) -> None:
+        self.loop, self.source, self.sink, self.ended = loop, source, sink, ended
+        self.first = memoryview(first)
+        self.held = 0  # bytes in the pipe
+        self.pipe_out, self.pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        import fcntl  # here: POSIX only, and a kernel splice is Linux only
+
+        with contextlib.suppress(OSError):  # a smaller pipe only means more, smaller splices
+            fcntl.fcntl(self.pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        self.reading = self.writing = False
+
+    def start(self) -> None:
+        self._writable()
+
+    def _read(self, on: bool) -> None:
+        if on != self.reading:
+            self.reading = on
+            if on:
+                self.loop.add_reader(self.source, self._readable)
+            else:
+                self.loop.remove_reader(self.source)
+
+    def _write(self, on: bool) -> None:
+        if on != self.writing:
+            self.writing = on
+            if on:
+                self.loop.add_writer(self.sink, self._writable)
+            else:
+                self.loop.remove_writer(self.sink)
+
+    def _flush(self) -> bool:
+        """Move what is held to the sink; False when it cannot take it all now."""
+        while self.first:
+            try:
+                self.first = self.first[os.write(self.sink, self.first) :]
+            except BlockingIOError:
+                return False
+        while self.held:
+            try:
+                self.held -= os.splice(self.pipe_out, self.sink, self.held, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+        return True
+
+    def _readable(self) -> None:
+        try:
+            count = os.splice(self.source, self.pipe_in, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:
+            count = 0  # reset: the connection ends as at its end of stream
+        if not count:
+            self._end()
+            return
+        self.held += count
+        self._writable()
+
+    def _writable(self) -> None:
+        try:
+            flushed = self._flush()
+        except OSError:
+            self._end()
+            return
+        self._write(not flushed)
+        self._read(flushed)
+
+    def _end(self) -> None:
+        self.stop()
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def stop(self) -> None:
+        self._read(False)
+        self._write(False)
+
+    def leftover(self) -> bytes:
+        """What was read and not passed on yet (a pipe holds up to _PIPE_SIZE)."""
+        rest = bytes(self.first)
+        while self.held:
+            piece = os.read(self.pipe_out, self.held)
+            self.held -= len(piece)
+            rest += piece
+        return rest
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.pipe_out)
+        os.close(self.pipe_in)
+
+
+async def _splice_in_kernel(
+    transports: list[asyncio.Transport], sockets: list[int], first: list[bytes]
+) -> None:
+    """Copy between ``sockets`` (``transports``'s) with ``os.splice`` until either connection ends.
+
+    ``first[i]`` goes to ``sockets[i]`` before anything else. The transports
+    stay paused (reading) and idle (writing) meanwhile; the loop watches
+    duplicates of their descriptors, which no transport owns. When either
+    direction ends, what each had read and not passed on yet goes to its
+    destination's transport, which flushes it when it is closed, as the
+    protocol path's write buffers are.
+    """
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    fds = [os.dup(sock) for sock in sockets]
+    pipes: list[_KernelPipe] = []
+    try:
+        for source, sink in ((1, 0), (0, 1)):
+            pipes.append(_KernelPipe(loop, fds[source], fds[sink], first[sink], ended))
+        for pipe in pipes:
+            pipe.start()
+        await ended
+        for pipe, transport in zip(pipes, transports, strict=True):
+            pipe.stop()
+            rest = pipe.leftover()
+            if rest and not transport.is_closing():
+                transport.write(rest)
+    finally:
+        for pipe in pipes:
+            pipe.stop()
+        for pipe in pipes:
+            pipe.close()
+        for fd in fds:
+            os.close(fd)
+
+
 async def splice(one: FramedStream[Any], other: FramedStream[Any]) -> None:
     """Copy bytes between the connections of ``one`` and ``other``, both ways, until either ends.
 
@@ -1513,9 +1688,14 @@ async def splice(one: FramedStream[Any], other: FramedStream[Any]) -> None:
     connections are one. Bytes each stream received but did not return
     (read ahead of its last frame) go to the other connection first; then
     every read, as it comes, straight from transport to transport: no task
-    wakes up per read, nothing is decoded. Flow control: while a side's
-    write buffer is over its high-water mark, the other side is not read,
-    so a relay holds at most about a write buffer each way. When either
+    wakes up per read, nothing is decoded. Between two plain sockets on
+    Linux the bytes do not even enter the process: ``os.splice`` moves them
+    socket -> pipe -> socket in the kernel, and a side is read only while
+    its pipe (256 KiB) is empty, so a slow reader makes the writer wait.
+    Elsewhere (TLS, other systems) the flow control is the transports':
+    while a side's write buffer is over its high-water mark, the other
+    side is not read. Either way a relay holds at most about a write
+    buffer or a pipe each way. When either
     connection ends (closed by its peer, reset), the other is closed once
     what it was sent is flushed (within its ``close_timeout``), and
     ``splice`` returns when both are closed. Cancelling it aborts both.
@@ -1531,7 +1711,12 @@ async def splice(one: FramedStream[Any], other: FramedStream[Any]) -> None:
         pending = [await stream._take_received() for stream in streams]
         for stream in streams:  # what each had to send goes first, under its flow control
             await stream.drain()
-        if not any(stream.is_closing() for stream in streams):
+        kernel = _kernel_sockets(transports)
+        if any(stream.is_closing() for stream in streams):
+            pass
+        elif kernel is not None:
+            await _splice_in_kernel(transports, kernel, pending[::-1])
+        else:
             sides = [_SpliceSide(transport, lost) for transport in transports]
             sides[0].peer, sides[1].peer = sides[1], sides[0]
             for side in sides:

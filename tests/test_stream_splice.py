@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import streamkit.stream
 from streamkit import FramedStream, LengthPrefixed, connect, serve
 from streamkit.errors import ConnectionLost, EndOfStream
 from streamkit.stream import splice
@@ -284,3 +287,82 @@ async def test_frames_queued_before_the_splice_go_first(reading: str) -> None:
         assert await owner.recv(timeout=5) == b"after"
         client.abort()
         await relay
+
+
+@pytest.fixture
+def kernel_splices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times splice() went through the kernel (os.splice), counted."""
+    counted: list[int] = []
+    through_kernel = streamkit.stream._splice_in_kernel
+
+    async def counting(*args: Any) -> None:
+        counted.append(1)
+        await through_kernel(*args)
+
+    monkeypatch.setattr(streamkit.stream, "_splice_in_kernel", counting)
+    return counted
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="os.splice is Linux only")
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_plain_sockets_splice_in_the_kernel_and_a_slow_reader_holds_the_writer(
+    where: str, tmp_path: Path, kernel_splices: list[int]
+) -> None:
+    frames = [bytes([n % 251]) * (1000 + n * 37 % 70_000) for n in range(1500)]  # 53 MB
+    async with pairs(where, tmp_path) as ((client, front_in), (front_out, owner)):
+        await client.send_many([b"hello", b"ahead"])
+        assert await front_in.recv() == b"hello"  # "ahead" is read ahead: it goes first
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        assert await owner.recv(timeout=5) == b"ahead"
+        sent = 0
+
+        async def send() -> None:
+            nonlocal sent
+            for frame in frames:
+                await client.send(frame)
+                sent += 1
+
+        sending = asyncio.ensure_future(send())
+        # The owner does not read: the client comes to wait, once the kernel's
+        # buffers (about 14 MB over TCP on loopback, under 1 MB over Unix) are full.
+        await asyncio.sleep(0.5)
+        stalled_at = sent
+        assert stalled_at < len(frames) and not sending.done()
+        await asyncio.sleep(0.2)
+        assert sent == stalled_at
+        got = []
+        for _ in frames:
+            got.append(await owner.recv(timeout=5))
+            if len(got) % 50 == 0:
+                await asyncio.sleep(0.01)  # a slow reader
+        await sending
+        assert got == frames
+        await owner.send(b"back")
+        assert await client.recv(timeout=5) == b"back"
+        owner.close()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await client.recv(timeout=5)
+        async with asyncio.timeout(5):
+            await relay
+    assert kernel_splices == [1]
+
+
+async def test_without_os_splice_the_transports_copy(
+    monkeypatch: pytest.MonkeyPatch, kernel_splices: list[int]
+) -> None:
+    monkeypatch.delattr(os, "splice", raising=False)
+    async with relayed() as (client, owner):
+        payloads = [bytes([n]) * (n * 3000) for n in range(40)]
+        for payload in payloads:
+            await client.send(payload)
+        assert [await owner.recv(timeout=5) for _ in payloads] == payloads
+        await owner.send(b"back")
+        assert await client.recv(timeout=5) == b"back"
+    assert kernel_splices == []
+
+
+async def test_a_tls_connection_is_not_spliced_in_the_kernel(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], kernel_splices: list[int]
+) -> None:
+    await test_a_tls_connection_splices_with_a_plain_one(tls)
+    assert kernel_splices == []
