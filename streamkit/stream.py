@@ -1555,15 +1555,12 @@ class _KernelPipe:
         sink: int,
         first: bytes,
         ended: asyncio.Future[None],
+        pipe: tuple[int, int],
     ) -> None:
         self.loop, self.source, self.sink, self.ended = loop, source, sink, ended
         self.first = memoryview(first)
         self.held = 0  # bytes in the pipe
-        self.pipe_out, self.pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        import fcntl  # here: POSIX only, and a kernel splice is Linux only
-
-        with contextlib.suppress(OSError):  # a smaller pipe only means more, smaller splices
-            fcntl.fcntl(self.pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        self.pipe_out, self.pipe_in = pipe
         self.reading = self.writing = False
 
     def start(self) -> None:
@@ -1639,45 +1636,65 @@ class _KernelPipe:
             rest += piece
         return rest
 
-    def close(self) -> None:
-        self.stop()
-        os.close(self.pipe_out)
-        os.close(self.pipe_in)
+
+def _kernel_descriptors(sockets: list[int]) -> list[int] | None:
+    """Duplicates of ``sockets``, then each direction's pipe (read end, write end).
+
+    None, with nothing left open, when the process cannot have them now
+    (EMFILE, ENFILE, a user's pipe limit): the transports copy instead.
+    """
+    opened: list[int] = []
+    try:
+        for sock in sockets:
+            opened.append(os.dup(sock))
+        for _ in sockets:
+            opened.extend(os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError:
+        for fd in opened:
+            os.close(fd)
+        return None
+    import fcntl  # here: POSIX only, and a kernel splice is Linux only
+
+    for pipe_in in opened[3::2]:
+        with contextlib.suppress(OSError):  # a smaller pipe only means more, smaller splices
+            fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    return opened
 
 
 async def _splice_in_kernel(
-    transports: list[asyncio.Transport], sockets: list[int], first: list[bytes]
+    transports: list[asyncio.Transport], descriptors: list[int], first: list[bytes]
 ) -> None:
-    """Copy between ``sockets`` (``transports``'s) with ``os.splice`` until either connection ends.
+    """Copy between the sockets under ``transports`` with ``os.splice`` until either one ends.
 
-    ``first[i]`` goes to ``sockets[i]`` before anything else. The transports
+    ``first[i]`` goes to ``transports[i]``'s socket before anything else. The transports
     stay paused (reading) and idle (writing) meanwhile; the loop watches
-    duplicates of their descriptors, which no transport owns. When either
-    direction ends, what each had read and not passed on yet goes to its
-    destination's transport, which flushes it when it is closed, as the
-    protocol path's write buffers are.
+    ``descriptors`` (from ``_kernel_descriptors``), which no transport owns
+    and which are closed on every way out. When either direction ends, what
+    each had read and not passed on yet goes to its destination's transport,
+    which flushes it when it is closed, as the protocol path's write buffers
+    are.
     """
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-    fds = [os.dup(sock) for sock in sockets]
-    pipes: list[_KernelPipe] = []
     try:
-        for source, sink in ((1, 0), (0, 1)):
-            pipes.append(_KernelPipe(loop, fds[source], fds[sink], first[sink], ended))
-        for pipe in pipes:
-            pipe.start()
-        await ended
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        fds, pipe_ends = descriptors[:2], descriptors[2:]
+        pipes = [
+            _KernelPipe(loop, fds[1], fds[0], first[0], ended, (pipe_ends[0], pipe_ends[1])),
+            _KernelPipe(loop, fds[0], fds[1], first[1], ended, (pipe_ends[2], pipe_ends[3])),
+        ]
+        try:
+            for pipe in pipes:
+                pipe.start()
+            await ended
+        finally:
+            for pipe in pipes:
+                pipe.stop()
         for pipe, transport in zip(pipes, transports, strict=True):
-            pipe.stop()
             rest = pipe.leftover()
             if rest and not transport.is_closing():
                 transport.write(rest)
     finally:
-        for pipe in pipes:
-            pipe.stop()
-        for pipe in pipes:
-            pipe.close()
-        for fd in fds:
+        for fd in descriptors:
             os.close(fd)
 
 
@@ -1692,7 +1709,8 @@ async def splice(one: FramedStream[Any], other: FramedStream[Any]) -> None:
     Linux the bytes do not even enter the process: ``os.splice`` moves them
     socket -> pipe -> socket in the kernel, and a side is read only while
     its pipe (256 KiB) is empty, so a slow reader makes the writer wait.
-    Elsewhere (TLS, other systems) the flow control is the transports':
+    Elsewhere (TLS, other systems, no descriptors to spare for the pipes)
+    the transports copy, and the flow control is theirs:
     while a side's write buffer is over its high-water mark, the other
     side is not read. Either way a relay holds at most about a write
     buffer or a pipe each way. When either
@@ -1714,8 +1732,8 @@ async def splice(one: FramedStream[Any], other: FramedStream[Any]) -> None:
         kernel = _kernel_sockets(transports)
         if any(stream.is_closing() for stream in streams):
             pass
-        elif kernel is not None:
-            await _splice_in_kernel(transports, kernel, pending[::-1])
+        elif kernel is not None and (descriptors := _kernel_descriptors(kernel)) is not None:
+            await _splice_in_kernel(transports, descriptors, pending[::-1])
         else:
             sides = [_SpliceSide(transport, lost) for transport in transports]
             sides[0].peer, sides[1].peer = sides[1], sides[0]

@@ -7,7 +7,7 @@ import contextlib
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from streamkit import FramedStream, LengthPrefixed, connect, serve
 from streamkit.errors import ConnectionLost, EndOfStream
 from streamkit.stream import splice
 from tests._pairs import stream_pair
+from tests._sessions import wait_until
 from tests._tls import tls_contexts
 
 CODEC = LengthPrefixed(max_frame=8 << 20)
@@ -366,3 +367,53 @@ async def test_a_tls_connection_is_not_spliced_in_the_kernel(
 ) -> None:
     await test_a_tls_connection_splices_with_a_plain_one(tls)
     assert kernel_splices == []
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def only_new_descriptors(spare: int) -> Iterator[None]:
+    """Inside, the process can open ``spare`` more descriptors (RLIMIT_NOFILE), then EMFILE."""
+    import resource
+
+    free = [os.dup(0) for _ in range(spare + 1)]  # the lowest free numbers, in order
+    for fd in free:
+        os.close(fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[spare], hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="os.splice is Linux only")
+@pytest.mark.parametrize("spare", range(7))  # 6: both duplicates and both pipes open
+async def test_without_descriptors_to_spare_the_transports_copy(
+    spare: int, kernel_splices: list[int]
+) -> None:
+    at_first = open_descriptors()
+    async with pairs() as ((client, front_in), (front_out, owner)):
+        await client.send_many([b"hello", b"ahead"])
+        assert await front_in.recv() == b"hello"
+        before = open_descriptors()
+        with only_new_descriptors(spare):
+            relay = asyncio.ensure_future(splice(front_in, front_out))
+            # The splice begins (and opens what it can) while the limit holds.
+            assert await owner.recv(timeout=5) == b"ahead"
+        assert kernel_splices == ([1] if spare >= 6 else [])
+        assert open_descriptors() == before + (6 if spare >= 6 else 0)
+        payloads = [bytes([n]) * (n * 5000) for n in range(60)]
+        for payload in payloads:
+            await client.send(payload)
+        assert [await owner.recv(timeout=5) for _ in payloads] == payloads
+        await owner.send(b"back")
+        assert await client.recv(timeout=5) == b"back"
+        owner.close()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await client.recv(timeout=5)
+        async with asyncio.timeout(5):
+            await relay
+    await wait_until(lambda: open_descriptors() == at_first)  # transports close in callbacks
