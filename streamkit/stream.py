@@ -1669,14 +1669,17 @@ async def _splice_in_kernel(
     ``first[i]`` goes to ``transports[i]``'s socket before anything else. The transports
     stay paused (reading) and idle (writing) meanwhile; the loop watches
     ``descriptors`` (from ``_kernel_descriptors``), which no transport owns
-    and which are closed on every way out. When either direction ends, what
-    each had read and not passed on yet goes to its destination's transport,
-    which flushes it when it is closed, as the protocol path's write buffers
-    are.
+    and which are closed on every way out. When either direction ends, or
+    either transport is closed (by its stream, say), what each had read and
+    not passed on yet goes to its destination's transport, which flushes it
+    when it is closed, as the protocol path's write buffers are.
     """
     try:
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[None] = loop.create_future()
+        sides = [_SpliceSide(transport, ended) for transport in transports]
+        for side in sides:  # hears of a transport closed meanwhile: it ends the splice
+            side.transport.set_protocol(side)
         fds, pipe_ends = descriptors[:2], descriptors[2:]
         pipes = [
             _KernelPipe(loop, fds[1], fds[0], first[0], ended, (pipe_ends[0], pipe_ends[1])),

@@ -417,3 +417,32 @@ async def test_without_descriptors_to_spare_the_transports_copy(
         async with asyncio.timeout(5):
             await relay
     await wait_until(lambda: open_descriptors() == at_first)  # transports close in callbacks
+
+
+#: Both ways splice() copies: in the kernel (where os.splice is) and transport to transport.
+COPYING = pytest.mark.parametrize("copying", ["kernel", "transports"])
+
+
+@COPYING
+@pytest.mark.parametrize("closing", ["close", "abort"])
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_a_stream_closed_during_the_splice_ends_it(
+    where: str, closing: str, copying: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The copy path hears of it through the transport; the kernel one must too,
+    # though it reads and writes duplicates of the sockets, which stay open.
+    if copying == "transports":
+        monkeypatch.delattr(os, "splice", raising=False)
+    at_first = open_descriptors()
+    async with pairs(where, tmp_path) as ((client, front_in), (front_out, owner)):
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        await client.send(b"x")
+        assert await owner.recv(timeout=5) == b"x"
+        getattr(front_in, closing)()  # as a server shutting down closes its connections
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await client.recv(timeout=5)
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await owner.recv(timeout=5)
+        async with asyncio.timeout(5):
+            await relay
+    await wait_until(lambda: open_descriptors() == at_first)
