@@ -7,6 +7,7 @@ import contextlib
 import os
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -431,8 +432,7 @@ async def test_a_stream_closed_during_the_splice_ends_it(
 ) -> None:
     # The copy path hears of it through the transport; the kernel one must too,
     # though it reads and writes duplicates of the sockets, which stay open.
-    if copying == "transports":
-        monkeypatch.delattr(os, "splice", raising=False)
+    copying_by(copying, monkeypatch)
     at_first = open_descriptors()
     async with pairs(where, tmp_path) as ((client, front_in), (front_out, owner)):
         relay = asyncio.ensure_future(splice(front_in, front_out))
@@ -446,3 +446,84 @@ async def test_a_stream_closed_during_the_splice_ends_it(
         async with asyncio.timeout(5):
             await relay
     await wait_until(lambda: open_descriptors() == at_first)
+
+
+def copying_by(copying: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if copying == "transports":
+        monkeypatch.delattr(os, "splice", raising=False)
+
+
+@COPYING
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_a_half_close_ends_the_splice_once_its_bytes_are_through(
+    where: str, copying: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copying_by(copying, monkeypatch)
+    async with pairs(where, tmp_path) as ((client, front_in), (front_out, owner)):
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        frames = [bytes([n]) * (n * 2000) for n in range(100)]
+        for frame in frames:  # ~10 MB: most of it still in flight at the half-close
+            client.send_nowait(frame)
+        client.write_eof()
+        assert [await owner.recv(timeout=5) for _ in frames] == frames
+        # A session never half-closes: the relay closes both connections.
+        with pytest.raises(EndOfStream):
+            await owner.recv(timeout=5)
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            await client.recv(timeout=5)
+        async with asyncio.timeout(5):
+            await relay
+
+
+@COPYING
+async def test_cancelling_a_running_splice_aborts_both_and_closes_its_descriptors(
+    copying: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copying_by(copying, monkeypatch)
+    at_first = open_descriptors()
+    async with pairs() as ((client, front_in), (front_out, owner)):
+        relay = asyncio.ensure_future(splice(front_in, front_out))
+        await client.send(b"x")
+        assert await owner.recv(timeout=5) == b"x"
+        for _ in range(100):  # in flight when cancelled
+            client.send_nowait(b"y" * 100_000)
+        relay.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await relay
+        assert front_in.is_closing() and front_out.is_closing()
+        with pytest.raises((EndOfStream, ConnectionLost)):
+            while True:
+                await owner.recv(timeout=5)
+    await wait_until(lambda: open_descriptors() == at_first)
+
+
+@COPYING
+async def test_a_blocked_reader_costs_no_cpu(
+    copying: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    copying_by(copying, monkeypatch)
+    async with relayed("unix", tmp_path) as (client, owner):
+        chunk = b"z" * (1 << 20)
+        sent = stalled = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await client.send(chunk)
+                sent += 1
+
+        flooding = asyncio.ensure_future(flood())
+        while True:  # the owner reads nothing: the client comes to wait
+            await asyncio.sleep(0.2)
+            if sent == stalled:
+                break
+            stalled = sent
+        # Both sides wait on the kernel now: no wake-up spins on EAGAIN.
+        started = time.process_time()
+        await asyncio.sleep(0.5)
+        assert time.process_time() - started < 0.1
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooding
+        for _ in range(stalled):
+            assert await owner.recv(timeout=5) == chunk
