@@ -339,13 +339,7 @@ async def test_plain_sockets_splice_in_the_kernel_and_a_slow_reader_holds_the_wr
                 await asyncio.sleep(0.01)  # a slow reader
         await sending
         assert got == frames
-        await owner.send(b"back")
-        assert await client.recv(timeout=5) == b"back"
-        owner.close()
-        with pytest.raises((EndOfStream, ConnectionLost)):
-            await client.recv(timeout=5)
-        async with asyncio.timeout(5):
-            await relay
+        await answered_then_closed(client, owner, relay)
     assert kernel_splices == [1]
 
 
@@ -368,6 +362,19 @@ async def test_a_tls_connection_is_not_spliced_in_the_kernel(
 ) -> None:
     await test_a_tls_connection_splices_with_a_plain_one(tls)
     assert kernel_splices == []
+
+
+async def answered_then_closed(
+    client: FramedStream[bytes], owner: FramedStream[bytes], relay: asyncio.Task[None]
+) -> None:
+    """The owner's answer reaches the client; its close ends the client's stream and the relay."""
+    await owner.send(b"back")
+    assert await client.recv(timeout=5) == b"back"
+    owner.close()
+    with pytest.raises((EndOfStream, ConnectionLost)):
+        await client.recv(timeout=5)
+    async with asyncio.timeout(5):
+        await relay
 
 
 def open_descriptors() -> int:
@@ -410,13 +417,7 @@ async def test_without_descriptors_to_spare_the_transports_copy(
         for payload in payloads:
             await client.send(payload)
         assert [await owner.recv(timeout=5) for _ in payloads] == payloads
-        await owner.send(b"back")
-        assert await client.recv(timeout=5) == b"back"
-        owner.close()
-        with pytest.raises((EndOfStream, ConnectionLost)):
-            await client.recv(timeout=5)
-        async with asyncio.timeout(5):
-            await relay
+        await answered_then_closed(client, owner, relay)
     await wait_until(lambda: open_descriptors() == at_first)  # transports close in callbacks
 
 
