@@ -536,10 +536,11 @@ class SessionCore:
 
         Returns about how many bytes ``data_to_send()`` has now, for the
         glue's write-size decisions (0 while detached; a small frame after a
-        payload of 1 KiB or more counts only from that payload on). Returns -1, holding nothing,
-        when it cannot be sent now: over :attr:`max_frame`, the send window
-        full (one frame of any size fits an empty window), or the session
-        not sending; :meth:`send_error` tells those apart.
+        payload of 1 KiB or more counts only from that payload on). Returns
+        -1, holding nothing, when it cannot be sent now: over
+        :attr:`max_frame`, the send window full (one frame of any size fits
+        an empty window), or the session not sending; :meth:`send_error`
+        tells those apart.
         """
         size = len(payload)
         credit = self._credit_bytes - size
