@@ -92,9 +92,10 @@ _CLOSE_ACK = CloseAck().encode()
 _ACK_TYPE = int(MessageType.ACK)
 _PACK_ACK = struct.Struct(">IBQQ").pack
 #: A payload at least this long is handed to ``writelines`` as it is
-#: (header before it), not copied into the output buffer. Smaller ones are
-#: copied, as FramedStream does with an empty write buffer: one write per
-#: frame, where header and payload apart cost a syscall and a segment each.
+#: (header before it), never copied. Smaller ones are joined with the bytes
+#: around them (from APART_PAYLOAD on) or copied into the output buffer, as
+#: FramedStream does with an empty write buffer: one write per frame, where
+#: header and payload apart cost a syscall and a segment each.
 _LARGE_PAYLOAD = 256 * 1024
 
 
