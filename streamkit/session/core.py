@@ -620,7 +620,7 @@ class SessionCore:
         offset = start
         for payload in self._frames[self._head + start - self._consumed :]:
             size = len(payload)
-            if size < _LARGE_PAYLOAD:
+            if size < APART_PAYLOAD:
                 out = self._out
                 assert out is not None
                 out += _PACK_DATA(size + 9, _DATA, offset)
