@@ -66,6 +66,9 @@ RECEIVE_BUFFER_SIZE = 256 * 1024
 #: How much a receiving stream reads at a time while frames are small or
 #: wait to be taken (see _Receiver).
 _SMALL_READ = 64 * 1024
+#: A stream's receiving half pauses the transport past this many bytes read
+#: and held, not yet decoded (or past the reader's ``limit``, if lower).
+_MAX_HELD = RECEIVE_BUFFER_SIZE
 #: Frames of this size on average make reads of the whole receive buffer.
 _LARGE_FRAMES = 1024
 #: At most this much memory of large frames' pieces is kept, per event loop,
@@ -880,7 +883,8 @@ class StreamProtocol(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
 
     ``pause_reading`` / ``resume_reading`` keep their meaning: the reader
     pauses the transport past twice its ``limit`` as before, and a stream's
-    receiving half past ``limit`` bytes received and not yet decoded.
+    receiving half past ``limit`` (at most 256 KiB, see _Receiver) bytes
+    received and not yet decoded.
     """
 
     def __init__(
@@ -1013,11 +1017,22 @@ class _Receiver(Generic[FrameT]):
     decoded at once while no decoded frame waits to be returned, so the
     decoder only ever holds the bytes of its last feed's frames (what
     ``take_buffered(frames=...)`` needs for ``switch_codec``); otherwise it
-    is held, as bytes, and decoded once those frames are taken. Past the
-    reader's ``limit`` of held bytes the transport is paused until they are
-    decoded. With nothing waiting, the rest of a large frame of known size
-    is read straight into memory of its own, allocated as the bytes arrive
-    (never more than twice what came), and completed when the stream takes it.
+    is held, as bytes, and decoded once those frames are taken. Past
+    :data:`_MAX_HELD` held bytes (or the reader's ``limit``, if lower) the
+    transport is paused until they are decoded. Not past ``limit`` alone:
+    uvloop's transports make up to 32 reads in a row (libuv's read loop)
+    before the stream's task runs, so all but the first are held; held up to
+    a large ``limit`` (one that fits long lines, 4 MiB in the benchmark),
+    those copies and the frames made of them came and went in megabyte
+    bursts that glibc gave back to the kernel and faulted in again: 160 to
+    240 minor faults per MB at 4 KiB and 64 KiB lines, slower than naive
+    asyncio, whose reader keeps one buffer (3 faults per MB held to 256
+    KiB). A paused transport leaves the rest in the socket, which is where
+    flow control wants it anyway.
+
+    With nothing waiting, the rest of a large frame of known size is read
+    straight into memory of its own, allocated as the bytes arrive (never
+    more than twice what came), and completed when the stream takes it.
 
     Reads are of the whole receive buffer (fewer, larger reads) only while
     frames are large, none wait and the decoder parses the buffer in place
@@ -1070,7 +1085,8 @@ class _Receiver(Generic[FrameT]):
         self._small = buffer[:_SMALL_READ]
         self._wide = False  # the last frames were large: read the whole buffer
         self._header_next = False  # a large frame was just read: read the next header alone
-        self._limit = limit
+        # Not the reader's limit alone: see _Receiver (held reads).
+        self._limit = min(limit, _MAX_HELD)
         self._held: list[bytes] = []  # reads not decoded yet, in order
         self._held_bytes = 0
         self._error: ProtocolError | None = None  # raised by a feed, for the stream to raise
@@ -1115,11 +1131,14 @@ class _Receiver(Generic[FrameT]):
     def data_received(self, data: bytes) -> None:
         """A read the transport made into memory of its own (see StreamProtocol.data_received).
 
-        Taken in copies of at most _SMALL_READ bytes, so that read (up to 256
-        KiB on uvloop) is freed at once, before frames are made out of it:
-        decoded whole, it made glibc give memory back to the kernel and fault
-        it in again (190 faults per MB at 4 KiB frames on uvloop). A large
-        frame's rest goes into its own memory, as read into it.
+        Taken in copies of at most _SMALL_READ bytes, as reads into the
+        receive buffer are, so that nothing made of that read (up to 256 KiB
+        on uvloop: a decoder's copy joined to a partial frame, the text of
+        its lines) is larger: decoded whole, such copies made glibc give
+        memory back to the kernel and fault it in again (110 to 140 faults
+        per MB at 4 KiB and 64 KiB lines on uvloop, with held reads bounded
+        as they are now). A large frame's rest goes into its own memory, as
+        read into it.
         """
         view = memoryview(data)
         while view:
