@@ -4,12 +4,15 @@ Two shapes of closing exist here: streams and servers have ``close()`` plus
 ``await wait_closed()`` (:class:`Closable`); hub readers, producers and
 clients have one ``await close()`` (:class:`AsyncClosable`). Each base gives
 ``async with`` from those methods, returning the object itself.
-:func:`wait_all` waits for a set of tasks an object owns.
+:func:`wait_all` waits for a set of tasks an object owns;
+:func:`close_listener` stops an asyncio server without leaking a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Set
 from types import TracebackType
 from typing import Any, Self
@@ -29,6 +32,33 @@ async def wait_all(tasks: Set[asyncio.Task[Any]]) -> None:
     """
     while pending := [task for task in tasks if not task.done()]:
         await asyncio.wait(pending)
+
+
+def close_listener(server: asyncio.Server) -> None:
+    """Stop ``server`` accepting now, and close it once what it accepted is handed over.
+
+    A selector event loop accepts a connection in one step and makes its
+    transport in a later one; a transport made after ``Server.close()``
+    fails in ``Server._attach`` and its socket is dropped unclosed
+    (CPython gh-109564, 3.11 to 3.13): a ResourceWarning, and a peer left
+    waiting on a connection nobody holds. So the listening sockets stop
+    being read at once (a readiness already queued is cancelled too) and
+    are shut down, which on Linux refuses new connections at once, as a
+    close would; ``close()`` runs after the steps already queued, those
+    that hand over connections accepted so far, and closes the sockets.
+    The server's owner then closes those connections, as it refuses any
+    that come while it is closing; ``await server.wait_closed()`` waits
+    for all of it.
+    """
+    loop = server.get_loop()
+    if not isinstance(loop, asyncio.SelectorEventLoop):
+        server.close()  # other loops (uvloop, proactor) make the transport at once
+        return
+    for sock in server.sockets:
+        loop.remove_reader(sock.fileno())
+        with contextlib.suppress(OSError):  # not every system shuts a listener down
+            sock.shutdown(socket.SHUT_RDWR)
+    loop.call_soon(server.close)
 
 
 class Closable:

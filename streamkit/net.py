@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
-from streamkit._lifecycle import Closable, ServerBase
+from streamkit._lifecycle import Closable, ServerBase, close_listener
 from streamkit.codecs import Codec
 from streamkit.stream import DEFAULT_CLOSE_TIMEOUT, FramedStream, StreamProtocol
 
@@ -498,14 +498,16 @@ class Server(ServerBase, Generic[FrameT]):
 
     def is_serving(self) -> bool:
         """Whether the server accepts new connections."""
-        return self._server is not None and self._server.is_serving()
+        return (
+            self._closing_since is None and self._server is not None and self._server.is_serving()
+        )
 
     def close(self) -> None:
         """Stop accepting connections; running handlers keep going for now."""
         if self._closing_since is None:
             self._closing_since = asyncio.get_running_loop().time()
         if self._server is not None:
-            self._server.close()
+            close_listener(self._server)
         self._remove_unix_socket()
         if self._refusals_report is not None:
             self._refusals_report.cancel()

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Self
 
 from streamkit import _args
-from streamkit._lifecycle import ServerBase, wait_all
+from streamkit._lifecycle import ServerBase, close_listener, wait_all
 
 __all__ = ["Balancer", "BalancerStats", "Direction", "FaultProxy", "ProxyStats", "Target", "main"]
 
@@ -167,7 +167,7 @@ class _Relay(ServerBase):
         """Stop listening and cut every connection (not counted as cuts)."""
         self._closing = True
         if self._server is not None:
-            self._server.close()
+            close_listener(self._server)
         for link in self._links:
             link.abort()
         self._links.clear()

@@ -269,22 +269,13 @@ async def test_wait_closed_returns_as_soon_as_the_handlers_finish() -> None:
     assert server.handlers == 0
 
 
-# CPython's own leak, not streamkit's (gh-109564, in 3.11 to 3.13): a connection
-# the event loop accepted just before Server.close() fails in Server._attach
-# before asyncio hands it over, and asyncio drops its socket unclosed; on 3.13
-# the half-made transport's __del__ then raises TypeError in Server._wakeup.
-@pytest.mark.filterwarnings(
-    r"ignore:unclosed (transport <_SelectorSocketTransport|<socket\.socket):ResourceWarning"
-)
-@pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <function _SelectorTransport\.__del__"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 @pytest.mark.parametrize("turns", range(8))
 async def test_a_connection_accepted_around_close_never_outlives_wait_closed(turns: int) -> None:
     """However many loop turns pass between a connect and close(), no handler
     runs after wait_closed() returns: it is refused, or given its grace
-    period and cancelled."""
+    period and cancelled. And its socket is closed, never leaked (the
+    warning filters make a leak an error): a connection the loop accepted
+    just before close() is handed over first (CPython gh-109564)."""
     events: list[str] = []
 
     async def handler(stream: FramedStream[bytes]) -> None:
@@ -309,8 +300,6 @@ async def test_a_connection_accepted_around_close_never_outlives_wait_closed(tur
         if events[0] == "start":
             client.settimeout(5)
             assert client.recv(1) == b""  # its connection was closed
-        # (A connection the loop accepted but had not yet handed over is
-        # asyncio's to drop: it never reaches streamkit after close().)
     assert server.handlers == 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import signal
@@ -240,6 +241,30 @@ async def test_wait_closed_right_after_a_task_of_the_proxy_ended_returns() -> No
     proxy.close()
     await proxy.wait_closed()
     assert proxy.open_connections == 0
+
+
+@pytest.mark.parametrize("turns", range(8))
+async def test_a_connection_accepted_around_close_is_closed_with_the_proxy(turns: int) -> None:
+    """However many loop turns pass between a connect and close(), the
+    connection's socket is closed, never leaked (the warning filters make a
+    leak an error): one the loop accepted just before close() is handed
+    over first, then cut (CPython gh-109564)."""
+    # The target never accepts: the proxy's connects to it wait in its backlog.
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        proxy = await FaultProxy("127.0.0.1", target.getsockname()[1]).start()
+        # A blocking connect: on loopback the kernel completes it at once, and
+        # the event loop accepts it on one of its next turns.
+        with socket.create_connection(proxy.address, timeout=5) as client:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            proxy.close()
+            async with asyncio.timeout(10):
+                await proxy.wait_closed()
+            assert proxy.open_connections == 0
+            client.setblocking(False)
+            with contextlib.suppress(ConnectionResetError):  # cut, or never accepted
+                async with asyncio.timeout(5):
+                    assert await asyncio.get_running_loop().sock_recv(client, 1) == b""
 
 
 async def test_cut_every_checks_its_arguments() -> None:
