@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import random
 import re
 import signal
@@ -265,6 +267,38 @@ async def test_a_connection_accepted_around_close_is_closed_with_the_proxy(turns
             with contextlib.suppress(ConnectionResetError):  # cut, or never accepted
                 async with asyncio.timeout(5):
                     assert await asyncio.get_running_loop().sock_recv(client, 1) == b""
+
+
+@pytest.mark.parametrize("turns", range(3))
+def test_a_connection_handed_over_as_the_proxy_closes_is_closed_before_the_loop_ends(
+    turns: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection the loop hands over in the same step as close() is cut
+    before ``wait_closed()`` returns, not left to a task that the loop's
+    shutdown cancels before it starts (on 3.11, asyncio then logs an error
+    and leaks the connection)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as target:
+            proxy = await FaultProxy("127.0.0.1", target.getsockname()[1]).start()
+            wake, woken = socket.socketpair()
+            with wake, woken, socket.create_connection(proxy.address, timeout=5):
+                # The listener is ready first, then `woken`: one select reports
+                # both, so this task resumes just after the loop accepted.
+                ready = loop.create_future()
+                loop.add_reader(woken.fileno(), ready.set_result, None)
+                wake.send(b"x")
+                await ready
+                loop.remove_reader(woken.fileno())
+                proxy.close()
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                await proxy.wait_closed()
+
+    asyncio.run(scenario())  # the loop's end is part of the case
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_cut_every_checks_its_arguments() -> None:
