@@ -414,9 +414,15 @@ async def test_without_descriptors_to_spare_the_transports_copy(
         assert len(kernel_splices) - splices == (1 if spare >= 6 else 0)
         assert open_descriptors() == before + (6 if spare >= 6 else 0)
         payloads = [bytes([n]) * (n * 5000) for n in range(60)]
-        for payload in payloads:
-            await client.send(payload)
+
+        async def send_all() -> None:
+            for payload in payloads:
+                await client.send(payload)
+
+        # 9 MB: read while they are sent (the socket buffers may hold less).
+        sending = asyncio.ensure_future(send_all())
         assert [await owner.recv(timeout=5) for _ in payloads] == payloads
+        await sending
         await answered_then_closed(client, owner, relay)
     await wait_until(lambda: open_descriptors() == at_first)  # transports close in callbacks
 
