@@ -262,38 +262,30 @@ async def test_on_uvloop_too() -> None:
     await on_uvloop(run)  # its own loop, in a thread: the test's loop is asyncio's
 
 
-#: Receives 48 MB of frames of ``SIZE`` bytes from a blocking thread, through
-#: StreamProtocol, and prints its minor page faults per MB (after a warm-up).
-_FAULTS_SCRIPT = """
-import asyncio, resource, socket, struct, sys, threading
-from streamkit import EndOfStream, FramedStream, LengthPrefixed
+#: The fault scripts' common part: ``feeding(chunk)`` starts a blocking thread
+#: that sends 56 MB of ``chunk`` to the listener it returns; ``count(...)``
+#: receives frames of ``size`` bytes after a warm-up and prints the MB
+#: received and the minor page faults it took.
+_FEED_AND_COUNT = """
+import asyncio, resource, socket, sys, threading
+from streamkit import EndOfStream
 from streamkit.stream import StreamProtocol
 
-SIZE = int(sys.argv[1])
-FRAME = struct.pack(">I", SIZE) + b"f" * SIZE
-CHUNK = FRAME * max(1, 256 * 1024 // len(FRAME))
 TOTAL = 56 * 1024 * 1024
 
-async def main():
+def feeding(chunk):
     listener = socket.create_server(("127.0.0.1", 0))
     def feed():
         connection, _ = listener.accept()
         with connection:
-            for _ in range(TOTAL // len(CHUNK)):
-                connection.sendall(CHUNK)
+            for _ in range(TOTAL // len(chunk)):
+                connection.sendall(chunk)
     thread = threading.Thread(target=feed)
     thread.start()
-    sock = socket.socket()
-    # Reads shorter than asyncio's 256 KiB, as when a receiver keeps up.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, listener.getsockname())
-    reader, writer = await StreamProtocol.open(
-        lambda protocol: loop.create_connection(protocol, sock=sock), limit=256 * 1024
-    )
-    stream = FramedStream(reader, writer, LengthPrefixed())
-    for _ in range(8 * 1024 * 1024 // len(FRAME)):  # the heap grows once
+    return listener, thread
+
+async def count(stream, size, warm_up, listener, thread):
+    for _ in range(8 * 1024 * 1024 // warm_up):  # the heap grows once
         await stream.recv()
     received = 0
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -305,12 +297,55 @@ async def main():
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     stream.close()
     await stream.wait_closed()
-    await loop.run_in_executor(None, thread.join)
+    await asyncio.get_running_loop().run_in_executor(None, thread.join)
     listener.close()
-    print(received * SIZE / 1e6, faults)
+    print(received * size / 1e6, faults)
+"""
+
+#: Receives 48 MB of frames of ``SIZE`` bytes from a blocking thread, through
+#: StreamProtocol, and prints its minor page faults per MB (after a warm-up).
+_FAULTS_SCRIPT = (
+    _FEED_AND_COUNT
+    + """
+import struct
+from streamkit import FramedStream, LengthPrefixed
+
+SIZE = int(sys.argv[1])
+FRAME = struct.pack(">I", SIZE) + b"f" * SIZE
+
+async def main():
+    listener, thread = feeding(FRAME * max(1, 256 * 1024 // len(FRAME)))
+    sock = socket.socket()
+    # Reads shorter than asyncio's 256 KiB, as when a receiver keeps up.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, listener.getsockname())
+    reader, writer = await StreamProtocol.open(
+        lambda protocol: loop.create_connection(protocol, sock=sock), limit=256 * 1024
+    )
+    stream = FramedStream(reader, writer, LengthPrefixed())
+    await count(stream, SIZE, len(FRAME), listener, thread)
 
 asyncio.run(main())
 """
+)
+
+
+def faults_per_mb(script: str, size: int) -> float:
+    """Run a fault script in a fresh process with glibc's defaults: its minor faults per MB."""
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(size)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+        check=True,
+    )
+    megabytes, faults = map(float, result.stdout.split())
+    assert megabytes > 40
+    return faults / megabytes
 
 
 @pytest.mark.skipif(
@@ -327,18 +362,8 @@ def test_receiving_faults_no_memory_in_per_read(size: int) -> None:
     shrinking, cost 250 to 400 minor faults per MB there; fresh memory for
     each 1 MiB frame's rest (no spare pieces), about 460.
     """
-    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    result = subprocess.run(
-        [sys.executable, "-c", _FAULTS_SCRIPT, str(size)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment,
-        check=True,
-    )
-    megabytes, faults = map(float, result.stdout.split())
-    assert megabytes > 40
-    assert faults / megabytes < 20, f"{faults / megabytes:.0f} minor page faults per MB"
+    per_mb = faults_per_mb(_FAULTS_SCRIPT, size)
+    assert per_mb < 20, f"{per_mb:.0f} minor page faults per MB"
 
 
 #: Line lengths around the reads' sizes (64 KiB, uvloop's 256 KiB) and beyond.
@@ -397,49 +422,27 @@ async def test_held_reads_are_bounded_below_a_large_limit_on_uvloop() -> None:
 
 #: Receives 48 MB of 4 KiB or 64 KiB text lines from a blocking thread on uvloop,
 #: with a limit that fits long lines, and prints its minor page faults per MB.
-_LINES_FAULTS_SCRIPT = """
-import asyncio, resource, socket, sys, threading
+_LINES_FAULTS_SCRIPT = (
+    _FEED_AND_COUNT
+    + """
 import uvloop
-from streamkit import EndOfStream, FramedStream, Lines
-from streamkit.stream import StreamProtocol
+from streamkit import FramedStream, Lines
 
 SIZE = int(sys.argv[1])
-CHUNK = (b"l" * (SIZE - 1) + b"\\n") * max(1, 1024 * 1024 // SIZE)
-TOTAL = 56 * 1024 * 1024
 
 async def main():
-    listener = socket.create_server(("127.0.0.1", 0))
-    def feed():
-        connection, _ = listener.accept()
-        with connection:
-            for _ in range(TOTAL // len(CHUNK)):
-                connection.sendall(CHUNK)
-    thread = threading.Thread(target=feed)
-    thread.start()
+    listener, thread = feeding((b"l" * (SIZE - 1) + b"\\n") * max(1, 1024 * 1024 // SIZE))
     loop = asyncio.get_running_loop()
     reader, writer = await StreamProtocol.open(
         lambda protocol: loop.create_connection(protocol, *listener.getsockname()),
         limit=4 * 1024 * 1024,
     )
     stream = FramedStream(reader, writer, Lines(max_frame=1024 * 1024))
-    for _ in range(8 * 1024 * 1024 // SIZE):  # the heap grows once
-        await stream.recv()
-    received = 0
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    try:
-        while True:
-            received += len(await stream.recv_batch())
-    except EndOfStream:
-        pass
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    stream.close()
-    await stream.wait_closed()
-    await loop.run_in_executor(None, thread.join)
-    listener.close()
-    print(received * SIZE / 1e6, faults)
+    await count(stream, SIZE, SIZE, listener, thread)
 
 uvloop.run(main())
 """
+)
 
 
 @pytest.mark.skipif(
@@ -455,18 +458,8 @@ def test_receiving_lines_on_uvloop_faults_no_memory_in_per_read(size: int) -> No
     about 3.
     """
     pytest.importorskip("uvloop")
-    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    result = subprocess.run(
-        [sys.executable, "-c", _LINES_FAULTS_SCRIPT, str(size)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment,
-        check=True,
-    )
-    megabytes, faults = map(float, result.stdout.split())
-    assert megabytes > 40
-    assert faults / megabytes < 20, f"{faults / megabytes:.0f} minor page faults per MB"
+    per_mb = faults_per_mb(_LINES_FAULTS_SCRIPT, size)
+    assert per_mb < 20, f"{per_mb:.0f} minor page faults per MB"
 
 
 # -- unframed bytes ------------------------------------------------------------------------
